@@ -1,0 +1,83 @@
+// Shared by every kernel file: argument parsing, checks, and the scalar math of
+// the losses. The scalar helpers are host/device so CUDA kernels can reuse them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string_view>
+
+namespace tripletops {
+
+enum class Metric { Euclidean, SqEuclidean, Cosine };
+enum class Reduction { None, Sum, Mean, MeanNonzero };
+
+// F.normalize's eps: a row is divided by max(||x||, kNormEps).
+constexpr double kNormEps = 1e-12;
+
+inline Metric parse_metric(std::string_view s) {
+  if (s == "euclidean") return Metric::Euclidean;
+  if (s == "sqeuclidean") return Metric::SqEuclidean;
+  if (s == "cosine") return Metric::Cosine;
+  TORCH_CHECK_VALUE(false, "tripletops: metric must be 'euclidean', 'sqeuclidean' or 'cosine', got '",
+                    std::string(s), "'");
+}
+
+inline Reduction parse_reduction(std::string_view s) {
+  if (s == "none") return Reduction::None;
+  if (s == "sum") return Reduction::Sum;
+  if (s == "mean") return Reduction::Mean;
+  if (s == "mean_nonzero") return Reduction::MeanNonzero;
+  TORCH_CHECK_VALUE(false, "tripletops: reduction must be 'none', 'sum', 'mean' or 'mean_nonzero', got '",
+                    std::string(s), "'");
+}
+
+#define TRIPLETOPS_CHECK_2D(x, name)                                                        \
+  TORCH_CHECK_VALUE((x).dim() == 2, "tripletops: ", name, " must be 2-D (rows, dim), got ", \
+                    (x).dim(), "-D tensor of shape ", (x).sizes())
+#define TRIPLETOPS_CHECK_FLOAT(x, name)                                                    \
+  TORCH_CHECK_TYPE(at::isFloatingType((x).scalar_type()), "tripletops: ", name,            \
+                   " must be a floating-point tensor (float32/float64/float16/bfloat16), got ", \
+                   (x).scalar_type())
+#define TRIPLETOPS_CHECK_LABELS(x, name)                                                   \
+  TORCH_CHECK_TYPE(at::isIntegralType((x).scalar_type(), /*includeBool=*/false),           \
+                   "tripletops: ", name, " must be an integer tensor, got ", (x).scalar_type()); \
+  TORCH_CHECK_VALUE((x).dim() == 1, "tripletops: ", name, " must be 1-D, got shape ", (x).sizes())
+#define TRIPLETOPS_CHECK_SAME_DEVICE(x, y, xname, yname)                                   \
+  TORCH_CHECK((x).device() == (y).device(), "tripletops: ", xname, " and ", yname,         \
+              " must be on the same device, got ", (x).device(), " and ", (y).device())
+
+// max(0, z) that keeps NaN (std::max(0, NaN) would return 0 and hide it).
+template <typename T>
+C10_HOST_DEVICE inline T relu_nan(T z) {
+  return z < T(0) ? T(0) : z;
+}
+
+// log(1 + exp(z)) without overflow.
+template <typename T>
+C10_HOST_DEVICE inline T softplus(T z) {
+  return z > T(0) ? z + std::log1p(std::exp(-z)) : std::log1p(std::exp(z));
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T z) {
+  return z >= T(0) ? T(1) / (T(1) + std::exp(-z)) : std::exp(z) / (T(1) + std::exp(z));
+}
+
+// The per-triplet loss from d(a,p) - d(a,n): hinge with margin, or soft margin.
+template <typename T>
+C10_HOST_DEVICE inline T triplet_term(T diff, T margin, bool soft_margin) {
+  return soft_margin ? softplus(diff) : relu_nan(diff + margin);
+}
+
+// d(loss)/d(diff) for triplet_term; a NaN loss keeps a NaN-producing path open.
+template <typename T>
+C10_HOST_DEVICE inline T triplet_term_grad(T diff, T margin, bool soft_margin) {
+  if (soft_margin) return sigmoid(diff);
+  const T z = diff + margin;
+  return (z > T(0) || z != z) ? T(1) : T(0);
+}
+
+}  // namespace tripletops

@@ -1,0 +1,341 @@
+// Batch-hard mining fused with the triplet loss, on CPU.
+//
+// Forward: the reference set is walked in tiles; each tile's Gram block comes from
+// one BLAS GEMM into a reused buffer, and a label-masked reduction keeps every
+// anchor's farthest positive and closest negative. The B x M distance matrix never
+// exists: extra memory is O((B + M) * D + B * tile). When the reference set is the
+// batch, only tiles on or above the diagonal are computed and each off-diagonal
+// tile updates both its row anchors and its column anchors: half of x x^T.
+// The selected pairs' distances are then recomputed exactly from the rows.
+//
+// Backward: only the 2B selected pairs are touched, O(B * D). Contributions to
+// positive/negative rows are scattered in ascending anchor order, parallel over
+// feature slices, so gradients are bit-identical from run to run.
+#include "rows_cpu.h"
+
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+namespace tripletops {
+namespace cpu {
+namespace {
+
+// Tile sizes: rows per tile when the reference set is the batch (symmetric
+// tiles), and a bound on tile elements when it is a separate set (columns per
+// tile = kTileElems / B): 8 MiB of fp32 Gram entries at most.
+constexpr int64_t kTileElems = int64_t(1) << 21;
+inline int64_t self_tile_rows(int64_t B) { return B <= 512 ? 64 : (B <= 2048 ? 128 : 256); }
+
+// Candidates reach each anchor in ascending reference index, so a strict
+// comparison keeps the smallest index among ties. A NaN key wins (as torch.max
+// and torch.min propagate NaN), and the first NaN stays.
+template <typename T>
+inline void offer_farther(T key, int64_t j, T& best, int64_t& idx) {
+  if (idx < 0 || key > best || (key != key && best == best)) {
+    best = key;
+    idx = j;
+  }
+}
+template <typename T>
+inline void offer_closer(T key, int64_t j, T& best, int64_t& idx) {
+  if (idx < 0 || key < best || (key != key && best == best)) {
+    best = key;
+    idx = j;
+  }
+}
+
+// Mining key of (anchor i, reference j) from their Gram entry g: ordered like the
+// distance (d^2 for (sq)euclidean, 1 - cos for cosine); NaN when a row is not finite.
+template <typename T>
+struct KeyFn {
+  Metric metric;
+  const T *sa, *sr;
+  const uint8_t *fa, *fr;
+  inline T operator()(int64_t i, int64_t j, T g) const {
+    if (!(fa[i] && fr[j])) return std::numeric_limits<T>::quiet_NaN();
+    if (metric == Metric::Cosine) return T(1) - g;
+    return relu_nan(sa[i] + sr[j] - T(2) * g);
+  }
+};
+
+// Fills pos[i] / neg[i] (pre-set to -1) with each anchor's farthest positive and
+// closest negative in R. `self`: R is E, and an anchor is not its own positive.
+template <typename T>
+void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R, const int64_t* ref_lab,
+                bool self, Metric metric, int64_t* pos, int64_t* neg) {
+  const int64_t B = E.rows.size(0), M = R.rows.size(0);
+  std::vector<T> pos_key(B, T(0)), neg_key(B, T(0));
+  const KeyFn<T> key{metric, E.sq_norm.data_ptr<T>(), R.sq_norm.data_ptr<T>(), E.finite.data_ptr<uint8_t>(),
+                     R.finite.data_ptr<uint8_t>()};
+
+  // Anchors [r0, r1) against candidates [c0, c1); tile row i - r0 holds g(i, c0..c1).
+  auto reduce_rows = [&](const T* tile, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c1 - c0));
+    at::parallel_for(r0, r1, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const T* g = tile + (i - r0) * ld;
+        const int64_t li = lab[i];
+        T pk = pos_key[i], nk = neg_key[i];
+        int64_t pi = pos[i], ni = neg[i];
+        for (int64_t j = c0; j < c1; ++j) {
+          if (self && j == i) continue;
+          const T k = key(i, j, g[j - c0]);
+          if (ref_lab[j] == li) offer_farther(k, j, pk, pi);
+          else offer_closer(k, j, nk, ni);
+        }
+        pos_key[i] = pk, neg_key[i] = nk, pos[i] = pi, neg[i] = ni;
+      }
+    });
+  };
+  // Symmetric tiles: anchors [c0, c1) take candidates [r0, r1) from the tile's
+  // columns (tile column j - col0), walking rows so the reads stay contiguous.
+  auto reduce_cols = [&](const T* tile, int64_t ld, int64_t col0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    at::parallel_for(c0, c1, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* g = tile + (i - r0) * ld - col0;
+        const int64_t li = lab[i];
+        for (int64_t j = begin; j < end; ++j) {
+          const T k = key(j, i, g[j]);
+          if (lab[j] == li) offer_farther(k, i, pos_key[j], pos[j]);
+          else offer_closer(k, i, neg_key[j], neg[j]);
+        }
+      }
+    });
+  };
+
+  if (self) {
+    // Tiles on and above the diagonal, in row order: anchor j first gets
+    // candidates < its tile row start from earlier tiles' columns, then the rest
+    // from its own row, so candidates arrive in ascending index.
+    const int64_t rows_per_tile = self_tile_rows(B);
+    at::Tensor buffer = at::empty({std::min(rows_per_tile, B) * B}, E.rows.options());
+    for (int64_t r0 = 0; r0 < B; r0 += rows_per_tile) {
+      const int64_t r1 = std::min(B, r0 + rows_per_tile), rows = r1 - r0, cols = B - r0;
+      at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      at::mm_out(tile, E.rows.narrow(0, r0, rows), E.rows.narrow(0, r0, cols).t());
+      const T* t = tile.data_ptr<T>();
+      reduce_rows(t, cols, r0, r1, r0, B);
+      if (r1 < B) reduce_cols(t, cols, r0, r0, r1, r1, B);
+    }
+  } else {
+    const int64_t cols_per_tile = std::max<int64_t>(64, kTileElems / B);
+    at::Tensor buffer = at::empty({B * std::min(cols_per_tile, M)}, E.rows.options());
+    for (int64_t c0 = 0; c0 < M; c0 += cols_per_tile) {
+      const int64_t c1 = std::min(M, c0 + cols_per_tile), cols = c1 - c0;
+      at::Tensor tile = buffer.narrow(0, 0, B * cols).view({B, cols});
+      at::mm_out(tile, E.rows, R.rows.narrow(0, c0, cols).t());
+      reduce_rows(tile.data_ptr<T>(), cols, 0, B, c0, c1);
+    }
+  }
+}
+
+struct Inputs {
+  bool self;
+  at::Tensor labels, ref_labels;  // int64, contiguous
+};
+
+Inputs check_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
+                    const c10::optional<at::Tensor>& ref_embeddings, const c10::optional<at::Tensor>& ref_labels) {
+  TRIPLETOPS_CHECK_2D(embeddings, "embeddings");
+  TRIPLETOPS_CHECK_FLOAT(embeddings, "embeddings");
+  TORCH_CHECK_VALUE(embeddings.size(0) > 0 && embeddings.size(1) > 0,
+                    "tripletops: embeddings must be non-empty (B > 0, D > 0), got shape ", embeddings.sizes());
+  TRIPLETOPS_CHECK_LABELS(labels, "labels");
+  TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, labels, "embeddings", "labels");
+  TORCH_CHECK_VALUE(labels.size(0) == embeddings.size(0), "tripletops: labels must have B = ", embeddings.size(0),
+                    " entries (one per embedding), got ", labels.size(0));
+  TORCH_CHECK_VALUE(ref_embeddings.has_value() == ref_labels.has_value(),
+                    "tripletops: ref_embeddings and ref_labels must be given together");
+  Inputs in{!ref_embeddings.has_value(), labels.to(at::kLong).contiguous(), at::Tensor()};
+  if (!in.self) {
+    const at::Tensor& ref = *ref_embeddings;
+    TRIPLETOPS_CHECK_2D(ref, "ref_embeddings");
+    TRIPLETOPS_CHECK_FLOAT(ref, "ref_embeddings");
+    TORCH_CHECK_VALUE(ref.size(0) > 0, "tripletops: ref_embeddings must have at least one row");
+    TORCH_CHECK_VALUE(ref.size(1) == embeddings.size(1), "tripletops: ref_embeddings must have D = ",
+                      embeddings.size(1), " columns like embeddings, got ", ref.size(1));
+    TORCH_CHECK_TYPE(ref.scalar_type() == embeddings.scalar_type(), "tripletops: ref_embeddings must have dtype ",
+                     embeddings.scalar_type(), " like embeddings, got ", ref.scalar_type());
+    TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref_embeddings");
+    TRIPLETOPS_CHECK_LABELS(*ref_labels, "ref_labels");
+    TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, *ref_labels, "embeddings", "ref_labels");
+    TORCH_CHECK_VALUE(ref_labels->size(0) == ref.size(0), "tripletops: ref_labels must have M = ", ref.size(0),
+                      " entries (one per ref_embeddings row), got ", ref_labels->size(0));
+    in.ref_labels = ref_labels->to(at::kLong).contiguous();
+  } else {
+    in.ref_labels = in.labels;
+  }
+  TORCH_CHECK(embeddings.device().is_cpu(), "tripletops: this kernel takes CPU tensors, got ", embeddings.device());
+  return in;
+}
+
+struct Mined {
+  at::Tensor pos_idx, neg_idx;    // (B,) int64, -1 where none
+  at::Tensor pos_dist, neg_dist;  // (B,) compute dtype, exact; 0 where none
+  at::Tensor triplet_finite;      // (B,) uint8: anchor, positive and negative rows all finite
+};
+
+Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
+                       const c10::optional<at::Tensor>& ref_embeddings, Metric metric) {
+  const PreparedRows E = prepare_rows(embeddings, metric);
+  const PreparedRows R = in.self ? E : prepare_rows(*ref_embeddings, metric);
+  const int64_t B = embeddings.size(0), D = embeddings.size(1);
+  Mined m;
+  m.pos_idx = at::full({B}, -1, E.rows.options().dtype(at::kLong));
+  m.neg_idx = at::full({B}, -1, E.rows.options().dtype(at::kLong));
+  m.pos_dist = at::empty({B}, E.rows.options());
+  m.neg_dist = at::empty({B}, E.rows.options());
+  m.triplet_finite = at::empty({B}, E.rows.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(E.rows.scalar_type(), "batch_hard_mine_cpu", [&] {
+    using T = scalar_t;
+    int64_t* pos = m.pos_idx.data_ptr<int64_t>();
+    int64_t* neg = m.neg_idx.data_ptr<int64_t>();
+    mine_tiles<T>(E, in.labels.data_ptr<int64_t>(), R, in.ref_labels.data_ptr<int64_t>(), in.self, metric, pos, neg);
+    const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
+    const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
+    T *pd = m.pos_dist.data_ptr<T>(), *nd = m.neg_dist.data_ptr<T>();
+    uint8_t* ft = m.triplet_finite.data_ptr<uint8_t>();
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        pd[i] = pos[i] >= 0 ? row_distance(e + i * D, r + pos[i] * D, D, metric) : T(0);
+        nd[i] = neg[i] >= 0 ? row_distance(e + i * D, r + neg[i] * D, D, metric) : T(0);
+        ft[i] = fe[i] && (pos[i] < 0 || fr[pos[i]]) && (neg[i] < 0 || fr[neg[i]]);
+      }
+    });
+  });
+  return m;
+}
+
+// Per-anchor losses (0 for an invalid anchor, NaN where a row is not finite) and validity.
+template <typename T>
+void anchor_losses(const int64_t* pos, const int64_t* neg, const T* pd, const T* nd, const uint8_t* finite,
+                   double margin, bool soft_margin, int64_t B, T* loss, uint8_t* valid) {
+  for (int64_t i = 0; i < B; ++i) {
+    valid[i] = pos[i] >= 0 && neg[i] >= 0;
+    if (!valid[i]) loss[i] = T(0);
+    else if (!finite[i]) loss[i] = std::numeric_limits<T>::quiet_NaN();
+    else loss[i] = triplet_term(pd[i] - nd[i], T(margin), soft_margin);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_embeddings,
+    const c10::optional<at::Tensor>& ref_labels, c10::string_view metric_name) {
+  const Inputs in = check_inputs(embeddings, labels, ref_embeddings, ref_labels);
+  const Mined m = mine_and_measure(embeddings, in, ref_embeddings, parse_metric(metric_name));
+  return {m.pos_idx, m.neg_idx, m.pos_dist, m.neg_dist};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_loss_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_embeddings,
+    const c10::optional<at::Tensor>& ref_labels, double margin, c10::string_view metric_name, bool soft_margin,
+    c10::string_view reduction_name) {
+  const Inputs in = check_inputs(embeddings, labels, ref_embeddings, ref_labels);
+  const Metric metric = parse_metric(metric_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK_VALUE(margin >= 0, "tripletops: margin must be >= 0, got ", margin);
+  const Mined m = mine_and_measure(embeddings, in, ref_embeddings, metric);
+  const int64_t B = embeddings.size(0);
+  at::Tensor loss = at::empty({B}, m.pos_dist.options());
+  at::Tensor valid = at::empty({B}, m.pos_dist.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "batch_hard_loss_cpu", [&] {
+    anchor_losses<scalar_t>(m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(),
+                            m.pos_dist.data_ptr<scalar_t>(), m.neg_dist.data_ptr<scalar_t>(),
+                            m.triplet_finite.data_ptr<uint8_t>(), margin, soft_margin, B, loss.data_ptr<scalar_t>(),
+                            valid.data_ptr<uint8_t>());
+  });
+  return {reduce_loss(loss, valid, reduction, embeddings.scalar_type()), m.pos_idx, m.neg_idx, m.pos_dist,
+          m.neg_dist};
+}
+
+// Adds rows src[i] into dst[idx[i]] for i ascending (skipping idx < 0 and skip[i]),
+// parallel over feature slices: each element sums in the same order on every run.
+template <typename T>
+void scatter_rows_ordered(T* dst, const int64_t* idx_a, const T* src_a, const int64_t* idx_b, const T* src_b,
+                          const T* coef, int64_t B, int64_t D) {
+  at::parallel_for(0, D, 32, [&](int64_t k0, int64_t k1) {
+    for (int64_t i = 0; i < B; ++i) {
+      if (coef[i] == T(0)) continue;
+      T* da = dst + idx_a[i] * D;
+      T* db = dst + idx_b[i] * D;
+      const T* sa = src_a + i * D;
+      const T* sb = src_b + i * D;
+      for (int64_t k = k0; k < k1; ++k) da[k] += sa[k];
+      for (int64_t k = k0; k < k1; ++k) db[k] += sb[k];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& embeddings, const c10::optional<at::Tensor>& ref_embeddings,
+    const at::Tensor& pos_idx, const at::Tensor& neg_idx, const at::Tensor& pos_dist, const at::Tensor& neg_dist,
+    double margin, c10::string_view metric_name, bool soft_margin, c10::string_view reduction_name,
+    bool compute_ref_grad) {
+  const Metric metric = parse_metric(metric_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const bool self = !ref_embeddings.has_value();
+  const at::Tensor& refs = self ? embeddings : *ref_embeddings;
+  const int64_t B = embeddings.size(0), D = embeddings.size(1), M = refs.size(0);
+  const at::Tensor pos = pos_idx.contiguous(), neg = neg_idx.contiguous();
+  // Only the selected rows are read: gather them, then it is a row-aligned triplet backward.
+  const PreparedRows A = prepare_rows(embeddings, metric);
+  const PreparedRows P = prepare_rows(refs.index_select(0, pos.clamp_min(0)), metric);
+  const PreparedRows N = prepare_rows(refs.index_select(0, neg.clamp_min(0)), metric);
+  const auto opts = A.rows.options();
+  at::Tensor grad_a = at::zeros({B, D}, opts);
+  at::Tensor contrib_p = at::zeros({B, D}, opts), contrib_n = at::zeros({B, D}, opts);
+  at::Tensor grad_ref;
+  AT_DISPATCH_FLOATING_TYPES(A.rows.scalar_type(), "batch_hard_loss_backward_cpu", [&] {
+    using T = scalar_t;
+    const int64_t *pi = pos.data_ptr<int64_t>(), *ni = neg.data_ptr<int64_t>();
+    const at::Tensor pdt = pos_dist.to(A.rows.scalar_type()).contiguous();
+    const at::Tensor ndt = neg_dist.to(A.rows.scalar_type()).contiguous();
+    const T *pd = pdt.data_ptr<T>(), *nd = ndt.data_ptr<T>();
+    const uint8_t *fa = A.finite.data_ptr<uint8_t>(), *fp = P.finite.data_ptr<uint8_t>(),
+                  *fn = N.finite.data_ptr<uint8_t>();
+    std::vector<uint8_t> finite(B), valid(B);
+    for (int64_t i = 0; i < B; ++i) finite[i] = fa[i] && fp[i] && fn[i];
+    at::Tensor loss = at::empty({B}, opts);
+    anchor_losses<T>(pi, ni, pd, nd, finite.data(), margin, soft_margin, B, loss.data_ptr<T>(), valid.data());
+    at::Tensor valid_t = at::from_blob(valid.data(), {B}, at::TensorOptions().dtype(at::kByte));
+    const std::vector<double> scale = reduction_scale(grad, loss, valid_t, reduction);
+    std::vector<T> coef(B);
+    for (int64_t i = 0; i < B; ++i)
+      coef[i] = valid[i] ? T(scale[i]) * triplet_term_grad(pd[i] - nd[i], T(margin), soft_margin) : T(0);
+
+    const T *a = A.rows.data_ptr<T>(), *p = P.rows.data_ptr<T>(), *n = N.rows.data_ptr<T>();
+    const T *sa = A.sq_norm.data_ptr<T>(), *sp = P.sq_norm.data_ptr<T>(), *sn = N.sq_norm.data_ptr<T>();
+    T *ga = grad_a.data_ptr<T>(), *cp = contrib_p.data_ptr<T>(), *cn = contrib_n.data_ptr<T>();
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (coef[i] == T(0)) continue;
+        const int64_t o = i * D;
+        add_distance_grad(coef[i], a + o, p + o, pd[i], sa[i], sp[i], D, metric, ga + o, cp + o);
+        add_distance_grad(-coef[i], a + o, n + o, nd[i], sa[i], sn[i], D, metric, ga + o, cn + o);
+      }
+    });
+    if (self) {
+      scatter_rows_ordered<T>(ga, pi, cp, ni, cn, coef.data(), B, D);
+    } else if (compute_ref_grad) {
+      grad_ref = at::zeros({M, D}, opts);
+      scatter_rows_ordered<T>(grad_ref.data_ptr<T>(), pi, cp, ni, cn, coef.data(), B, D);
+    }
+  });
+  at::Tensor out_ref = grad_ref.defined() ? grad_ref.to(refs.scalar_type()) : at::empty({0}, embeddings.options());
+  return {grad_a.to(embeddings.scalar_type()), out_ref};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace tripletops
+
+TORCH_LIBRARY_IMPL(tripletops, CPU, m) {
+  m.impl("batch_hard_mine", &tripletops::cpu::batch_hard_mine_cpu);
+  m.impl("batch_hard_loss", &tripletops::cpu::batch_hard_loss_cpu);
+  m.impl("batch_hard_loss_backward", &tripletops::cpu::batch_hard_loss_backward_cpu);
+}

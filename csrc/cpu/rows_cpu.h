@@ -1,0 +1,165 @@
+// Helpers shared by the CPU kernels: rows in the accumulation dtype, exact
+// row-to-row distances, and the loss reductions (forward and backward).
+#pragma once
+
+#include "../common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <vector>
+
+namespace tripletops {
+namespace cpu {
+
+// fp16/bf16 accumulate in fp32; fp32 and fp64 compute in their own precision.
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct PreparedRows {
+  at::Tensor rows;     // (N, D) contiguous, compute dtype; unit rows x / max(|x|, eps) for cosine
+  at::Tensor sq_norm;  // (N,) squared norm of the input row (before any normalization)
+  at::Tensor finite;   // (N,) uint8, 1 when the input row holds no NaN/Inf
+};
+
+// One O(N*D) pass: converts, normalizes (cosine), and records norms and finiteness.
+inline PreparedRows prepare_rows(const at::Tensor& x, Metric metric) {
+  const at::Tensor src = x.to(compute_dtype(x.scalar_type())).contiguous();
+  const int64_t N = src.size(0), D = src.size(1);
+  PreparedRows out;
+  out.rows = metric == Metric::Cosine ? at::empty_like(src) : src;
+  out.sq_norm = at::empty({N}, src.options());
+  out.finite = at::empty({N}, src.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "tripletops_prepare_rows", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* rows = out.rows.data_ptr<scalar_t>();
+    scalar_t* sq = out.sq_norm.data_ptr<scalar_t>();
+    uint8_t* finite = out.finite.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* r = in + i * D;
+        scalar_t ss = 0;
+        bool ok = true;
+        for (int64_t k = 0; k < D; ++k) {
+          ss += r[k] * r[k];
+          ok &= std::isfinite(r[k]);
+        }
+        finite[i] = ok;
+        if (metric == Metric::Cosine) {
+          const scalar_t inv = scalar_t(1) / std::max(std::sqrt(ss), scalar_t(kNormEps));
+          scalar_t* o = rows + i * D;
+          for (int64_t k = 0; k < D; ++k) o[k] = r[k] * inv;
+        }
+        sq[i] = ss;
+      }
+    });
+  });
+  return out;
+}
+
+// The exact distance between two prepared rows, from their difference (no
+// cancellation from |a|^2 + |b|^2 - 2ab). Cosine rows are already unit rows.
+template <typename T>
+inline T row_distance(const T* a, const T* b, int64_t D, Metric metric) {
+  T acc = 0;
+  if (metric == Metric::Cosine) {
+    for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
+    return T(1) - acc;
+  }
+  for (int64_t k = 0; k < D; ++k) {
+    const T d = a[k] - b[k];
+    acc += d * d;
+  }
+  return metric == Metric::Euclidean ? std::sqrt(acc) : acc;
+}
+
+// Adds s * d dist(a, b) / da to ga and s * d dist(a, b) / db to gb (either may be
+// null). a, b are prepared rows (unit rows for cosine); a_sq, b_sq the input rows'
+// squared norms. The euclidean gradient at zero distance is 0, never NaN.
+template <typename T>
+inline void add_distance_grad(T s, const T* a, const T* b, T dist, T a_sq, T b_sq, int64_t D,
+                              Metric metric, T* ga, T* gb) {
+  if (metric == Metric::Cosine) {
+    // dist = 1 - <a_hat, b_hat>, a_hat = a / max(|a|, eps) (F.normalize). Through the
+    // normalization: d a_hat / da = (I - a_hat a_hat^T) / |a| when |a| > eps, else I / eps.
+    T c = 0;
+    for (int64_t k = 0; k < D; ++k) c += a[k] * b[k];
+    const T na = std::sqrt(a_sq), nb = std::sqrt(b_sq), eps = T(kNormEps);
+    const bool a_proj = na > eps, b_proj = nb > eps;
+    const T sa = -s / (a_proj ? na : eps), sb = -s / (b_proj ? nb : eps);
+    for (int64_t k = 0; k < D; ++k) {
+      if (ga) ga[k] += sa * (b[k] - (a_proj ? a[k] * c : T(0)));
+      if (gb) gb[k] += sb * (a[k] - (b_proj ? b[k] * c : T(0)));
+    }
+    return;
+  }
+  T w = T(2) * s;
+  if (metric == Metric::Euclidean) w = dist > T(0) ? s / dist : (dist == T(0) ? T(0) : dist);
+  for (int64_t k = 0; k < D; ++k) {
+    const T g = w * (a[k] - b[k]);
+    if (ga) ga[k] += g;
+    if (gb) gb[k] -= g;
+  }
+}
+
+// Reduces per-item losses (compute dtype) into the op's loss. `valid` (uint8,
+// may be undefined = all valid) marks the items that count for "mean". Sums run
+// serially in double: deterministic and free of fp32 drift at large N.
+inline at::Tensor reduce_loss(const at::Tensor& per_item, const at::Tensor& valid, Reduction reduction,
+                              at::ScalarType out_dtype) {
+  if (reduction == Reduction::None) return per_item.to(out_dtype);
+  const int64_t N = per_item.numel();
+  double total = 0;
+  int64_t count = 0;
+  AT_DISPATCH_FLOATING_TYPES(per_item.scalar_type(), "tripletops_reduce_loss", [&] {
+    const scalar_t* l = per_item.data_ptr<scalar_t>();
+    const uint8_t* v = valid.defined() ? valid.data_ptr<uint8_t>() : nullptr;
+    for (int64_t i = 0; i < N; ++i) {
+      total += static_cast<double>(l[i]);
+      if (reduction == Reduction::Mean) count += v ? v[i] : 1;
+      if (reduction == Reduction::MeanNonzero) count += l[i] > scalar_t(0);
+    }
+  });
+  double value = total;
+  if (reduction != Reduction::Sum) value = count > 0 ? total / static_cast<double>(count) : 0.0;
+  // An empty denominator gives exactly 0, but a NaN among the items still shows.
+  if (reduction != Reduction::Sum && count == 0 && total != total) value = total;
+  return at::empty({}, per_item.options().dtype(out_dtype)).fill_(value);
+}
+
+// d(reduced loss)/d(item i), times the upstream gradient: the backward of reduce_loss.
+inline std::vector<double> reduction_scale(const at::Tensor& grad, const at::Tensor& per_item,
+                                           const at::Tensor& valid, Reduction reduction) {
+  const int64_t N = per_item.numel();
+  std::vector<double> scale(N, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(per_item.scalar_type(), "tripletops_reduction_scale", [&] {
+    const scalar_t* l = per_item.data_ptr<scalar_t>();
+    const uint8_t* v = valid.defined() ? valid.data_ptr<uint8_t>() : nullptr;
+    if (reduction == Reduction::None) {
+      const at::Tensor g = grad.to(at::kDouble).contiguous();
+      const double* gp = g.data_ptr<double>();
+      for (int64_t i = 0; i < N; ++i) scale[i] = gp[i];
+      return;
+    }
+    const double g = grad.item<double>();
+    int64_t count = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      if (reduction == Reduction::Mean) count += v ? v[i] : 1;
+      if (reduction == Reduction::MeanNonzero) count += l[i] > scalar_t(0);
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      const bool in_denominator = reduction == Reduction::MeanNonzero ? l[i] > scalar_t(0)
+                                                                       : (v ? v[i] != 0 : true);
+      if (reduction == Reduction::Sum) scale[i] = g;
+      else if (count > 0 && in_denominator) scale[i] = g / static_cast<double>(count);
+    }
+  });
+  return scale;
+}
+
+}  // namespace cpu
+}  // namespace tripletops

@@ -1,0 +1,32 @@
+"""tripletops: fused C++/CUDA kernels for triplet losses and batch-hard mining.
+
+    >>> loss = tripletops.batch_hard_loss(embeddings, labels, margin=0.2)
+
+The compiled kernels live in ``tripletops._C`` (ops under ``torch.ops.tripletops``);
+``tripletops.reference`` holds the pure-PyTorch definitions, used as the fallback
+(with a one-time ReferenceFallbackWarning; an error under TRIPLETOPS_STRICT=1).
+"""
+from . import _ext, _ops  # noqa: F401  (load the library, then register fake kernels and autograd)
+from . import reference
+from ._ext import ExtensionInfo, ReferenceFallbackWarning, extension_available
+from .batch_hard import batch_hard_loss, batch_hard_mine
+from .distance import pairwise_distance
+from .modules import BatchHardTripletLoss, TripletMarginLoss
+from .reference import Mined
+from .triplet_margin import triplet_margin_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchHardTripletLoss",
+    "ExtensionInfo",
+    "Mined",
+    "ReferenceFallbackWarning",
+    "TripletMarginLoss",
+    "batch_hard_loss",
+    "batch_hard_mine",
+    "extension_available",
+    "pairwise_distance",
+    "reference",
+    "triplet_margin_loss",
+]

@@ -1,0 +1,92 @@
+"""Input checks shared by the kernels' wrappers and the reference: messages name the
+argument, what was expected and what was given."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+REDUCTIONS = ("none", "sum", "mean", "mean_nonzero")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def rows(x: torch.Tensor, name: str) -> None:
+    """A float (rows, dim) tensor with rows > 0 and dim > 0."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"tripletops: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"tripletops: {name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"tripletops: {name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"tripletops: {name} must be non-empty (rows > 0, dim > 0), got shape {tuple(x.shape)}")
+
+
+def like(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, same_rows: bool) -> None:
+    """`x` is checked as rows and must match `ref` in dim, dtype, device (and rows)."""
+    rows(x, name)
+    if same_rows and x.shape != ref.shape:
+        raise ValueError(f"tripletops: {name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.shape[1] != ref.shape[1]:
+        raise ValueError(f"tripletops: {name} must have dim {ref.shape[1]} like {ref_name}, got {x.shape[1]}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"tripletops: {name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
+    device(x, name, ref, ref_name)
+
+
+def device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise RuntimeError(
+            f"tripletops: {name} and {ref_name} must be on the same device, got {x.device} and {ref.device}"
+        )
+
+
+def labels(y: torch.Tensor, name: str, n: int, rows_name: str, x: torch.Tensor) -> None:
+    """Integer (n,) labels on x's device."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"tripletops: {name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"tripletops: {name} must be an integer tensor (int32 or int64), got {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"tripletops: {name} must be 1-D, got shape {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"tripletops: {name} must have {n} entries, one per row of {rows_name}, got {y.shape[0]}")
+    device(y, name, x, rows_name)
+
+
+def metric(m: str) -> None:
+    if m not in METRICS:
+        raise ValueError(f"tripletops: metric must be one of {METRICS}, got {m!r}")
+
+
+def reduction(r: str) -> None:
+    if r not in REDUCTIONS:
+        raise ValueError(f"tripletops: reduction must be one of {REDUCTIONS}, got {r!r}")
+
+
+def margin(m: float, name: str = "margin") -> None:
+    if isinstance(m, bool) or not isinstance(m, (int, float)):
+        raise TypeError(f"tripletops: {name} must be a real number, got {type(m).__name__}")
+    if not math.isfinite(m) or m < 0:
+        raise ValueError(f"tripletops: {name} must be a finite number >= 0, got {m}")
+
+
+def reference_set(
+    embeddings: torch.Tensor,
+    ref_embeddings: Optional[torch.Tensor],
+    ref_labels: Optional[torch.Tensor],
+) -> None:
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("tripletops: ref_embeddings and ref_labels must be given together (or both None)")
+    if ref_embeddings is not None:
+        like(ref_embeddings, "ref_embeddings", embeddings, "embeddings", same_rows=False)
+        labels(ref_labels, "ref_labels", ref_embeddings.shape[0], "ref_embeddings", ref_embeddings)
+
+
+def mining(embeddings, labels_, metric_, ref_embeddings, ref_labels) -> None:
+    rows(embeddings, "embeddings")
+    labels(labels_, "labels", embeddings.shape[0], "embeddings", embeddings)
+    metric(metric_)
+    reference_set(embeddings, ref_embeddings, ref_labels)

@@ -1,0 +1,194 @@
+"""Pure-PyTorch twins of every tripletops function: the readable definition, the
+test oracle (run them in float64), and the fallback when the kernels are missing.
+
+They build the full distance matrix, so they cost O(B*M) memory: fine as a
+definition, not as a training loss against a large memory bank.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _validate
+
+__all__ = ["Mined", "pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss"]
+
+
+class Mined(NamedTuple):
+    """Result of batch-hard mining, one entry per anchor (shape (B,) each).
+
+    pos_idx / neg_idx index the reference set (the batch itself when no
+    ref_embeddings), -1 where the anchor has no positive / negative; pos_dist /
+    neg_dist are the exact distances to them (0 where none); valid marks anchors
+    with both.
+    """
+
+    pos_idx: torch.Tensor
+    neg_idx: torch.Tensor
+    pos_dist: torch.Tensor
+    neg_dist: torch.Tensor
+    valid: torch.Tensor
+
+
+def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, metric: str = "euclidean") -> torch.Tensor:
+    """(N, D), (M, D) -> (N, M) distances; see `tripletops.pairwise_distance`."""
+    _validate.rows(x, "x")
+    if y is not None:
+        _validate.like(y, "y", x, "x", same_rows=False)
+    _validate.metric(metric)
+    return _pairwise_distance(x, x if y is None else y, metric)
+
+
+def _pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "cosine":
+        return 1 - F.normalize(x, dim=1, eps=1e-12) @ F.normalize(y, dim=1, eps=1e-12).T
+    # The difference form: exact (no |x|^2 + |y|^2 - 2xy cancellation), and cdist's
+    # backward gives 0 at zero distance.
+    d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    return d.square() if metric == "sqeuclidean" else d
+
+
+def _mine(embeddings, labels, ref_embeddings, ref_labels, metric) -> Mined:
+    self_mining = ref_embeddings is None
+    ref = embeddings if self_mining else ref_embeddings
+    ref_lab = labels if self_mining else ref_labels
+    d = _pairwise_distance(embeddings, ref, metric)
+    # A distance involving a row with NaN/Inf is NaN, so it wins max/min below and
+    # the loss comes out NaN rather than finite and wrong.
+    finite = torch.isfinite(embeddings).all(1)[:, None] & torch.isfinite(ref).all(1)[None, :]
+    d = d.masked_fill(~finite, float("nan"))
+
+    same = labels[:, None] == ref_lab[None, :]
+    is_pos = same
+    if self_mining:
+        is_pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    is_neg = ~same
+    # torch.max / torch.min return the first (smallest) index among ties and propagate NaN.
+    pos_dist, pos_idx = d.masked_fill(~is_pos, float("-inf")).max(dim=1)
+    neg_dist, neg_idx = d.masked_fill(~is_neg, float("inf")).min(dim=1)
+    has_pos, has_neg = is_pos.any(1), is_neg.any(1)
+    pos_idx = torch.where(has_pos, pos_idx, -1)
+    neg_idx = torch.where(has_neg, neg_idx, -1)
+    pos_dist = torch.where(has_pos, pos_dist, torch.zeros_like(pos_dist))
+    neg_dist = torch.where(has_neg, neg_dist, torch.zeros_like(neg_dist))
+    return Mined(pos_idx, neg_idx, pos_dist, neg_dist, has_pos & has_neg)
+
+
+def batch_hard_mine(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    metric: str = "euclidean",
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+) -> Mined:
+    """Every anchor's farthest positive and closest negative; see `tripletops.batch_hard_mine`."""
+    _validate.mining(embeddings, labels, metric, ref_embeddings, ref_labels)
+    with torch.no_grad():
+        embeddings, ref_embeddings = _maybe_normalize(normalize, embeddings, ref_embeddings)
+        return _mine(embeddings, labels, ref_embeddings, ref_labels, metric)
+
+
+def _maybe_normalize(normalize, x, ref):
+    if not normalize:
+        return x, ref
+    return F.normalize(x, dim=1), (None if ref is None else F.normalize(ref, dim=1))
+
+
+def _triplet_term(diff: torch.Tensor, margin: float, soft_margin: bool) -> torch.Tensor:
+    # logaddexp(x, 0) = softplus(x) exactly (F.softplus turns linear above x = 20); clamp keeps NaN.
+    return torch.logaddexp(diff, torch.zeros_like(diff)) if soft_margin else torch.clamp(diff + margin, min=0)
+
+
+def _reduce(per_item: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
+    """counted: the items in the "mean" denominator. An empty denominator gives 0."""
+    if reduction == "none":
+        return per_item
+    total = per_item.sum()
+    if reduction == "sum":
+        return total
+    count = counted.sum() if reduction == "mean" else (per_item > 0).sum()
+    return total / count.clamp(min=1)
+
+
+def _batch_hard_loss(embeddings, labels, margin, metric, soft_margin, reduction, ref_embeddings, ref_labels):
+    ref = embeddings if ref_embeddings is None else ref_embeddings
+    with torch.no_grad():
+        mined = _mine(embeddings, labels, ref_embeddings, ref_labels, metric)
+    # Differentiable distances of the selected pairs only, recomputed from the rows.
+    pos = ref[mined.pos_idx.clamp(min=0)]
+    neg = ref[mined.neg_idx.clamp(min=0)]
+    d_ap = _pairwise_distance_rows(embeddings, pos, metric)
+    d_an = _pairwise_distance_rows(embeddings, neg, metric)
+    loss = _triplet_term(d_ap - d_an, margin, soft_margin)
+    finite = torch.isfinite(embeddings).all(1) & torch.isfinite(pos).all(1) & torch.isfinite(neg).all(1)
+    loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+    loss = torch.where(mined.valid, loss, torch.zeros_like(loss))
+    return _reduce(loss, mined.valid, reduction)
+
+
+def _pairwise_distance_rows(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """d(a[i], b[i]) for each row i."""
+    if metric == "cosine":
+        return 1 - (F.normalize(a, dim=1, eps=1e-12) * F.normalize(b, dim=1, eps=1e-12)).sum(1)
+    # vector_norm's backward is 0 at zero distance (a plain sqrt would give NaN).
+    d = torch.linalg.vector_norm(a - b, dim=1)
+    return d.square() if metric == "sqeuclidean" else d
+
+
+def batch_hard_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    soft_margin: bool = False,
+    reduction: str = "mean",
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017); see `tripletops.batch_hard_loss`."""
+    _validate.mining(embeddings, labels, metric, ref_embeddings, ref_labels)
+    _validate.margin(margin)
+    _validate.reduction(reduction)
+    embeddings, ref_embeddings = _maybe_normalize(normalize, embeddings, ref_embeddings)
+    return _batch_hard_loss(embeddings, labels, margin, metric, soft_margin, reduction, ref_embeddings, ref_labels)
+
+
+def triplet_margin_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    margin: float = 1.0,
+    metric: str = "euclidean",
+    swap: bool = False,
+    reduction: str = "mean",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Triplet margin loss over explicit triplets; see `tripletops.triplet_margin_loss`."""
+    _validate.rows(anchor, "anchor")
+    _validate.like(positive, "positive", anchor, "anchor", same_rows=True)
+    _validate.like(negative, "negative", anchor, "anchor", same_rows=True)
+    _validate.metric(metric)
+    _validate.margin(margin)
+    _validate.reduction(reduction)
+    return _triplet_margin_loss(anchor, positive, negative, margin, metric, swap, reduction, normalize)
+
+
+def _triplet_margin_loss(anchor, positive, negative, margin, metric, swap, reduction, normalize):
+    if normalize:
+        anchor, positive, negative = (F.normalize(t, dim=1) for t in (anchor, positive, negative))
+    d_ap = _pairwise_distance_rows(anchor, positive, metric)
+    d_neg = _pairwise_distance_rows(anchor, negative, metric)
+    if swap:
+        d_pn = _pairwise_distance_rows(positive, negative, metric)
+        d_neg = torch.where(d_pn < d_neg, d_pn, d_neg)
+    loss = torch.clamp(d_ap - d_neg + margin, min=0)
+    finite = torch.isfinite(anchor).all(1) & torch.isfinite(positive).all(1) & torch.isfinite(negative).all(1)
+    loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+    return _reduce(loss, torch.ones_like(finite), reduction)
