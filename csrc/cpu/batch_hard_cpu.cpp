@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <unordered_map>
 #include <tuple>
 
 namespace tripletops {
@@ -63,13 +64,159 @@ struct KeyFn {
   }
 };
 
+// ---- Fast path: every row finite and no norm near overflow, so no key is NaN or
+// inf. Branch-free loops the compiler vectorizes: each of kLanes lanes keeps its own
+// running best (strict comparison keeps the lane's first index), and the lanes are
+// merged by (value, smallest index). Cloned for AVX-512 / AVX2 / baseline at load time.
+constexpr int kLanes = 16;
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TRIPLETOPS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define TRIPLETOPS_INLINE inline __attribute__((always_inline))  // compiled inside each clone
+#else
+#define TRIPLETOPS_SIMD_CLONES
+#define TRIPLETOPS_INLINE inline
+#endif
+
+// One anchor (squared norm sa, label li) against candidates c0..c0+n (Gram row g,
+// labels as int32 class ids). Merges into (pk, pi) / (nk, ni), which hold only
+// candidates of smaller index. Lanes carry int32 offsets so values, labels and
+// indices share one vector width.
+template <typename T>
+TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0, int32_t n,
+                          bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T pv[kLanes], nv[kLanes];
+  int32_t pj[kLanes], nj[kLanes];
+  for (int l = 0; l < kLanes; ++l) pv[l] = -inf, nv[l] = inf, pj[l] = -1, nj[l] = -1;
+  int32_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      T k = cosine ? T(1) - g[j + l] : sa + sr[j + l] - T(2) * g[j + l];
+      k = k < T(0) ? T(0) : k;
+      const bool same = lab[j + l] == li;
+      const T kp = same ? k : -inf;
+      const T kn = same ? inf : k;
+      const bool bp = kp > pv[l], bn = kn < nv[l];
+      pv[l] = bp ? kp : pv[l];
+      pj[l] = bp ? j + l : pj[l];
+      nv[l] = bn ? kn : nv[l];
+      nj[l] = bn ? j + l : nj[l];
+    }
+  }
+  for (int l = 0; j < n; ++j, ++l) {
+    T k = cosine ? T(1) - g[j] : sa + sr[j] - T(2) * g[j];
+    k = k < T(0) ? T(0) : k;
+    if (lab[j] == li) {
+      if (k > pv[l]) pv[l] = k, pj[l] = j;
+    } else if (k < nv[l]) {
+      nv[l] = k, nj[l] = j;
+    }
+  }
+  // Among lanes, ties go to the smaller index; against the running state (smaller
+  // indices), a lane wins only when strictly better.
+  T bpv = -inf, bnv = inf;
+  int32_t bpj = -1, bnj = -1;
+  for (int l = 0; l < kLanes; ++l) {
+    if (pj[l] >= 0 && (bpj < 0 || pv[l] > bpv || (pv[l] == bpv && pj[l] < bpj))) bpv = pv[l], bpj = pj[l];
+    if (nj[l] >= 0 && (bnj < 0 || nv[l] < bnv || (nv[l] == bnv && nj[l] < bnj))) bnv = nv[l], bnj = nj[l];
+  }
+  if (bpj >= 0 && (pi < 0 || bpv > pk)) pk = bpv, pi = c0 + bpj;
+  if (bnj >= 0 && (ni < 0 || bnv < nk)) nk = bnv, ni = c0 + bnj;
+}
+
+#define TRIPLETOPS_SCAN_ROW(T, name)                                                                        \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0, \
+                                   int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {        \
+    scan_row_fast<T>(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni);                                    \
+  }                                                                                                         \
+  inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0,  \
+                                int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {           \
+    name(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni);                                                \
+  }
+TRIPLETOPS_SCAN_ROW(float, scan_row_fast_f)
+TRIPLETOPS_SCAN_ROW(double, scan_row_fast_d)
+#undef TRIPLETOPS_SCAN_ROW
+
+// Candidate row i (squared norm si, label li) offered to anchors [0, n) of a
+// symmetric tile's column range: vectorized across anchors, whose states are arrays.
+// Candidates arrive in ascending i, so strict comparisons keep the smallest index.
+template <typename T>
+TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i, int64_t n,
+                          bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni) {
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    T k = cosine ? T(1) - g[j] : sa[j] + si - T(2) * g[j];
+    k = k < T(0) ? T(0) : k;
+    const bool same = lab[j] == li;
+    const T kp = same ? k : -inf;
+    const T kn = same ? inf : k;
+    const bool bp = kp > pk[j], bn = kn < nk[j];
+    pk[j] = bp ? kp : pk[j];
+    pi[j] = bp ? i : pi[j];
+    nk[j] = bn ? kn : nk[j];
+    ni[j] = bn ? i : ni[j];
+  }
+}
+
+#define TRIPLETOPS_SCAN_COL(T, name)                                                                          \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i,   \
+                                   int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni) {          \
+    scan_col_fast<T>(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni);                                       \
+  }                                                                                                           \
+  inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i,     \
+                                int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni) {             \
+    name(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni);                                                   \
+  }
+TRIPLETOPS_SCAN_COL(float, scan_col_fast_f)
+TRIPLETOPS_SCAN_COL(double, scan_col_fast_d)
+#undef TRIPLETOPS_SCAN_COL
+
+// Labels as dense int32 class ids (equality is all that counts), so they fit the
+// fast scans' lanes. `ids` covers `lab` then `ref_lab` (when not the same array).
+inline std::vector<int32_t> class_ids(const int64_t* lab, int64_t n, const int64_t* ref_lab, int64_t m) {
+  std::vector<int32_t> ids(n + m);
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  for (int64_t i = 0; i < n; ++i) lo = std::min(lo, lab[i]), hi = std::max(hi, lab[i]);
+  for (int64_t i = 0; i < m; ++i) lo = std::min(lo, ref_lab[i]), hi = std::max(hi, ref_lab[i]);
+  if (lo >= std::numeric_limits<int32_t>::min() && hi <= std::numeric_limits<int32_t>::max()) {
+    for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>(lab[i]);
+    for (int64_t i = 0; i < m; ++i) ids[n + i] = static_cast<int32_t>(ref_lab[i]);
+    return ids;
+  }
+  std::unordered_map<int64_t, int32_t> map;
+  auto id = [&](int64_t v) { return map.emplace(v, static_cast<int32_t>(map.size())).first->second; };
+  for (int64_t i = 0; i < n; ++i) ids[i] = id(lab[i]);
+  for (int64_t i = 0; i < m; ++i) ids[n + i] = id(ref_lab[i]);
+  return ids;
+}
+
+// True when no mining key can be NaN or inf: all rows finite, norms far from overflow.
+template <typename T>
+bool keys_all_finite(const PreparedRows& R) {
+  const int64_t n = R.rows.size(0);
+  const uint8_t* f = R.finite.data_ptr<uint8_t>();
+  const T* sq = R.sq_norm.data_ptr<T>();
+  const T limit = std::numeric_limits<T>::max() / T(8);
+  for (int64_t i = 0; i < n; ++i)
+    if (!f[i] || !(sq[i] < limit)) return false;
+  return true;
+}
+
 // Fills pos[i] / neg[i] (pre-set to -1) with each anchor's farthest positive and
 // closest negative in R. `self`: R is E, and an anchor is not its own positive.
 template <typename T>
 void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R, const int64_t* ref_lab,
                 bool self, Metric metric, int64_t* pos, int64_t* neg) {
   const int64_t B = E.rows.size(0), M = R.rows.size(0);
-  std::vector<T> pos_key(B, T(0)), neg_key(B, T(0));
+  const bool fast = keys_all_finite<T>(E) && (self || keys_all_finite<T>(R));
+  const bool cosine = metric == Metric::Cosine;
+  // Running bests start at -inf / +inf: on the fast path every key is finite.
+  std::vector<T> pos_key(B, -std::numeric_limits<T>::infinity()), neg_key(B, std::numeric_limits<T>::infinity());
+  const T* sq_e = E.sq_norm.data_ptr<T>();
+  const T* sq_r = R.sq_norm.data_ptr<T>();
+  const std::vector<int32_t> ids = fast ? class_ids(lab, B, ref_lab, self ? 0 : M) : std::vector<int32_t>();
+  const int32_t* id_e = ids.data();
+  const int32_t* id_r = self ? ids.data() : ids.data() + B;
   const KeyFn<T> key{metric, E.sq_norm.data_ptr<T>(), R.sq_norm.data_ptr<T>(), E.finite.data_ptr<uint8_t>(),
                      R.finite.data_ptr<uint8_t>()};
 
@@ -82,6 +229,16 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
         const int64_t li = lab[i];
         T pk = pos_key[i], nk = neg_key[i];
         int64_t pi = pos[i], ni = neg[i];
+        if (fast) {
+          // An anchor is not its own positive: scan around it (keeps ascending order).
+          const int64_t cut = (self && i >= c0 && i < c1) ? i : c1;
+          scan_row_fast_any(g, sq_r + c0, id_r + c0, sq_e[i], id_e[i], c0, int32_t(cut - c0), cosine, pk, pi, nk, ni);
+          if (cut < c1)
+            scan_row_fast_any(g + (cut + 1 - c0), sq_r + cut + 1, id_r + cut + 1, sq_e[i], id_e[i], cut + 1,
+                              int32_t(c1 - cut - 1), cosine, pk, pi, nk, ni);
+          pos_key[i] = pk, neg_key[i] = nk, pos[i] = pi, neg[i] = ni;
+          continue;
+        }
         for (int64_t j = c0; j < c1; ++j) {
           if (self && j == i) continue;
           const T k = key(i, j, g[j - c0]);
@@ -99,6 +256,11 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
       for (int64_t i = r0; i < r1; ++i) {
         const T* g = tile + (i - r0) * ld - col0;
         const int64_t li = lab[i];
+        if (fast) {
+          scan_col_fast_any(g + begin, sq_e + begin, id_e + begin, sq_e[i], id_e[i], i, end - begin, cosine,
+                            pos_key.data() + begin, pos + begin, neg_key.data() + begin, neg + begin);
+          continue;
+        }
         for (int64_t j = begin; j < end; ++j) {
           const T k = key(j, i, g[j]);
           if (lab[j] == li) offer_farther(k, i, pos_key[j], pos[j]);
