@@ -296,6 +296,54 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
   }
 }
 
+// |a|^2 + |b|^2 - 2ab loses precision relative to the norms, so data far from the
+// origin (d^2 << |x|^2, e.g. post-ReLU embeddings) would be mined on rounding noise.
+// (Sq)euclidean distances are translation invariant: mine on rows shifted by an
+// estimate of the reference set's mean. The estimate only has to be near the data,
+// so it averages at most 4096 evenly spaced finite rows, serially: deterministic.
+// Returns false (and leaves the outputs alone) when the data is already centered.
+template <typename T>
+bool center_for_mining(const PreparedRows& E, const PreparedRows& R, bool self, PreparedRows& Em, PreparedRows& Rm) {
+  const int64_t M = R.rows.size(0), D = R.rows.size(1);
+  const int64_t stride = std::max<int64_t>(1, M / 4096);
+  const T* r = R.rows.data_ptr<T>();
+  const uint8_t* fr = R.finite.data_ptr<uint8_t>();
+  const T* sq = R.sq_norm.data_ptr<T>();
+  std::vector<double> mean(D, 0.0);
+  double mean_sq = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < M; i += stride) {
+    if (!fr[i]) continue;
+    for (int64_t k = 0; k < D; ++k) mean[k] += r[i * D + k];
+    mean_sq += sq[i];
+    ++count;
+  }
+  if (count == 0) return false;
+  double mu_sq = 0;
+  for (int64_t k = 0; k < D; ++k) mean[k] /= double(count), mu_sq += mean[k] * mean[k];
+  // Centering pays when the mean holds a sizeable share of the norms (|mu|^2 > E|x|^2 / 16).
+  if (!(mu_sq * 16 > mean_sq / double(count))) return false;
+  at::Tensor mu = at::empty({D}, R.rows.options());
+  for (int64_t k = 0; k < D; ++k) mu.data_ptr<T>()[k] = T(mean[k]);
+  auto shifted = [&](const PreparedRows& X) {
+    PreparedRows out;
+    out.rows = X.rows.sub(mu);
+    out.finite = X.finite;
+    out.sq_norm = at::empty_like(X.sq_norm);
+    const int64_t N = X.rows.size(0);
+    const T* x = out.rows.data_ptr<T>();
+    T* s = out.sq_norm.data_ptr<T>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / D), [&](int64_t begin, int64_t end) {
+      bool ok;
+      for (int64_t i = begin; i < end; ++i) s[i] = row_sumsq(x + i * D, D, ok);
+    });
+    return out;
+  };
+  Em = shifted(E);
+  Rm = self ? Em : shifted(R);
+  return true;
+}
+
 struct Inputs {
   bool self;
   at::Tensor labels, ref_labels;  // int64, contiguous
@@ -357,7 +405,10 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     using T = scalar_t;
     int64_t* pos = m.pos_idx.data_ptr<int64_t>();
     int64_t* neg = m.neg_idx.data_ptr<int64_t>();
-    mine_tiles<T>(E, in.labels.data_ptr<int64_t>(), R, in.ref_labels.data_ptr<int64_t>(), in.self, metric, pos, neg);
+    PreparedRows Em = E, Rm = R;
+    if (metric != Metric::Cosine) center_for_mining<T>(E, R, in.self, Em, Rm);
+    mine_tiles<T>(Em, in.labels.data_ptr<int64_t>(), Rm, in.ref_labels.data_ptr<int64_t>(), in.self, metric, pos,
+                  neg);
     const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
     const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
     T *pd = m.pos_dist.data_ptr<T>(), *nd = m.neg_dist.data_ptr<T>();

@@ -1,0 +1,86 @@
+"""Shared fixtures and helpers: devices, dtypes, tolerances, float64 comparisons."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import tripletops
+
+STRICT = os.environ.get("TRIPLETOPS_STRICT", "0") == "1"
+
+# CUDA cases are listed everywhere and skip visibly where no GPU (or no CUDA kernel) exists.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and "cuda" in tripletops.extension_available().devices),
+            reason="needs a CUDA GPU and tripletops' CUDA kernels",
+        ),
+    ),
+]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+METRICS = ["euclidean", "sqeuclidean", "cosine"]
+REDUCTIONS = ["mean", "sum", "none", "mean_nonzero"]
+
+# SPEC accuracy: fp32 loss rel 1e-5, gradient rel-norm 1e-4; fp16/bf16 loss 1e-2.
+LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def pytest_report_header(config):
+    info = tripletops.extension_available()
+    return f"tripletops: extension loaded={info.loaded} devices={info.devices} strict={STRICT} error={info.error}"
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def make_batch(b, d, n_classes, *, dtype=torch.float32, device="cpu", label_dtype=torch.int64, seed=None):
+    """Random (B, D) embeddings (made in float64, then cast) and labels in [0, n_classes)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else b * 1000 + d)
+    x = torch.randn(b, d, dtype=torch.float64, generator=g)
+    y = torch.randint(0, max(1, n_classes), (b,), generator=g)
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=label_dtype)
+
+
+def assert_close_rel(actual, expected, rtol, what=""):
+    """|actual - expected| <= rtol * max(|expected|, 1) elementwise, NaN where NaN."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN pattern differs"
+    a, e = actual[~nan_a], expected[~nan_e]
+    err = (a - e).abs()
+    bound = rtol * e.abs().clamp(min=1.0)
+    assert bool((err <= bound).all()), f"{what}: max abs err {err.max().item():.3e} (rtol {rtol})"
+
+
+def assert_grad_close(actual, expected, rtol, what="grad"):
+    """SPEC's gradient metric: ||g - g_ref|| / ||g_ref|| <= rtol (absolute when g_ref = 0)."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite entries"
+    denom = expected.norm().item()
+    err = (actual - expected).norm().item()
+    assert err <= rtol * max(denom, 1e-12) or (denom == 0 and err == 0), (
+        f"{what}: relative error {err / max(denom, 1e-300):.3e} > {rtol}"
+    )
+
+
+@pytest.fixture
+def poisoned():
+    """Deterministic mode with uninitialized memory filled with NaN / max-int: any
+    output element a kernel forgets to write shows up in the comparison."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill

@@ -1,0 +1,357 @@
+"""batch_hard_mine / batch_hard_loss against the float64 reference (tripletops.reference)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tripletops
+from tripletops import reference
+
+from conftest import (DEVICES, DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel,
+                      assert_grad_close, make_batch)
+
+# (B, D, classes): B = 1, 2, odd sizes, sizes around the 64/128-row tiles, D = 1.
+SHAPES = [(1, 4, 1), (2, 3, 2), (2, 1, 1), (7, 5, 3), (33, 1, 4), (64, 16, 8), (65, 9, 5), (130, 33, 13),
+          (301, 20, 40), (600, 12, 30)]
+
+
+def mined_like_reference(m, ref, dist64):
+    """Indices equal, except at near-ties of the reference (best and chosen within 1e-4 relative)."""
+    for got, exp, best in ((m.pos_idx, ref.pos_idx, ref.pos_dist), (m.neg_idx, ref.neg_idx, ref.neg_dist)):
+        got, exp = got.cpu(), exp.cpu()
+        assert torch.equal(got < 0, exp < 0)
+        differ = (got != exp).nonzero().flatten()
+        for i in differ.tolist():
+            chosen = dist64[i, got[i]].item()
+            assert abs(chosen - best[i].item()) <= 1e-4 * max(abs(best[i].item()), 1e-6), (
+                f"anchor {i}: picked {got[i].item()} at {chosen}, reference {exp[i].item()} at {best[i].item()}"
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("b,d,c", SHAPES)
+def test_mine_matches_reference(device, metric, b, d, c, poisoned):
+    x, y = make_batch(b, d, c, device=device)
+    m = tripletops.batch_hard_mine(x, y, metric=metric)
+    r = reference.batch_hard_mine(x.double(), y, metric=metric)
+    dist64 = reference.pairwise_distance(x.double(), metric=metric).cpu()
+    mined_like_reference(m, r, dist64)
+    assert torch.equal(m.valid.cpu(), r.valid.cpu())
+    assert m.pos_dist.dtype == x.dtype and m.pos_idx.dtype == torch.int64
+    # Distances of the pairs actually chosen, exact.
+    rows = torch.arange(b)
+    exp_pos = torch.where(m.pos_idx.cpu() >= 0, dist64[rows, m.pos_idx.cpu().clamp(min=0)], 0.0)
+    exp_neg = torch.where(m.neg_idx.cpu() >= 0, dist64[rows, m.neg_idx.cpu().clamp(min=0)], 0.0)
+    assert_close_rel(m.pos_dist, exp_pos, 1e-5, "pos_dist")
+    assert_close_rel(m.neg_dist, exp_neg, 1e-5, "neg_dist")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("b,d,c", [(1, 3, 1), (7, 5, 3), (65, 9, 5), (130, 33, 13)])
+def test_loss_and_grad_match_reference(device, dtype, metric, b, d, c, poisoned):
+    x, y = make_batch(b, d, c, dtype=dtype, device=device)
+    x.requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    loss = tripletops.batch_hard_loss(x, y, metric=metric, margin=0.3)
+    ref = reference.batch_hard_loss(x64, y, metric=metric, margin=0.3)
+    assert loss.dtype == dtype and loss.shape == ()
+    assert_close_rel(loss, ref, LOSS_RTOL[dtype], "loss")
+    loss.backward()
+    ref.backward()
+    if dtype in (torch.float16, torch.bfloat16):
+        return  # half precision: mining near-ties in fp16 make gradient comparison meaningless
+    assert x.grad.dtype == dtype
+    assert_grad_close(x.grad, x64.grad, GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("metric", METRICS)
+def test_reductions_and_soft_margin(device, reduction, soft_margin, metric, poisoned):
+    x, y = make_batch(45, 7, 6, device=device)
+    x.requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    kw = dict(metric=metric, reduction=reduction, soft_margin=soft_margin, margin=0.5)
+    loss = tripletops.batch_hard_loss(x, y, **kw)
+    ref = reference.batch_hard_loss(x64, y, **kw)
+    assert loss.shape == ref.shape == ((45,) if reduction == "none" else ())
+    assert_close_rel(loss, ref, 1e-5, "loss")
+    w = torch.randn(loss.shape, dtype=torch.float64)  # a non-trivial upstream gradient
+    (loss * w.to(loss)).sum().backward()
+    (ref * w).sum().backward()
+    assert_grad_close(x.grad, x64.grad, 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("b,m,d", [(1, 1, 3), (5, 9, 4), (64, 300, 16), (1000, 5000, 8)])
+def test_reference_set(device, metric, b, m, d, poisoned):
+    """A memory bank: mining against ref_embeddings, gradients to both (M spans several tiles)."""
+    x, y = make_batch(b, d, 7, device=device, seed=1)
+    bank, bank_y = make_batch(m, d, 7, device=device, seed=2)
+    x.requires_grad_(True)
+    bank.requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    bank64 = bank.detach().double().requires_grad_(True)
+    mined = tripletops.batch_hard_mine(x, y, metric=metric, ref_embeddings=bank, ref_labels=bank_y)
+    ref_m = reference.batch_hard_mine(x64, y, metric=metric, ref_embeddings=bank64, ref_labels=bank_y)
+    mined_like_reference(mined, ref_m, reference.pairwise_distance(x64, bank64, metric=metric).detach())
+    loss = tripletops.batch_hard_loss(x, y, metric=metric, ref_embeddings=bank, ref_labels=bank_y)
+    ref = reference.batch_hard_loss(x64, y, metric=metric, ref_embeddings=bank64, ref_labels=bank_y)
+    assert_close_rel(loss, ref, 1e-5, "loss")
+    loss.backward()
+    ref.backward()
+    assert_grad_close(x.grad, x64.grad, 1e-4, "grad embeddings")
+    assert_grad_close(bank.grad, bank64.grad, 1e-4, "grad ref_embeddings")
+
+
+def test_reference_set_without_grad_gives_none():
+    x, y = make_batch(10, 4, 3)
+    bank, bank_y = make_batch(20, 4, 3, seed=5)
+    x.requires_grad_(True)
+    tripletops.batch_hard_loss(x, y, ref_embeddings=bank, ref_labels=bank_y).backward()
+    assert bank.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_transposed(device):
+    base = torch.randn(40, 24, dtype=torch.float64, device=device)
+    y = torch.randint(0, 5, (20,), device=device)
+    views = {"strided rows": lambda t: t[::2, :12], "transposed": lambda t: t[:12, :20].t(),
+             "column slice": lambda t: t[:20, 3:17]}
+    for name, view in views.items():
+        leaf = base.clone().requires_grad_(True)
+        x = view(leaf)
+        assert not x.is_contiguous(), name
+        xc = view(base).contiguous().requires_grad_(True)
+        loss = tripletops.batch_hard_loss(x, y)
+        loss_c = tripletops.batch_hard_loss(xc, y)
+        assert torch.equal(loss, loss_c), name
+        loss.backward()
+        loss_c.backward()
+        assert torch.equal(view(leaf.grad), xc.grad), name
+    # non-contiguous labels too
+    y2 = torch.randint(0, 5, (40,), device=device)[::2]
+    x = base[:20, :8]
+    assert torch.equal(tripletops.batch_hard_loss(x, y2), tripletops.batch_hard_loss(x, y2.contiguous()))
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64, torch.int16, torch.uint8])
+def test_label_dtypes_and_large_values(label_dtype):
+    x, y = make_batch(30, 5, 4, label_dtype=label_dtype)
+    expected = tripletops.batch_hard_loss(x, y.long())
+    assert torch.equal(tripletops.batch_hard_loss(x, y), expected)
+    if label_dtype == torch.int64:  # labels outside int32 are remapped, equality preserved
+        big = y.long() * (2**40) - 2**62
+        assert torch.equal(tripletops.batch_hard_loss(x, big), expected)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_go_to_smallest_index(metric, dtype):
+    """Small-integer embeddings: every distance is exact in both paths, with many exact ties."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-1, 2, (90, 3), generator=g).to(dtype)
+    y = torch.randint(0, 4, (90,), generator=g)
+    if metric == "cosine":
+        x[x.abs().sum(1) == 0] = 1.0  # zero rows have no direction
+    m = tripletops.batch_hard_mine(x, y, metric=metric)
+    r = reference.batch_hard_mine(x.double(), y, metric=metric)
+    if metric == "cosine":  # 1 - cos is not exact in floating point: only near-ties may differ
+        mined_like_reference(m, r, reference.pairwise_distance(x.double(), metric=metric))
+        return
+    assert torch.equal(m.pos_idx, r.pos_idx)
+    assert torch.equal(m.neg_idx, r.neg_idx)
+    # and the fused loss picks the same pairs
+    loss = tripletops.batch_hard_loss(x, y, metric=metric, reduction="none")
+    assert_close_rel(loss, reference.batch_hard_loss(x.double(), y, metric=metric, reduction="none"), 1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", ["one class", "all distinct", "single row"])
+def test_no_valid_anchor_gives_exact_zero(reduction, case):
+    b = 1 if case == "single row" else 12
+    x = torch.randn(b, 6, requires_grad=True)
+    y = torch.zeros(b, dtype=torch.long) if case == "one class" else torch.arange(b)
+    loss = tripletops.batch_hard_loss(x, y, reduction=reduction)
+    assert bool((loss == 0).all())
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    m = tripletops.batch_hard_mine(x, y)
+    assert not m.valid.any()
+    assert bool((m.pos_idx == -1).all()) if case != "one class" else bool((m.neg_idx == -1).all())
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_mean_nonzero_with_all_zero_losses(metric):
+    x = torch.randn(10, 3, requires_grad=True)
+    y = torch.arange(10) % 2
+    loss = tripletops.batch_hard_loss(x * 0 + torch.arange(10.0)[:, None] * 0.0 + x, y, margin=0.0,
+                                      metric=metric, reduction="mean_nonzero")
+    ref = reference.batch_hard_loss(x.detach().double(), y, margin=0.0, metric=metric, reduction="mean_nonzero")
+    assert_close_rel(loss, ref, 1e-5)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicate_embeddings_have_finite_gradients(metric, dtype):
+    """Duplicates sit at distance 0, where the naive sqrt(|a|^2+|b|^2-2ab) gradient is NaN.
+
+    Copies of one vector are exact ties, which floating-point Gram entries may break
+    either way; the loss and the gradient summed over each group of copies do not
+    depend on which copy was picked, so those are compared."""
+    base = torch.randn(6, 5, dtype=dtype)
+    x = base.repeat(3, 1).requires_grad_(True)       # every row appears 3 times
+    y = torch.arange(6).repeat(3)                    # ... with its own class: positives at d = 0
+    x64 = x.detach().double().requires_grad_(True)
+    loss = tripletops.batch_hard_loss(x, y, metric=metric, margin=1.0)
+    ref = reference.batch_hard_loss(x64, y, metric=metric, margin=1.0)
+    assert_close_rel(loss, ref, 1e-5)
+    loss.backward()
+    ref.backward()
+    assert torch.isfinite(x.grad).all()
+    group = lambda g: g.double().view(3, 6, 5).sum(0)
+    assert_grad_close(group(x.grad), group(x64.grad), 1e-4)
+    # also when the anchor coincides with its negative
+    x2 = torch.zeros(4, 3, dtype=dtype, requires_grad=True)
+    loss2 = tripletops.batch_hard_loss(x2, torch.tensor([0, 0, 1, 1]), metric="euclidean")
+    loss2.backward()
+    assert loss2.item() == pytest.approx(0.2) and torch.equal(x2.grad, torch.zeros_like(x2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("where", ["batch", "bank"])
+def test_nan_and_inf_give_nan(bad, metric, where):
+    x, y = make_batch(20, 4, 3)
+    bank, bank_y = make_batch(30, 4, 3, seed=9)
+    kw = {}
+    if where == "bank":
+        bank[7, 2] = bad
+        kw = dict(ref_embeddings=bank, ref_labels=bank_y)
+    else:
+        x[5, 1] = bad
+    loss = tripletops.batch_hard_loss(x, y, metric=metric, **kw)
+    assert torch.isnan(loss), loss
+    per = tripletops.batch_hard_loss(x, y, metric=metric, reduction="none", **kw)
+    ref = reference.batch_hard_loss(x.double(), y, metric=metric, reduction="none",
+                                    **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()})
+    assert torch.equal(torch.isnan(per), torch.isnan(ref))
+
+
+def test_slow_path_agrees_on_finite_anchors():
+    """A huge (norm overflowing) bank row sends mining down the scalar path: the other anchors
+    must still match the reference exactly."""
+    x, y = make_batch(25, 4, 3, dtype=torch.float64)
+    bank, bank_y = make_batch(40, 4, 3, dtype=torch.float64, seed=4)
+    bank[0] = 1e154
+    bank_y[0] = 99  # its own class: a far negative for everyone, never the closest
+    m = tripletops.batch_hard_mine(x, y, ref_embeddings=bank, ref_labels=bank_y)
+    r = reference.batch_hard_mine(x, y, ref_embeddings=bank, ref_labels=bank_y)
+    assert torch.equal(m.pos_idx, r.pos_idx) and torch.equal(m.neg_idx, r.neg_idx)
+    assert_close_rel(m.pos_dist, r.pos_dist, 1e-12)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("bank", [False, True])
+def test_far_from_origin_fp32(metric, bank):
+    """Embeddings far from the origin, spread small: d^2 << |x|^2. Mining must still find
+    the right pairs in fp32 (the |a|^2 + |b|^2 - 2ab form alone would cancel to noise).
+    (Cosine is left out: 1 - cos of ~1e-7 is below fp32's resolution in any formulation.)"""
+    x, y = make_batch(64, 8, 8, dtype=torch.float64)
+    x = (x * 0.01 + 30.0).float().double()  # the same values in both precisions
+    kw = dict(ref_embeddings=x.flip(0).contiguous(), ref_labels=y.flip(0)) if bank else {}
+    kw32 = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
+    m = tripletops.batch_hard_mine(x.float(), y, metric=metric, **kw32)
+    r = reference.batch_hard_mine(x, y, metric=metric, **kw)
+    mined_like_reference(m, r, reference.pairwise_distance(x, kw.get("ref_embeddings"), metric=metric))
+    loss = tripletops.batch_hard_loss(x.float(), y, metric=metric, margin=0.01, **kw32)
+    assert_close_rel(loss, reference.batch_hard_loss(x, y, metric=metric, margin=0.01, **kw), 1e-5)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_deterministic_bitwise(metric):
+    x, y = make_batch(257, 31, 20)
+    bank, bank_y = make_batch(700, 31, 20, seed=11)
+    outs = []
+    for _ in range(3):
+        xi = x.clone().requires_grad_(True)
+        bi = bank.clone().requires_grad_(True)
+        loss = tripletops.batch_hard_loss(xi, y, metric=metric) + tripletops.batch_hard_loss(
+            xi, y, metric=metric, ref_embeddings=bi, ref_labels=bank_y)
+        loss.backward()
+        m = tripletops.batch_hard_mine(x, y, metric=metric)
+        outs.append((loss.detach(), xi.grad, bi.grad, m.pos_idx, m.neg_idx))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_deterministic_across_thread_counts():
+    x, y = make_batch(300, 16, 30)
+    prev = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xi = x.clone().requires_grad_(True)
+            loss = tripletops.batch_hard_loss(xi, y)
+            loss.backward()
+            results.append((loss.detach(), xi.grad))
+    finally:
+        torch.set_num_threads(prev)
+    # The GEMM may round differently with a different thread count; mining and the
+    # exact recomputation must still agree to the last digit of the loss here.
+    assert_close_rel(results[0][0], results[1][0], 1e-6)
+    assert_grad_close(results[0][1], results[1][1], 1e-6)
+
+
+def test_normalize_flag_matches_manual_normalize():
+    x, y = make_batch(30, 6, 4)
+    x.requires_grad_(True)
+    a = tripletops.batch_hard_loss(x, y, normalize=True)
+    b = tripletops.batch_hard_loss(torch.nn.functional.normalize(x, dim=1), y)
+    assert torch.equal(a, b)
+    m = tripletops.batch_hard_mine(x, y, normalize=True)
+    assert torch.equal(m.pos_idx, tripletops.batch_hard_mine(torch.nn.functional.normalize(x, dim=1), y).pos_idx)
+
+
+def test_mine_has_no_gradient():
+    x, y = make_batch(10, 3, 3)
+    x.requires_grad_(True)
+    m = tripletops.batch_hard_mine(x, y)
+    assert not m.pos_dist.requires_grad and not m.neg_dist.requires_grad
+
+
+def test_module_matches_functional():
+    x, y = make_batch(30, 6, 4)
+    crit = tripletops.BatchHardTripletLoss(margin=0.3, metric="sqeuclidean", reduction="sum")
+    assert torch.equal(crit(x, y), tripletops.batch_hard_loss(x, y, margin=0.3, metric="sqeuclidean", reduction="sum"))
+    assert "margin=0.3" in repr(crit)
+    bank, bank_y = make_batch(50, 6, 4, seed=3)
+    assert torch.equal(crit(x, y, bank, bank_y), tripletops.batch_hard_loss(
+        x, y, margin=0.3, metric="sqeuclidean", reduction="sum", ref_embeddings=bank, ref_labels=bank_y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_fp32(dtype):
+    """Half inputs: the result is within 1e-2 of the float64 loss on the same (rounded) values,
+    where a half-precision accumulation over D = 512 would drift further."""
+    x, y = make_batch(100, 512, 10, dtype=dtype)
+    loss = tripletops.batch_hard_loss(x, y)
+    assert loss.dtype == dtype
+    assert_close_rel(loss, reference.batch_hard_loss(x.double(), y), 1e-2)
+
+
+def test_autocast_runs_and_is_finite():
+    x, y = make_batch(40, 16, 5)
+    lin = torch.nn.Linear(16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = lin(x)
+        loss = tripletops.batch_hard_loss(emb, y)
+    loss.float().backward()
+    assert torch.isfinite(loss) and torch.isfinite(lin.weight.grad).all()
