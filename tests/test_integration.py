@@ -1,0 +1,163 @@
+"""Dispatcher integration: opcheck, gradcheck, torch.compile, extension_available, fallback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import tripletops
+from tripletops import reference
+
+from conftest import STRICT
+
+ops = torch.ops.tripletops
+
+
+def test_extension_loaded_in_strict_mode():
+    info = tripletops.extension_available()
+    if STRICT:
+        assert info.loaded and "cpu" in info.devices, info
+    assert bool(info) == info.loaded
+
+
+def _opcheck_samples():
+    x = torch.randn(9, 5, dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0])
+    bank = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    bank_y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    yield ops.pairwise_distance.default, (xg, None, "euclidean")
+    yield ops.pairwise_distance.default, (xg, bank, "cosine")
+    d = ops.pairwise_distance(x, bank.detach(), "sqeuclidean")
+    yield ops.pairwise_distance_backward.default, (torch.randn_like(d), x, bank.detach(), d, "sqeuclidean")
+    yield ops.batch_hard_mine.default, (x, y, None, None, "euclidean")
+    yield ops.batch_hard_mine.default, (x, y, bank.detach(), bank_y, "cosine")
+    for red in ("mean", "none"):
+        yield ops.batch_hard_loss.default, (xg, y, None, None, 0.2, "euclidean", False, red)
+        yield ops.batch_hard_loss.default, (xg, y, bank, bank_y, 0.2, "sqeuclidean", True, red)
+    out = ops.batch_hard_loss(x, y, None, None, 0.2, "euclidean", False, "sum")
+    yield ops.batch_hard_loss_backward.default, (torch.ones(()), x, None, *out[1:], 0.2, "euclidean", False, "sum", False)
+    out = ops.batch_hard_loss(x, y, bank.detach(), bank_y, 0.2, "euclidean", False, "none")
+    yield ops.batch_hard_loss_backward.default, (torch.ones(9), x, bank.detach(), *out[1:], 0.2, "euclidean", False,
+                                                 "none", True)
+    a, p, n = (torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for swap in (False, True):
+        yield ops.triplet_margin_loss.default, (a, p, n, 1.0, "euclidean", swap, "mean")
+        out = ops.triplet_margin_loss(a.detach(), p.detach(), n.detach(), 1.0, "cosine", swap, "none")
+        yield ops.triplet_margin_loss_backward.default, (torch.ones(6), a.detach(), p.detach(), n.detach(), *out[1:],
+                                                         1.0, "cosine", swap, "none")
+
+
+@pytest.mark.parametrize("op,args", list(_opcheck_samples()), ids=lambda v: getattr(v, "__name__", None) or str(type(v)))
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_gradcheck_batch_hard(metric, soft_margin, with_bank):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    if with_bank:
+        bank = torch.randn(8, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        bank_y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+        fn = lambda a, b: tripletops.batch_hard_loss(a, y, metric=metric, soft_margin=soft_margin, margin=1.0,
+                                                     ref_embeddings=b, ref_labels=bank_y, reduction="none")
+        assert torch.autograd.gradcheck(fn, (x, bank))
+    else:
+        fn = lambda a: tripletops.batch_hard_loss(a, y, metric=metric, soft_margin=soft_margin, margin=1.0,
+                                                  reduction="none")
+        assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_compile_fullgraph_training_step():
+    """A compiled loss (model + fused op, fullgraph=True: any graph break raises) trains
+    exactly like the eager one."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 16), torch.arange(12).repeat_interleave(4)
+    bank, bank_y = torch.randn(64, 8), torch.arange(64) % 12
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+    def loss_fn(model, x, y):
+        e = model(x)
+        return (tripletops.batch_hard_loss(e, y, margin=0.3)
+                + tripletops.batch_hard_loss(e, y, metric="cosine", ref_embeddings=bank, ref_labels=bank_y)
+                + tripletops.triplet_margin_loss(e[:16], e[16:32], e[32:])
+                + tripletops.pairwise_distance(e[:4], e[4:8]).mean())
+
+    losses = {}
+    for mode in ("eager", "compiled"):
+        model = make()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        fn = torch.compile(loss_fn, fullgraph=True) if mode == "compiled" else loss_fn
+        trace = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = fn(model, x, y)
+            loss.backward()
+            opt.step()
+            trace.append(loss.item())
+        losses[mode] = (trace, [p.detach().clone() for p in model.parameters()])
+    assert losses["eager"][0] == pytest.approx(losses["compiled"][0], rel=1e-5)
+    for a, b in zip(losses["eager"][1], losses["compiled"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fallback_on_uncovered_device_warns_once(monkeypatch):
+    """Tensors on a device the kernels don't cover (here 'meta') go to the reference, with
+    one ReferenceFallbackWarning; TRIPLETOPS_STRICT=1 turns that into an error."""
+    x, y = torch.randn(6, 3, device="meta"), torch.zeros(6, dtype=torch.long, device="meta")
+    monkeypatch.setenv("TRIPLETOPS_STRICT", "1")
+    with pytest.raises(RuntimeError, match="TRIPLETOPS_STRICT=1"):
+        tripletops.batch_hard_loss(x, y)
+    monkeypatch.setenv("TRIPLETOPS_STRICT", "0")
+    tripletops._ext._warned.discard(("pairwise_distance", "meta"))
+    with pytest.warns(tripletops.ReferenceFallbackWarning, match="running tripletops.reference"):
+        out = tripletops.pairwise_distance(x)
+    assert out.shape == (6, 6) and out.device.type == "meta"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tripletops.pairwise_distance(x)  # warned once already: silent now
+
+
+FALLBACK_SCRIPT = r"""
+import sys, warnings
+sys.modules["tripletops._C"] = None  # as if the extension had not been built
+import torch, tripletops
+assert not tripletops.extension_available(), tripletops.extension_available()
+x = torch.randn(12, 5, dtype=torch.float64); y = torch.arange(12) % 3
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    a = tripletops.batch_hard_loss(x, y)
+    b = tripletops.batch_hard_loss(x, y)
+n = sum(issubclass(i.category, tripletops.ReferenceFallbackWarning) for i in w)
+assert n == 1, n
+assert torch.equal(a, tripletops.reference.batch_hard_loss(x, y))
+print("ok")
+"""
+
+
+def test_missing_extension_falls_back_or_fails_in_strict_mode():
+    env = {k: v for k, v in os.environ.items() if k != "TRIPLETOPS_STRICT"}
+    run = lambda e: subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=e, capture_output=True, text=True,
+                                   timeout=120)
+    res = run(env)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+    res = run({**env, "TRIPLETOPS_STRICT": "1"})
+    assert res.returncode != 0 and "TRIPLETOPS_STRICT=1" in res.stderr
+
+
+def test_reference_same_signatures():
+    import inspect
+    for name in ("pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss"):
+        assert inspect.signature(getattr(tripletops, name)) == inspect.signature(getattr(reference, name)), name
