@@ -15,12 +15,14 @@
 
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <limits>
 #include <unordered_map>
 #include <tuple>
+#include <type_traits>
 
 namespace tripletops {
 namespace cpu {
@@ -466,22 +468,109 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
           m.neg_dist};
 }
 
-// Adds rows src[i] into dst[idx[i]] for i ascending (skipping idx < 0 and skip[i]),
-// parallel over feature slices: each element sums in the same order on every run.
-template <typename T>
-void scatter_rows_ordered(T* dst, const int64_t* idx_a, const T* src_a, const int64_t* idx_b, const T* src_b,
-                          const T* coef, int64_t B, int64_t D) {
-  at::parallel_for(0, D, 32, [&](int64_t k0, int64_t k1) {
-    for (int64_t i = 0; i < B; ++i) {
-      if (coef[i] == T(0)) continue;
-      T* da = dst + idx_a[i] * D;
-      T* db = dst + idx_b[i] * D;
-      const T* sa = src_a + i * D;
-      const T* sb = src_b + i * D;
-      for (int64_t k = k0; k < k1; ++k) da[k] += sa[k];
-      for (int64_t k = k0; k < k1; ++k) db[k] += sb[k];
+// d dist(a, b) / da = alpha_a * a + beta * b and d dist(a, b) / db = alpha_b * b + beta * a,
+// for raw rows a, b (cosine goes through F.normalize's Jacobian). With these per-pair
+// scalars the backward is a few scaled row additions: no gathered copies, no buffers.
+struct PairGrad {
+  double alpha_a, alpha_b, beta;
+};
+
+inline PairGrad pair_grad(Metric metric, double dist, double dot, double a_sq, double b_sq) {
+  if (metric == Metric::SqEuclidean) return {2.0, 2.0, -2.0};
+  if (metric == Metric::Euclidean) {
+    if (!(dist > 0)) return {dist == 0 ? 0.0 : dist, dist == 0 ? 0.0 : dist, dist == 0 ? 0.0 : dist};  // 0 at d = 0; NaN stays
+    return {1.0 / dist, 1.0 / dist, -1.0 / dist};
+  }
+  // dist = 1 - <a/na, b/nb>, na = max(|a|, eps): d/da = -(b_hat - a_hat c) / na when |a| > eps, else -b_hat / eps.
+  const double eps = kNormEps, ra = std::sqrt(a_sq), rb = std::sqrt(b_sq);
+  const double na = std::max(ra, eps), nb = std::max(rb, eps);
+  const double c = dot / (na * nb);
+  return {ra > eps ? c / (na * na) : 0.0, rb > eps ? c / (nb * nb) : 0.0, -1.0 / (na * nb)};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& grad, const at::Tensor& emb,
+                                                            const at::Tensor& refs, bool self, bool want_ref,
+                                                            const at::Tensor& pos, const at::Tensor& neg,
+                                                            const at::Tensor& pos_dist, const at::Tensor& neg_dist,
+                                                            double margin, Metric metric, bool soft_margin,
+                                                            Reduction reduction) {
+  using acc_t = at::opmath_type<scalar_t>;  // float for half types
+  const int64_t B = emb.size(0), D = emb.size(1), M = refs.size(0);
+  const scalar_t* a = emb.data_ptr<scalar_t>();
+  const scalar_t* r = refs.data_ptr<scalar_t>();
+  const int64_t *pi = pos.data_ptr<int64_t>(), *ni = neg.data_ptr<int64_t>();
+  // The forward's losses were formed in the compute dtype: redo them in it, so hinge and
+  // mean_nonzero decisions match the forward's bit for bit.
+  using comp_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const auto comp_dtype = c10::CppTypeToScalarType<comp_t>::value;
+  const at::Tensor pdt = pos_dist.to(comp_dtype).contiguous(), ndt = neg_dist.to(comp_dtype).contiguous();
+  const comp_t *pd = pdt.data_ptr<comp_t>(), *nd = ndt.data_ptr<comp_t>();
+
+  // Pass 1, per anchor: finiteness (to recompute the forward's losses exactly), and for
+  // cosine the norms and dot products of the selected pairs.
+  struct Stats { double a_sq, p_sq, n_sq, ap, an; uint8_t finite; };
+  std::vector<Stats> st(B);
+  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      Stats s{0, 0, 0, 0, 0, 1};
+      if (pi[i] >= 0 && ni[i] >= 0) {
+        const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
+        acc_t asq = 0, psq = 0, nsq = 0, ap = 0, an = 0, z = 0;
+        for (int64_t k = 0; k < D; ++k) {
+          const acc_t av = ar[k], pv = pr[k], nv = nr[k];
+          asq += av * av, psq += pv * pv, nsq += nv * nv, ap += av * pv, an += av * nv;
+          z += (av + pv + nv) * acc_t(0);  // NaN when any entry is NaN/Inf
+        }
+        s = {asq, psq, nsq, ap, an, uint8_t(z == acc_t(0))};
+      }
+      st[i] = s;
     }
   });
+  std::vector<comp_t> loss_v(B);
+  std::vector<uint8_t> valid(B), finite(B);
+  for (int64_t i = 0; i < B; ++i) finite[i] = st[i].finite;
+  anchor_losses<comp_t>(pi, ni, pd, nd, finite.data(), margin, soft_margin, B, loss_v.data(), valid.data());
+  const at::Tensor loss_t = at::from_blob(loss_v.data(), {B}, at::TensorOptions().dtype(comp_dtype));
+  const at::Tensor valid_t = at::from_blob(valid.data(), {B}, at::TensorOptions().dtype(at::kByte));
+  const std::vector<double> scale = reduction_scale(grad, loss_t, valid_t, reduction);
+
+  // Per anchor: g_a = ca*a + cp*p + cn*n;  g_p += pp*p + pa*a;  g_n += nn*n + na*a.
+  struct Coef { acc_t ca, cp, cn, pp, pa, nn, na; };
+  std::vector<Coef> cf(B);
+  std::vector<uint8_t> active(B);
+  for (int64_t i = 0; i < B; ++i) {
+    const double s = valid[i] ? scale[i] * double(triplet_term_grad(pd[i] - nd[i], comp_t(margin), soft_margin)) : 0.0;
+    active[i] = s != 0;
+    if (!active[i]) continue;
+    const PairGrad gp = pair_grad(metric, pd[i], st[i].ap, st[i].a_sq, st[i].p_sq);
+    const PairGrad gn = pair_grad(metric, nd[i], st[i].an, st[i].a_sq, st[i].n_sq);
+    cf[i] = {acc_t(s * gp.alpha_a - s * gn.alpha_a), acc_t(s * gp.beta), acc_t(-s * gn.beta),
+             acc_t(s * gp.alpha_b), acc_t(s * gp.beta), acc_t(-s * gn.alpha_b), acc_t(-s * gn.beta)};
+  }
+
+  // Pass 2, parallel over feature slices, anchors in ascending order: each element
+  // sums its contributions in the same order on every run.
+  at::Tensor grad_a = at::zeros({B, D}, emb.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor grad_r = (!self && want_ref) ? at::zeros({M, D}, grad_a.options()) : at::Tensor();
+  acc_t* ga = grad_a.data_ptr<acc_t>();
+  acc_t* gr = self ? ga : (grad_r.defined() ? grad_r.data_ptr<acc_t>() : nullptr);
+  at::parallel_for(0, D, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t i = 0; i < B; ++i) {
+      if (!active[i]) continue;
+      const Coef c = cf[i];
+      const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
+      acc_t* gai = ga + i * D;
+      for (int64_t k = k0; k < k1; ++k) gai[k] += c.ca * acc_t(ar[k]) + c.cp * acc_t(pr[k]) + c.cn * acc_t(nr[k]);
+      if (!gr) continue;
+      acc_t* gp = gr + pi[i] * D;
+      for (int64_t k = k0; k < k1; ++k) gp[k] += c.pp * acc_t(pr[k]) + c.pa * acc_t(ar[k]);
+      acc_t* gn = gr + ni[i] * D;
+      for (int64_t k = k0; k < k1; ++k) gn[k] += c.nn * acc_t(nr[k]) + c.na * acc_t(ar[k]);
+    }
+  });
+  return {grad_a.to(emb.scalar_type()),
+          grad_r.defined() ? grad_r.to(refs.scalar_type()) : at::empty({0}, emb.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cpu(
@@ -492,55 +581,17 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cpu(
   const Metric metric = parse_metric(metric_name);
   const Reduction reduction = parse_reduction(reduction_name);
   const bool self = !ref_embeddings.has_value();
-  const at::Tensor& refs = self ? embeddings : *ref_embeddings;
-  const int64_t B = embeddings.size(0), D = embeddings.size(1), M = refs.size(0);
-  const at::Tensor pos = pos_idx.contiguous(), neg = neg_idx.contiguous();
-  // Only the selected rows are read: gather them, then it is a row-aligned triplet backward.
-  const PreparedRows A = prepare_rows(embeddings, metric);
-  const PreparedRows P = prepare_rows(refs.index_select(0, pos.clamp_min(0)), metric);
-  const PreparedRows N = prepare_rows(refs.index_select(0, neg.clamp_min(0)), metric);
-  const auto opts = A.rows.options();
-  at::Tensor grad_a = at::zeros({B, D}, opts);
-  at::Tensor contrib_p = at::zeros({B, D}, opts), contrib_n = at::zeros({B, D}, opts);
-  at::Tensor grad_ref;
-  AT_DISPATCH_FLOATING_TYPES(A.rows.scalar_type(), "batch_hard_loss_backward_cpu", [&] {
-    using T = scalar_t;
-    const int64_t *pi = pos.data_ptr<int64_t>(), *ni = neg.data_ptr<int64_t>();
-    const at::Tensor pdt = pos_dist.to(A.rows.scalar_type()).contiguous();
-    const at::Tensor ndt = neg_dist.to(A.rows.scalar_type()).contiguous();
-    const T *pd = pdt.data_ptr<T>(), *nd = ndt.data_ptr<T>();
-    const uint8_t *fa = A.finite.data_ptr<uint8_t>(), *fp = P.finite.data_ptr<uint8_t>(),
-                  *fn = N.finite.data_ptr<uint8_t>();
-    std::vector<uint8_t> finite(B), valid(B);
-    for (int64_t i = 0; i < B; ++i) finite[i] = fa[i] && fp[i] && fn[i];
-    at::Tensor loss = at::empty({B}, opts);
-    anchor_losses<T>(pi, ni, pd, nd, finite.data(), margin, soft_margin, B, loss.data_ptr<T>(), valid.data());
-    at::Tensor valid_t = at::from_blob(valid.data(), {B}, at::TensorOptions().dtype(at::kByte));
-    const std::vector<double> scale = reduction_scale(grad, loss, valid_t, reduction);
-    std::vector<T> coef(B);
-    for (int64_t i = 0; i < B; ++i)
-      coef[i] = valid[i] ? T(scale[i]) * triplet_term_grad(pd[i] - nd[i], T(margin), soft_margin) : T(0);
-
-    const T *a = A.rows.data_ptr<T>(), *p = P.rows.data_ptr<T>(), *n = N.rows.data_ptr<T>();
-    const T *sa = A.sq_norm.data_ptr<T>(), *sp = P.sq_norm.data_ptr<T>(), *sn = N.sq_norm.data_ptr<T>();
-    T *ga = grad_a.data_ptr<T>(), *cp = contrib_p.data_ptr<T>(), *cn = contrib_n.data_ptr<T>();
-    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (coef[i] == T(0)) continue;
-        const int64_t o = i * D;
-        add_distance_grad(coef[i], a + o, p + o, pd[i], sa[i], sp[i], D, metric, ga + o, cp + o);
-        add_distance_grad(-coef[i], a + o, n + o, nd[i], sa[i], sn[i], D, metric, ga + o, cn + o);
-      }
-    });
-    if (self) {
-      scatter_rows_ordered<T>(ga, pi, cp, ni, cn, coef.data(), B, D);
-    } else if (compute_ref_grad) {
-      grad_ref = at::zeros({M, D}, opts);
-      scatter_rows_ordered<T>(grad_ref.data_ptr<T>(), pi, cp, ni, cn, coef.data(), B, D);
-    }
+  const at::Tensor emb = embeddings.contiguous();
+  const at::Tensor refs = self ? emb : ref_embeddings->contiguous();
+  TORCH_CHECK_VALUE(pos_idx.numel() == emb.size(0) && neg_idx.numel() == emb.size(0),
+                    "tripletops: pos_idx/neg_idx must have one entry per embedding");
+  const at::Tensor pos = pos_idx.to(at::kLong).contiguous(), neg = neg_idx.to(at::kLong).contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "batch_hard_loss_backward_cpu", [&] {
+    out = batch_hard_backward_impl<scalar_t>(grad, emb, refs, self, compute_ref_grad, pos, neg, pos_dist, neg_dist,
+                                             margin, metric, soft_margin, reduction);
   });
-  at::Tensor out_ref = grad_ref.defined() ? grad_ref.to(refs.scalar_type()) : at::empty({0}, embeddings.options());
-  return {grad_a.to(embeddings.scalar_type()), out_ref};
+  return out;
 }
 
 }  // namespace
