@@ -19,6 +19,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <unordered_map>
 #include <tuple>
@@ -32,7 +33,7 @@ namespace {
 // tiles), and a bound on tile elements when it is a separate set (columns per
 // tile = kTileElems / B): 8 MiB of fp32 Gram entries at most.
 constexpr int64_t kTileElems = int64_t(1) << 21;
-inline int64_t self_tile_rows(int64_t B) { return B <= 512 ? 64 : (B <= 2048 ? 128 : 256); }
+constexpr int64_t kSelfTileRows = 128;  // measured best or within noise for B = 256..4096 on MKL
 
 // Candidates reach each anchor in ascending reference index, so a strict
 // comparison keeps the smallest index among ties. A NaN key wins (as torch.max
@@ -67,60 +68,89 @@ struct KeyFn {
 };
 
 // ---- Fast path: every row finite and no norm near overflow, so no key is NaN or
-// inf. Branch-free loops the compiler vectorizes: each of kLanes lanes keeps its own
-// running best (strict comparison keeps the lane's first index), and the lanes are
-// merged by (value, smallest index). Cloned for AVX-512 / AVX2 / baseline at load time.
-constexpr int kLanes = 16;
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TRIPLETOPS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define TRIPLETOPS_INLINE inline __attribute__((always_inline))  // compiled inside each clone
-#else
-#define TRIPLETOPS_SIMD_CLONES
-#define TRIPLETOPS_INLINE inline
-#endif
+// inf. Branch-free vector loops: each lane keeps its own running best (strict
+// comparison keeps the lane's first index), and the lanes are merged by (value,
+// smallest index). Cloned for AVX-512 / AVX2 / baseline (TRIPLETOPS_SIMD_CLONES).
 
 // One anchor (squared norm sa, label li) against candidates c0..c0+n (Gram row g,
 // labels as int32 class ids). Merges into (pk, pi) / (nk, ni), which hold only
-// candidates of smaller index. Lanes carry int32 offsets so values, labels and
-// indices share one vector width.
+// candidates of smaller index. GCC vector types keep each lane's running best and
+// its offset in registers (64-byte vectors: one zmm, two ymm or four xmm per clone).
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef int32_t L __attribute__((vector_size(64)));  // labels, as loaded
+  static constexpr int N = 16;
+  static I labels(const int32_t* p) {
+    L l;
+    std::memcpy(&l, p, sizeof(l));
+    return l;
+  }
+};
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  typedef int32_t L __attribute__((vector_size(32)));
+  static constexpr int N = 8;
+  static I labels(const int32_t* p) {
+    L l;
+    std::memcpy(&l, p, sizeof(l));
+    return __builtin_convertvector(l, I);
+  }
+};
+
 template <typename T>
 TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0, int32_t n,
-                          bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {
+                                     bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {
+  using LT = Lanes<T>;
+  using V = typename LT::V;
+  using I = typename LT::I;
+  constexpr int N = LT::N;
   const T inf = std::numeric_limits<T>::infinity();
-  T pv[kLanes], nv[kLanes];
-  int32_t pj[kLanes], nj[kLanes];
-  for (int l = 0; l < kLanes; ++l) pv[l] = -inf, nv[l] = inf, pj[l] = -1, nj[l] = -1;
+  V pv, nv;
+  I pj, nj, jv;
+  for (int l = 0; l < N; ++l) pv[l] = -inf, nv[l] = inf, pj[l] = -1, nj[l] = -1, jv[l] = l;
+  const V zero = pv * T(0) + T(0), ninf = zero - inf, pinf = zero + inf;
   int32_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      T k = cosine ? T(1) - g[j + l] : sa + sr[j + l] - T(2) * g[j + l];
-      k = k < T(0) ? T(0) : k;
-      const bool same = lab[j + l] == li;
-      const T kp = same ? k : -inf;
-      const T kn = same ? inf : k;
-      const bool bp = kp > pv[l], bn = kn < nv[l];
-      pv[l] = bp ? kp : pv[l];
-      pj[l] = bp ? j + l : pj[l];
-      nv[l] = bn ? kn : nv[l];
-      nj[l] = bn ? j + l : nj[l];
-    }
+  for (; j + N <= n; j += N) {
+    V gv, sv;
+    std::memcpy(&gv, g + j, sizeof(V));
+    std::memcpy(&sv, sr + j, sizeof(V));
+    V k = cosine ? (T(1) - gv) : (sa + sv - T(2) * gv);
+    k = k < zero ? zero : k;
+    const I same = LT::labels(lab + j) == li;
+    const V kp = same ? k : ninf;
+    const V kn = same ? pinf : k;
+    const I bp = kp > pv, bn = kn < nv;
+    pv = bp ? kp : pv;
+    pj = bp ? jv : pj;
+    nv = bn ? kn : nv;
+    nj = bn ? jv : nj;
+    jv += N;
   }
-  for (int l = 0; j < n; ++j, ++l) {
+  T tpv = -inf, tnv = inf;  // the tail, scalar
+  int32_t tpj = -1, tnj = -1;
+  for (; j < n; ++j) {
     T k = cosine ? T(1) - g[j] : sa + sr[j] - T(2) * g[j];
     k = k < T(0) ? T(0) : k;
     if (lab[j] == li) {
-      if (k > pv[l]) pv[l] = k, pj[l] = j;
-    } else if (k < nv[l]) {
-      nv[l] = k, nj[l] = j;
+      if (k > tpv) tpv = k, tpj = j;
+    } else if (k < tnv) {
+      tnv = k, tnj = j;
     }
   }
-  // Among lanes, ties go to the smaller index; against the running state (smaller
-  // indices), a lane wins only when strictly better.
-  T bpv = -inf, bnv = inf;
-  int32_t bpj = -1, bnj = -1;
-  for (int l = 0; l < kLanes; ++l) {
-    if (pj[l] >= 0 && (bpj < 0 || pv[l] > bpv || (pv[l] == bpv && pj[l] < bpj))) bpv = pv[l], bpj = pj[l];
-    if (nj[l] >= 0 && (bnj < 0 || nv[l] < bnv || (nv[l] == bnv && nj[l] < bnj))) bnv = nv[l], bnj = nj[l];
+  // Among lanes (and the tail), ties go to the smaller index; against the running
+  // state (smaller indices), the tile's best wins only when strictly better.
+  T bpv = tpv, bnv = tnv;
+  int32_t bpj = tpj, bnj = tnj;
+  for (int l = 0; l < N; ++l) {
+    const int32_t lp = int32_t(pj[l]), ln = int32_t(nj[l]);
+    if (lp >= 0 && (bpj < 0 || pv[l] > bpv || (pv[l] == bpv && lp < bpj))) bpv = pv[l], bpj = lp;
+    if (ln >= 0 && (bnj < 0 || nv[l] < bnv || (nv[l] == bnv && ln < bnj))) bnv = nv[l], bnj = ln;
   }
   if (bpj >= 0 && (pi < 0 || bpv > pk)) pk = bpv, pi = c0 + bpj;
   if (bnj >= 0 && (ni < 0 || bnv < nk)) nk = bnv, ni = c0 + bnj;
@@ -276,7 +306,7 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
     // Tiles on and above the diagonal, in row order: anchor j first gets
     // candidates < its tile row start from earlier tiles' columns, then the rest
     // from its own row, so candidates arrive in ascending index.
-    const int64_t rows_per_tile = self_tile_rows(B);
+    const int64_t rows_per_tile = kSelfTileRows;
     at::Tensor buffer = at::empty({std::min(rows_per_tile, B) * B}, E.rows.options());
     for (int64_t r0 = 0; r0 < B; r0 += rows_per_tile) {
       const int64_t r1 = std::min(B, r0 + rows_per_tile), rows = r1 - r0, cols = B - r0;
@@ -302,12 +332,12 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
 // origin (d^2 << |x|^2, e.g. post-ReLU embeddings) would be mined on rounding noise.
 // (Sq)euclidean distances are translation invariant: mine on rows shifted by an
 // estimate of the reference set's mean. The estimate only has to be near the data,
-// so it averages at most 4096 evenly spaced finite rows, serially: deterministic.
+// so it averages about 64 evenly spaced finite rows, serially: deterministic.
 // Returns false (and leaves the outputs alone) when the data is already centered.
 template <typename T>
 bool center_for_mining(const PreparedRows& E, const PreparedRows& R, bool self, PreparedRows& Em, PreparedRows& Rm) {
   const int64_t M = R.rows.size(0), D = R.rows.size(1);
-  const int64_t stride = std::max<int64_t>(1, M / 4096);
+  const int64_t stride = std::max<int64_t>(1, M / 64);
   const T* r = R.rows.data_ptr<T>();
   const uint8_t* fr = R.finite.data_ptr<uint8_t>();
   const T* sq = R.sq_norm.data_ptr<T>();

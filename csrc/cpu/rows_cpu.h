@@ -15,6 +15,16 @@
 namespace tripletops {
 namespace cpu {
 
+// Hot loops are compiled for AVX-512, AVX2 and the baseline, picked at load time
+// (GCC function multi-versioning); TRIPLETOPS_INLINE pulls helpers into each clone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TRIPLETOPS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define TRIPLETOPS_INLINE inline __attribute__((always_inline))
+#else
+#define TRIPLETOPS_SIMD_CLONES
+#define TRIPLETOPS_INLINE inline
+#endif
+
 // fp16/bf16 accumulate in fp32; fp32 and fp64 compute in their own precision.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -30,7 +40,7 @@ struct PreparedRows {
 // finite x and NaN otherwise). Eight partial sums in a fixed order: vectorizable,
 // and the same result on every run.
 template <typename T>
-inline T row_sumsq(const T* r, int64_t D, bool& finite) {
+TRIPLETOPS_INLINE T row_sumsq(const T* r, int64_t D, bool& finite) {
   constexpr int kParts = 8;
   T ss[kParts] = {}, zero[kParts] = {};
   int64_t k = 0;
@@ -49,6 +59,40 @@ inline T row_sumsq(const T* r, int64_t D, bool& finite) {
   return total;
 }
 
+// Rows [begin, end) of an (N, D) block: squared norms, finiteness, and for cosine the
+// unit rows x / max(|x|, eps) written to `unit`.
+template <typename T>
+TRIPLETOPS_INLINE void prepare_block(const T* in, int64_t D, int64_t begin, int64_t end, bool cosine, T* unit, T* sq,
+                                     uint8_t* finite) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* r = in + i * D;
+    bool ok = true;
+    const T ss = row_sumsq(r, D, ok);
+    finite[i] = ok;
+    sq[i] = ss;
+    if (cosine) {
+      const T inv = T(1) / std::max(std::sqrt(ss), T(kNormEps));
+      T* o = unit + i * D;
+      for (int64_t k = 0; k < D; ++k) o[k] = r[k] * inv;
+    }
+  }
+}
+TRIPLETOPS_SIMD_CLONES inline void prepare_block_f(const float* in, int64_t D, int64_t b, int64_t e, bool cosine,
+                                                   float* unit, float* sq, uint8_t* finite) {
+  prepare_block(in, D, b, e, cosine, unit, sq, finite);
+}
+TRIPLETOPS_SIMD_CLONES inline void prepare_block_d(const double* in, int64_t D, int64_t b, int64_t e, bool cosine,
+                                                   double* unit, double* sq, uint8_t* finite) {
+  prepare_block(in, D, b, e, cosine, unit, sq, finite);
+}
+inline void prepare_block_any(const float* in, int64_t D, int64_t b, int64_t e, bool c, float* u, float* s, uint8_t* f) {
+  prepare_block_f(in, D, b, e, c, u, s, f);
+}
+inline void prepare_block_any(const double* in, int64_t D, int64_t b, int64_t e, bool c, double* u, double* s,
+                              uint8_t* f) {
+  prepare_block_d(in, D, b, e, c, u, s, f);
+}
+
 // One O(N*D) pass: converts, normalizes (cosine), and records norms and finiteness.
 inline PreparedRows prepare_rows(const at::Tensor& x, Metric metric) {
   const at::Tensor src = x.to(compute_dtype(x.scalar_type())).contiguous();
@@ -59,22 +103,11 @@ inline PreparedRows prepare_rows(const at::Tensor& x, Metric metric) {
   out.finite = at::empty({N}, src.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "tripletops_prepare_rows", [&] {
     const scalar_t* in = src.data_ptr<scalar_t>();
-    scalar_t* rows = out.rows.data_ptr<scalar_t>();
+    scalar_t* unit = out.rows.data_ptr<scalar_t>();
     scalar_t* sq = out.sq_norm.data_ptr<scalar_t>();
     uint8_t* finite = out.finite.data_ptr<uint8_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, 32768 / D), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* r = in + i * D;
-        bool ok = true;
-        const scalar_t ss = row_sumsq(r, D, ok);
-        finite[i] = ok;
-        sq[i] = ss;
-        if (metric == Metric::Cosine) {
-          const scalar_t inv = scalar_t(1) / std::max(std::sqrt(ss), scalar_t(kNormEps));
-          scalar_t* o = rows + i * D;
-          for (int64_t k = 0; k < D; ++k) o[k] = r[k] * inv;
-        }
-      }
+      prepare_block_any(in, D, begin, end, metric == Metric::Cosine, unit, sq, finite);
     });
   });
   return out;
@@ -84,16 +117,24 @@ inline PreparedRows prepare_rows(const at::Tensor& x, Metric metric) {
 // cancellation from |a|^2 + |b|^2 - 2ab). Cosine rows are already unit rows.
 template <typename T>
 inline T row_distance(const T* a, const T* b, int64_t D, Metric metric) {
-  T acc = 0;
-  if (metric == Metric::Cosine) {
-    for (int64_t k = 0; k < D; ++k) acc += a[k] * b[k];
-    return T(1) - acc;
-  }
-  for (int64_t k = 0; k < D; ++k) {
+  // Eight partial sums in a fixed order, as in row_sumsq: vectorizable and repeatable.
+  constexpr int kParts = 8;
+  T acc[kParts] = {};
+  int64_t k = 0;
+  const bool cosine = metric == Metric::Cosine;
+  for (; k + kParts <= D; k += kParts)
+    for (int l = 0; l < kParts; ++l) {
+      const T d = a[k + l] - b[k + l];
+      acc[l] += cosine ? a[k + l] * b[k + l] : d * d;
+    }
+  for (int l = 0; k < D; ++k, ++l) {
     const T d = a[k] - b[k];
-    acc += d * d;
+    acc[l] += cosine ? a[k] * b[k] : d * d;
   }
-  return metric == Metric::Euclidean ? std::sqrt(acc) : acc;
+  T total = 0;
+  for (int l = 0; l < kParts; ++l) total += acc[l];
+  if (cosine) return T(1) - total;
+  return metric == Metric::Euclidean ? std::sqrt(total) : total;
 }
 
 // Adds s * d dist(a, b) / da to ga and s * d dist(a, b) / db to gb (either may be
