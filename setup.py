@@ -21,12 +21,12 @@ def _flag(name: str) -> bool:
 
 def get_extensions():
     debug = _flag("DEBUG")
-    cuda_ok = torch.version.cuda is not None and CUDA_HOME is not None
-    use_cuda = not _flag("FORCE_ONLY_CPU") and (_flag("FORCE_CUDA") or cuda_ok)
-
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_ok = torch.version.cuda is not None and CUDA_HOME is not None
+    # Only a CUDAExtension when there are CUDA kernels to compile (csrc/cuda/*.cu).
+    use_cuda = bool(cuda_sources) and not _flag("FORCE_ONLY_CPU") and (_flag("FORCE_CUDA") or cuda_ok)
     if use_cuda:
         sources += cuda_sources
 
