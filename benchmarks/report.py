@@ -9,7 +9,7 @@ import platform
 import re
 from collections import defaultdict
 
-PEERS = ["eager", "reference", "compile(reference)", "pml"]
+PEERS = ["eager", "compile(eager)", "reference", "compile(reference)", "pml"]
 
 
 def fmt_ms(seconds: float) -> str:
@@ -32,17 +32,17 @@ def build_table(run: dict) -> str:
         f"{run['benchmarks'][0]['extra_info'].get('threads', '?')} threads, torch "
         f"{run['benchmarks'][0]['extra_info'].get('torch', '?')}; forward + backward, median of each run.",
         "",
-        "| B, D | tripletops | eager (cdist+masks) | reference | torch.compile(reference) | PML | one x·xᵀ GEMM "
-        "| vs eager | vs compile | vs PML | tripletops / GEMM |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| B, D | tripletops | eager (cdist+masks) | torch.compile(eager) | reference | torch.compile(reference) "
+        "| PML | one x·xᵀ GEMM | vs eager | vs compile(eager) | vs compile(reference) | vs PML | tripletops / GEMM |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (b, d), m in sorted(med.items()):
         t = m.get("tripletops")
         cells = [fmt_ms(m[k]) if k in m else "—" for k in ["tripletops"] + PEERS + ["gemm"]]
         ratio = lambda k: f"{m[k] / t:.1f}×" if t and k in m else "—"
         floor = f"{t / m['gemm']:.2f}" if t and "gemm" in m else "—"
-        lines.append(f"| {b}, {d} | " + " | ".join(cells) + f" | {ratio('eager')} | {ratio('compile(reference)')} "
-                     f"| {ratio('pml')} | {floor} |")
+        lines.append(f"| {b}, {d} | " + " | ".join(cells) + f" | {ratio('eager')} | {ratio('compile(eager)')} "
+                     f"| {ratio('compile(reference)')} | {ratio('pml')} | {floor} |")
     if bank is not None:
         lines += ["", f"Memory bank, B = 1024 against M = 2²⁰ × 64 (fp32): {fmt_ms(bank)} forward + backward; "
                       "peak memory growth is checked by `tests/test_memory.py` (a B×M float matrix alone is 4 GiB)."]

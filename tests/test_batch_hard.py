@@ -29,22 +29,23 @@ def mined_like_reference(m, ref, dist64):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("b,d,c", SHAPES)
-def test_mine_matches_reference(device, metric, b, d, c, poisoned):
-    x, y = make_batch(b, d, c, device=device)
+def test_mine_matches_reference(device, dtype, metric, b, d, c, poisoned):
+    x, y = make_batch(b, d, c, device=device, dtype=dtype)
     m = tripletops.batch_hard_mine(x, y, metric=metric)
     r = reference.batch_hard_mine(x.double(), y, metric=metric)
     dist64 = reference.pairwise_distance(x.double(), metric=metric).cpu()
     mined_like_reference(m, r, dist64)
     assert torch.equal(m.valid.cpu(), r.valid.cpu())
     assert m.pos_dist.dtype == x.dtype and m.pos_idx.dtype == torch.int64
-    # Distances of the pairs actually chosen, exact.
+    # Distances of the pairs actually chosen, exact up to the output dtype's rounding.
     rows = torch.arange(b)
     exp_pos = torch.where(m.pos_idx.cpu() >= 0, dist64[rows, m.pos_idx.cpu().clamp(min=0)], 0.0)
     exp_neg = torch.where(m.neg_idx.cpu() >= 0, dist64[rows, m.neg_idx.cpu().clamp(min=0)], 0.0)
-    assert_close_rel(m.pos_dist, exp_pos, 1e-5, "pos_dist")
-    assert_close_rel(m.neg_dist, exp_neg, 1e-5, "neg_dist")
+    assert_close_rel(m.pos_dist, exp_pos, LOSS_RTOL[dtype], "pos_dist")
+    assert_close_rel(m.neg_dist, exp_neg, LOSS_RTOL[dtype], "neg_dist")
 
 
 @pytest.mark.parametrize("device", DEVICES)
