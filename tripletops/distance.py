@@ -20,7 +20,9 @@ def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, metr
 
     Returns:
         ``(N, M)`` tensor in x's dtype, differentiable in x and y. The euclidean
-        gradient at zero distance is 0 (``torch.cdist``'s GEMM path gives NaN there).
+        gradient at zero distance is 0 (the naive ``sqrt(|x|² + |y|² − 2x·y)`` gives NaN
+        there). Entries where that GEMM form would cancel badly (d² small against the
+        norms, e.g. the diagonal) are recomputed from the difference, so they are exact.
 
     Example::
 

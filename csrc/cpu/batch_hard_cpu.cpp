@@ -82,13 +82,8 @@ template <>
 struct Lanes<float> {
   typedef float V __attribute__((vector_size(64)));
   typedef int32_t I __attribute__((vector_size(64)));
-  typedef int32_t L __attribute__((vector_size(64)));  // labels, as loaded
   static constexpr int N = 16;
-  static I labels(const int32_t* p) {
-    L l;
-    std::memcpy(&l, p, sizeof(l));
-    return l;
-  }
+  static TRIPLETOPS_INLINE void labels(const int32_t* p, I& out) { std::memcpy(&out, p, sizeof(out)); }
 };
 template <>
 struct Lanes<double> {
@@ -96,10 +91,10 @@ struct Lanes<double> {
   typedef int64_t I __attribute__((vector_size(64)));
   typedef int32_t L __attribute__((vector_size(32)));
   static constexpr int N = 8;
-  static I labels(const int32_t* p) {
+  static TRIPLETOPS_INLINE void labels(const int32_t* p, I& out) {
     L l;
     std::memcpy(&l, p, sizeof(l));
-    return __builtin_convertvector(l, I);
+    out = __builtin_convertvector(l, I);
   }
 };
 
@@ -122,7 +117,9 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
     std::memcpy(&sv, sr + j, sizeof(V));
     V k = cosine ? (T(1) - gv) : (sa + sv - T(2) * gv);
     k = k < zero ? zero : k;
-    const I same = LT::labels(lab + j) == li;
+    I lv;
+    LT::labels(lab + j, lv);
+    const I same = lv == li;
     const V kp = same ? k : ninf;
     const V kn = same ? pinf : k;
     const I bp = kp > pv, bn = kn < nv;
