@@ -189,12 +189,21 @@ def test_no_valid_anchor_gives_exact_zero(reduction, case):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_mean_nonzero_with_all_zero_losses(metric):
-    x = torch.randn(10, 3, requires_grad=True)
+    """Two tight, well separated clusters: every anchor is valid but satisfied (loss 0), so
+    "mean_nonzero" has an empty denominator: exactly 0 with zero gradients, while "mean"
+    is a plain 0 over valid anchors."""
+    g = torch.Generator().manual_seed(2)
+    centers = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     y = torch.arange(10) % 2
-    loss = tripletops.batch_hard_loss(x * 0 + torch.arange(10.0)[:, None] * 0.0 + x, y, margin=0.0,
-                                      metric=metric, reduction="mean_nonzero")
-    ref = reference.batch_hard_loss(x.detach().double(), y, margin=0.0, metric=metric, reduction="mean_nonzero")
-    assert_close_rel(loss, ref, 1e-5)
+    x = (centers[y] * 10 + 0.01 * torch.randn(10, 3, generator=g)).requires_grad_(True)
+    for reduction in ("mean_nonzero", "mean"):
+        loss = tripletops.batch_hard_loss(x, y, margin=0.1, metric=metric, reduction=reduction)
+        assert loss.item() == 0.0
+        assert tripletops.batch_hard_mine(x, y, metric=metric).valid.all()
+        (grad,) = torch.autograd.grad(loss, x)
+        assert torch.equal(grad, torch.zeros_like(x))
+        assert reference.batch_hard_loss(x.detach().double(), y, margin=0.1, metric=metric,
+                                         reduction=reduction).item() == 0.0
 
 
 @pytest.mark.parametrize("metric", METRICS)
