@@ -361,3 +361,24 @@ def test_autocast_runs_and_is_finite():
         loss = tripletops.batch_hard_loss(emb, y)
     loss.float().backward()
     assert torch.isfinite(loss) and torch.isfinite(lin.weight.grad).all()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("bank", [False, True])
+def test_far_from_origin_fp32_gradients(metric, bank):
+    """Gradients of (a - p) / d must come from the difference a - p: forming a/d - p/d
+    cancels catastrophically when |a| >> |a - p| (rows near 300, spread 0.01)."""
+    x, y = make_batch(64, 8, 8, dtype=torch.float64)
+    x = (x * 0.01 + 300.0).float().double()
+    bank_x = x.flip(0).contiguous()
+    x32 = x.float().requires_grad_(True)
+    b32 = bank_x.float().requires_grad_(True)
+    x64 = x.clone().requires_grad_(True)
+    b64 = bank_x.clone().requires_grad_(True)
+    kw32 = dict(ref_embeddings=b32, ref_labels=y.flip(0)) if bank else {}
+    kw64 = dict(ref_embeddings=b64, ref_labels=y.flip(0)) if bank else {}
+    tripletops.batch_hard_loss(x32, y, metric=metric, margin=0.01, **kw32).backward()
+    reference.batch_hard_loss(x64, y, metric=metric, margin=0.01, **kw64).backward()
+    assert_grad_close(x32.grad, x64.grad, 1e-4, "grad embeddings")
+    if bank:
+        assert_grad_close(b32.grad, b64.grad, 1e-4, "grad ref_embeddings")

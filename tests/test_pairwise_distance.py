@@ -79,3 +79,22 @@ def test_gradcheck(metric):
     assert torch.autograd.gradcheck(lambda a, b: tripletops.pairwise_distance(a, b, metric=metric), (x, y))
     assert torch.autograd.gradcheck(lambda a: tripletops.pairwise_distance(a, metric=metric) * (1 - torch.eye(5,
                                     dtype=torch.float64)), (x,))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("with_y", [True, False])
+def test_far_from_origin_fp32_gradients(metric, with_y):
+    """sum_j w_ij (x_i - y_j) must not be formed as rowsum(w) x_i - w y when |x| >> |x - y|."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(20, 6, dtype=torch.float64, generator=g) * 0.01 + 300).float().double()
+    y = (torch.randn(15, 6, dtype=torch.float64, generator=g) * 0.01 + 300).float().double() if with_y else None
+    x32 = x.float().requires_grad_(True)
+    y32 = y.float().requires_grad_(True) if with_y else None
+    x64 = x.clone().requires_grad_(True)
+    y64 = y.clone().requires_grad_(True) if with_y else None
+    w = torch.randn(20, 15 if with_y else 20, dtype=torch.float64, generator=g)
+    (tripletops.pairwise_distance(x32, y32, metric=metric) * w.float()).sum().backward()
+    (reference.pairwise_distance(x64, y64, metric=metric) * w).sum().backward()
+    assert_grad_close(x32.grad, x64.grad, 1e-4, "grad x")
+    if with_y:
+        assert_grad_close(y32.grad, y64.grad, 1e-4, "grad y")

@@ -112,3 +112,16 @@ def test_deterministic():
     l2 = tripletops.triplet_margin_loss(a, p, n)
     g2 = torch.autograd.grad(l2, (a, p, n))
     assert torch.equal(l1, l2) and all(torch.equal(x, y) for x, y in zip(g1, g2))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("swap", [False, True])
+def test_far_from_origin_fp32_gradients(metric, swap):
+    g = torch.Generator().manual_seed(8)
+    rows = [(torch.randn(30, 8, dtype=torch.float64, generator=g) * 0.01 + 300).float().double() for _ in range(3)]
+    t32 = [r.float().requires_grad_(True) for r in rows]
+    t64 = [r.clone().requires_grad_(True) for r in rows]
+    tripletops.triplet_margin_loss(*t32, margin=0.02, metric=metric, swap=swap).backward()
+    reference.triplet_margin_loss(*t64, margin=0.02, metric=metric, swap=swap).backward()
+    for a, b, name in zip(t32, t64, ("anchor", "positive", "negative")):
+        assert_grad_close(a.grad, b.grad, 1e-4, name)

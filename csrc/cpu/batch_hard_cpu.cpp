@@ -495,26 +495,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
           m.neg_dist};
 }
 
-// d dist(a, b) / da = alpha_a * a + beta * b and d dist(a, b) / db = alpha_b * b + beta * a,
-// for raw rows a, b (cosine goes through F.normalize's Jacobian). With these per-pair
-// scalars the backward is a few scaled row additions: no gathered copies, no buffers.
-struct PairGrad {
-  double alpha_a, alpha_b, beta;
-};
-
-inline PairGrad pair_grad(Metric metric, double dist, double dot, double a_sq, double b_sq) {
-  if (metric == Metric::SqEuclidean) return {2.0, 2.0, -2.0};
-  if (metric == Metric::Euclidean) {
-    if (!(dist > 0)) return {dist == 0 ? 0.0 : dist, dist == 0 ? 0.0 : dist, dist == 0 ? 0.0 : dist};  // 0 at d = 0; NaN stays
-    return {1.0 / dist, 1.0 / dist, -1.0 / dist};
-  }
-  // dist = 1 - <a/na, b/nb>, na = max(|a|, eps): d/da = -(b_hat - a_hat c) / na when |a| > eps, else -b_hat / eps.
-  const double eps = kNormEps, ra = std::sqrt(a_sq), rb = std::sqrt(b_sq);
-  const double na = std::max(ra, eps), nb = std::max(rb, eps);
-  const double c = dot / (na * nb);
-  return {ra > eps ? c / (na * na) : 0.0, rb > eps ? c / (nb * nb) : 0.0, -1.0 / (na * nb)};
-}
-
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& grad, const at::Tensor& emb,
                                                             const at::Tensor& refs, bool self, bool want_ref,
@@ -529,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
   const int64_t *pi = pos.data_ptr<int64_t>(), *ni = neg.data_ptr<int64_t>();
   // The forward's losses were formed in the compute dtype: redo them in it, so hinge and
   // mean_nonzero decisions match the forward's bit for bit.
-  using comp_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using comp_t = compute_t<scalar_t>;
   const auto comp_dtype = c10::CppTypeToScalarType<comp_t>::value;
   const at::Tensor pdt = pos_dist.to(comp_dtype).contiguous(), ndt = neg_dist.to(comp_dtype).contiguous();
   const comp_t *pd = pdt.data_ptr<comp_t>(), *nd = ndt.data_ptr<comp_t>();
@@ -562,18 +542,18 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
   const at::Tensor valid_t = at::from_blob(valid.data(), {B}, at::TensorOptions().dtype(at::kByte));
   const std::vector<double> scale = reduction_scale(grad, loss_t, valid_t, reduction);
 
-  // Per anchor: g_a = ca*a + cp*p + cn*n;  g_p += pp*p + pa*a;  g_n += nn*n + na*a.
-  struct Coef { acc_t ca, cp, cn, pp, pa, nn, na; };
+  // Per anchor, the (a, p) pair with weight +s and the (a, n) pair with weight -s.
+  struct Coef { acc_t pda, pea, pdb, peb, nda, nea, ndb, neb; };
   std::vector<Coef> cf(B);
   std::vector<uint8_t> active(B);
   for (int64_t i = 0; i < B; ++i) {
     const double s = valid[i] ? scale[i] * double(triplet_term_grad(pd[i] - nd[i], comp_t(margin), soft_margin)) : 0.0;
     active[i] = s != 0;
     if (!active[i]) continue;
-    const PairGrad gp = pair_grad(metric, pd[i], st[i].ap, st[i].a_sq, st[i].p_sq);
-    const PairGrad gn = pair_grad(metric, nd[i], st[i].an, st[i].a_sq, st[i].n_sq);
-    cf[i] = {acc_t(s * gp.alpha_a - s * gn.alpha_a), acc_t(s * gp.beta), acc_t(-s * gn.beta),
-             acc_t(s * gp.alpha_b), acc_t(s * gp.beta), acc_t(-s * gn.alpha_b), acc_t(-s * gn.beta)};
+    const PairGrad gp = pair_grad(metric, pd[i], st[i].ap, st[i].a_sq, st[i].p_sq).scaled(s);
+    const PairGrad gn = pair_grad(metric, nd[i], st[i].an, st[i].a_sq, st[i].n_sq).scaled(-s);
+    cf[i] = {acc_t(gp.da), acc_t(gp.ea), acc_t(gp.db), acc_t(gp.eb),
+             acc_t(gn.da), acc_t(gn.ea), acc_t(gn.db), acc_t(gn.eb)};
   }
 
   // Pass 2, parallel over feature slices, anchors in ascending order: each element
@@ -588,12 +568,21 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
       const Coef c = cf[i];
       const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
       acc_t* gai = ga + i * D;
-      for (int64_t k = k0; k < k1; ++k) gai[k] += c.ca * acc_t(ar[k]) + c.cp * acc_t(pr[k]) + c.cn * acc_t(nr[k]);
+      for (int64_t k = k0; k < k1; ++k) {
+        const acc_t av = ar[k], pv = pr[k], nv = nr[k];
+        gai[k] += c.pda * (av - pv) + c.pea * pv + c.nda * (av - nv) + c.nea * nv;
+      }
       if (!gr) continue;
       acc_t* gp = gr + pi[i] * D;
-      for (int64_t k = k0; k < k1; ++k) gp[k] += c.pp * acc_t(pr[k]) + c.pa * acc_t(ar[k]);
+      for (int64_t k = k0; k < k1; ++k) {
+        const acc_t av = ar[k], pv = pr[k];
+        gp[k] += c.pdb * (av - pv) + c.peb * av;
+      }
       acc_t* gn = gr + ni[i] * D;
-      for (int64_t k = k0; k < k1; ++k) gn[k] += c.nn * acc_t(nr[k]) + c.na * acc_t(ar[k]);
+      for (int64_t k = k0; k < k1; ++k) {
+        const acc_t av = ar[k], nv = nr[k];
+        gn[k] += c.ndb * (av - nv) + c.neb * av;
+      }
     }
   });
   return {grad_a.to(emb.scalar_type()),

@@ -64,7 +64,9 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Te
 }
 
 // Backward of rows -> distances. With W the per-entry weight of (x_i - y_j):
-//   grad_x = rowsum(W) * x - W y,   grad_y = colsum(W) * y - W^T x   (two GEMMs).
+//   grad_x = rowsum(W) * x - W y,   grad_y = colsum(W) * y - W^T x   (two GEMMs),
+// on rows shifted by their common mean: the sum is translation invariant, and far
+// from the origin the unshifted form would cancel catastrophically.
 // Cosine goes through the unit rows and then F.normalize's Jacobian.
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                   const c10::optional<at::Tensor>& y,
@@ -94,8 +96,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
         }
       });
     });
-    gx = X.rows.mul(W.sum(1, true)).sub_(W.mm(Y.rows));
-    gy = Y.rows.mul(W.sum(0).unsqueeze(1)).sub_(W.t().mm(X.rows));
+    const at::Tensor mu = X.rows.mean(0);
+    const at::Tensor Xc = X.rows.sub(mu), Yc = y.has_value() ? Y.rows.sub(mu) : Xc;
+    gx = Xc.mul(W.sum(1, true)).sub_(W.mm(Yc));
+    gy = Yc.mul(W.sum(0).unsqueeze(1)).sub_(W.t().mm(Xc));
   }
   if (metric == Metric::Cosine) {
     auto through_normalize = [](at::Tensor& g, const PreparedRows& R) {

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace tripletops {
@@ -29,6 +30,8 @@ namespace cpu {
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 struct PreparedRows {
   at::Tensor rows;     // (N, D) contiguous, compute dtype; unit rows x / max(|x|, eps) for cosine
@@ -137,33 +140,29 @@ inline T row_distance(const T* a, const T* b, int64_t D, Metric metric) {
   return metric == Metric::Euclidean ? std::sqrt(total) : total;
 }
 
-// Adds s * d dist(a, b) / da to ga and s * d dist(a, b) / db to gb (either may be
-// null). a, b are prepared rows (unit rows for cosine); a_sq, b_sq the input rows'
-// squared norms. The euclidean gradient at zero distance is 0, never NaN.
-template <typename T>
-inline void add_distance_grad(T s, const T* a, const T* b, T dist, T a_sq, T b_sq, int64_t D,
-                              Metric metric, T* ga, T* gb) {
-  if (metric == Metric::Cosine) {
-    // dist = 1 - <a_hat, b_hat>, a_hat = a / max(|a|, eps) (F.normalize). Through the
-    // normalization: d a_hat / da = (I - a_hat a_hat^T) / |a| when |a| > eps, else I / eps.
-    T c = 0;
-    for (int64_t k = 0; k < D; ++k) c += a[k] * b[k];
-    const T na = std::sqrt(a_sq), nb = std::sqrt(b_sq), eps = T(kNormEps);
-    const bool a_proj = na > eps, b_proj = nb > eps;
-    const T sa = -s / (a_proj ? na : eps), sb = -s / (b_proj ? nb : eps);
-    for (int64_t k = 0; k < D; ++k) {
-      if (ga) ga[k] += sa * (b[k] - (a_proj ? a[k] * c : T(0)));
-      if (gb) gb[k] += sb * (a[k] - (b_proj ? b[k] * c : T(0)));
-    }
-    return;
+// A pair's gradient in difference form, for raw rows a, b:
+//   d dist / da = da * (a - b) + ea * b,   d dist / db = db * (a - b) + eb * a.
+// For (sq)euclidean ea = eb = 0 exactly, so only a - b is ever formed (a/d - b/d would
+// cancel catastrophically when |a| >> |a - b|). Cosine goes through F.normalize's
+// Jacobian: d/da = -(b_hat - a_hat c) / na when |a| > eps, else -b_hat / eps.
+struct PairGrad {
+  double da, ea, db, eb;
+  PairGrad scaled(double s) const { return {s * da, s * ea, s * db, s * eb}; }
+};
+
+inline PairGrad pair_grad(Metric metric, double dist, double dot, double a_sq, double b_sq) {
+  if (metric == Metric::SqEuclidean) return {2.0, 0.0, -2.0, 0.0};
+  if (metric == Metric::Euclidean) {
+    const double w = dist > 0 ? 1.0 / dist : (dist == 0 ? 0.0 : dist);  // 0 at d = 0; NaN stays NaN
+    return {w, 0.0, -w, 0.0};
   }
-  T w = T(2) * s;
-  if (metric == Metric::Euclidean) w = dist > T(0) ? s / dist : (dist == T(0) ? T(0) : dist);
-  for (int64_t k = 0; k < D; ++k) {
-    const T g = w * (a[k] - b[k]);
-    if (ga) ga[k] += g;
-    if (gb) gb[k] -= g;
-  }
+  // As alpha_a * a + beta * b and alpha_b * b + beta * a, then rewritten around a - b.
+  const double eps = kNormEps, ra = std::sqrt(a_sq), rb = std::sqrt(b_sq);
+  const double na = std::max(ra, eps), nb = std::max(rb, eps);
+  const double c = dot / (na * nb);
+  const double alpha_a = ra > eps ? c / (na * na) : 0.0, alpha_b = rb > eps ? c / (nb * nb) : 0.0;
+  const double beta = -1.0 / (na * nb);
+  return {alpha_a, alpha_a + beta, -alpha_b, alpha_b + beta};
 }
 
 // Reduces per-item losses (compute dtype) into the op's loss. `valid` (uint8,
