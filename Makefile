@@ -1,4 +1,5 @@
-# tripletops — the two commands a newcomer needs: `make test` and `make bench`.
+# tripletops — the commands a newcomer needs: `make demo` (the main job: train twice, show
+# the speedup), `make test` (what CI runs) and `make bench` (the benchmark report).
 # Each installs what it needs into the current Python (PYTHON=... to pick another).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast demo bench clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -22,12 +23,23 @@ test: install
 test-fast: install
 	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest tests -m "not slow"
 
-# CPU benchmarks (pytest-benchmark) -> benchmarks/results/cpu.json, then the markdown
-# table in benchmarks/results/cpu.md and in README.md's performance section.
+# The reference training script, twice: digits with tripletops and with the eager
+# reference in lockstep (identical trajectories, retrieval, speedup), then the
+# cross-batch-memory mode where the loss dominates the step.
+demo: install
+	$(PYTHON) benchmarks/train_reference.py --out benchmarks/results/train_digits
+	$(PYTHON) benchmarks/train_reference.py --bank-size 262144 --steps 30 --dtype float32 \
+		--out benchmarks/results/train_digits_bank
+
+# The benchmark suite (pytest-benchmark; CPU, and CUDA when present) -> results/<device>.json,
+# then compare.py -> the markdown report, the PNG plot and README.md's performance section.
+BENCH_NAME ?= $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 bench: install
-	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest benchmarks/bench_batch_hard.py --benchmark-only \
-		--benchmark-json=benchmarks/results/cpu.json --benchmark-columns=median,iqr,rounds -q
-	$(PYTHON) benchmarks/report.py benchmarks/results/cpu.json --markdown benchmarks/results/cpu.md --readme README.md
+	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest benchmarks/bench_batch_hard.py benchmarks/bench_pairwise_distance.py \
+		benchmarks/bench_triplet_margin.py --benchmark-only \
+		--benchmark-json=benchmarks/results/$(BENCH_NAME).json --benchmark-columns=median,iqr,rounds -q
+	$(PYTHON) benchmarks/compare.py benchmarks/results/$(BENCH_NAME).json --markdown benchmarks/results/$(BENCH_NAME).md \
+		--plot benchmarks/results/$(BENCH_NAME).png --readme README.md
 
 clean:
-	rm -rf build *.egg-info tripletops/*.so .pytest_cache .benchmarks
+	rm -rf build *.egg-info tripletops/*.so .pytest_cache .benchmarks runs

@@ -1,12 +1,13 @@
-"""Batch-hard triplet loss, forward + backward, on CPU: tripletops against the eager
-recipe (cdist + masks + max/min), torch.compile of that recipe, tripletops.reference
-(exact but slow: difference-form cdist), torch.compile(reference) and
-pytorch-metric-learning, with one x @ x.T GEMM as the floor.
+"""Batch-hard triplet loss: tripletops against the eager recipe users write (cdist +
+masks + max/min), torch.compile of that recipe, tripletops.reference (exact but slow:
+difference-form cdist), torch.compile(reference) and pytorch-metric-learning, with one
+x @ x.T GEMM as the floor. Forward and forward + backward, B from 32 up, D = 128, plus
+the target sizes and a 2^20-row memory bank.
 
     make bench        # or: pytest benchmarks/bench_batch_hard.py --benchmark-only
 
-Not part of the test suite (pytest's testpaths is tests/). Medians are what counts;
-every peer runs in the same process, on the same inputs, one after the other.
+Not part of the test suite (pytest's testpaths is tests/). Every peer runs in the same
+process, on the same inputs, one after the other; medians are what counts.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import torch
 import tripletops
 from tripletops import reference
 
-SIZES = [(256, 128), (1024, 256), (4096, 512)]
+import harness
+
 MARGIN = 0.2
+D_SWEEP = 128
+TARGET_SIZES = [(1024, 256), (4096, 512)]  # (256, 128) is in the sweep
 
 
 def eager_batch_hard(x: torch.Tensor, y: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:
@@ -36,9 +40,10 @@ _compiled_eager = torch.compile(eager_batch_hard)
 
 
 def _pml():
-    pml = pytest.importorskip("pytorch_metric_learning")
-    from pytorch_metric_learning import distances, losses, miners, reducers
-
+    pml = harness.pml_or_none()
+    if pml is None:
+        pytest.skip("pytorch-metric-learning is not installed")
+    distances, losses, miners, reducers = pml
     dist = distances.LpDistance(normalize_embeddings=False)
     miner = miners.BatchHardMiner(distance=dist)
     loss = losses.TripletMarginLoss(margin=MARGIN, distance=dist, reducer=reducers.MeanReducer())
@@ -54,46 +59,39 @@ IMPLS = {
     "pml": _pml,
 }
 
-
-def _rounds(b):
-    return {256: 200, 1024: 30, 4096: 3}.get(b, 5)
-
-
-@pytest.mark.parametrize("b,d", SIZES, ids=[f"B{b}-D{d}" for b, d in SIZES])
-@pytest.mark.parametrize("impl", list(IMPLS) + ["gemm"])
-def test_batch_hard_fwd_bwd(benchmark, impl, b, d):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, d, generator=g).requires_grad_(True)
-    y = torch.randint(0, b // 4, (b,), generator=g)  # ~4 samples per class, as in P x K batches
-    benchmark.group = f"B={b} D={d}"
-    benchmark.extra_info.update(impl=impl, B=b, D=d, device="cpu", threads=torch.get_num_threads(),
-                                torch=torch.__version__)
-    if impl == "gemm":
-        xd = x.detach()
-        fn = lambda: xd @ xd.T  # the floor: one x x^T in the same precision
-    else:
-        loss_fn = IMPLS[impl]()
-
-        def fn():
-            x.grad = None
-            loss_fn(x, y).backward()
-
-    warmup = 3 if impl.startswith("compile") else 1
-    benchmark.pedantic(fn, rounds=_rounds(b), warmup_rounds=warmup, iterations=1)
+CASES = [(dev, b, D_SWEEP) for dev in harness.DEVICES for b in harness.SWEEP[dev]]
+CASES += [(dev, b, d) for dev in harness.DEVICES for b, d in TARGET_SIZES]
 
 
-def test_memory_bank_2pow20(benchmark):
+@pytest.mark.parametrize("device,b,d", CASES, ids=[f"{dev}-B{b}-D{d}" for dev, b, d in CASES])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_batch_hard(benchmark, impl, mode, device, b, d):
+    x, y = harness.inputs(b, d, device)
+    benchmark.group = f"batch_hard {device} {mode} B={b} D={d}"
+    fn = harness.fwd_bwd(IMPLS[impl](), x, y, mode=mode)
+    harness.run(benchmark, fn, device=device, warmup=3 if impl.startswith("compile") else 1,
+                family="batch_hard", impl=impl, mode=mode, B=b, D=d)
+
+
+@pytest.mark.parametrize("device,b,d", CASES, ids=[f"{dev}-B{b}-D{d}" for dev, b, d in CASES])
+def test_gemm_floor(benchmark, device, b, d):
+    """One x @ x.T in the same precision: the floor any B x B method pays."""
+    x, _ = harness.inputs(b, d, device)
+    x = x.detach()
+    benchmark.group = f"batch_hard {device} gemm B={b} D={d}"
+    harness.run(benchmark, lambda: x @ x.T, device=device, family="batch_hard", impl="gemm", mode="gemm", B=b, D=d)
+
+
+@pytest.mark.parametrize("device", harness.DEVICES)
+def test_memory_bank_2pow20(benchmark, device):
     """B = 1024 against a bank of 2^20 x 64 (a B x M float matrix would be 4 GiB)."""
+    b, m, d = 1024, 1 << 20, 64
     g = torch.Generator().manual_seed(0)
-    bank = torch.randn(1 << 20, 64, generator=g)
-    bank_y = torch.randint(0, 1000, (1 << 20,), generator=g)
-    x = torch.randn(1024, 64, generator=g).requires_grad_(True)
-    y = torch.randint(0, 1000, (1024,), generator=g)
-    benchmark.group = "bank B=1024 M=2^20 D=64"
-    benchmark.extra_info.update(impl="tripletops", B=1024, M=1 << 20, D=64, device="cpu")
-
-    def fn():
-        x.grad = None
-        tripletops.batch_hard_loss(x, y, ref_embeddings=bank, ref_labels=bank_y).backward()
-
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
+    bank = torch.randn(m, d, generator=g).to(device)
+    bank_y = torch.randint(0, 1000, (m,), generator=g).to(device)
+    x, y = harness.inputs(b, d, device, seed=1, classes=1000)
+    benchmark.group = f"bank {device} B={b} M=2^20 D={d}"
+    fn = harness.fwd_bwd(lambda x, y: tripletops.batch_hard_loss(x, y, ref_embeddings=bank, ref_labels=bank_y),
+                         x, y, mode="fwd+bwd")
+    harness.run(benchmark, fn, device=device, family="bank", impl="tripletops", mode="fwd+bwd", B=b, M=m, D=d)

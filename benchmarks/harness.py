@@ -1,0 +1,128 @@
+"""Shared pieces of the benchmark suite and the training script: devices and batch-size
+sweeps, peak-memory measurement, and one `run` that times a callable with
+pytest-benchmark and records what the comparison report needs.
+
+Peak memory is the peak of tensor memory allocated during one call, above what was
+allocated before it: `torch.cuda.max_memory_allocated` on CUDA, and on CPU the running
+total of the c10 CPU allocator's allocation events recorded by `torch.profiler`
+(`profile_memory=True`). The CPU figure covers every tensor (ATen, inductor, our
+kernels' workspaces); it misses memory that a library mallocs for itself (MKL's
+internal buffers, for one).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# From 32 up to the largest size that fits the time budget of `make bench`: on a 2-core
+# CPU the O(B^2 D) peers take seconds per call past 4096; a GPU takes the sweep further.
+SWEEP = {"cpu": [32, 64, 128, 256, 512, 1024, 2048, 4096],
+         "cuda": [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]}
+
+TIME_BUDGET_S = 0.6   # per benchmark, rounds are chosen to roughly fill it
+MIN_ROUNDS, MAX_ROUNDS = 3, 200
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak extra tensor memory of one call of `fn` (see the module docstring)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - base)
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            sizes.append((node.start_time_ns, node.extra_fields.alloc_size))  # < 0 for a free
+        stack.extend(node.children)
+    current = peak = 0
+    for _, size in sorted(sizes, key=lambda s: s[0]):
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    import platform
+
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run(benchmark, fn: Callable[[], object], *, device: str, warmup: int = 1, **info) -> None:
+    """Warm `fn` up, measure its peak memory once, then time it with pytest-benchmark.
+
+    `info` (family, impl, mode, B, D, ...) goes into the JSON's extra_info, where
+    compare.py finds it.
+    """
+    def call():
+        fn()
+        synchronize(device)
+
+    for _ in range(warmup):
+        call()
+    start = time.perf_counter()
+    call()
+    once = time.perf_counter() - start
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(once, 1e-6))))
+    benchmark.extra_info.update(info, device=device, device_name=describe_device(device),
+                                torch=torch.__version__, threads=torch.get_num_threads(),
+                                peak_bytes=peak_memory_bytes(call, device))
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)
+
+
+def pml_or_none():
+    """pytorch_metric_learning when installed (it is pure Python), else None."""
+    try:
+        import pytorch_metric_learning  # noqa: F401
+    except ImportError:
+        return None
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    return distances, losses, miners, reducers
+
+
+def fwd_bwd(loss_fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, mode: str) -> Callable[[], object]:
+    """The timed callable: forward on detached inputs ("fwd"), or forward + backward
+    into fresh gradients ("fwd+bwd")."""
+    if mode == "fwd":
+        detached = [t.detach() if t.is_floating_point() else t for t in inputs]
+        return lambda: loss_fn(*detached)
+    leaves = [t for t in inputs if t.requires_grad]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = loss_fn(*inputs)
+        out.backward(torch.ones_like(out) if out.dim() else None)
+
+    return step
+
+
+def inputs(b: int, d: int, device: str, *, seed: int = 0, classes: Optional[int] = None,
+           dtype: torch.dtype = torch.float32):
+    """Random (B, D) embeddings that require grad and labels with ~4 samples per class,
+    as in P x K batches."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    y = torch.randint(0, classes or max(1, b // 4), (b,), generator=g).to(device)
+    return x, y

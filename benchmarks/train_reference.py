@@ -1,0 +1,481 @@
+"""Reference training script: the same metric-learning run twice from one seed, once with
+`tripletops.batch_hard_loss` and once with the eager reference
+(`tripletops.reference.batch_hard_loss`), in lockstep, to show that the trajectories are
+identical and how much time (and, against a memory bank, memory) the fused loss saves.
+
+    python benchmarks/train_reference.py                      # digits, CPU or CUDA, defaults
+    python benchmarks/train_reference.py --bank-size 65536    # cross-batch memory mode
+    python benchmarks/train_reference.py --data photos/       # one subfolder per class
+    python benchmarks/train_reference.py --data data.npz      # arrays "images" and "labels"
+
+Data: by default scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes,
+shipped inside the package, so it runs offline). The first `--train-classes` fraction of
+the classes trains; retrieval (Recall@1, mAP@R) is evaluated on the held-out rest before
+and after training.
+
+Each step draws a P×K batch (P classes × K images, with a random ±1 pixel shift), embeds
+it with a small CNN (L2-normalized output), and takes an Adam step on the batch-hard
+loss. Both runs start from the same weights and draw the same batches. Every step checks
+that they mined the same triplets (same positive and negative index for every anchor)
+and that their losses agree within --rtol; the first step where either fails is
+reported.
+
+Timing: the loss's forward + backward is timed on the embeddings detached from the
+network (its gradient is then pushed through the network), and the whole step (data,
+forward, loss, backward, optimizer) around it. The two runs alternate step by step, so
+machine noise hits both alike.
+
+With --bank-size M the reference set is a FIFO cross-batch memory of M past embeddings
+(XBM, Wang et al. 2020): filled before the first step by embedding randomly drawn,
+shifted training images, and refreshed with each step's batch after its update. The
+eager loss builds a B×M distance matrix; the fused one never does. Peak memory of the
+loss (forward + backward) is measured once for each.
+
+Outputs under --out: results.json (configuration, per-step losses and times, the
+speedup table, retrieval metrics, memory) and curves.png (both runs' loss curves and
+step times).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import tripletops  # noqa: E402
+from tripletops import reference  # noqa: E402
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data(source: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(N, C, H, W) float images in [0, 1], (N,) int64 labels, class names."""
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+        return images, torch.tensor(d.target, dtype=torch.int64), [str(c) for c in range(10)]
+    if source.endswith(".npz"):
+        with np.load(source) as z:
+            images, labels = np.asarray(z["images"], dtype=np.float32), np.asarray(z["labels"])
+        if images.ndim == 3:
+            images = images[:, None]
+        elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = images.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        if images.ndim != 4:
+            raise ValueError(f"{source}: 'images' must be (N, H, W), (N, C, H, W) or (N, H, W, C), got {images.shape}")
+        if images.max() > 1.0:
+            images = images / 255.0
+        names, inverse = np.unique(labels, return_inverse=True)
+        return torch.from_numpy(images), torch.from_numpy(inverse.astype(np.int64)), [str(n) for n in names]
+    if os.path.isdir(source):
+        from PIL import Image
+
+        names = sorted(e for e in os.listdir(source) if os.path.isdir(os.path.join(source, e)))
+        images, labels = [], []
+        for c, name in enumerate(names):
+            folder = os.path.join(source, name)
+            for f in sorted(os.listdir(folder)):
+                try:
+                    with Image.open(os.path.join(folder, f)) as im:
+                        im = im.convert("L").resize((image_size, image_size), Image.BILINEAR)
+                except OSError:
+                    continue  # not an image
+                images.append(np.asarray(im, dtype=np.float32) / 255.0)
+                labels.append(c)
+        if len(set(labels)) < 4:
+            raise ValueError(f"{source}: need at least 4 class subfolders with images, found {len(set(labels))}")
+        return torch.from_numpy(np.stack(images))[:, None], torch.tensor(labels), names
+    raise ValueError(f"--data: expected 'digits', a .npz file or a folder of class subfolders, got {source!r}")
+
+
+def split_classes(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of the training rows (first `fraction` of the classes) and held-out rows."""
+    classes = torch.unique(labels)
+    n_train = min(len(classes) - 2, max(2, round(fraction * len(classes))))
+    train = torch.isin(labels, classes[:n_train])
+    return train, ~train
+
+
+class PKSampler:
+    """P classes × K distinct images per batch (with replacement only inside a class smaller than K),
+    plus a random ±1 pixel shift, all drawn from its own seeded generator."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, k: int, seed: int):
+        self.images, self.labels = images, labels
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
+        self.p = max(2, min(len(self.by_class), batch_size // k))
+        self.k = max(2, batch_size // self.p)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def _k_of(self, members: torch.Tensor) -> torch.Tensor:
+        """K distinct members of a class (with replacement only when it has fewer than K)."""
+        if len(members) >= self.k:
+            return members[torch.randperm(len(members), generator=self.g)[: self.k]]
+        return members[torch.randint(len(members), (self.k,), generator=self.g)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.p * self.k
+
+    def draw(self, n_batch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if n_batch is None:
+            classes = torch.randperm(len(self.by_class), generator=self.g)[: self.p]
+            rows = [self._k_of(self.by_class[c]) for c in classes]
+            idx = torch.cat(rows)
+        else:
+            idx = torch.randint(len(self.labels), (n_batch,), generator=self.g)
+        return shift(self.images[idx], self.g), self.labels[idx]
+
+
+def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Shift every image by a random (dy, dx) in {-1, 0, 1}², zero-filled."""
+    n, c, h, w = x.shape
+    dy, dx = torch.randint(0, 3, (2, n), generator=g)
+    padded = F.pad(x, (1, 1, 1, 1))
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class EmbeddingNet(nn.Module):
+    """A small CNN: two conv blocks, global average pooling, a linear head, L2-normalized."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(64, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.features(x)), dim=1)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+@torch.no_grad()
+def retrieval_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+    """Recall@1 and mAP@R (Musgrave et al. 2020) over the held-out rows, each row a query
+    against all the others."""
+    model.eval()
+    emb = torch.cat([model(images[i:i + 1024].to(device)) for i in range(0, len(images), 1024)]).double()
+    model.train()
+    labels = labels.to(device)
+    d = tripletops.reference.pairwise_distance(emb, emb)
+    d.fill_diagonal_(float("inf"))
+    order = d.argsort(dim=1)
+    same = labels[order] == labels[:, None]          # neighbours ranked, self last
+    r = (labels[:, None] == labels[None, :]).sum(1) - 1  # positives per query
+    recall1 = same[:, 0].double().mean().item()
+    ranks = torch.arange(1, len(labels) + 1, device=device)
+    within_r = ranks[None, :] <= r[:, None]
+    hits = (same & within_r).double()
+    precision_at_i = hits.cumsum(1) / ranks[None, :]
+    ap_r = (precision_at_i * hits).sum(1) / r.clamp(min=1)
+    return {"recall@1": recall1, "map@r": ap_r[r > 0].mean().item()}
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "tripletops": tripletops.batch_hard_loss,
+    "eager reference": reference.batch_hard_loss,
+}
+MINERS = {"tripletops": tripletops.batch_hard_mine, "eager reference": reference.batch_hard_mine}
+
+
+@dataclass
+class Run:
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sampler: PKSampler
+    bank: Optional[torch.Tensor] = None
+    bank_labels: Optional[torch.Tensor] = None
+    bank_ptr: int = 0
+    losses: list = field(default_factory=list)
+    loss_times: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)
+    last_batch: Optional[tuple] = None
+
+    def loss_kwargs(self, margin: float) -> dict:
+        kw = {"margin": margin}
+        if self.bank is not None:
+            kw.update(ref_embeddings=self.bank, ref_labels=self.bank_labels)
+        return kw
+
+    def step(self, device: str, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One timed training step; returns the loss's (embeddings, labels), detached.
+        With a bank, the caller enqueues them afterwards (`enqueue`, a B-row copy)."""
+        start = time.perf_counter()
+        x, y = self.sampler.draw()
+        x, y = x.to(device), y.to(device)
+        emb = self.model(x)
+        leaf = emb.detach().requires_grad_(True)
+        harness.synchronize(device)
+        t0 = time.perf_counter()
+        loss = LOSSES[self.name](leaf, y, **self.loss_kwargs(margin))
+        loss.backward()
+        harness.synchronize(device)
+        t1 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        emb.backward(leaf.grad)
+        self.opt.step()
+        harness.synchronize(device)
+        end = time.perf_counter()
+        self.losses.append(loss.item())
+        self.loss_times.append(t1 - t0)
+        self.step_times.append(end - start)
+        self.last_batch = (leaf.detach(), y)
+        return leaf.detach(), y
+
+    def enqueue(self, emb: torch.Tensor, y: torch.Tensor) -> None:
+        m, b = len(self.bank), len(emb)
+        idx = (self.bank_ptr + torch.arange(b, device=emb.device)) % m
+        self.bank[idx] = emb
+        self.bank_labels[idx] = y
+        self.bank_ptr = (self.bank_ptr + b) % m
+
+
+@torch.no_grad()
+def fill_bank(run: Run, size: int, device: str, dim: int) -> None:
+    run.bank = torch.empty(size, dim, device=device, dtype=next(run.model.parameters()).dtype)
+    run.bank_labels = torch.empty(size, dtype=torch.int64, device=device)
+    for start in range(0, size, 4096):
+        n = min(4096, size - start)
+        x, y = run.sampler.draw(n_batch=n)
+        run.bank[start:start + n] = run.model(x.to(device))
+        run.bank_labels[start:start + n] = y.to(device)
+
+
+def loss_peak_memory(run: Run, device: str, margin: float) -> int:
+    leaf, y = run.last_batch
+    leaf = leaf.clone().requires_grad_(True)
+    kw = run.loss_kwargs(margin)
+
+    def fn():
+        leaf.grad = None
+        LOSSES[run.name](leaf, y, **kw).backward()
+
+    return harness.peak_memory_bytes(fn, device)
+
+
+def compare_triplets(mined: list, batch: tuple, bank: Optional[torch.Tensor], rtol: float = 1e-4) -> tuple[bool, int]:
+    """Whether both runs mined the same triplets, up to SPEC's near-tie rule: where an
+    anchor's indices differ, the two picks must be at the same distance (within `rtol`
+    relative, computed in float64 from the first run's rows), as with two copies of one
+    image. Returns (same, number of anchors decided by such a tie)."""
+    (pa, na), (pb, nb) = mined
+    emb = batch[0].double()
+    ref = emb if bank is None else bank.double()
+    ties = 0
+    for a_idx, b_idx in ((pa, pb), (na, nb)):
+        differ = torch.nonzero(a_idx != b_idx).flatten()
+        if len(differ) == 0:
+            continue
+        if bool(((a_idx[differ] < 0) | (b_idx[differ] < 0)).any()):
+            return False, ties
+        da = (emb[differ] - ref[a_idx[differ]]).norm(dim=1)
+        db = (emb[differ] - ref[b_idx[differ]]).norm(dim=1)
+        if not bool(((da - db).abs() <= rtol * torch.maximum(da, db)).all()):
+            return False, ties
+        ties += len(differ)
+    return True, ties
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="digits", help="'digits' (default), a .npz with images/labels, or a folder")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=64, help="P×K batch size (P classes × K images)")
+    ap.add_argument("--k", type=int, default=8, help="images per class in a batch (K)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--margin", type=float, default=0.2)
+    ap.add_argument("--dim", type=int, default=32, help="embedding dimension")
+    ap.add_argument("--bank-size", type=int, default=0, help="cross-batch memory of M past embeddings (0: off)")
+    ap.add_argument("--train-classes", type=float, default=0.7, help="fraction of the classes used for training")
+    ap.add_argument("--image-size", type=int, default=32, help="side length images from a folder are resized to")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                    help="model, data and loss precision (see the module docstring for why float64 is the default)")
+    ap.add_argument("--rtol", type=float, default=1e-5, help="relative loss agreement required at every step")
+    ap.add_argument("--out", default="runs/train_reference")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 4 or args.k < 2 or args.bank_size < 0:
+        ap.error("need --steps >= 1, --batch-size >= 4, --k >= 2, --bank-size >= 0")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def make_run(name: str, args, images, labels, in_channels: int) -> Run:
+    torch.manual_seed(args.seed)  # identical initial weights for both runs
+    model = EmbeddingNet(in_channels, args.dim).to(args.device, getattr(torch, args.dtype))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    return Run(name, model, opt, PKSampler(images, labels, args.batch_size, args.k, args.seed))
+
+
+def median(xs):
+    return float(np.median(xs)) if xs else float("nan")
+
+
+def speedup_table(runs: list[Run], skip: int) -> tuple[list[dict], str]:
+    a, b = runs
+    rows = []
+    for what, attr in (("loss forward + backward", "loss_times"), ("whole training step", "step_times")):
+        ta, tb = median(getattr(a, attr)[skip:]), median(getattr(b, attr)[skip:])
+        rows.append({"what": what, a.name: ta, b.name: tb, "speedup": tb / ta})
+    lines = [f"| median per step (steps after the first {skip}) | {a.name} | {b.name} | speedup |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['what']} | {r[a.name] * 1e3:.3f} ms | {r[b.name] * 1e3:.3f} ms | {r['speedup']:.2f}× |" for r in rows]
+    return rows, "\n".join(lines)
+
+
+def plot_curves(runs: list[Run], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run, style in zip(runs, ("-", "--")):
+        ax0.plot(run.losses, style, label=run.name)
+        ax1.plot(np.array(run.step_times) * 1e3, style, lw=0.8, label=f"{run.name}: whole step")
+        ax1.plot(np.array(run.loss_times) * 1e3, style, lw=0.8, label=f"{run.name}: loss fwd+bwd")
+    ax0.set(xlabel="step", ylabel="batch-hard loss", title="loss (the two curves should coincide)")
+    ax1.set(xlabel="step", ylabel="ms", yscale="log", title="time per step")
+    for ax in (ax0, ax1):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    images, labels, names = load_data(args.data, args.image_size)
+    images = images.to(getattr(torch, args.dtype))
+    train_mask, test_mask = split_classes(labels, args.train_classes)
+    tr_x, tr_y, te_x, te_y = images[train_mask], labels[train_mask], images[test_mask], labels[test_mask]
+    runs = [make_run(name, args, tr_x, tr_y, images.shape[1]) for name in LOSSES]
+    batch = runs[0].sampler.batch_size
+    print(f"data: {args.data} — {len(images)} images {tuple(images.shape[1:])}, {len(names)} classes; "
+          f"training on {len(torch.unique(tr_y))} classes ({len(tr_y)} images), held out {len(torch.unique(te_y))} "
+          f"({len(te_y)} images)")
+    print(f"device: {harness.describe_device(device)}; torch {torch.__version__}; "
+          f"kernels: {tripletops.extension_available()}")
+    print(f"batch: P={runs[0].sampler.p} classes × K={runs[0].sampler.k} = {batch}; steps {args.steps}; "
+          f"bank {args.bank_size or 'off'}; seed {args.seed}; {args.dtype}")
+
+    before = retrieval_metrics(runs[0].model, te_x, te_y, device)
+    if args.bank_size:
+        for run in runs:
+            fill_bank(run, args.bank_size, device, args.dim)
+
+    first_divergence, tie_steps = None, 0
+    try:
+        from tqdm import tqdm
+
+        steps = tqdm(range(args.steps), desc="training (both runs in lockstep)", disable=args.no_progress)
+    except ImportError:
+        steps = range(args.steps)
+    for step in steps:
+        mined = []
+        for run in runs:
+            leaf, y = run.step(device, args.margin)
+            # The triplets this step's loss used (mining is deterministic; not timed),
+            # against the bank as it was before this step's embeddings join it.
+            kw = {"ref_embeddings": run.bank, "ref_labels": run.bank_labels} if run.bank is not None else {}
+            m = MINERS[run.name](leaf, y, **kw)
+            mined.append((m.pos_idx, m.neg_idx))
+            if run.bank is not None:
+                run.enqueue(leaf, y)
+        la, lb = runs[0].losses[-1], runs[1].losses[-1]
+        same_triplets, ties = compare_triplets(mined, runs[0].last_batch, runs[0].bank)
+        tie_steps += ties > 0
+        close = abs(la - lb) <= args.rtol * max(abs(la), abs(lb), 1e-30)
+        if first_divergence is None and not (same_triplets and close):
+            first_divergence = {"step": step, "same_triplets": same_triplets, "losses": [la, lb],
+                                "rel_diff": abs(la - lb) / max(abs(la), abs(lb), 1e-30)}
+        if hasattr(steps, "set_postfix"):
+            steps.set_postfix(loss=f"{la:.4f}", identical="yes" if first_divergence is None else "no")
+
+    after = {run.name: retrieval_metrics(run.model, te_x, te_y, device) for run in runs}
+    skip = min(5, args.steps - 1)
+    rows, table = speedup_table(runs, skip)
+    memory = {run.name: loss_peak_memory(run, device, args.margin) for run in runs}
+    max_rel = max(abs(a - b) / max(abs(a), abs(b), 1e-30) for a, b in zip(runs[0].losses, runs[1].losses))
+
+    print()
+    if first_divergence is None:
+        print(f"IDENTICAL TRAJECTORIES: all {args.steps} steps mined the same triplets and the losses agree within "
+              f"{args.rtol:g} relative (largest difference {max_rel:.2e}).")
+        if tie_steps:
+            print(f"  ({tie_steps} steps had an anchor whose two runs picked different rows at the same distance, "
+                  f"within 1e-4 relative: a tie, which SPEC.md lets go either way.)")
+    else:
+        d = first_divergence
+        print(f"TRAJECTORIES DIVERGED at step {d['step']}: same triplets: {d['same_triplets']}, losses "
+              f"{d['losses'][0]:.8g} vs {d['losses'][1]:.8g} (relative difference {d['rel_diff']:.2e}).")
+    print(f"\nRetrieval on the {len(torch.unique(te_y))} held-out classes ({len(te_y)} images):")
+    print("| model | Recall@1 | mAP@R |\n| --- | --- | --- |")
+    print(f"| before training | {before['recall@1']:.4f} | {before['map@r']:.4f} |")
+    for name, m in after.items():
+        print(f"| after, {name} | {m['recall@1']:.4f} | {m['map@r']:.4f} |")
+    print(f"\nTime ({harness.describe_device(device)}, batch {batch}"
+          f"{f', bank {args.bank_size}' if args.bank_size else ''}):")
+    print(table)
+    bxm = f" (B×M float matrix alone: {batch * args.bank_size * 4 / 2**20:.1f} MiB)" if args.bank_size else ""
+    print(f"\nPeak extra memory of the loss, forward + backward{bxm}: " +
+          ", ".join(f"{n} {v / 2**20:.2f} MiB" for n, v in memory.items()))
+
+    os.makedirs(args.out, exist_ok=True)
+    result = {
+        "config": {k: v for k, v in vars(args).items()},
+        "device": harness.describe_device(device), "torch": torch.__version__, "batch": batch,
+        "identical": first_divergence is None, "first_divergence": first_divergence, "max_rel_loss_diff": max_rel,
+        "steps_with_ties": tie_steps,
+        "retrieval": {"before": before, "after": after},
+        "speedup": rows, "loss_peak_bytes": memory,
+        "runs": {r.name: {"loss": r.losses, "loss_time_s": r.loss_times, "step_time_s": r.step_times} for r in runs},
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_curves(runs, os.path.join(args.out, "curves.png"),
+                f"{args.data}, batch {batch}{f', bank {args.bank_size}' if args.bank_size else ''}, "
+                f"{harness.describe_device(device)}")
+    print(f"\nwrote {os.path.join(args.out, 'results.json')} and {os.path.join(args.out, 'curves.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
