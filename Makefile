@@ -27,9 +27,9 @@ test-fast: install
 # reference in lockstep (identical trajectories, retrieval, speedup), then the
 # cross-batch-memory mode where the loss dominates the step.
 demo: install
-	$(PYTHON) benchmarks/train_reference.py --out benchmarks/results/train_digits
+	$(PYTHON) benchmarks/train_reference.py --out benchmarks/results/train_digits --readme README.md
 	$(PYTHON) benchmarks/train_reference.py --bank-size 262144 --steps 30 --dtype float32 \
-		--out benchmarks/results/train_digits_bank
+		--out benchmarks/results/train_digits_bank --readme README.md
 
 # The benchmark suite (pytest-benchmark; CPU, and CUDA when present) -> results/<device>.json,
 # then compare.py -> the markdown report, the PNG plot and README.md's performance section.

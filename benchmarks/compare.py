@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import sys
 from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 FAMILIES = {
     "batch_hard": ("Batch-hard triplet loss", ["eager", "compile(eager)", "reference", "compile(reference)", "pml"]),
@@ -179,6 +182,7 @@ def plot(run: dict, device: str, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = load(run)
     fams = [f for f in FAMILIES if any(k[0] == f and k[1] == device for k in rows)]
@@ -207,7 +211,7 @@ def plot(run: dict, device: str, path: str) -> None:
                 ax.legend(fontsize=7)
             if bs:
                 ax.set_xticks(bs, [str(b) for b in bs], fontsize=7)
-                ax.minorticks_off()
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     fig.suptitle(machine_line(run, device).split(";")[0].replace("**", ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -242,14 +246,7 @@ def main() -> None:
         if args.markdown:
             summary += f"\nEvery family and mode, forward alone included: [{os.path.relpath(args.markdown, os.path.dirname(os.path.abspath(args.readme)))}]" \
                        f"({os.path.relpath(args.markdown, os.path.dirname(os.path.abspath(args.readme)))}).\n"
-        with open(args.readme) as f:
-            text = f.read()
-        new, n = re.subn(r"(<!-- perf:begin -->\n).*?(<!-- perf:end -->)", lambda mm: mm.group(1) + summary + mm.group(2),
-                         text, flags=re.S)
-        if n != 1:
-            raise SystemExit(f"{args.readme}: no perf markers found")
-        with open(args.readme, "w") as f:
-            f.write(new)
+        harness.replace_section(args.readme, "perf", summary)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,21 @@ def run(benchmark, fn: Callable[[], object], *, device: str, warmup: int = 1, **
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)
 
 
+def replace_section(path: str, name: str, text: str) -> None:
+    """Replace what lies between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in a file."""
+    import re
+
+    with open(path) as f:
+        old = f.read()
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    new, n = re.subn(f"({re.escape(begin)}\n).*?({re.escape(end)})", lambda m: m.group(1) + text + m.group(2),
+                     old, flags=re.S)
+    if n != 1:
+        raise SystemExit(f"{path}: markers {begin} / {end} not found")
+    with open(path, "w") as f:
+        f.write(new)
+
+
 def pml_or_none():
     """pytorch_metric_learning when installed (it is pure Python), else None."""
     try:

@@ -32,8 +32,13 @@ eager loss builds a B×M distance matrix; the fused one never does. Peak memory 
 loss (forward + backward) is measured once for each.
 
 Outputs under --out: results.json (configuration, per-step losses and times, the
-speedup table, retrieval metrics, memory) and curves.png (both runs' loss curves and
-step times).
+speedup table, retrieval metrics, memory), summary.md (what is printed at the end) and
+curves.png (both runs' loss curves and step times).
+
+Why float64 by default: two float32 trainings whose losses differ only by rounding
+(~1e-7, different summation orders) drift apart as Adam, ReLU and max-pool kinks
+amplify it; on digits their losses separate past 1e-5 relative after 70-120 steps. In
+float64 rounding is 1e-16 and the runs stay identical. `--dtype float32` shows float32.
 """
 from __future__ import annotations
 
@@ -325,6 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rtol", type=float, default=1e-5, help="relative loss agreement required at every step")
     ap.add_argument("--out", default="runs/train_reference")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    ap.add_argument("--readme", help="also write the summary into this file, between "
+                                     "<!-- train:NAME:begin --> and <!-- train:NAME:end -->, NAME = --out's last part")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch_size < 4 or args.k < 2 or args.bank_size < 0:
         ap.error("need --steps >= 1, --batch-size >= 4, --k >= 2, --bank-size >= 0")
@@ -435,28 +442,30 @@ def main(argv=None) -> dict:
     memory = {run.name: loss_peak_memory(run, device, args.margin) for run in runs}
     max_rel = max(abs(a - b) / max(abs(a), abs(b), 1e-30) for a, b in zip(runs[0].losses, runs[1].losses))
 
-    print()
+    lines = [f"{args.data}, {args.steps} steps, batch {batch} (P={runs[0].sampler.p} × K={runs[0].sampler.k})"
+             f"{f', bank {args.bank_size}' if args.bank_size else ''}, {args.dtype}, seed {args.seed}; "
+             f"{harness.describe_device(device)}, torch {torch.__version__}.", ""]
     if first_divergence is None:
-        print(f"IDENTICAL TRAJECTORIES: all {args.steps} steps mined the same triplets and the losses agree within "
-              f"{args.rtol:g} relative (largest difference {max_rel:.2e}).")
+        lines.append(f"IDENTICAL TRAJECTORIES: all {args.steps} steps mined the same triplets and the losses agree "
+                     f"within {args.rtol:g} relative (largest difference {max_rel:.2e}).")
         if tie_steps:
-            print(f"  ({tie_steps} steps had an anchor whose two runs picked different rows at the same distance, "
-                  f"within 1e-4 relative: a tie, which SPEC.md lets go either way.)")
+            lines.append(f"({tie_steps} steps had an anchor whose two runs picked different rows at the same distance, "
+                         f"within 1e-4 relative: a tie, which SPEC.md lets go either way.)")
     else:
         d = first_divergence
-        print(f"TRAJECTORIES DIVERGED at step {d['step']}: same triplets: {d['same_triplets']}, losses "
-              f"{d['losses'][0]:.8g} vs {d['losses'][1]:.8g} (relative difference {d['rel_diff']:.2e}).")
-    print(f"\nRetrieval on the {len(torch.unique(te_y))} held-out classes ({len(te_y)} images):")
-    print("| model | Recall@1 | mAP@R |\n| --- | --- | --- |")
-    print(f"| before training | {before['recall@1']:.4f} | {before['map@r']:.4f} |")
-    for name, m in after.items():
-        print(f"| after, {name} | {m['recall@1']:.4f} | {m['map@r']:.4f} |")
-    print(f"\nTime ({harness.describe_device(device)}, batch {batch}"
-          f"{f', bank {args.bank_size}' if args.bank_size else ''}):")
-    print(table)
-    bxm = f" (B×M float matrix alone: {batch * args.bank_size * 4 / 2**20:.1f} MiB)" if args.bank_size else ""
-    print(f"\nPeak extra memory of the loss, forward + backward{bxm}: " +
-          ", ".join(f"{n} {v / 2**20:.2f} MiB" for n, v in memory.items()))
+        lines.append(f"TRAJECTORIES DIVERGED at step {d['step']}: same triplets: {d['same_triplets']}, losses "
+                     f"{d['losses'][0]:.8g} vs {d['losses'][1]:.8g} (relative difference {d['rel_diff']:.2e}).")
+    lines += ["", f"Retrieval on the {len(torch.unique(te_y))} held-out classes ({len(te_y)} images):", "",
+              "| model | Recall@1 | mAP@R |", "| --- | --- | --- |",
+              f"| before training | {before['recall@1']:.4f} | {before['map@r']:.4f} |"]
+    lines += [f"| after, {name} | {m['recall@1']:.4f} | {m['map@r']:.4f} |" for name, m in after.items()]
+    lines += ["", "Time per step:", "", table, ""]
+    elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    bxm = f" (a B×M {args.dtype} matrix alone: {batch * args.bank_size * elem / 2**20:.1f} MiB)" if args.bank_size else ""
+    lines.append(f"Peak extra memory of the loss, forward + backward{bxm}: " +
+                 ", ".join(f"{n} {v / 2**20:.2f} MiB" for n, v in memory.items()) + ".")
+    summary = "\n".join(lines) + "\n"
+    print("\n" + summary)
 
     os.makedirs(args.out, exist_ok=True)
     result = {
@@ -473,7 +482,13 @@ def main(argv=None) -> dict:
     plot_curves(runs, os.path.join(args.out, "curves.png"),
                 f"{args.data}, batch {batch}{f', bank {args.bank_size}' if args.bank_size else ''}, "
                 f"{harness.describe_device(device)}")
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and {os.path.join(args.out, 'curves.png')}")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary)
+    if args.readme:
+        section = os.path.basename(os.path.normpath(args.out))
+        png = os.path.relpath(os.path.join(args.out, "curves.png"), os.path.dirname(os.path.abspath(args.readme)))
+        harness.replace_section(args.readme, f"train:{section}", summary + f"\n![loss curves and step times]({png})\n")
+    print(f"wrote results.json, summary.md and curves.png to {args.out}")
     return result
 
 
