@@ -7,7 +7,7 @@ The compiled kernels live in ``tripletops._C`` (ops under ``torch.ops.tripletops
 (with a one-time ReferenceFallbackWarning; an error under TRIPLETOPS_STRICT=1).
 """
 from . import _ext, _ops  # noqa: F401  (load the library, then register fake kernels and autograd)
-from . import reference
+from . import distributed, reference
 from ._ext import ExtensionInfo, ReferenceFallbackWarning, extension_available
 from .batch_hard import batch_hard_loss, batch_hard_mine
 from .distance import pairwise_distance
@@ -25,6 +25,7 @@ __all__ = [
     "TripletMarginLoss",
     "batch_hard_loss",
     "batch_hard_mine",
+    "distributed",
     "extension_available",
     "pairwise_distance",
     "reference",

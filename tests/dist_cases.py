@@ -1,0 +1,58 @@
+"""The cases shared by test_distributed.py and the rank processes of dist_worker.py."""
+import torch
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+REDUCTIONS = ("none", "sum", "mean", "mean_nonzero")
+
+
+def _cases():
+    cases = {}
+    for metric in METRICS:
+        for reduction in REDUCTIONS:
+            for soft in (False, True):
+                cases[f"{metric}-{reduction}-{'soft' if soft else 'hinge'}"] = {
+                    "data": "random", "kwargs": {"metric": metric, "reduction": reduction, "soft_margin": soft}}
+    cases["normalize"] = {"data": "random", "kwargs": {"normalize": True, "margin": 0.5}}
+    cases["ties"] = {"data": "integer", "kwargs": {"margin": 1.0, "reduction": "sum"}}
+    cases["exact-ties"] = {"data": "integer-centered", "kwargs": {"margin": 1.0, "reduction": "sum"}}
+    cases["no-valid-anchor"] = {"data": "distinct", "kwargs": {"reduction": "mean"}}
+    cases["no-valid-anchor-nonzero"] = {"data": "distinct", "kwargs": {"reduction": "mean_nonzero"}}
+    cases["float32"] = {"data": "float32", "kwargs": {"margin": 0.3}}
+    cases["nan"] = {"data": "nan", "kwargs": {}}
+    return cases
+
+
+CASES = _cases()
+N = 23  # the global batch; the ranks get uneven slices of it
+
+
+def split(n: int, world: int):
+    """Uneven, non-empty slices: rank r gets about (r + 1) parts of n."""
+    weights = [r + 1 for r in range(world)]
+    bounds, acc = [0], 0
+    for w in weights:
+        acc += w
+        bounds.append(round(n * acc / sum(weights)))
+    return [(bounds[r], bounds[r + 1]) for r in range(world)]
+
+
+def batch(case):
+    """The global (embeddings, labels) of a case, the same in every process."""
+    g = torch.Generator().manual_seed(1234)
+    kind = case["data"]
+    y = torch.randint(0, 6, (N,), generator=g)
+    y[-1] = 99  # a class with a single member: an anchor without a positive
+    if kind == "integer":   # small integers: many exact distance ties (off-centre: mined on rounded keys)
+        x = torch.randint(-2, 3, (N, 4), generator=g).double()
+    elif kind == "integer-centered":  # mean exactly 0: no centering, Gram-form keys exact, ties exact
+        half = torch.randint(-2, 3, (N // 2, 4), generator=g).double()
+        x = torch.cat([half, -half, torch.zeros(N - 2 * (N // 2), 4, dtype=torch.float64)])
+    elif kind == "distinct":
+        x, y = torch.randn(N, 5, generator=g, dtype=torch.float64), torch.arange(N)
+    elif kind == "float32":
+        x = torch.randn(N, 7, generator=g)
+    else:
+        x = torch.randn(N, 7, generator=g, dtype=torch.float64)
+        if kind == "nan":
+            x[3, 2] = float("nan")
+    return x, y

@@ -1,0 +1,50 @@
+"""One rank of the multi-process tests in test_distributed.py (not collected by pytest).
+
+    python dist_worker.py RANK WORLD INIT_FILE OUT_DIR
+
+Builds the same global batches as the test (from fixed seeds), takes this rank's
+slice, runs tripletops.distributed on every case and saves losses, gradients and
+mined indices to OUT_DIR/rank<RANK>.pt.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_cases import CASES, batch, split  # noqa: E402
+
+import tripletops  # noqa: E402
+from tripletops import distributed as tdist  # noqa: E402
+
+
+def main() -> None:
+    rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for name, case in CASES.items():
+        x_all, y_all = batch(case)
+        lo, hi = split(len(x_all), world)[rank]
+        x = x_all[lo:hi].clone().requires_grad_(True)
+        y = y_all[lo:hi]
+        kw = dict(case["kwargs"])
+        loss = tdist.batch_hard_loss(x, y, **kw)
+        (loss.sum() if loss.dim() else loss).backward()
+        mined = tdist.batch_hard_mine(x.detach(), y, metric=kw.get("metric", "euclidean"),
+                                      normalize=kw.get("normalize", False))
+        results[name] = {"loss": loss.detach(), "grad": x.grad, "pos_idx": mined.pos_idx, "neg_idx": mined.neg_idx}
+    # The gathered batch, with gradients back to their owners: sum of every rank's rows.
+    x = torch.full((rank + 1, 3), float(rank), dtype=torch.float64, requires_grad=True)
+    g = tdist.all_gather(x)
+    (g * torch.arange(1, len(g) + 1, dtype=torch.float64)[:, None]).sum().backward()
+    results["all_gather"] = {"gathered": g.detach(), "grad": x.grad}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    print(f"rank {rank}: {len(results)} cases, extension {tripletops.extension_available().loaded}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""tripletops.distributed with 2 and 3 gloo processes on CPU, against one process on the
+concatenated batch: losses (mean over ranks), gradients (divided by world size) and
+mined indices, for every metric, reduction and soft margin, plus ties, empty
+denominators, float32 and NaN."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tripletops
+from dist_cases import CASES, batch, split
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def _run_ranks(world: int, tmp_path) -> list[dict]:
+    init = tmp_path / "init"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_worker.py"), str(r), str(world), str(init),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for r in range(world)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def ranks(request, tmp_path_factory):
+    world = request.param
+    return world, _run_ranks(world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+def _single_process(case):
+    x, y = batch(case)
+    x = x.clone().requires_grad_(True)
+    kw = case["kwargs"]
+    loss = tripletops.batch_hard_loss(x, y, **kw)
+    (loss.sum() if loss.dim() else loss).backward()
+    mined = tripletops.batch_hard_mine(x.detach(), y, metric=kw.get("metric", "euclidean"),
+                                       normalize=kw.get("normalize", False))
+    return loss.detach(), x.grad, mined
+
+
+def _assert_same_picks(case, got, want):
+    """Equal indices, except where both picks are at the same exact distance: a tie that
+    the Gram-form keys may break either way (README, "Mining"), as SPEC's accuracy rule allows."""
+    differ = torch.nonzero(got != want).flatten()
+    if len(differ) == 0:
+        return
+    assert case["data"] != "integer-centered", "exact keys: ties must go to the smallest global index"
+    x, _ = batch(case)
+    x = x.double()
+    if case["kwargs"].get("normalize"):
+        x = torch.nn.functional.normalize(x, dim=1)
+    assert bool((got[differ] >= 0).all() and (want[differ] >= 0).all()), (got, want)
+    metric = case["kwargs"].get("metric", "euclidean")
+    d = tripletops.reference.pairwise_distance(x, metric=metric)
+    d_got, d_want = d[differ, got[differ]], d[differ, want[differ]]
+    torch.testing.assert_close(d_got, d_want, rtol=1e-4, atol=1e-12)
+    assert case["data"] == "integer" or len(differ) <= 1, f"{len(differ)} near-ties on random data"
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "nan"])
+def test_matches_one_process_on_the_concatenated_batch(ranks, name):
+    world, results = ranks
+    case = CASES[name]
+    loss, grad, mined = _single_process(case)
+    tol = dict(rtol=1e-5, atol=1e-6) if case["data"] == "float32" else dict(rtol=1e-10, atol=1e-12)
+    per_rank = [r[name] for r in results]
+    got_pos = torch.cat([r["pos_idx"] for r in per_rank])
+    got_neg = torch.cat([r["neg_idx"] for r in per_rank])
+    _assert_same_picks(case, got_pos, mined.pos_idx)
+    _assert_same_picks(case, got_neg, mined.neg_idx)
+    if case["kwargs"].get("reduction") == "none":
+        # Unscaled per-anchor losses; backward of their sum gives the single-process gradient.
+        torch.testing.assert_close(torch.cat([r["loss"] for r in per_rank]), loss, **tol)
+        torch.testing.assert_close(torch.cat([r["grad"] for r in per_rank]), grad, **tol)
+    else:
+        torch.testing.assert_close(torch.stack([r["loss"] for r in per_rank]).mean(), loss, **tol)
+        if name != "ties":  # a tie picked differently sends the gradient to another (equidistant) row
+            torch.testing.assert_close(torch.cat([r["grad"] for r in per_rank]) / world, grad, **tol)
+    lo_hi = split(len(grad), world)
+    assert [len(r["grad"]) for r in per_rank] == [hi - lo for lo, hi in lo_hi]  # uneven batches
+
+
+def test_empty_denominator_gives_zero_and_zero_gradients(ranks):
+    _, results = ranks
+    for name in ("no-valid-anchor", "no-valid-anchor-nonzero"):
+        for r in results:
+            assert r[name]["loss"].item() == 0.0
+            assert torch.equal(r[name]["grad"], torch.zeros_like(r[name]["grad"]))
+
+
+def test_nan_anywhere_gives_nan_on_every_rank(ranks):
+    _, results = ranks
+    assert all(torch.isnan(r["nan"]["loss"]) for r in results)
+
+
+def test_all_gather_concatenates_in_rank_order_and_returns_gradients_to_owners(ranks):
+    world, results = ranks
+    counts = [r + 1 for r in range(world)]
+    expected = torch.cat([torch.full((c, 3), float(r), dtype=torch.float64) for r, c in enumerate(counts)])
+    weights = torch.arange(1, len(expected) + 1, dtype=torch.float64)[:, None].expand(-1, 3)
+    start = 0
+    for r, res in enumerate(results):
+        assert torch.equal(res["all_gather"]["gathered"], expected)
+        # Every rank's output used every row with the same weights: the owner gets world x them.
+        assert torch.equal(res["all_gather"]["grad"], world * weights[start:start + counts[r]])
+        start += counts[r]
+
+
+def test_needs_an_initialized_process_group():
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        tripletops.distributed.batch_hard_loss(x, y)
+    with pytest.raises(ValueError, match="reduction"):
+        tripletops.distributed.batch_hard_loss(x, y, reduction="avg")

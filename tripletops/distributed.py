@@ -1,0 +1,211 @@
+"""Batch-hard mining across the processes of a `torch.distributed` group.
+
+Under DDP each rank sees B / world_size embeddings, so mining within the local batch
+finds weaker positives and negatives. Here every rank all-gathers the embeddings and
+labels of the group (in rank order; batch sizes may differ), mines its *own* anchors
+against that global batch with the fused kernels, and returns a loss scaled for DDP:
+
+- the mean over ranks of the returned losses equals the single-process loss on the
+  concatenated batch;
+- each rank's embedding gradient, divided by the world size, equals the single-process
+  gradient of its rows, so after DDP averages the parameter gradients, training equals
+  single-process training on the concatenated batch. Do not multiply by world_size
+  yourself.
+
+Gradients for gathered rows flow back to the rank that owns them through an
+all-reduce in the backward, so every rank of the group must call backward. That is the
+normal case under DDP.
+
+    import torch.distributed as dist
+    from tripletops import distributed as tdist
+
+    dist.init_process_group("gloo")          # "nccl" for CUDA tensors
+    loss = tdist.batch_hard_loss(model(x), y, margin=0.2)
+    loss.backward()
+
+Mining is O(B_rank · N · D) per rank for a global batch of N. It runs as two fused
+calls, the local batch against itself (an anchor is not its own positive) and against
+the other ranks' rows, merged with the tie rule of SPEC.md (smallest global index). The
+loss of the B_rank selected pairs is then recomputed exactly from the rows, O(B·D).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _validate
+from .batch_hard import batch_hard_mine as _local_mine
+from .reference import Mined, _maybe_normalize, _pairwise_distance_rows, _triplet_term
+
+__all__ = ["all_gather", "batch_hard_mine", "batch_hard_loss"]
+
+
+def _group_info(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("tripletops.distributed: torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _row_counts(x: torch.Tensor, group, world: int) -> list[int]:
+    """Every rank's row count; also checks that all ranks agree on the row width."""
+    mine = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else 1], dtype=torch.int64, device=x.device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    widths = {int(t[1]) for t in every}
+    if len(widths) != 1:
+        raise ValueError(f"tripletops.distributed: every rank must have the same embedding dim, got {sorted(widths)}")
+    return [int(t[0]) for t in every]
+
+
+def _gather_padded(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+    """All ranks' `x` concatenated in rank order (rows padded to the largest for the collective)."""
+    most = max(counts)
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+
+class _AllGather(torch.autograd.Function):
+    """Forward: concatenate every rank's rows. Backward: sum the gradient of the whole
+    concatenation over ranks (all-reduce), and keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, counts, rank, group):
+        ctx.counts, ctx.rank, ctx.group = counts, rank, group
+        return _gather_padded(x, counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None, None, None
+
+
+def all_gather(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``x`` (rows may differ in number) concatenated in rank order.
+
+    Differentiable: the gradient of each row goes back to the rank that owns it,
+    summed over the ranks whose outputs used it. Every rank must call backward.
+    """
+    world, rank = _group_info(group)
+    counts = _row_counts(x, group, world)
+    if not x.requires_grad:
+        return _gather_padded(x, counts, group)
+    return _AllGather.apply(x, counts, rank, group)
+
+
+def _merge(idx_a, dist_a, idx_b, dist_b, farthest: bool):
+    """Per anchor, the better of two candidates (global indices, -1 for none): larger
+    (farthest) or smaller distance, ties to the smaller index; NaN wins."""
+    has_a, has_b = idx_a >= 0, idx_b >= 0
+    better = dist_b > dist_a if farthest else dist_b < dist_a
+    tie = (dist_b == dist_a) & (idx_b < idx_a)
+    nan_b = torch.isnan(dist_b) & ~torch.isnan(dist_a)
+    take_b = has_b & (~has_a | better | tie | nan_b)
+    return torch.where(take_b, idx_b, idx_a), torch.where(take_b, dist_b, dist_a)
+
+
+def _mine_global(emb, labels, all_emb, all_labels, offset: int, metric: str) -> Mined:
+    """Mine this rank's anchors (rows offset..offset+B of the global batch) against it."""
+    b = emb.shape[0]
+    own = _local_mine(emb, labels, metric=metric)
+    shift = lambda idx, by: torch.where(idx >= 0, idx + by, idx)
+    pos_idx, pos_dist = shift(own.pos_idx, offset), own.pos_dist
+    neg_idx, neg_dist = shift(own.neg_idx, offset), own.neg_dist
+    if all_emb.shape[0] > b:
+        others = torch.cat([all_emb[:offset], all_emb[offset + b:]])
+        others_labels = torch.cat([all_labels[:offset], all_labels[offset + b:]])
+        m = _local_mine(emb, labels, metric=metric, ref_embeddings=others, ref_labels=others_labels)
+        to_global = lambda idx: torch.where(idx >= offset, idx + b, idx)  # skip over this rank's rows (-1 stays)
+        pos_idx, pos_dist = _merge(pos_idx, pos_dist, to_global(m.pos_idx), m.pos_dist, farthest=True)
+        neg_idx, neg_dist = _merge(neg_idx, neg_dist, to_global(m.neg_idx), m.neg_dist, farthest=False)
+    return Mined(pos_idx, neg_idx, pos_dist, neg_dist, (pos_idx >= 0) & (neg_idx >= 0))
+
+
+def _setup(embeddings, labels, metric, normalize, group):
+    _validate.mining(embeddings, labels, metric, None, None)
+    world, rank = _group_info(group)
+    embeddings, _ = _maybe_normalize(normalize, embeddings, None)
+    counts = _row_counts(embeddings, group, world)
+    offset = sum(counts[:rank])
+    gathered = all_gather(embeddings, group)
+    with torch.no_grad():
+        all_labels = _gather_padded(labels, counts, group)
+        mined = _mine_global(embeddings.detach(), labels, gathered.detach(), all_labels, offset, metric)
+    return embeddings, gathered, mined, world
+
+
+def batch_hard_mine(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    group=None,
+    metric: str = "euclidean",
+    normalize: bool = False,
+) -> Mined:
+    """This rank's anchors mined against the whole group's batch.
+
+    Returns ``Mined`` like `tripletops.batch_hard_mine`, with ``pos_idx`` / ``neg_idx``
+    indexing the concatenation of every rank's batch in rank order (what
+    `all_gather` returns), so they equal single-process mining on that concatenation.
+    """
+    _, _, mined, _ = _setup(embeddings.detach(), labels, metric, normalize, group)
+    return mined
+
+
+def batch_hard_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    group=None,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    soft_margin: bool = False,
+    reduction: str = "mean",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Batch-hard triplet loss of this rank's anchors against the whole group's batch.
+
+    Arguments are those of `tripletops.batch_hard_loss` (no reference set: the group's
+    batch is the reference set), plus ``group`` (default: the world). Collective: every
+    rank of the group must call it, and later call backward.
+
+    Returns, with W the world size and N the group's batch:
+
+    - ``"mean"`` / ``"mean_nonzero"``: W × (sum of this rank's anchor losses) / (the
+      group's count of valid / nonzero anchors); 0 if that count is 0;
+    - ``"sum"``: W × (sum of this rank's anchor losses);
+    - ``"none"``: this rank's ``(B,)`` per-anchor losses, *unscaled*: equal to those
+      anchors' entries of the single-process ``"none"`` result; scale them yourself.
+
+    So the mean over ranks of the scalar losses equals the single-process loss, and
+    DDP's gradient averaging reproduces single-process training.
+    """
+    _validate.margin(margin)
+    _validate.reduction(reduction)
+    embeddings, gathered, mined, world = _setup(embeddings, labels, metric, normalize, group)
+    dtype = embeddings.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32  # halves accumulate in fp32
+    anchor = embeddings.to(compute)
+    pos = gathered[mined.pos_idx.clamp(min=0)].to(compute)
+    neg = gathered[mined.neg_idx.clamp(min=0)].to(compute)
+    loss = _triplet_term(_pairwise_distance_rows(anchor, pos, metric) - _pairwise_distance_rows(anchor, neg, metric),
+                         margin, soft_margin)
+    finite = torch.isfinite(anchor).all(1) & torch.isfinite(pos).all(1) & torch.isfinite(neg).all(1)
+    loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+    loss = torch.where(mined.valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.to(dtype)
+    total = loss.sum() * world
+    if reduction == "sum":
+        return total.to(dtype)
+    with torch.no_grad():
+        count = (mined.valid if reduction == "mean" else loss > 0).sum().to(torch.int64)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return (total / count.clamp(min=1).to(compute)).to(dtype)
