@@ -7,6 +7,7 @@ identical and how much time (and, against a memory bank, memory) the fused loss 
     python benchmarks/train_reference.py --bank-size 65536    # cross-batch memory mode
     python benchmarks/train_reference.py --data photos/       # one subfolder per class
     python benchmarks/train_reference.py --data data.npz      # arrays "images" and "labels"
+    torchrun --nproc_per_node=2 benchmarks/train_reference.py  # split across processes (DDP)
 
 Data: by default scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes,
 shipped inside the package, so it runs offline). The first `--train-classes` fraction of
@@ -31,13 +32,20 @@ shifted training images, and refreshed with each step's batch after its update. 
 eager loss builds a B×M distance matrix; the fused one never does. Peak memory of the
 loss (forward + backward) is measured once for each.
 
+Under torchrun (WORLD_SIZE > 1; gloo on CPU, NCCL on CUDA) the first run is
+`tripletops.distributed.batch_hard_loss` under DistributedDataParallel: every process
+embeds its slice of the same P×K batch and mines it against the whole batch gathered
+from all processes. The second run is the eager reference, trained by process 0 alone
+on the whole batch. Identical trajectories then show that the split training equals
+one-process training on the concatenated batch.
+
 Outputs under --out: results.json (configuration, per-step losses and times, the
 speedup table, retrieval metrics, memory), summary.md (what is printed at the end) and
 curves.png (both runs' loss curves and step times).
 
 Why float64 by default: two float32 trainings whose losses differ only by rounding
 (~1e-7, different summation orders) drift apart as Adam, ReLU and max-pool kinks
-amplify it; on digits their losses separate past 1e-5 relative after 70-120 steps. In
+amplify it; on digits their losses separate past 1e-5 relative after 66-132 steps. In
 float64 rounding is 1e-16 and the runs stay identical. `--dtype float32` shows float32.
 """
 from __future__ import annotations
@@ -52,6 +60,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -59,7 +68,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import tripletops  # noqa: E402
+from tripletops import distributed as tdist  # noqa: E402
 from tripletops import reference  # noqa: E402
+from tripletops.reference import Mined  # noqa: E402
 
 # ----------------------------------------------------------------------------- data
 
@@ -159,13 +170,15 @@ def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 class EmbeddingNet(nn.Module):
-    """A small CNN: two conv blocks, global average pooling, a linear head, L2-normalized."""
+    """A small CNN: three conv layers (GroupNorm, ReLU, one max-pool), global average
+    pooling, a linear head, L2-normalized. GroupNorm rather than BatchNorm: it does not
+    depend on the batch, so training split across processes equals one process."""
 
     def __init__(self, in_channels: int, dim: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.GroupNorm(8, 32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(64, dim)
@@ -202,11 +215,19 @@ def retrieval_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 # ----------------------------------------------------------------------------- one run
 
 
+DISTRIBUTED = "tripletops.distributed"
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "tripletops": tripletops.batch_hard_loss,
+    DISTRIBUTED: tdist.batch_hard_loss,
     "eager reference": reference.batch_hard_loss,
 }
-MINERS = {"tripletops": tripletops.batch_hard_mine, "eager reference": reference.batch_hard_mine}
+MINERS = {"tripletops": tripletops.batch_hard_mine, DISTRIBUTED: tdist.batch_hard_mine,
+          "eager reference": reference.batch_hard_mine}
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank `rank`'s rows of a batch of n: contiguous, sizes differ by at most one."""
+    return rank * n // world, (rank + 1) * n // world
 
 
 @dataclass
@@ -222,6 +243,7 @@ class Run:
     loss_times: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
     last_batch: Optional[tuple] = None
+    shard: Optional[tuple[int, int]] = None  # (rank, world): this process trains on its slice of each batch
 
     def loss_kwargs(self, margin: float) -> dict:
         kw = {"margin": margin}
@@ -234,6 +256,9 @@ class Run:
         With a bank, the caller enqueues them afterwards (`enqueue`, a B-row copy)."""
         start = time.perf_counter()
         x, y = self.sampler.draw()
+        if self.shard is not None:
+            lo, hi = shard_bounds(len(y), *self.shard)
+            x, y = x[lo:hi], y[lo:hi]
         x, y = x.to(device), y.to(device)
         emb = self.model(x)
         leaf = emb.detach().requires_grad_(True)
@@ -248,7 +273,11 @@ class Run:
         self.opt.step()
         harness.synchronize(device)
         end = time.perf_counter()
-        self.losses.append(loss.item())
+        value = loss.detach().clone()
+        if self.shard is not None:  # the mean over ranks is the single-process loss
+            dist.all_reduce(value)
+            value /= self.shard[1]
+        self.losses.append(value.item())
         self.loss_times.append(t1 - t0)
         self.step_times.append(end - start)
         self.last_batch = (leaf.detach(), y)
@@ -386,24 +415,60 @@ def plot_curves(runs: list[Run], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def init_distributed(args) -> Optional[tuple[int, int]]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if args.bank_size:
+        raise SystemExit("--bank-size is not supported with torchrun (yet): run it in one process")
+    if args.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_mined(m: Mined) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (pos_idx, neg_idx), concatenated in rank order (collective)."""
+    both = tdist.all_gather(torch.stack([m.pos_idx, m.neg_idx], dim=1))
+    return both[:, 0], both[:, 1]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    shard = init_distributed(args)
+    rank = shard[0] if shard else 0
+    lead = rank == 0  # prints, runs the one-process reference, writes the results
+    log = print if lead else (lambda *a, **k: None)
     device = args.device
     images, labels, names = load_data(args.data, args.image_size)
     images = images.to(getattr(torch, args.dtype))
     train_mask, test_mask = split_classes(labels, args.train_classes)
     tr_x, tr_y, te_x, te_y = images[train_mask], labels[train_mask], images[test_mask], labels[test_mask]
-    runs = [make_run(name, args, tr_x, tr_y, images.shape[1]) for name in LOSSES]
+    if shard is None:
+        runs = [make_run(name, args, tr_x, tr_y, images.shape[1]) for name in ("tripletops", "eager reference")]
+    else:
+        # tripletops.distributed under DDP in every process; the eager reference trains
+        # in process 0 alone on the whole batch: what the split training must reproduce.
+        ddp = make_run(DISTRIBUTED, args, tr_x, tr_y, images.shape[1])
+        ddp.model = nn.parallel.DistributedDataParallel(ddp.model)
+        ddp.shard = shard
+        runs = [ddp] + ([make_run("eager reference", args, tr_x, tr_y, images.shape[1])] if lead else [])
     batch = runs[0].sampler.batch_size
-    print(f"data: {args.data} — {len(images)} images {tuple(images.shape[1:])}, {len(names)} classes; "
-          f"training on {len(torch.unique(tr_y))} classes ({len(tr_y)} images), held out {len(torch.unique(te_y))} "
-          f"({len(te_y)} images)")
-    print(f"device: {harness.describe_device(device)}; torch {torch.__version__}; "
-          f"kernels: {tripletops.extension_available()}")
-    print(f"batch: P={runs[0].sampler.p} classes × K={runs[0].sampler.k} = {batch}; steps {args.steps}; "
-          f"bank {args.bank_size or 'off'}; seed {args.seed}; {args.dtype}")
+    log(f"data: {args.data} — {len(images)} images {tuple(images.shape[1:])}, {len(names)} classes; "
+        f"training on {len(torch.unique(tr_y))} classes ({len(tr_y)} images), held out {len(torch.unique(te_y))} "
+        f"({len(te_y)} images)")
+    log(f"device: {harness.describe_device(device)}; torch {torch.__version__}; "
+        f"kernels: {tripletops.extension_available()}")
+    log(f"batch: P={runs[0].sampler.p} classes × K={runs[0].sampler.k} = {batch}; steps {args.steps}; "
+        f"bank {args.bank_size or 'off'}; seed {args.seed}; {args.dtype}"
+        + (f"; {shard[1]} processes, {[b - a for a, b in (shard_bounds(batch, r, shard[1]) for r in range(shard[1]))]}"
+           " rows each" if shard else ""))
 
-    before = retrieval_metrics(runs[0].model, te_x, te_y, device)
+    net = lambda run: getattr(run.model, "module", run.model)  # unwrap DDP
+    before = retrieval_metrics(net(runs[0]), te_x, te_y, device)
     if args.bank_size:
         for run in runs:
             fill_bank(run, args.bank_size, device, args.dim)
@@ -412,7 +477,7 @@ def main(argv=None) -> dict:
     try:
         from tqdm import tqdm
 
-        steps = tqdm(range(args.steps), desc="training (both runs in lockstep)", disable=args.no_progress)
+        steps = tqdm(range(args.steps), desc="training (both runs in lockstep)", disable=args.no_progress or not lead)
     except ImportError:
         steps = range(args.steps)
     for step in steps:
@@ -423,11 +488,13 @@ def main(argv=None) -> dict:
             # against the bank as it was before this step's embeddings join it.
             kw = {"ref_embeddings": run.bank, "ref_labels": run.bank_labels} if run.bank is not None else {}
             m = MINERS[run.name](leaf, y, **kw)
-            mined.append((m.pos_idx, m.neg_idx))
+            mined.append(gather_mined(m) if run.shard else (m.pos_idx, m.neg_idx))
             if run.bank is not None:
                 run.enqueue(leaf, y)
+        if not lead:
+            continue
         la, lb = runs[0].losses[-1], runs[1].losses[-1]
-        same_triplets, ties = compare_triplets(mined, runs[0].last_batch, runs[0].bank)
+        same_triplets, ties = compare_triplets(mined, runs[-1].last_batch, runs[-1].bank)
         tie_steps += ties > 0
         close = abs(la - lb) <= args.rtol * max(abs(la), abs(lb), 1e-30)
         if first_divergence is None and not (same_triplets and close):
@@ -436,14 +503,18 @@ def main(argv=None) -> dict:
         if hasattr(steps, "set_postfix"):
             steps.set_postfix(loss=f"{la:.4f}", identical="yes" if first_divergence is None else "no")
 
-    after = {run.name: retrieval_metrics(run.model, te_x, te_y, device) for run in runs}
+    memory = {run.name: loss_peak_memory(run, device, args.margin) for run in runs}  # collective under torchrun
+    if not lead:
+        dist.destroy_process_group()
+        return {}
+    after = {run.name: retrieval_metrics(net(run), te_x, te_y, device) for run in runs}
     skip = min(5, args.steps - 1)
     rows, table = speedup_table(runs, skip)
-    memory = {run.name: loss_peak_memory(run, device, args.margin) for run in runs}
     max_rel = max(abs(a - b) / max(abs(a), abs(b), 1e-30) for a, b in zip(runs[0].losses, runs[1].losses))
 
     lines = [f"{args.data}, {args.steps} steps, batch {batch} (P={runs[0].sampler.p} × K={runs[0].sampler.k})"
-             f"{f', bank {args.bank_size}' if args.bank_size else ''}, {args.dtype}, seed {args.seed}; "
+             f"{f', bank {args.bank_size}' if args.bank_size else ''}, {args.dtype}, seed {args.seed}"
+             f"{f', {shard[1]} processes (torchrun; rank 0 shown)' if shard else ''}; "
              f"{harness.describe_device(device)}, torch {torch.__version__}.", ""]
     if first_divergence is None:
         lines.append(f"IDENTICAL TRAJECTORIES: all {args.steps} steps mined the same triplets and the losses agree "
@@ -460,6 +531,9 @@ def main(argv=None) -> dict:
               f"| before training | {before['recall@1']:.4f} | {before['map@r']:.4f} |"]
     lines += [f"| after, {name} | {m['recall@1']:.4f} | {m['map@r']:.4f} |" for name, m in after.items()]
     lines += ["", "Time per step:", "", table, ""]
+    if shard:
+        lines += ["Under torchrun these times are not a speed comparison: process 0 also trains the one-process "
+                  "reference, and the other processes wait for it at every collective, inside the timed loss.", ""]
     elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     bxm = f" (a B×M {args.dtype} matrix alone: {batch * args.bank_size * elem / 2**20:.1f} MiB)" if args.bank_size else ""
     lines.append(f"Peak extra memory of the loss, forward + backward{bxm}: " +
@@ -489,6 +563,8 @@ def main(argv=None) -> dict:
         png = os.path.relpath(os.path.join(args.out, "curves.png"), os.path.dirname(os.path.abspath(args.readme)))
         harness.replace_section(args.readme, f"train:{section}", summary + f"\n![loss curves and step times]({png})\n")
     print(f"wrote results.json, summary.md and curves.png to {args.out}")
+    if shard:
+        dist.destroy_process_group()
     return result
 
 

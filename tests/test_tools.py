@@ -129,3 +129,17 @@ def test_training_script_rejects_bad_arguments(tmp_path):
         train_reference.load_data(str(tmp_path / "missing.bin"), 8)
     with pytest.raises(SystemExit):
         train_reference.parse_args(["--steps", "0"])
+
+
+def test_training_script_under_torchrun_equals_one_process(tmp_path):
+    import subprocess
+
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "benchmarks", "train_reference.py"), "--steps", "3", "--batch-size", "15", "--k", "3",
+           "--no-progress", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "IDENTICAL TRAJECTORIES: all 3 steps" in res.stdout and "2 processes" in res.stdout
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["identical"] and set(saved["runs"]) == {"tripletops.distributed", "eager reference"}
