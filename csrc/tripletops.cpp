@@ -51,4 +51,15 @@ TORCH_LIBRARY(tripletops, m) {
       "triplet_margin_loss_backward(Tensor grad, Tensor anchor, Tensor positive, "
       "Tensor negative, Tensor d_ap, Tensor d_an, Tensor d_pn, float margin, str metric, "
       "bool swap, str reduction) -> (Tensor, Tensor, Tensor)");
+
+  // Losses over every triplet / anchor-positive pair of a batch, from its (B, B)
+  // distance matrix (pairwise_distance's output; its backward continues from
+  // grad_dist to the embeddings). -> scalar loss.
+  m.def("batch_all_loss(Tensor dist, Tensor labels, float margin, bool soft_margin, str reduction) -> Tensor");
+  // -> grad_dist (B, B).
+  m.def(
+      "batch_all_loss_backward(Tensor grad, Tensor dist, Tensor labels, float margin, bool soft_margin, "
+      "str reduction) -> Tensor");
+  m.def("semi_hard_loss(Tensor dist, Tensor labels, float margin) -> Tensor");
+  m.def("semi_hard_loss_backward(Tensor grad, Tensor dist, Tensor labels, float margin) -> Tensor");
 }

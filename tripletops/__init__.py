@@ -11,23 +11,33 @@ from . import distributed, reference
 from ._ext import ExtensionInfo, ReferenceFallbackWarning, extension_available
 from .batch_hard import batch_hard_loss, batch_hard_mine
 from .distance import pairwise_distance
-from .modules import BatchHardTripletLoss, TripletMarginLoss
+from .modules import (BatchAllTripletLoss, BatchHardTripletLoss, CenterLoss, ContrastiveLoss, CrossBatchMemory,
+                      SemiHardTripletLoss, TripletMarginLoss)
+from .pair_losses import batch_all_loss, contrastive_loss, semi_hard_loss
 from .reference import Mined
 from .triplet_margin import triplet_margin_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchAllTripletLoss",
     "BatchHardTripletLoss",
+    "CenterLoss",
+    "ContrastiveLoss",
+    "CrossBatchMemory",
+    "SemiHardTripletLoss",
     "ExtensionInfo",
     "Mined",
     "ReferenceFallbackWarning",
     "TripletMarginLoss",
+    "batch_all_loss",
     "batch_hard_loss",
     "batch_hard_mine",
     "distributed",
+    "contrastive_loss",
     "extension_available",
     "pairwise_distance",
     "reference",
+    "semi_hard_loss",
     "triplet_margin_loss",
 ]

@@ -111,6 +111,45 @@ def _register() -> None:
 
     torch.library.register_autograd("tripletops::triplet_margin_loss", _tm_backward, setup_context=_tm_setup)
 
+    # ---- batch_all_loss / semi_hard_loss: from the (B, B) distance matrix --------------
+    @torch.library.register_fake("tripletops::batch_all_loss")
+    def _(dist, labels, margin, soft_margin, reduction):
+        return dist.new_empty(())
+
+    @torch.library.register_fake("tripletops::batch_all_loss_backward")
+    def _(grad, dist, labels, margin, soft_margin, reduction):
+        return torch.empty_like(dist)
+
+    def _ba_setup(ctx, inputs, output):
+        dist, labels, margin, soft_margin, reduction = inputs
+        ctx.save_for_backward(dist, labels)
+        ctx.args = (margin, soft_margin, reduction)
+
+    def _ba_backward(ctx, grad):
+        dist, labels = ctx.saved_tensors
+        return _ops.batch_all_loss_backward(grad, dist, labels, *ctx.args), None, None, None, None
+
+    torch.library.register_autograd("tripletops::batch_all_loss", _ba_backward, setup_context=_ba_setup)
+
+    @torch.library.register_fake("tripletops::semi_hard_loss")
+    def _(dist, labels, margin):
+        return dist.new_empty(())
+
+    @torch.library.register_fake("tripletops::semi_hard_loss_backward")
+    def _(grad, dist, labels, margin):
+        return torch.empty_like(dist)
+
+    def _sh_setup(ctx, inputs, output):
+        dist, labels, margin = inputs
+        ctx.save_for_backward(dist, labels)
+        ctx.margin = margin
+
+    def _sh_backward(ctx, grad):
+        dist, labels = ctx.saved_tensors
+        return _ops.semi_hard_loss_backward(grad, dist, labels, ctx.margin), None, None
+
+    torch.library.register_autograd("tripletops::semi_hard_loss", _sh_backward, setup_context=_sh_setup)
+
 
 if _LOAD_ERROR is None:
     _register()

@@ -90,3 +90,24 @@ def mining(embeddings, labels_, metric_, ref_embeddings, ref_labels) -> None:
     labels(labels_, "labels", embeddings.shape[0], "embeddings", embeddings)
     metric(metric_)
     reference_set(embeddings, ref_embeddings, ref_labels)
+
+
+def family(embeddings, labels_, metric_, reduction_, margin_, batch_all: bool = False) -> None:
+    """Checks for batch_all_loss / semi_hard_loss (the batch is the reference set)."""
+    rows(embeddings, "embeddings")
+    labels(labels_, "labels", embeddings.shape[0], "embeddings", embeddings)
+    metric(metric_)
+    margin(margin_)
+    reduction(reduction_)
+    if batch_all and reduction_ == "none":
+        raise ValueError("tripletops: batch_all_loss reduction must be 'mean', 'mean_nonzero' or 'sum' "
+                         "('none' would be one value per triplet, B^3 of them), got 'none'")
+
+
+def contrastive(embeddings, labels_, metric_, reduction_, pos_margin, neg_margin) -> None:
+    rows(embeddings, "embeddings")
+    labels(labels_, "labels", embeddings.shape[0], "embeddings", embeddings)
+    metric(metric_)
+    reduction(reduction_)
+    margin(pos_margin, "pos_margin")
+    margin(neg_margin, "neg_margin")

@@ -8,6 +8,7 @@ from torch import nn
 
 from . import _validate
 from .batch_hard import batch_hard_loss
+from .pair_losses import batch_all_loss, contrastive_loss, semi_hard_loss
 from .triplet_margin import triplet_margin_loss
 
 
@@ -65,3 +66,260 @@ class TripletMarginLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, metric={self.metric!r}, swap={self.swap}, "
                 f"reduction={self.reduction!r}, normalize={self.normalize}")
+
+
+class BatchAllTripletLoss(nn.Module):
+    """Module form of `tripletops.batch_all_loss` (every valid triplet of the batch).
+
+    Example::
+
+        >>> criterion = tripletops.BatchAllTripletLoss(margin=0.2)
+        >>> loss = criterion(embeddings, labels)
+    """
+
+    def __init__(self, margin: float = 0.2, metric: str = "euclidean", soft_margin: bool = False,
+                 reduction: str = "mean_nonzero", normalize: bool = False) -> None:
+        super().__init__()
+        _validate.margin(margin)
+        _validate.metric(metric)
+        _validate.reduction(reduction)
+        if reduction == "none":
+            raise ValueError("tripletops: BatchAllTripletLoss reduction must be 'mean', 'mean_nonzero' or 'sum', "
+                             "got 'none'")
+        self.margin, self.metric, self.soft_margin = margin, metric, soft_margin
+        self.reduction, self.normalize = reduction, normalize
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return batch_all_loss(embeddings, labels, margin=self.margin, metric=self.metric,
+                              soft_margin=self.soft_margin, reduction=self.reduction, normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin}, metric={self.metric!r}, soft_margin={self.soft_margin}, "
+                f"reduction={self.reduction!r}, normalize={self.normalize}")
+
+
+class SemiHardTripletLoss(nn.Module):
+    """Module form of `tripletops.semi_hard_loss` (TF-Addons ``TripletSemiHardLoss``).
+
+    Example::
+
+        >>> criterion = tripletops.SemiHardTripletLoss(margin=1.0)
+        >>> loss = criterion(embeddings, labels)
+    """
+
+    def __init__(self, margin: float = 1.0, metric: str = "euclidean", normalize: bool = False) -> None:
+        super().__init__()
+        _validate.margin(margin)
+        _validate.metric(metric)
+        self.margin, self.metric, self.normalize = margin, metric, normalize
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return semi_hard_loss(embeddings, labels, margin=self.margin, metric=self.metric, normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, metric={self.metric!r}, normalize={self.normalize}"
+
+
+class ContrastiveLoss(nn.Module):
+    """Module form of `tripletops.contrastive_loss` (all pairs i < j).
+
+    Example::
+
+        >>> criterion = tripletops.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0)
+        >>> loss = criterion(embeddings, labels)
+    """
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean",
+                 reduction: str = "mean_nonzero", normalize: bool = False) -> None:
+        super().__init__()
+        _validate.margin(pos_margin, "pos_margin")
+        _validate.margin(neg_margin, "neg_margin")
+        _validate.metric(metric)
+        _validate.reduction(reduction)
+        self.pos_margin, self.neg_margin, self.metric = pos_margin, neg_margin, metric
+        self.reduction, self.normalize = reduction, normalize
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(embeddings, labels, pos_margin=self.pos_margin, neg_margin=self.neg_margin,
+                                metric=self.metric, reduction=self.reduction, normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, metric={self.metric!r}, "
+                f"reduction={self.reduction!r}, normalize={self.normalize}")
+
+
+class CenterLoss(nn.Module):
+    """Center loss (Wen et al. 2016): pulls each embedding toward its class center.
+
+    ``loss = mean_i ‖x_i − c_{y_i}‖²`` (``reduction="sum"``: the sum; ``"none"``: per row).
+    The centers are a buffer (saved in ``state_dict``), not parameters: in training mode,
+    after the loss is computed, each class present in the batch moves its center by an
+    exponential moving average, ``c ← momentum·c + (1 − momentum)·mean(x_i of the class)``
+    (detached). A class seen for the first time starts at its batch mean. In eval mode
+    nothing is updated. Gradients flow to the embeddings only.
+
+    Example::
+
+        >>> center = tripletops.CenterLoss(num_classes=10, dim=64, momentum=0.9)
+        >>> loss = triplet_loss + 0.01 * center(embeddings, labels)
+    """
+
+    centers: torch.Tensor
+    initialized: torch.Tensor
+
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.9, reduction: str = "mean") -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"tripletops: num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"tripletops: dim must be a positive int, got {dim!r}")
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"tripletops: momentum must be in [0, 1), got {momentum!r}")
+        _validate.reduction(reduction)
+        if reduction == "mean_nonzero":
+            raise ValueError("tripletops: CenterLoss reduction must be 'mean', 'sum' or 'none', got 'mean_nonzero'")
+        self.num_classes, self.dim, self.momentum, self.reduction = num_classes, dim, float(momentum), reduction
+        self.register_buffer("centers", torch.zeros(num_classes, dim))
+        self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _validate.rows(embeddings, "embeddings")
+        _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
+        if embeddings.shape[1] != self.dim:
+            raise ValueError(f"tripletops: embeddings must have dim {self.dim}, got {embeddings.shape[1]}")
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"tripletops: labels must be in [0, {self.num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        self._follow(embeddings)
+        labels = labels.long()
+        compute = embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32
+        diff = embeddings.to(compute) - self.centers[labels].to(compute)
+        per_row = diff.square().sum(1)
+        if self.training:
+            self._update(embeddings.detach(), labels)
+        out = per_row if self.reduction == "none" else per_row.sum() if self.reduction == "sum" else per_row.mean()
+        return out.to(embeddings.dtype)
+
+    def _follow(self, embeddings: torch.Tensor) -> None:
+        """Keep the centers on the embeddings' device (fp32 for halves, fp64 for fp64)."""
+        want = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        if self.centers.device != embeddings.device or self.centers.dtype != want:
+            self.centers = self.centers.to(embeddings.device, want)
+            self.initialized = self.initialized.to(embeddings.device)
+
+    @torch.no_grad()
+    def _update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        sums = torch.zeros(len(classes), self.dim, device=embeddings.device, dtype=self.centers.dtype)
+        sums.index_add_(0, inverse, embeddings.to(self.centers.dtype))
+        means = sums / torch.bincount(inverse, minlength=len(classes)).to(sums.dtype)[:, None]
+        old = self.centers[classes]
+        fresh = ~self.initialized[classes]
+        new = torch.where(fresh[:, None], means, self.momentum * old + (1 - self.momentum) * means)
+        self.centers[classes] = new
+        self.initialized[classes] = True
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, reduction={self.reduction!r}"
+
+
+class CrossBatchMemory(nn.Module):
+    """A FIFO memory of past embeddings and labels (XBM, Wang et al. 2020) used as the
+    reference set of `batch_hard_loss`: anchors of the current batch are mined against
+    up to ``size`` embeddings of earlier batches, with no B×M matrix.
+
+    - ``forward(embeddings, labels, **loss_kwargs)`` computes
+      ``batch_hard_loss(embeddings, labels, ref_embeddings=memory, ref_labels=...)``
+      against the memory *as it was before this batch* (the batch's own rows are not in
+      it, so no anchor meets itself), then enqueues the batch (detached) when
+      ``enqueue=True`` and the module is in training mode. While the memory is empty,
+      the batch mines within itself. Gradients flow to the current batch only.
+      Because the backward still reads the memory rows that the enqueue overwrites,
+      that path copies the filled memory once per call (O(M·D)). To avoid the copy, call
+      ``forward(..., enqueue=False)``, then ``backward()``, then ``enqueue(...)``.
+    - ``enqueue(embeddings, labels)`` adds rows, overwriting the oldest once full;
+      ``reset()`` empties it. ``embeddings`` / ``labels`` give the filled part, oldest
+      first.
+    - Memory: ``size × dim`` floats and ``size`` labels, kept on the embeddings' device
+      (buffers, so ``state_dict`` saves them).
+
+    Example::
+
+        >>> xbm = tripletops.CrossBatchMemory(size=65536, dim=128)
+        >>> loss = xbm(model(x), y, margin=0.2)
+    """
+
+    memory: torch.Tensor
+    memory_labels: torch.Tensor
+    count: torch.Tensor
+    head: torch.Tensor
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        for name, v in (("size", size), ("dim", dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"tripletops: {name} must be a positive int, got {v!r}")
+        self.size, self.dim = size, dim
+        self.register_buffer("memory", torch.zeros(size, dim))
+        self.register_buffer("memory_labels", torch.zeros(size, dtype=torch.int64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))  # filled rows
+        self.register_buffer("head", torch.zeros((), dtype=torch.int64))   # next row to write
+
+    def __len__(self) -> int:
+        return int(self.count)
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The stored embeddings, oldest first."""
+        n = int(self.count)
+        return self.memory[:n] if n < self.size else torch.roll(self.memory, -int(self.head), 0)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        n = int(self.count)
+        return self.memory_labels[:n] if n < self.size else torch.roll(self.memory_labels, -int(self.head), 0)
+
+    def reset(self) -> None:
+        self.count.zero_()
+        self.head.zero_()
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        _validate.rows(embeddings, "embeddings")
+        _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
+        if embeddings.shape[1] != self.dim:
+            raise ValueError(f"tripletops: embeddings must have dim {self.dim}, got {embeddings.shape[1]}")
+        self._follow(embeddings)
+        embeddings, labels = embeddings[-self.size:], labels[-self.size:]  # more rows than fit: keep the newest
+        b = embeddings.shape[0]
+        idx = (int(self.head) + torch.arange(b, device=embeddings.device)) % self.size
+        self.memory[idx] = embeddings.detach().to(self.memory.dtype)
+        self.memory_labels[idx] = labels.long()
+        self.head.fill_((int(self.head) + b) % self.size)
+        self.count.fill_(min(self.size, int(self.count) + b))
+
+    def _follow(self, embeddings: torch.Tensor) -> None:
+        if self.memory.device != embeddings.device or self.memory.dtype != embeddings.dtype:
+            self.memory = self.memory.to(embeddings.device, embeddings.dtype)
+            self.memory_labels = self.memory_labels.to(embeddings.device)
+            self.count, self.head = self.count.to(embeddings.device), self.head.to(embeddings.device)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, enqueue: bool = True,
+                **loss_kwargs) -> torch.Tensor:
+        self._follow(embeddings)
+        n = int(self.count)
+        will_enqueue = enqueue and self.training
+        if n == 0:
+            loss = batch_hard_loss(embeddings, labels, **loss_kwargs)
+        else:
+            ref = self.memory[:n]
+            if will_enqueue and torch.is_grad_enabled() and embeddings.requires_grad:
+                ref = ref.clone()  # the backward reads these rows; the enqueue below overwrites some
+            loss = batch_hard_loss(embeddings, labels, ref_embeddings=ref,
+                                   ref_labels=self.memory_labels[:n].to(labels.dtype), **loss_kwargs)
+        if will_enqueue:
+            self.enqueue(embeddings.detach(), labels)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}, filled={int(self.count)}"

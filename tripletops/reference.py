@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from . import _validate
 
-__all__ = ["Mined", "pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss"]
+__all__ = ["Mined", "pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss", "batch_all_loss",
+           "semi_hard_loss", "contrastive_loss"]
 
 
 class Mined(NamedTuple):
@@ -192,3 +193,101 @@ def _triplet_margin_loss(anchor, positive, negative, margin, metric, swap, reduc
     finite = torch.isfinite(anchor).all(1) & torch.isfinite(positive).all(1) & torch.isfinite(negative).all(1)
     loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
     return _reduce(loss, torch.ones_like(finite), reduction)
+
+
+# ---- the rest of the family: every triplet, semi-hard, contrastive ---------------------
+
+
+def _masked_distances(embeddings: torch.Tensor, labels: torch.Tensor, metric: str):
+    """(B, B) distances (NaN wherever a row is not finite), positive and negative masks."""
+    d = _pairwise_distance(embeddings, embeddings, metric)
+    finite = torch.isfinite(embeddings).all(1)
+    d = d.masked_fill(~(finite[:, None] & finite[None, :]), float("nan"))
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return d, pos, ~same
+
+
+def _compute(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 accumulate in fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def batch_all_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    soft_margin: bool = False,
+    reduction: str = "mean_nonzero",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Triplet loss over every valid triplet (a, p, n); see `tripletops.batch_all_loss`.
+
+    The readable definition: it builds all B³ triplet terms, so it needs B³ memory.
+    """
+    _validate.family(embeddings, labels, metric, reduction, margin, batch_all=True)
+    embeddings, _ = _maybe_normalize(normalize, embeddings, None)
+    d, pos, neg = _masked_distances(_compute(embeddings), labels, metric)
+    valid = pos[:, :, None] & neg[:, None, :]                     # (a, p, n)
+    terms = _triplet_term(d[:, :, None] - d[:, None, :], margin, soft_margin)
+    terms = torch.where(valid, terms, torch.zeros_like(terms))
+    return _reduce(terms.flatten(), valid.flatten(), reduction).to(embeddings.dtype)
+
+
+def semi_hard_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 1.0,
+    metric: str = "euclidean",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """FaceNet semi-hard triplet loss, TF-Addons ``TripletSemiHardLoss`` semantics; see
+    `tripletops.semi_hard_loss`. B³ memory, like TF-Addons' own formulation."""
+    _validate.family(embeddings, labels, metric, "mean", margin)
+    embeddings, _ = _maybe_normalize(normalize, embeddings, None)
+    d, pos, neg = _masked_distances(_compute(embeddings), labels, metric)
+    d_ap = d[:, :, None]                                          # (a, p, 1)
+    d_an = d[:, None, :]                                          # (a, 1, n)
+    farther = neg[:, None, :] & (d_an > d_ap)                     # negatives farther than p
+    inf = torch.full_like(d_an, float("inf"))
+    semi = torch.where(farther, d_an, inf).min(dim=2).values      # the closest of them
+    hardest_far = torch.where(neg, d, torch.full_like(d, float("-inf"))).max(dim=1).values  # farthest negative
+    d_n = torch.where(farther.any(dim=2), semi, hardest_far[:, None])
+    counted = pos & neg.any(dim=1)[:, None]                       # pairs whose anchor has a negative
+    loss = torch.clamp(d - d_n + margin, min=0)
+    # A NaN among an anchor's distances makes its pairs NaN (comparisons would hide it).
+    row_nan = (torch.isnan(d) & (pos | neg)).any(dim=1)
+    loss = torch.where(row_nan[:, None], torch.full_like(loss, float("nan")), loss)
+    loss = torch.where(counted, loss, torch.zeros_like(loss))
+    return _reduce(loss.flatten(), counted.flatten(), "mean").to(embeddings.dtype)
+
+
+def contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    metric: str = "euclidean",
+    reduction: str = "mean_nonzero",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """All-pairs contrastive loss; see `tripletops.contrastive_loss`."""
+    _validate.contrastive(embeddings, labels, metric, reduction, pos_margin, neg_margin)
+    embeddings, _ = _maybe_normalize(normalize, embeddings, None)
+    return _contrastive(_pairwise_distance(_compute(embeddings), _compute(embeddings), metric), embeddings, labels,
+                        pos_margin, neg_margin, reduction)
+
+
+def _contrastive(d, embeddings, labels, pos_margin, neg_margin, reduction):
+    """The contrastive terms of pairs i < j of a (B, B) distance matrix, reduced."""
+    i, j = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
+    dij = d[i, j]
+    finite = torch.isfinite(embeddings).all(1)
+    dij = torch.where(finite[i] & finite[j], dij, torch.full_like(dij, float("nan")))
+    same = labels[i] == labels[j]
+    loss = torch.where(same, torch.clamp(dij - pos_margin, min=0), torch.clamp(neg_margin - dij, min=0))
+    return _reduce(loss, torch.ones_like(same), reduction).to(embeddings.dtype)

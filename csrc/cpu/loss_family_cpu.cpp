@@ -1,0 +1,313 @@
+// Batch-all and semi-hard triplet losses on CPU, from a (B, B) distance matrix (the
+// pairwise_distance op makes it, and its backward takes the gradient from here on to
+// the embeddings). No B x B x B tensor: each anchor's row is reduced on its own, with
+// its negatives sorted once, so batch-all's hinge costs O(B^2 log B), not O(B^3).
+// Parallel over anchors, each writing only its own row of the gradient: deterministic.
+#include "rows_cpu.h"
+
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace tripletops {
+namespace cpu {
+namespace {
+
+void check_dist(const at::Tensor& dist, const at::Tensor& labels) {
+  TRIPLETOPS_CHECK_2D(dist, "dist");
+  TRIPLETOPS_CHECK_FLOAT(dist, "dist");
+  TORCH_CHECK_VALUE(dist.size(0) == dist.size(1), "tripletops: dist must be square (B, B), got ", dist.sizes());
+  TRIPLETOPS_CHECK_LABELS(labels, "labels");
+  TORCH_CHECK_VALUE(labels.size(0) == dist.size(0), "tripletops: labels must have ", dist.size(0),
+                    " entries, got ", labels.size(0));
+  TORCH_CHECK(dist.device().is_cpu() && labels.device().is_cpu(), "tripletops: dist and labels must be CPU tensors here");
+}
+
+// One anchor's positives (same label, not itself) and negatives, as distances.
+template <typename T>
+struct AnchorRow {
+  std::vector<std::pair<T, int64_t>> pos, neg;  // (distance, column)
+  bool nan = false;                             // a NaN among them: the anchor's loss is NaN
+
+  void fill(const T* d, const int64_t* lab, int64_t a, int64_t B) {
+    pos.clear(), neg.clear(), nan = false;
+    for (int64_t j = 0; j < B; ++j) {
+      if (j == a) continue;
+      (lab[j] == lab[a] ? pos : neg).emplace_back(d[j], j);
+      nan |= d[j] != d[j];
+    }
+  }
+  bool valid() const { return !pos.empty() && !neg.empty(); }
+};
+
+// ---- batch-all ------------------------------------------------------------------------
+
+// How many of the sorted negatives are closer than t (their hinge d_ap + m - d_an > 0).
+template <typename T>
+inline int64_t active_negatives(const std::vector<std::pair<T, int64_t>>& neg, double t) {
+  return std::partition_point(neg.begin(), neg.end(), [t](const std::pair<T, int64_t>& n) { return double(n.first) < t; }) -
+         neg.begin();
+}
+
+struct AllStats {
+  double sum = 0;
+  int64_t valid = 0, nonzero = 0;
+  bool nan = false;
+};
+
+// Anchor a's sum over every (p, n) of triplet_term(d_ap - d_an), and its counts. With
+// the hinge, sorted negatives and their prefix sums give each positive's sum at once:
+// sum over d_an < d_ap + m of (d_ap + m - d_an) = c (d_ap + m) - prefix[c].
+template <typename T>
+AllStats batch_all_anchor(AnchorRow<T>& row, double margin, bool soft, std::vector<double>& prefix) {
+  AllStats st;
+  if (!row.valid()) return st;
+  st.valid = int64_t(row.pos.size()) * int64_t(row.neg.size());
+  if (row.nan) {
+    st.nan = true;
+    return st;
+  }
+  if (soft) {
+    for (const auto& p : row.pos)
+      for (const auto& n : row.neg) {
+        const T l = softplus(p.first - n.first);
+        st.sum += double(l);
+        st.nonzero += l > T(0);
+      }
+    return st;
+  }
+  std::sort(row.neg.begin(), row.neg.end());
+  prefix.assign(row.neg.size() + 1, 0.0);
+  for (size_t k = 0; k < row.neg.size(); ++k) prefix[k + 1] = prefix[k] + double(row.neg[k].first);
+  for (const auto& p : row.pos) {
+    const double t = double(p.first) + margin;  // in double: no rounding of d_ap + m
+    const auto c = active_negatives(row.neg, t);
+    st.sum += double(c) * t - prefix[c];
+    st.nonzero += c;
+  }
+  return st;
+}
+
+template <typename T>
+std::vector<AllStats> batch_all_stats(const at::Tensor& dist, const at::Tensor& labels, double margin, bool soft) {
+  const int64_t B = dist.size(0);
+  const T* d = dist.data_ptr<T>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  std::vector<AllStats> stats(B);
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    AnchorRow<T> row;
+    std::vector<double> prefix;
+    for (int64_t a = begin; a < end; ++a) {
+      row.fill(d + a * B, lab, a, B);
+      stats[a] = batch_all_anchor(row, margin, soft, prefix);
+    }
+  });
+  return stats;
+}
+
+// The reduction's denominator (serial: the same on every run).
+struct AllTotals {
+  double sum = 0;
+  int64_t valid = 0, nonzero = 0;
+  bool nan = false;
+};
+inline AllTotals totals(const std::vector<AllStats>& stats) {
+  AllTotals t;
+  for (const auto& s : stats) t.sum += s.sum, t.valid += s.valid, t.nonzero += s.nonzero, t.nan |= s.nan;
+  return t;
+}
+inline double denominator(const AllTotals& t, Reduction r) {
+  return r == Reduction::Sum ? 1.0 : double(r == Reduction::Mean ? t.valid : t.nonzero);
+}
+
+// Prepared inputs: distances in the compute dtype, labels as int64.
+struct DistInputs {
+  at::Tensor dist, labels;
+};
+inline DistInputs prepare(const at::Tensor& dist, const at::Tensor& labels) {
+  return {dist.to(compute_dtype(dist.scalar_type())).contiguous(), labels.to(at::kLong).contiguous()};
+}
+
+at::Tensor batch_all_loss_cpu(const at::Tensor& dist, const at::Tensor& labels, double margin, bool soft_margin,
+                              c10::string_view reduction_name) {
+  check_dist(dist, labels);
+  const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK_VALUE(reduction != Reduction::None,
+                    "tripletops: batch_all_loss has no reduction 'none' (B^3 triplets); use mean, mean_nonzero or sum");
+  const DistInputs in = prepare(dist, labels);
+  AllTotals t;
+  AT_DISPATCH_FLOATING_TYPES(in.dist.scalar_type(), "batch_all_loss_cpu", [&] {
+    t = totals(batch_all_stats<scalar_t>(in.dist, in.labels, margin, soft_margin));
+  });
+  const double den = denominator(t, reduction);
+  double value = den > 0 ? t.sum / den : 0.0;  // an empty denominator gives exactly 0 ...
+  if (t.nan) value = std::numeric_limits<double>::quiet_NaN();  // ... but never hides a NaN
+  return at::empty({}, dist.options()).fill_(value);
+}
+
+at::Tensor batch_all_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& labels,
+                                       double margin, bool soft_margin, c10::string_view reduction_name) {
+  check_dist(dist, labels);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const DistInputs in = prepare(dist, labels);
+  const int64_t B = in.dist.size(0);
+  at::Tensor out = at::zeros({B, B}, in.dist.options());
+  AT_DISPATCH_FLOATING_TYPES(in.dist.scalar_type(), "batch_all_loss_backward_cpu", [&] {
+    using T = scalar_t;
+    const AllTotals t = totals(batch_all_stats<T>(in.dist, in.labels, margin, soft_margin));
+    const double den = denominator(t, reduction);
+    const double s = den > 0 ? grad.item<double>() / den : 0.0;
+    if (s == 0 && !t.nan) return;
+    const T* d = in.dist.data_ptr<T>();
+    const int64_t* lab = in.labels.data_ptr<int64_t>();
+    T* g = out.data_ptr<T>();
+    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+      AnchorRow<T> row;
+      std::vector<double> thresholds;
+      for (int64_t a = begin; a < end; ++a) {
+        row.fill(d + a * B, lab, a, B);
+        if (!row.valid()) continue;
+        T* ga = g + a * B;
+        if (row.nan) {  // keep the NaN on its way to the embeddings
+          for (const auto& p : row.pos) ga[p.second] = std::numeric_limits<T>::quiet_NaN();
+          for (const auto& n : row.neg) ga[n.second] = std::numeric_limits<T>::quiet_NaN();
+          continue;
+        }
+        if (soft_margin) {
+          for (const auto& p : row.pos)
+            for (const auto& n : row.neg) {
+              const double w = s * double(sigmoid(p.first - n.first));
+              ga[p.second] += T(w), ga[n.second] -= T(w);
+            }
+          continue;
+        }
+        // d/d d_ap = s * #(d_an < d_ap + m);  d/d d_an = -s * #(d_ap + m > d_an).
+        std::sort(row.neg.begin(), row.neg.end());
+        thresholds.clear();
+        for (const auto& p : row.pos) thresholds.push_back(double(p.first) + margin);
+        std::sort(thresholds.begin(), thresholds.end());
+        for (const auto& p : row.pos)
+          ga[p.second] += T(s * double(active_negatives(row.neg, double(p.first) + margin)));
+        for (const auto& n : row.neg) {  // positives whose threshold d_ap + m exceeds d_an
+          const auto c = thresholds.end() - std::upper_bound(thresholds.begin(), thresholds.end(), double(n.first));
+          ga[n.second] -= T(s * double(c));
+        }
+      }
+    });
+  });
+  return out.to(dist.scalar_type());
+}
+
+// ---- semi-hard (FaceNet; TF-Addons TripletSemiHardLoss) --------------------------------
+
+// For anchor a's positive p: the closest negative farther than p, else the farthest
+// negative; among equal distances the smallest column. `neg` is sorted by (d, column).
+template <typename T>
+inline const std::pair<T, int64_t>& semi_hard_negative(const std::vector<std::pair<T, int64_t>>& neg, T d_ap) {
+  const auto above = std::upper_bound(neg.begin(), neg.end(), std::make_pair(d_ap, std::numeric_limits<int64_t>::max()));
+  if (above != neg.end()) return *above;
+  return *std::lower_bound(neg.begin(), neg.end(), std::make_pair(neg.back().first, int64_t(-1)));
+}
+
+struct SemiStats {
+  double sum = 0;
+  int64_t pairs = 0;
+  bool nan = false;
+};
+
+template <typename T>
+std::vector<SemiStats> semi_hard_stats(const at::Tensor& dist, const at::Tensor& labels, double margin) {
+  const int64_t B = dist.size(0);
+  const T* d = dist.data_ptr<T>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  std::vector<SemiStats> stats(B);
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    AnchorRow<T> row;
+    for (int64_t a = begin; a < end; ++a) {
+      row.fill(d + a * B, lab, a, B);
+      SemiStats& st = stats[a];
+      if (!row.valid()) continue;  // no negative (or no positive): no pair counts
+      st.pairs = int64_t(row.pos.size());
+      if (row.nan) {
+        st.nan = true;
+        continue;
+      }
+      std::sort(row.neg.begin(), row.neg.end());
+      for (const auto& p : row.pos)
+        st.sum += double(relu_nan(p.first - semi_hard_negative(row.neg, p.first).first + T(margin)));
+    }
+  });
+  return stats;
+}
+
+inline SemiStats semi_totals(const std::vector<SemiStats>& stats) {
+  SemiStats t;
+  for (const auto& s : stats) t.sum += s.sum, t.pairs += s.pairs, t.nan |= s.nan;
+  return t;
+}
+
+at::Tensor semi_hard_loss_cpu(const at::Tensor& dist, const at::Tensor& labels, double margin) {
+  check_dist(dist, labels);
+  const DistInputs in = prepare(dist, labels);
+  SemiStats t;
+  AT_DISPATCH_FLOATING_TYPES(in.dist.scalar_type(), "semi_hard_loss_cpu", [&] {
+    t = semi_totals(semi_hard_stats<scalar_t>(in.dist, in.labels, margin));
+  });
+  double value = t.pairs > 0 ? t.sum / double(t.pairs) : 0.0;
+  if (t.nan) value = std::numeric_limits<double>::quiet_NaN();
+  return at::empty({}, dist.options()).fill_(value);
+}
+
+at::Tensor semi_hard_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& labels,
+                                       double margin) {
+  check_dist(dist, labels);
+  const DistInputs in = prepare(dist, labels);
+  const int64_t B = in.dist.size(0);
+  at::Tensor out = at::zeros({B, B}, in.dist.options());
+  AT_DISPATCH_FLOATING_TYPES(in.dist.scalar_type(), "semi_hard_loss_backward_cpu", [&] {
+    using T = scalar_t;
+    const SemiStats t = semi_totals(semi_hard_stats<T>(in.dist, in.labels, margin));
+    const double s = t.pairs > 0 ? grad.item<double>() / double(t.pairs) : 0.0;
+    if (s == 0 && !t.nan) return;
+    const T* d = in.dist.data_ptr<T>();
+    const int64_t* lab = in.labels.data_ptr<int64_t>();
+    T* g = out.data_ptr<T>();
+    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+      AnchorRow<T> row;
+      for (int64_t a = begin; a < end; ++a) {
+        row.fill(d + a * B, lab, a, B);
+        if (!row.valid()) continue;
+        T* ga = g + a * B;
+        if (row.nan) {
+          for (const auto& p : row.pos) ga[p.second] = std::numeric_limits<T>::quiet_NaN();
+          for (const auto& n : row.neg) ga[n.second] = std::numeric_limits<T>::quiet_NaN();
+          continue;
+        }
+        std::sort(row.neg.begin(), row.neg.end());
+        for (const auto& p : row.pos) {
+          const auto& n = semi_hard_negative(row.neg, p.first);
+          const T w = triplet_term_grad(p.first - n.first, T(margin), /*soft_margin=*/false);
+          if (w == T(0)) continue;
+          ga[p.second] += T(s), ga[n.second] -= T(s);
+        }
+      }
+    });
+  });
+  return out.to(dist.scalar_type());
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace tripletops
+
+TORCH_LIBRARY_IMPL(tripletops, CPU, m) {
+  m.impl("batch_all_loss", &tripletops::cpu::batch_all_loss_cpu);
+  m.impl("batch_all_loss_backward", &tripletops::cpu::batch_all_loss_backward_cpu);
+  m.impl("semi_hard_loss", &tripletops::cpu::semi_hard_loss_cpu);
+  m.impl("semi_hard_loss_backward", &tripletops::cpu::semi_hard_loss_backward_cpu);
+}

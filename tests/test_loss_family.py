@@ -1,0 +1,334 @@
+"""batch_all_loss, semi_hard_loss, contrastive_loss, their modules, CenterLoss and
+CrossBatchMemory against float64 references and their documented semantics."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tripletops
+from tripletops import reference
+
+from conftest import DEVICES, DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, assert_close_rel, assert_grad_close, make_batch
+
+SHAPES = [(1, 4, 1), (2, 3, 2), (7, 5, 3), (33, 1, 4), (65, 9, 5), (130, 17, 13)]
+FAMILY = {
+    "batch_all": (tripletops.batch_all_loss, reference.batch_all_loss, ["mean_nonzero", "mean", "sum"]),
+    "semi_hard": (tripletops.semi_hard_loss, reference.semi_hard_loss, [None]),
+    "contrastive": (tripletops.contrastive_loss, reference.contrastive_loss, ["mean_nonzero", "mean", "sum", "none"]),
+}
+CASES = [(name, r) for name, (_, _, reds) in FAMILY.items() for r in reds]
+
+
+def _kwargs(name, reduction, metric, soft=False):
+    kw = {"metric": metric}
+    if reduction is not None:
+        kw["reduction"] = reduction
+    if name == "batch_all":
+        kw.update(margin=0.3, soft_margin=soft)
+    elif name == "semi_hard":
+        kw["margin"] = 0.5
+    else:
+        kw.update(pos_margin=0.1, neg_margin=1.2)
+    return kw
+
+
+def _run(fn, x, y, kw):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x, y, **kw)
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("b,d,c", SHAPES)
+@pytest.mark.parametrize("name,reduction", CASES)
+def test_matches_float64_reference(name, reduction, device, dtype, metric, b, d, c, poisoned):
+    fn, ref_fn, _ = FAMILY[name]
+    if name == "semi_hard" and metric == "cosine" and d == 1:
+        pytest.skip("D = 1 cosine distances are all 0 or 2: semi-hard's strict d(a,n) > d(a,p) is decided by "
+                    "1e-16 rounding there (a near-tie), so kernel and reference may pick different negatives")
+    x, y = make_batch(b, d, c, dtype=dtype, device=device)
+    kw = _kwargs(name, reduction, metric)
+    loss, grad = _run(fn, x, y, kw)
+    ref_loss, ref_grad = _run(ref_fn, x.double(), y, kw)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    if loss.numel() == 0:  # B = 1: no pairs
+        assert torch.equal(grad, torch.zeros_like(grad))
+        return
+    if ref_loss.abs().max() > torch.finfo(dtype).max:  # a fp16 "sum" past 65504: inf is the honest result
+        assert torch.isinf(loss).any()
+        return
+    assert_close_rel(loss, ref_loss, LOSS_RTOL[dtype], "loss")
+    if dtype in (torch.float64, torch.float32):
+        assert_grad_close(grad, ref_grad, GRAD_RTOL[dtype])
+    else:
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
+def test_batch_all_soft_margin(metric, reduction):
+    x, y = make_batch(40, 6, 5, dtype=torch.float64)
+    kw = _kwargs("batch_all", reduction, metric, soft=True)
+    loss, grad = _run(tripletops.batch_all_loss, x, y, kw)
+    ref_loss, ref_grad = _run(reference.batch_all_loss, x, y, kw)
+    assert_close_rel(loss, ref_loss, 1e-10, "loss")
+    assert_grad_close(grad, ref_grad, 1e-9)
+
+
+def test_non_contiguous_and_int32_labels():
+    x, y = make_batch(30, 8, 4, dtype=torch.float64)
+    xt = x.T.contiguous().T  # same values, transposed strides
+    for name, (fn, ref_fn, reds) in FAMILY.items():
+        kw = _kwargs(name, reds[0], "euclidean")
+        assert_close_rel(fn(xt, y.int(), **kw), ref_fn(x, y, **kw), 1e-10, name)
+        assert_close_rel(fn(x[::2], y[::2], **kw), ref_fn(x[::2].contiguous(), y[::2], **kw), 1e-10, name)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_no_valid_triplet_or_pair_gives_zero_and_zero_gradients(name):
+    fn, _, reds = FAMILY[name]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for y in (torch.arange(6), torch.zeros(6, dtype=torch.int64)):  # all distinct / all one class
+        for reduction in reds:
+            kw = _kwargs(name, reduction, "euclidean")
+            if name == "contrastive":
+                kw.update(neg_margin=0.0, pos_margin=100.0)  # every pair inside its margin: nothing nonzero
+            loss, grad = _run(fn, x, y, kw)
+            if reduction != "none":
+                assert loss.item() == 0.0, (name, reduction)
+            assert torch.equal(grad, torch.zeros_like(grad)), (name, reduction)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_duplicates_give_finite_gradients(name):
+    fn, _, reds = FAMILY[name]
+    x = torch.randn(4, 5, dtype=torch.float64).repeat(3, 1)  # every row three times
+    y = torch.arange(4).repeat(3)
+    for metric in METRICS:
+        loss, grad = _run(fn, x, y, _kwargs(name, reds[0], metric))
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), metric
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_gives_nan(name, bad):
+    fn, _, reds = FAMILY[name]
+    x, y = make_batch(12, 4, 3, dtype=torch.float32)
+    x[5, 1] = bad
+    for reduction in reds:
+        loss = fn(x, y, **_kwargs(name, reduction, "euclidean"))
+        assert torch.isnan(loss).any(), (name, reduction)
+
+
+def test_ties_pick_the_smallest_index_in_semi_hard():
+    # Anchor 0 with positive 1 at distance 1; negatives 2 and 3 both at distance 2: the
+    # gradient must go to row 2 only (the smaller index).
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 2])
+    tripletops.semi_hard_loss(x, y, margin=5.0).backward()
+    ref = x.detach().clone().requires_grad_(True)
+    reference.semi_hard_loss(ref, y, margin=5.0).backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+    assert x.grad[2].abs().sum() > 0 and x.grad[3].abs().sum() == 0  # the tie went to row 2
+
+
+def test_semi_hard_semantics_by_hand():
+    # One anchor-positive pair per class. Class 0: d(0,1) = 1. Negatives at 0.5 (closer:
+    # not semi-hard), 1.5 and 3: the semi-hard one is 1.5 -> loss 1 - 1.5 + m.
+    x = torch.tensor([[0.0], [1.0], [0.5], [1.5], [3.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 2, 3])
+    m = 1.0
+    got = tripletops.semi_hard_loss(x, y, margin=m)
+    # pairs (0,1): negatives of 0 at 0.5, 1.5, 3 -> 1.5 -> 1 - 1.5 + 1 = 0.5
+    #       (1,0): d = 1; negatives of 1 at 0.5, 0.5, 2 -> farther than 1: 2 -> 1 - 2 + 1 = 0
+    assert abs(got.item() - 0.25) < 1e-12
+
+
+def test_batch_all_matches_pytorch_metric_learning():
+    pml = pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    x, y = make_batch(48, 8, 6, dtype=torch.float64)
+    dist = distances.LpDistance(normalize_embeddings=False)
+    # PML's "all" miner keeps the triplets with d(a,n) - d(a,p) <= margin, those whose
+    # hinge is active, so with either reducer it gives our mean_nonzero. Without a miner
+    # PML uses every valid triplet: MeanReducer is then our mean.
+    miner = miners.TripletMarginMiner(margin=0.3, type_of_triplets="all", distance=dist)
+    combos = (("mean_nonzero", reducers.MeanReducer(), True), ("mean_nonzero", reducers.AvgNonZeroReducer(), True),
+              ("mean", reducers.MeanReducer(), False), ("mean_nonzero", reducers.AvgNonZeroReducer(), False))
+    for reduction, reducer, mine in combos:
+        loss_fn = losses.TripletMarginLoss(margin=0.3, distance=dist, reducer=reducer)
+        xa = x.clone().requires_grad_(True)
+        xb = x.clone().requires_grad_(True)
+        ours = tripletops.batch_all_loss(xa, y, margin=0.3, reduction=reduction)
+        theirs = loss_fn(xb, y, miner(xb, y)) if mine else loss_fn(xb, y)
+        ours.backward()
+        theirs.backward()
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_bad_input():
+    x, y = make_batch(8, 4, 2)
+    with pytest.raises(ValueError, match="'none'"):
+        tripletops.batch_all_loss(x, y, reduction="none")
+    with pytest.raises(ValueError, match="margin"):
+        tripletops.semi_hard_loss(x, y, margin=-1.0)
+    with pytest.raises(ValueError, match="neg_margin"):
+        tripletops.contrastive_loss(x, y, neg_margin=-0.5)
+    with pytest.raises(ValueError, match="metric"):
+        tripletops.batch_all_loss(x, y, metric="l1")
+    with pytest.raises(TypeError, match="labels"):
+        tripletops.semi_hard_loss(x, y.float())
+    with pytest.raises(ValueError, match="labels"):
+        tripletops.contrastive_loss(x, y[:3])
+    with pytest.raises(ValueError, match="embeddings"):
+        tripletops.batch_all_loss(x[:0], y[:0])
+    with pytest.raises(TypeError, match="embeddings"):
+        tripletops.semi_hard_loss(x.long(), y)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_bit_identical_repeats(name):
+    fn, _, reds = FAMILY[name]
+    x, y = make_batch(97, 11, 9)
+    first = _run(fn, x, y, _kwargs(name, reds[0], "euclidean"))
+    for _ in range(2):
+        again = _run(fn, x, y, _kwargs(name, reds[0], "euclidean"))
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_opcheck_on_the_new_ops():
+    x, y = make_batch(20, 6, 4)
+    d = tripletops.pairwise_distance(x).detach().requires_grad_(True)
+    for args in ((d, y, 0.3, False, "mean"), (d, y, 0.3, True, "mean_nonzero"), (d, y, 0.3, False, "sum")):
+        torch.library.opcheck(torch.ops.tripletops.batch_all_loss.default, args)
+    torch.library.opcheck(torch.ops.tripletops.semi_hard_loss.default, (d, y, 1.0))
+
+
+def test_compile_fullgraph_matches_eager():
+    x, y = make_batch(24, 6, 4)
+    crit = [tripletops.BatchAllTripletLoss(margin=0.3), tripletops.SemiHardTripletLoss(margin=0.5),
+            tripletops.ContrastiveLoss()]
+
+    def total(x):
+        return sum(c(x, y) for c in crit)
+
+    compiled = torch.compile(total, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    total(xe).backward()
+    compiled(xc).backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_modules_match_functions():
+    x, y = make_batch(30, 5, 4, dtype=torch.float64)
+    assert tripletops.BatchAllTripletLoss(margin=0.4, reduction="sum")(x, y) == tripletops.batch_all_loss(
+        x, y, margin=0.4, reduction="sum")
+    assert tripletops.SemiHardTripletLoss(margin=0.7)(x, y) == tripletops.semi_hard_loss(x, y, margin=0.7)
+    assert tripletops.ContrastiveLoss(neg_margin=2.0, reduction="mean")(x, y) == tripletops.contrastive_loss(
+        x, y, neg_margin=2.0, reduction="mean")
+    with pytest.raises(ValueError):
+        tripletops.BatchAllTripletLoss(reduction="none")
+
+
+def test_autocast_gives_finite_results():
+    x, y = make_batch(16, 8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x @ torch.eye(8)
+        for fn in (tripletops.batch_all_loss, tripletops.semi_hard_loss, tripletops.contrastive_loss):
+            assert torch.isfinite(fn(h, y))
+
+
+# ---- CenterLoss -------------------------------------------------------------------------
+
+
+def test_center_loss_value_gradient_and_ema():
+    torch.manual_seed(1)
+    center = tripletops.CenterLoss(num_classes=3, dim=4, momentum=0.75)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 0])
+    loss = center(x, y)  # first sight: centers start at zero for the loss, then take the batch means
+    torch.testing.assert_close(loss, x.detach().square().sum(1).mean())
+    means = torch.stack([x.detach()[y == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(center.centers, means)
+    x2 = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    loss2 = center(x2, y)
+    torch.testing.assert_close(loss2, (x2.detach() - means[y]).square().sum(1).mean())
+    loss2.backward()
+    torch.testing.assert_close(x2.grad, 2 * (x2.detach() - means[y]) / 6)
+    new_means = torch.stack([x2.detach()[y == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(center.centers, 0.75 * means + 0.25 * new_means)
+    state = center.state_dict()
+    assert set(state) == {"centers", "initialized"} and bool(state["initialized"].all())
+    center.eval()
+    before = center.centers.clone()
+    center(torch.randn(6, 4, dtype=torch.float64), y)
+    assert torch.equal(center.centers, before)  # no update in eval mode
+    restored = tripletops.CenterLoss(num_classes=3, dim=4)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.centers, state["centers"].float())  # load_state_dict keeps the buffer dtype
+
+
+def test_center_loss_bad_input():
+    with pytest.raises(ValueError, match="num_classes"):
+        tripletops.CenterLoss(0, 4)
+    with pytest.raises(ValueError, match="momentum"):
+        tripletops.CenterLoss(3, 4, momentum=1.0)
+    c = tripletops.CenterLoss(3, 4)
+    with pytest.raises(ValueError, match="labels"):
+        c(torch.randn(2, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="dim"):
+        c(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+# ---- CrossBatchMemory -------------------------------------------------------------------
+
+
+def test_cross_batch_memory_fifo_and_loss():
+    xbm = tripletops.CrossBatchMemory(size=10, dim=3)
+    assert len(xbm) == 0
+    x1, y1 = make_batch(6, 3, 2, dtype=torch.float64, seed=1)
+    loss1 = xbm(x1, y1, margin=0.2)  # empty memory: mines within the batch
+    torch.testing.assert_close(loss1, tripletops.batch_hard_loss(x1, y1, margin=0.2))
+    assert len(xbm) == 6 and torch.equal(xbm.embeddings, x1)
+    x2, y2 = make_batch(6, 3, 2, dtype=torch.float64, seed=2)
+    x2.requires_grad_(True)
+    loss2 = xbm(x2, y2, margin=0.2)  # against the 6 stored rows, before x2 joins
+    torch.testing.assert_close(loss2, tripletops.batch_hard_loss(x2, y2, margin=0.2, ref_embeddings=x1,
+                                                                 ref_labels=y1))
+    loss2.backward()
+    assert x2.grad is not None and len(xbm) == 10
+    # FIFO: the oldest 2 rows of x1 were overwritten; oldest first.
+    torch.testing.assert_close(xbm.embeddings, torch.cat([x1[2:], x2.detach()]))
+    assert torch.equal(xbm.labels, torch.cat([y1[2:], y2]))
+    xbm.eval()
+    xbm(x2.detach(), y2)
+    assert len(xbm) == 10 and xbm.embeddings.shape == (10, 3)  # eval: no enqueue
+    xbm.reset()
+    assert len(xbm) == 0
+    big, yb = make_batch(25, 3, 4, dtype=torch.float64, seed=3)
+    xbm.enqueue(big, yb)
+    assert torch.equal(xbm.embeddings, big[-10:]) and torch.equal(xbm.labels, yb[-10:])
+    assert set(xbm.state_dict()) == {"memory", "memory_labels", "count", "head"}
+
+
+def test_cross_batch_memory_gradients_and_the_no_copy_path():
+    x1, y1 = make_batch(8, 3, 2, dtype=torch.float64, seed=4)
+    x2, y2 = make_batch(8, 3, 2, dtype=torch.float64, seed=5)
+    expected = x2.clone().requires_grad_(True)
+    tripletops.batch_hard_loss(expected, y2, margin=0.2, ref_embeddings=x1, ref_labels=y1).backward()
+    for enqueue_in_forward in (True, False):
+        xbm = tripletops.CrossBatchMemory(size=12, dim=3)
+        xbm.enqueue(x1, y1)
+        x = x2.clone().requires_grad_(True)
+        loss = xbm(x, y2, margin=0.2, enqueue=enqueue_in_forward)
+        loss.backward()
+        if not enqueue_in_forward:
+            assert len(xbm) == 8
+            xbm.enqueue(x.detach(), y2)
+        assert len(xbm) == 12
+        torch.testing.assert_close(x.grad, expected.grad)

@@ -1,0 +1,125 @@
+"""The losses over every triplet or pair of a batch: batch-all, semi-hard, contrastive.
+
+Each takes the batch's (B, B) distance matrix from the `pairwise_distance` kernel (a
+GEMM plus an exact recompute of close pairs) and reduces it in a fused kernel per
+anchor row. Memory is O(B²), never the O(B³) of the textbook formulations, and the
+backward is that kernel's (B, B) gradient followed by `pairwise_distance`'s O(B²·D) one.
+Distances are computed in float64 for every input dtype (see `_distances`); the result
+has the input's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate, reference
+from ._ext import use_extension
+from .distance import pairwise_distance
+from .reference import _maybe_normalize
+
+
+def _distances(embeddings: torch.Tensor, metric: str) -> torch.Tensor:
+    """The (B, B) distance matrix in float64, whatever the input dtype. These losses sum
+    small differences of distances (d(a,p) + m − d(a,n) near the hinge), so the few-ulp
+    error of float32 distances reaches ~1e-5 of the loss; from float64 distances the loss
+    is exact to rounding. The backward casts the gradient back to the input's dtype."""
+    return pairwise_distance(embeddings.double(), metric=metric)
+
+
+def batch_all_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: str = "euclidean",
+    soft_margin: bool = False,
+    reduction: str = "mean_nonzero",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Triplet loss over every valid triplet (a, p, n) of the batch, without a B³ tensor.
+
+    Each triplet (p a positive of a, n a negative) contributes ``max(0, d(a,p) − d(a,n) +
+    margin)``, or ``softplus(d(a,p) − d(a,n))`` with ``soft_margin=True``.
+
+    Args:
+        embeddings: ``(B, D)`` float tensor; labels: ``(B,)`` int32/int64.
+        reduction: ``"mean_nonzero"`` (over triplets with loss > 0; the default, as in
+            pytorch-metric-learning's AvgNonZeroReducer), ``"mean"`` (over all valid
+            triplets) or ``"sum"``. There is no ``"none"``: it would be B³ values.
+        margin, metric, soft_margin, normalize: as in `batch_hard_loss`.
+
+    With the hinge the kernel sorts each anchor's negatives once, so the cost is
+    O(B² log B) plus the distance matrix's O(B²·D); the soft margin touches every triplet
+    (O(B·Σ|P|·|N|), no memory for it). An empty denominator gives exactly 0.
+
+    Example::
+
+        >>> loss = tripletops.batch_all_loss(x, y, margin=0.2)   # mean over nonzero triplets
+    """
+    _validate.family(embeddings, labels, metric, reduction, margin, batch_all=True)
+    embeddings, _ = _maybe_normalize(normalize, embeddings, None)
+    if not use_extension("batch_all_loss", embeddings):
+        return reference.batch_all_loss(embeddings, labels, margin=margin, metric=metric, soft_margin=soft_margin,
+                                        reduction=reduction)
+    d = _distances(embeddings, metric)
+    loss = torch.ops.tripletops.batch_all_loss(d, labels, float(margin), bool(soft_margin), reduction)
+    return loss.to(embeddings.dtype)
+
+
+def semi_hard_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 1.0,
+    metric: str = "euclidean",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """FaceNet semi-hard triplet loss with TF-Addons ``TripletSemiHardLoss`` semantics.
+
+    For each anchor–positive pair (a, p): the negative n closest to a among those
+    farther from a than p (``d(a,n) > d(a,p)``); if there is none, the farthest negative.
+    Ties go to the smallest index. The loss is ``max(0, d(a,p) − d(a,n) + margin)``,
+    averaged over the anchor–positive pairs whose anchor has a negative (0 if none).
+
+    Example::
+
+        >>> loss = tripletops.semi_hard_loss(x, y, margin=1.0)
+    """
+    _validate.family(embeddings, labels, metric, "mean", margin)
+    embeddings, _ = _maybe_normalize(normalize, embeddings, None)
+    if not use_extension("semi_hard_loss", embeddings):
+        return reference.semi_hard_loss(embeddings, labels, margin=margin, metric=metric)
+    d = _distances(embeddings, metric)
+    return torch.ops.tripletops.semi_hard_loss(d, labels, float(margin)).to(embeddings.dtype)
+
+
+def contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    metric: str = "euclidean",
+    reduction: str = "mean_nonzero",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Contrastive loss over all pairs i < j (the Siamese loss of Hadsell et al.).
+
+    Positive pairs (same label) contribute ``max(0, d − pos_margin)``, negative pairs
+    ``max(0, neg_margin − d)``.
+
+    Args:
+        reduction: ``"mean_nonzero"`` (over pairs with loss > 0; default), ``"mean"``
+            (over all B(B−1)/2 pairs), ``"sum"``, or ``"none"`` for the per-pair losses
+            in ``torch.triu_indices(B, B, 1)`` order.
+
+    The distance matrix comes from the `pairwise_distance` kernel; the per-pair terms
+    are elementwise on it (O(B²), what all-pairs needs).
+
+    Example::
+
+        >>> loss = tripletops.contrastive_loss(x, y, pos_margin=0.0, neg_margin=1.0)
+    """
+    _validate.contrastive(embeddings, labels, metric, reduction, pos_margin, neg_margin)
+    embeddings, _ = _maybe_normalize(normalize, embeddings, None)
+    return reference._contrastive(_distances(embeddings, metric), embeddings, labels, pos_margin, neg_margin,
+                                  reduction)
