@@ -36,7 +36,7 @@ demo: install
 BENCH_NAME ?= $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 bench: install
 	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest benchmarks/bench_batch_hard.py benchmarks/bench_pairwise_distance.py \
-		benchmarks/bench_triplet_margin.py --benchmark-only \
+		benchmarks/bench_triplet_margin.py benchmarks/bench_loss_family.py --benchmark-only \
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json --benchmark-columns=median,iqr,rounds -q
 	$(PYTHON) benchmarks/compare.py benchmarks/results/$(BENCH_NAME).json --markdown benchmarks/results/$(BENCH_NAME).md \
 		--plot benchmarks/results/$(BENCH_NAME).png --readme README.md

@@ -25,12 +25,17 @@ FAMILIES = {
     "batch_hard": ("Batch-hard triplet loss", ["eager", "compile(eager)", "reference", "compile(reference)", "pml"]),
     "pairwise_distance": ("Pairwise distance matrix", ["eager", "reference", "compile(reference)", "pml"]),
     "triplet_margin": ("Triplet margin loss over explicit triplets", ["eager", "reference", "compile(reference)", "pml"]),
+    "batch_all": ("Batch-all triplet loss (every valid triplet)", ["reference", "compile(reference)", "pml"]),
+    "semi_hard": ("Semi-hard triplet loss (TF-Addons semantics)", ["reference", "compile(reference)"]),
+    "contrastive": ("Contrastive loss (all pairs)", ["reference", "compile(reference)", "pml"]),
 }
 PEER_NAMES = {
     ("batch_hard", "eager"): "eager (cdist + masks)",
     ("pairwise_distance", "eager"): "torch.cdist",
     ("triplet_margin", "eager"): "F.triplet_margin_loss",
     "compile(eager)": "torch.compile(eager)",
+    ("batch_all", "reference"): "eager B³ (tripletops.reference)",
+    ("semi_hard", "reference"): "eager TF-Addons-style B³ (tripletops.reference)",
     "reference": "tripletops.reference",
     "compile(reference)": "torch.compile(reference)",
     "pml": "PML",
@@ -123,7 +128,11 @@ def targets(rows: dict, device: str) -> list[str]:
             checks.append((f"B={b}, D={d}, fp32: ≥ 5× faster than eager", ("batch_hard", device, "fwd+bwd", b, d, None),
                            "eager", "tripletops", 5.0, "≥"))
         checks.append(("B=4096, D=512: ≤ 1.0× one x·xᵀ GEMM", None, None, None, 1.0, "≤gemm"))
+        checks.append(("batch-all, B=512, D=128: ≥ 10× the eager B³ version", ("batch_all", device, "fwd+bwd", 512, 128,
+                       None), "reference", "tripletops", 10.0, "≥"))
     else:
+        checks.append(("batch-all, B=512, D=128: ≥ 50× the eager B³ version", ("batch_all", device, "fwd+bwd", 512, 128,
+                       None), "reference", "tripletops", 50.0, "≥"))
         checks.append(("B=256, D=128, fp32: ≥ 10× eager", ("batch_hard", device, "fwd+bwd", 256, 128, None),
                        "eager", "tripletops", 10.0, "≥"))
         checks.append(("B=256, D=128, fp32: ≥ 4× torch.compile(reference)", ("batch_hard", device, "fwd+bwd", 256, 128, None),
@@ -170,7 +179,7 @@ def report(run: dict, devices: list[str], *, full: bool, plot_names: dict[str, s
         out += bank_lines(rows, device) + [""]
         for family in FAMILIES:
             for mode in (MODES if full else ["fwd+bwd"]):
-                if full or family == "batch_hard":
+                if full or family in ("batch_hard", "batch_all"):
                     out += family_tables(rows, family, device, mode)
         if device in plot_names:
             out += [f"![speedup and peak memory against batch size, {device}]({plot_names[device]})", ""]

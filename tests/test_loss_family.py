@@ -61,7 +61,11 @@ def test_matches_float64_reference(name, reduction, device, dtype, metric, b, d,
         assert torch.isinf(loss).any()
         return
     assert_close_rel(loss, ref_loss, LOSS_RTOL[dtype], "loss")
-    if dtype in (torch.float64, torch.float32):
+    if name == "contrastive" and metric == "cosine" and d == 1 and dtype != torch.float64:
+        # D = 1 cosine distances are constant (0 or 2): the exact gradient is 0, and what
+        # either side computes is the rounding noise of its normalization.
+        assert torch.isfinite(grad).all()
+    elif dtype in (torch.float64, torch.float32):
         assert_grad_close(grad, ref_grad, GRAD_RTOL[dtype])
     else:
         assert torch.isfinite(grad).all()
@@ -237,7 +241,8 @@ def test_modules_match_functions():
 
 def test_autocast_gives_finite_results():
     x, y = make_batch(16, 8, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernels' own GEMMs must not be autocast
+        torch.testing.assert_close(tripletops.pairwise_distance(x), tripletops.pairwise_distance(x.double()).float())
         h = x @ torch.eye(8)
         for fn in (tripletops.batch_all_loss, tripletops.semi_hard_loss, tripletops.contrastive_loss):
             assert torch.isfinite(fn(h, y))

@@ -14,7 +14,7 @@ import torch
 from . import _validate, reference
 from ._ext import use_extension
 from .distance import pairwise_distance
-from .reference import _maybe_normalize
+from .reference import _compute, _maybe_normalize
 
 
 def _distances(embeddings: torch.Tensor, metric: str) -> torch.Tensor:
@@ -112,8 +112,9 @@ def contrastive_loss(
             (over all B(B−1)/2 pairs), ``"sum"``, or ``"none"`` for the per-pair losses
             in ``torch.triu_indices(B, B, 1)`` order.
 
-    The distance matrix comes from the `pairwise_distance` kernel; the per-pair terms
-    are elementwise on it (O(B²), what all-pairs needs).
+    The distance matrix comes from the `pairwise_distance` kernel (fp32 for fp16/bf16/fp32
+    inputs, fp64 for fp64); the per-pair terms are elementwise on it, masked to i < j
+    (O(B²), what all-pairs needs).
 
     Example::
 
@@ -121,5 +122,20 @@ def contrastive_loss(
     """
     _validate.contrastive(embeddings, labels, metric, reduction, pos_margin, neg_margin)
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
-    return reference._contrastive(_distances(embeddings, metric), embeddings, labels, pos_margin, neg_margin,
-                                  reduction)
+    d = pairwise_distance(_compute(embeddings), metric=metric)
+    if reduction == "none":
+        return reference._contrastive(d, embeddings, labels, pos_margin, neg_margin, reduction)
+    # The terms of the whole (B, B) matrix, masked to i < j: no gather of B(B-1)/2 pairs.
+    b = len(labels)
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones(b, b, dtype=torch.bool, device=labels.device).triu_(1)
+    finite = torch.isfinite(embeddings).all(1)
+    terms = torch.where(same, torch.clamp(d - pos_margin, min=0), torch.clamp(neg_margin - d, min=0))
+    terms = torch.where(finite[:, None] & finite[None, :], terms, torch.full_like(terms, float("nan")))
+    terms = torch.where(upper, terms, torch.zeros_like(terms))
+    total = terms.sum()
+    if reduction == "mean":
+        total = total / max(1, b * (b - 1) // 2)
+    elif reduction == "mean_nonzero":
+        total = total / (terms > 0).sum().clamp(min=1)
+    return total.to(embeddings.dtype)

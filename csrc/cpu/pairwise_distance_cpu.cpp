@@ -3,6 +3,7 @@
 #include "rows_cpu.h"
 
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -35,6 +36,9 @@ void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
 at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& y,
                                  c10::string_view metric_name) {
   check_xy(x, y);
+  // The GEMMs below must stay in the compute dtype: under torch.autocast the mm calls
+  // would otherwise be cast to bf16/fp16 by the AutocastCPU key still in the TLS.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Metric metric = parse_metric(metric_name);
   const PreparedRows X = prepare_rows(x, metric);
   const PreparedRows Y = y.has_value() ? prepare_rows(*y, metric) : X;
@@ -73,6 +77,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
                                                                   const at::Tensor& dist,
                                                                   c10::string_view metric_name) {
   check_xy(x, y);
+  // The GEMMs below must stay in the compute dtype: under torch.autocast the mm calls
+  // would otherwise be cast to bf16/fp16 by the AutocastCPU key still in the TLS.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Metric metric = parse_metric(metric_name);
   const PreparedRows X = prepare_rows(x, metric);
   const PreparedRows Y = y.has_value() ? prepare_rows(*y, metric) : X;
