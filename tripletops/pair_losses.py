@@ -1,11 +1,12 @@
 """The losses over every triplet or pair of a batch: batch-all, semi-hard, contrastive.
 
-Each takes the batch's (B, B) distance matrix from the `pairwise_distance` kernel (a
-GEMM plus an exact recompute of close pairs) and reduces it in a fused kernel per
-anchor row. Memory is O(B²), never the O(B³) of the textbook formulations, and the
-backward is that kernel's (B, B) gradient followed by `pairwise_distance`'s O(B²·D) one.
-Distances are computed in float64 for every input dtype (see `_distances`); the result
-has the input's dtype.
+Each starts from the batch's (B, B) distance matrix, made by the `pairwise_distance`
+kernel (a GEMM plus an exact recompute of close pairs). Batch-all and semi-hard reduce
+it in a fused kernel per anchor row (csrc/cpu/loss_family_cpu.cpp), from float64
+distances for every input dtype (see `_distances`). Contrastive is elementwise on
+compute-dtype distances. Memory is O(B²), never the O(B³) of the textbook
+formulations, and the backward ends in `pairwise_distance`'s O(B²·D) one. Results have
+the input's dtype.
 """
 from __future__ import annotations
 
