@@ -19,6 +19,13 @@ def _cases():
     cases["no-valid-anchor-nonzero"] = {"data": "distinct", "kwargs": {"reduction": "mean_nonzero"}}
     cases["float32"] = {"data": "float32", "kwargs": {"margin": 0.3}}
     cases["nan"] = {"data": "nan", "kwargs": {}}
+    for fn, kwargs in (("batch_all_loss", {"margin": 0.3, "reduction": "mean_nonzero"}),
+                       ("batch_all_loss", {"margin": 0.3, "reduction": "mean", "soft_margin": True}),
+                       ("semi_hard_loss", {"margin": 0.5, "metric": "cosine"}),
+                       ("contrastive_loss", {"neg_margin": 1.5, "reduction": "mean"}),
+                       ("contrastive_loss", {"neg_margin": 1.5, "metric": "sqeuclidean", "reduction": "sum"})):
+        name = f"{fn}-" + "-".join(f"{k}={v}" for k, v in kwargs.items())
+        cases[name] = {"data": "random", "fn": fn, "kwargs": kwargs}
     return cases
 
 

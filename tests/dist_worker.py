@@ -30,11 +30,14 @@ def main() -> None:
         x = x_all[lo:hi].clone().requires_grad_(True)
         y = y_all[lo:hi]
         kw = dict(case["kwargs"])
-        loss = tdist.batch_hard_loss(x, y, **kw)
+        fn = case.get("fn", "batch_hard_loss")
+        loss = getattr(tdist, fn)(x, y, **kw)
         (loss.sum() if loss.dim() else loss).backward()
-        mined = tdist.batch_hard_mine(x.detach(), y, metric=kw.get("metric", "euclidean"),
-                                      normalize=kw.get("normalize", False))
-        results[name] = {"loss": loss.detach(), "grad": x.grad, "pos_idx": mined.pos_idx, "neg_idx": mined.neg_idx}
+        results[name] = {"loss": loss.detach(), "grad": x.grad}
+        if fn == "batch_hard_loss":
+            mined = tdist.batch_hard_mine(x.detach(), y, metric=kw.get("metric", "euclidean"),
+                                          normalize=kw.get("normalize", False))
+            results[name].update(pos_idx=mined.pos_idx, neg_idx=mined.neg_idx)
     # The gathered batch, with gradients back to their owners: sum of every rank's rows.
     x = torch.full((rank + 1, 3), float(rank), dtype=torch.float64, requires_grad=True)
     g = tdist.all_gather(x)

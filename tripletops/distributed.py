@@ -27,6 +27,12 @@ Mining is O(B_rank · N · D) per rank for a global batch of N. It runs as two f
 calls, the local batch against itself (an anchor is not its own positive) and against
 the other ranks' rows, merged with the tie rule of SPEC.md (smallest global index). The
 loss of the B_rank selected pairs is then recomputed exactly from the rows, O(B·D).
+
+`batch_all_loss`, `semi_hard_loss` and `contrastive_loss` keep the same contract in a
+simpler way: every rank computes the whole group's loss from the gathered batch (the
+same fused kernels, O(N²) work on every rank, W times redundant). That makes them
+identical to one process on the concatenated batch; per-rank anchor slices for them are
+not built yet.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from . import _validate
 from .batch_hard import batch_hard_mine as _local_mine
 from .reference import Mined, _maybe_normalize, _pairwise_distance_rows, _triplet_term
 
-__all__ = ["all_gather", "batch_hard_mine", "batch_hard_loss"]
+__all__ = ["all_gather", "batch_hard_mine", "batch_hard_loss", "batch_all_loss", "semi_hard_loss", "contrastive_loss"]
 
 
 def _group_info(group) -> tuple[int, int]:
@@ -209,3 +215,45 @@ def batch_hard_loss(
         count = (mined.valid if reduction == "mean" else loss > 0).sum().to(torch.int64)
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     return (total / count.clamp(min=1).to(compute)).to(dtype)
+
+
+def _whole_group_loss(loss_fn, embeddings, labels, group, kwargs):
+    """The group's loss on the gathered batch, on every rank. Each rank's backward sends
+    W × d(loss)/d(rows) home through the gather, which is the DDP scaling of the module
+    docstring."""
+    _validate.rows(embeddings, "embeddings")
+    _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
+    if kwargs.get("reduction") == "none":
+        raise ValueError("tripletops.distributed: reduction 'none' is not supported for this loss "
+                         "(every rank would hold the whole group's terms); use 'mean', 'mean_nonzero' or 'sum'")
+    world, _ = _group_info(group)
+    counts = _row_counts(embeddings, group, world)
+    gathered = all_gather(embeddings, group)
+    with torch.no_grad():
+        all_labels = _gather_padded(labels, counts, group)
+    return loss_fn(gathered, all_labels, **kwargs)
+
+
+def batch_all_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, group=None, **kwargs) -> torch.Tensor:
+    """`tripletops.batch_all_loss` over the whole group's batch (see the module docstring).
+
+    Keyword arguments are those of `tripletops.batch_all_loss`. Collective.
+    """
+    from .pair_losses import batch_all_loss as loss_fn
+
+    return _whole_group_loss(loss_fn, embeddings, labels, group, kwargs)
+
+
+def semi_hard_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, group=None, **kwargs) -> torch.Tensor:
+    """`tripletops.semi_hard_loss` over the whole group's batch (see the module docstring). Collective."""
+    from .pair_losses import semi_hard_loss as loss_fn
+
+    return _whole_group_loss(loss_fn, embeddings, labels, group, kwargs)
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, group=None, **kwargs) -> torch.Tensor:
+    """`tripletops.contrastive_loss` over the whole group's batch (see the module docstring).
+    Scalar reductions only. Collective."""
+    from .pair_losses import contrastive_loss as loss_fn
+
+    return _whole_group_loss(loss_fn, embeddings, labels, group, kwargs)
