@@ -27,8 +27,9 @@ forward, loss, backward, optimizer) around it. The two runs alternate step by st
 machine noise hits both alike.
 
 With --bank-size M the reference set is a FIFO cross-batch memory of M past embeddings
-(XBM, Wang et al. 2020): filled before the first step by embedding randomly drawn,
-shifted training images, and refreshed with each step's batch after its update. The
+(XBM, Wang et al. 2020; stored in a `tripletops.CrossBatchMemory`): filled before the
+first step by embedding randomly drawn, shifted training images, and refreshed with each
+step's batch after its update. The
 eager loss builds a B×M distance matrix; the fused one never does. Peak memory of the
 loss (forward + backward) is measured once for each.
 
@@ -236,9 +237,7 @@ class Run:
     model: nn.Module
     opt: torch.optim.Optimizer
     sampler: PKSampler
-    bank: Optional[torch.Tensor] = None
-    bank_labels: Optional[torch.Tensor] = None
-    bank_ptr: int = 0
+    memory: Optional[tripletops.CrossBatchMemory] = None  # the XBM bank of --bank-size, kept full
     losses: list = field(default_factory=list)
     loss_times: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
@@ -283,23 +282,25 @@ class Run:
         self.last_batch = (leaf.detach(), y)
         return leaf.detach(), y
 
+    @property
+    def bank(self) -> Optional[torch.Tensor]:
+        return None if self.memory is None else self.memory.memory
+
+    @property
+    def bank_labels(self) -> Optional[torch.Tensor]:
+        return None if self.memory is None else self.memory.memory_labels
+
     def enqueue(self, emb: torch.Tensor, y: torch.Tensor) -> None:
-        m, b = len(self.bank), len(emb)
-        idx = (self.bank_ptr + torch.arange(b, device=emb.device)) % m
-        self.bank[idx] = emb
-        self.bank_labels[idx] = y
-        self.bank_ptr = (self.bank_ptr + b) % m
+        self.memory.enqueue(emb, y)  # FIFO: overwrites the oldest rows
 
 
 @torch.no_grad()
 def fill_bank(run: Run, size: int, device: str, dim: int) -> None:
-    run.bank = torch.empty(size, dim, device=device, dtype=next(run.model.parameters()).dtype)
-    run.bank_labels = torch.empty(size, dtype=torch.int64, device=device)
+    run.memory = tripletops.CrossBatchMemory(size, dim)
     for start in range(0, size, 4096):
         n = min(4096, size - start)
         x, y = run.sampler.draw(n_batch=n)
-        run.bank[start:start + n] = run.model(x.to(device))
-        run.bank_labels[start:start + n] = y.to(device)
+        run.memory.enqueue(run.model(x.to(device)), y.to(device))
 
 
 def loss_peak_memory(run: Run, device: str, margin: float) -> int:
