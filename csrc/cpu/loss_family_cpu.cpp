@@ -43,7 +43,28 @@ struct AnchorRow {
     }
   }
   bool valid() const { return !pos.empty() && !neg.empty(); }
+  // A NaN loss keeps its NaN on the way to the embeddings: poison the row's gradient.
+  void poison(T* grad_row) const {
+    for (const auto& p : pos) grad_row[p.second] = std::numeric_limits<T>::quiet_NaN();
+    for (const auto& n : neg) grad_row[n.second] = std::numeric_limits<T>::quiet_NaN();
+  }
 };
+
+// fn(a, row) for every anchor a, with its row filled; parallel over anchors, so fn may
+// write only what belongs to anchor a.
+template <typename T, typename Fn>
+void for_each_anchor(const at::Tensor& dist, const at::Tensor& labels, const Fn& fn) {
+  const int64_t B = dist.size(0);
+  const T* d = dist.data_ptr<T>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    AnchorRow<T> row;
+    for (int64_t a = begin; a < end; ++a) {
+      row.fill(d + a * B, lab, a, B);
+      fn(a, row);
+    }
+  });
+}
 
 // ---- batch-all ------------------------------------------------------------------------
 
@@ -64,7 +85,7 @@ struct AllStats {
 // the hinge, sorted negatives and their prefix sums give each positive's sum at once:
 // sum over d_an < d_ap + m of (d_ap + m - d_an) = c (d_ap + m) - prefix[c].
 template <typename T>
-AllStats batch_all_anchor(AnchorRow<T>& row, double margin, bool soft, std::vector<double>& prefix) {
+AllStats batch_all_anchor(AnchorRow<T>& row, double margin, bool soft) {
   AllStats st;
   if (!row.valid()) return st;
   st.valid = int64_t(row.pos.size()) * int64_t(row.neg.size());
@@ -82,7 +103,7 @@ AllStats batch_all_anchor(AnchorRow<T>& row, double margin, bool soft, std::vect
     return st;
   }
   std::sort(row.neg.begin(), row.neg.end());
-  prefix.assign(row.neg.size() + 1, 0.0);
+  std::vector<double> prefix(row.neg.size() + 1, 0.0);
   for (size_t k = 0; k < row.neg.size(); ++k) prefix[k + 1] = prefix[k] + double(row.neg[k].first);
   for (const auto& p : row.pos) {
     const double t = double(p.first) + margin;  // in double: no rounding of d_ap + m
@@ -95,18 +116,8 @@ AllStats batch_all_anchor(AnchorRow<T>& row, double margin, bool soft, std::vect
 
 template <typename T>
 std::vector<AllStats> batch_all_stats(const at::Tensor& dist, const at::Tensor& labels, double margin, bool soft) {
-  const int64_t B = dist.size(0);
-  const T* d = dist.data_ptr<T>();
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  std::vector<AllStats> stats(B);
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    AnchorRow<T> row;
-    std::vector<double> prefix;
-    for (int64_t a = begin; a < end; ++a) {
-      row.fill(d + a * B, lab, a, B);
-      stats[a] = batch_all_anchor(row, margin, soft, prefix);
-    }
-  });
+  std::vector<AllStats> stats(dist.size(0));
+  for_each_anchor<T>(dist, labels, [&](int64_t a, AnchorRow<T>& row) { stats[a] = batch_all_anchor(row, margin, soft); });
   return stats;
 }
 
@@ -163,40 +174,28 @@ at::Tensor batch_all_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
     const double den = denominator(t, reduction);
     const double s = den > 0 ? grad.item<double>() / den : 0.0;
     if (s == 0 && !t.nan) return;
-    const T* d = in.dist.data_ptr<T>();
-    const int64_t* lab = in.labels.data_ptr<int64_t>();
     T* g = out.data_ptr<T>();
-    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-      AnchorRow<T> row;
-      std::vector<double> thresholds;
-      for (int64_t a = begin; a < end; ++a) {
-        row.fill(d + a * B, lab, a, B);
-        if (!row.valid()) continue;
-        T* ga = g + a * B;
-        if (row.nan) {  // keep the NaN on its way to the embeddings
-          for (const auto& p : row.pos) ga[p.second] = std::numeric_limits<T>::quiet_NaN();
-          for (const auto& n : row.neg) ga[n.second] = std::numeric_limits<T>::quiet_NaN();
-          continue;
-        }
-        if (soft_margin) {
-          for (const auto& p : row.pos)
-            for (const auto& n : row.neg) {
-              const double w = s * double(sigmoid(p.first - n.first));
-              ga[p.second] += T(w), ga[n.second] -= T(w);
-            }
-          continue;
-        }
-        // d/d d_ap = s * #(d_an < d_ap + m);  d/d d_an = -s * #(d_ap + m > d_an).
-        std::sort(row.neg.begin(), row.neg.end());
-        thresholds.clear();
-        for (const auto& p : row.pos) thresholds.push_back(double(p.first) + margin);
-        std::sort(thresholds.begin(), thresholds.end());
+    for_each_anchor<T>(in.dist, in.labels, [&](int64_t a, AnchorRow<T>& row) {
+      if (!row.valid()) return;
+      T* ga = g + a * B;
+      if (row.nan) return row.poison(ga);
+      if (soft_margin) {
         for (const auto& p : row.pos)
-          ga[p.second] += T(s * double(active_negatives(row.neg, double(p.first) + margin)));
-        for (const auto& n : row.neg) {  // positives whose threshold d_ap + m exceeds d_an
-          const auto c = thresholds.end() - std::upper_bound(thresholds.begin(), thresholds.end(), double(n.first));
-          ga[n.second] -= T(s * double(c));
-        }
+          for (const auto& n : row.neg) {
+            const double w = s * double(sigmoid(p.first - n.first));
+            ga[p.second] += T(w), ga[n.second] -= T(w);
+          }
+        return;
+      }
+      // d/d d_ap = s * #(d_an < d_ap + m);  d/d d_an = -s * #(d_ap + m > d_an).
+      std::sort(row.neg.begin(), row.neg.end());
+      std::vector<double> thresholds;
+      for (const auto& p : row.pos) thresholds.push_back(double(p.first) + margin);
+      std::sort(thresholds.begin(), thresholds.end());
+      for (const auto& p : row.pos) ga[p.second] += T(s * double(active_negatives(row.neg, double(p.first) + margin)));
+      for (const auto& n : row.neg) {  // positives whose threshold d_ap + m exceeds d_an
+        const auto c = thresholds.end() - std::upper_bound(thresholds.begin(), thresholds.end(), double(n.first));
+        ga[n.second] -= T(s * double(c));
       }
     });
   });
@@ -222,25 +221,16 @@ struct SemiStats {
 
 template <typename T>
 std::vector<SemiStats> semi_hard_stats(const at::Tensor& dist, const at::Tensor& labels, double margin) {
-  const int64_t B = dist.size(0);
-  const T* d = dist.data_ptr<T>();
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  std::vector<SemiStats> stats(B);
-  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-    AnchorRow<T> row;
-    for (int64_t a = begin; a < end; ++a) {
-      row.fill(d + a * B, lab, a, B);
-      SemiStats& st = stats[a];
-      if (!row.valid()) continue;  // no negative (or no positive): no pair counts
-      st.pairs = int64_t(row.pos.size());
-      if (row.nan) {
-        st.nan = true;
-        continue;
-      }
-      std::sort(row.neg.begin(), row.neg.end());
-      for (const auto& p : row.pos)
-        st.sum += double(relu_nan(p.first - semi_hard_negative(row.neg, p.first).first + T(margin)));
-    }
+  std::vector<SemiStats> stats(dist.size(0));
+  for_each_anchor<T>(dist, labels, [&](int64_t a, AnchorRow<T>& row) {
+    SemiStats& st = stats[a];
+    if (!row.valid()) return;  // no negative (or no positive): no pair counts
+    st.pairs = int64_t(row.pos.size());
+    st.nan = row.nan;
+    if (row.nan) return;
+    std::sort(row.neg.begin(), row.neg.end());
+    for (const auto& p : row.pos)
+      st.sum += double(relu_nan(p.first - semi_hard_negative(row.neg, p.first).first + T(margin)));
   });
   return stats;
 }
@@ -274,27 +264,16 @@ at::Tensor semi_hard_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
     const SemiStats t = semi_totals(semi_hard_stats<T>(in.dist, in.labels, margin));
     const double s = t.pairs > 0 ? grad.item<double>() / double(t.pairs) : 0.0;
     if (s == 0 && !t.nan) return;
-    const T* d = in.dist.data_ptr<T>();
-    const int64_t* lab = in.labels.data_ptr<int64_t>();
     T* g = out.data_ptr<T>();
-    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-      AnchorRow<T> row;
-      for (int64_t a = begin; a < end; ++a) {
-        row.fill(d + a * B, lab, a, B);
-        if (!row.valid()) continue;
-        T* ga = g + a * B;
-        if (row.nan) {
-          for (const auto& p : row.pos) ga[p.second] = std::numeric_limits<T>::quiet_NaN();
-          for (const auto& n : row.neg) ga[n.second] = std::numeric_limits<T>::quiet_NaN();
-          continue;
-        }
-        std::sort(row.neg.begin(), row.neg.end());
-        for (const auto& p : row.pos) {
-          const auto& n = semi_hard_negative(row.neg, p.first);
-          const T w = triplet_term_grad(p.first - n.first, T(margin), /*soft_margin=*/false);
-          if (w == T(0)) continue;
-          ga[p.second] += T(s), ga[n.second] -= T(s);
-        }
+    for_each_anchor<T>(in.dist, in.labels, [&](int64_t a, AnchorRow<T>& row) {
+      if (!row.valid()) return;
+      T* ga = g + a * B;
+      if (row.nan) return row.poison(ga);
+      std::sort(row.neg.begin(), row.neg.end());
+      for (const auto& p : row.pos) {
+        const auto& n = semi_hard_negative(row.neg, p.first);
+        if (triplet_term_grad(p.first - n.first, T(margin), /*soft_margin=*/false) == T(0)) continue;
+        ga[p.second] += T(s), ga[n.second] -= T(s);
       }
     });
   });
