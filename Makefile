@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench cuda-check gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -40,6 +40,22 @@ bench: install
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json --benchmark-columns=median,iqr,rounds -q
 	$(PYTHON) benchmarks/compare.py benchmarks/results/$(BENCH_NAME).json --markdown benchmarks/results/$(BENCH_NAME).md \
 		--plot benchmarks/results/$(BENCH_NAME).png --readme README.md
+
+# Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 against the installed torch
+# headers and print ptxas' register/spill report. No GPU needed; .ci/run runs it when nvcc exists.
+cuda-check: install
+	$(PYTHON) tools/cuda_check.py
+
+# On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest preinstalled):
+# build with the CUDA kernels, run the suite (CUDA cases included), compute-sanitizer
+# memcheck and racecheck over the CUDA tests, then the benchmarks and their report.
+gpu-check:
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) -c "import tripletops; print(tripletops.extension_available())"
+	$(PYTHON) -m pytest tests -q -rs
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest tests -q -k cuda -x
+	compute-sanitizer --tool racecheck --error-exitcode 1 $(PYTHON) -m pytest tests -q -k cuda -x
+	$(MAKE) bench BENCH_NAME=cuda
 
 clean:
 	rm -rf build *.egg-info tripletops/*.so .pytest_cache .benchmarks runs

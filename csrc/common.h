@@ -80,4 +80,29 @@ C10_HOST_DEVICE inline T triplet_term_grad(T diff, T margin, bool soft_margin) {
   return (z > T(0) || z != z) ? T(1) : T(0);
 }
 
+// A pair's gradient in difference form, for raw rows a, b:
+//   d dist / da = da * (a - b) + ea * b,   d dist / db = db * (a - b) + eb * a.
+// For (sq)euclidean ea = eb = 0 exactly, so only a - b is ever formed (a/d - b/d would
+// cancel catastrophically when |a| >> |a - b|). Cosine goes through F.normalize's
+// Jacobian: d/da = -(b_hat - a_hat c) / na when |a| > eps, else -b_hat / eps.
+struct PairGrad {
+  double da, ea, db, eb;
+  C10_HOST_DEVICE PairGrad scaled(double s) const { return {s * da, s * ea, s * db, s * eb}; }
+};
+
+C10_HOST_DEVICE inline PairGrad pair_grad(Metric metric, double dist, double dot, double a_sq, double b_sq) {
+  if (metric == Metric::SqEuclidean) return {2.0, 0.0, -2.0, 0.0};
+  if (metric == Metric::Euclidean) {
+    const double w = dist > 0 ? 1.0 / dist : (dist == 0 ? 0.0 : dist);  // 0 at d = 0; NaN stays NaN
+    return {w, 0.0, -w, 0.0};
+  }
+  // As alpha_a * a + beta * b and alpha_b * b + beta * a, then rewritten around a - b.
+  const double eps = kNormEps, ra = std::sqrt(a_sq), rb = std::sqrt(b_sq);
+  const double na = ra > eps ? ra : eps, nb = rb > eps ? rb : eps;
+  const double c = dot / (na * nb);
+  const double alpha_a = ra > eps ? c / (na * na) : 0.0, alpha_b = rb > eps ? c / (nb * nb) : 0.0;
+  const double beta = -1.0 / (na * nb);
+  return {alpha_a, alpha_a + beta, -alpha_b, alpha_b + beta};
+}
+
 }  // namespace tripletops

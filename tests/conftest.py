@@ -21,6 +21,17 @@ DEVICES = [
         ),
     ),
 ]
+
+
+def devices_for(op: str):
+    """Like DEVICES, for one op: its CUDA cases run where that op has a CUDA kernel
+    (the CUDA kernels land op by op)."""
+    from tripletops._ext import _op_covers
+
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() and _op_covers(op, "cuda")), reason=f"needs a CUDA GPU and a CUDA {op} kernel"))]
+
+
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 METRICS = ["euclidean", "sqeuclidean", "cosine"]
 REDUCTIONS = ["mean", "sum", "none", "mean_nonzero"]

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 import tripletops
 from tripletops import reference
 
-from conftest import DEVICES, DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel, assert_grad_close
+from conftest import (DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel, assert_grad_close,
+                      devices_for)
+
+DEVICES = devices_for("triplet_margin_loss")
 
 
 def triplets(n, d, dtype=torch.float32, device="cpu"):

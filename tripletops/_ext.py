@@ -20,11 +20,32 @@ class ReferenceFallbackWarning(UserWarning):
     """The compiled kernels are unavailable, so the pure-PyTorch reference runs instead."""
 
 
-def _covered_devices() -> Tuple[str, ...]:
+# The ops the Python layer calls; each may have kernels for some devices only (the CUDA
+# kernels land op by op).
+_OPS = ("pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss", "batch_all_loss",
+        "semi_hard_loss")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _coverage() -> dict:
+    """{(op, device): has a compiled kernel}, read once at import (a plain dict, so
+    torch.compile traces `use_extension` without calling into the dispatcher)."""
     if _LOAD_ERROR is not None:
-        return ()
+        return {}
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    return tuple(d for d in ("cpu", "cuda") if has_kernel("tripletops::batch_hard_loss", d.upper()))
+    return {(op, d): has_kernel(f"tripletops::{op}", key) for op in _OPS for d, key in _DISPATCH_KEYS.items()}
+
+
+_COVERAGE = _coverage()
+
+
+def _op_covers(op: str, device: str) -> bool:
+    return _COVERAGE.get((op, device), False)
+
+
+def _covered_devices() -> Tuple[str, ...]:
+    """The devices on which every op has a compiled kernel."""
+    return tuple(d for d in _DISPATCH_KEYS if all(_op_covers(op, d) for op in _OPS))
 
 
 _DEVICES = _covered_devices()
@@ -43,7 +64,8 @@ class ExtensionInfo:
 
 
 def extension_available() -> ExtensionInfo:
-    """Whether `tripletops._C` is loaded, and which device types its kernels cover.
+    """Whether `tripletops._C` is loaded, and the device types on which every op has a
+    kernel (a device where only some ops do is not listed; those ops still use it).
 
     Example::
 
@@ -64,9 +86,9 @@ def use_extension(op: str, tensor: torch.Tensor) -> bool:
     reference, or raises under TRIPLETOPS_STRICT=1.
     """
     device = tensor.device.type
-    if device in _DEVICES:
+    if _op_covers(op, device):
         return True
-    reason = _LOAD_ERROR or f"the compiled kernels cover {list(_DEVICES)}, not {device!r}"
+    reason = _LOAD_ERROR or f"no compiled {op} kernel for {device!r}"
     message = f"tripletops.{op}: compiled kernels unavailable ({reason}); running tripletops.reference instead"
     if os.environ.get("TRIPLETOPS_STRICT", "0") == "1":
         raise RuntimeError(message + " is forbidden by TRIPLETOPS_STRICT=1")

@@ -140,31 +140,6 @@ inline T row_distance(const T* a, const T* b, int64_t D, Metric metric) {
   return metric == Metric::Euclidean ? std::sqrt(total) : total;
 }
 
-// A pair's gradient in difference form, for raw rows a, b:
-//   d dist / da = da * (a - b) + ea * b,   d dist / db = db * (a - b) + eb * a.
-// For (sq)euclidean ea = eb = 0 exactly, so only a - b is ever formed (a/d - b/d would
-// cancel catastrophically when |a| >> |a - b|). Cosine goes through F.normalize's
-// Jacobian: d/da = -(b_hat - a_hat c) / na when |a| > eps, else -b_hat / eps.
-struct PairGrad {
-  double da, ea, db, eb;
-  PairGrad scaled(double s) const { return {s * da, s * ea, s * db, s * eb}; }
-};
-
-inline PairGrad pair_grad(Metric metric, double dist, double dot, double a_sq, double b_sq) {
-  if (metric == Metric::SqEuclidean) return {2.0, 0.0, -2.0, 0.0};
-  if (metric == Metric::Euclidean) {
-    const double w = dist > 0 ? 1.0 / dist : (dist == 0 ? 0.0 : dist);  // 0 at d = 0; NaN stays NaN
-    return {w, 0.0, -w, 0.0};
-  }
-  // As alpha_a * a + beta * b and alpha_b * b + beta * a, then rewritten around a - b.
-  const double eps = kNormEps, ra = std::sqrt(a_sq), rb = std::sqrt(b_sq);
-  const double na = std::max(ra, eps), nb = std::max(rb, eps);
-  const double c = dot / (na * nb);
-  const double alpha_a = ra > eps ? c / (na * na) : 0.0, alpha_b = rb > eps ? c / (nb * nb) : 0.0;
-  const double beta = -1.0 / (na * nb);
-  return {alpha_a, alpha_a + beta, -alpha_b, alpha_b + beta};
-}
-
 // Reduces per-item losses (compute dtype) into the op's loss. `valid` (uint8,
 // may be undefined = all valid) marks the items that count for "mean". Sums run
 // serially in double: deterministic and free of fp32 drift at large N.
