@@ -7,7 +7,9 @@ import torch
 import tripletops
 from tripletops import reference
 
-from conftest import DEVICES, DTYPES, METRICS, assert_close_rel, assert_grad_close
+from conftest import DTYPES, METRICS, assert_close_rel, assert_grad_close, devices_for
+
+DEVICES = devices_for("pairwise_distance")
 
 SHAPES = [(1, 1, 1), (1, 5, 3), (2, 3, 1), (7, 9, 5), (65, 33, 17), (130, 70, 64)]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}

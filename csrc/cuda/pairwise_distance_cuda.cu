@@ -1,0 +1,154 @@
+// Pairwise distances on CUDA, the twin of csrc/cpu/pairwise_distance_cpu.cpp: the Gram
+// matrix by one GEMM (ATen's, cuBLAS underneath), then an elementwise kernel that
+// turns it into distances and recomputes exactly, from the rows, every entry whose
+// Gram form would cancel (d^2 < (|x|^2 + |y|^2) / 8: near pairs, the diagonal). The
+// backward is two GEMMs on mean-centered rows, as on CPU. Indexing is 64-bit.
+// UNVERIFIED: compiled by `make cuda-check`, never run on a GPU.
+#include "../common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace tripletops {
+namespace cuda {
+namespace {
+
+constexpr double kCancellationRatio = 0.125;  // as on CPU
+
+// Rows in the compute dtype (fp32 for halves, fp64 for fp64), their squared norms, and
+// unit rows x / max(|x|, eps) for cosine: device-agnostic ATen, as csrc/cpu's prepare_rows.
+struct Rows {
+  at::Tensor rows, sq_norm;
+};
+Rows prepare(const at::Tensor& x, Metric metric) {
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor src = x.to(ct).contiguous();
+  const at::Tensor sq = src.square().sum(1);
+  if (metric != Metric::Cosine) return {src, sq};
+  return {(src / sq.sqrt().clamp_min(kNormEps).unsqueeze(1)).contiguous(), sq};
+}
+
+// Gram entries -> distances, in place; one thread per entry.
+template <typename T>
+__global__ void gram_to_distance_kernel(T* g, const T* __restrict__ x, const T* __restrict__ y,
+                                        const T* __restrict__ sx, const T* __restrict__ sy, int64_t N, int64_t M,
+                                        int64_t D, Metric metric) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * M) return;
+  const int64_t i = idx / M, j = idx % M;
+  if (metric == Metric::Cosine) {
+    g[idx] = T(1) - g[idx];
+    return;
+  }
+  T d2 = sx[i] + sy[j] - T(2) * g[idx];
+  if (!(d2 >= T(kCancellationRatio) * (sx[i] + sy[j]))) {  // cancels (or NaN): from the difference
+    d2 = T(0);
+    const T *xr = x + i * D, *yr = y + j * D;
+    for (int64_t k = 0; k < D; ++k) {
+      const T d = xr[k] - yr[k];
+      d2 += d * d;
+    }
+  }
+  g[idx] = metric == Metric::Euclidean ? sqrt(d2) : d2;
+}
+
+void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
+  TRIPLETOPS_CHECK_2D(x, "x");
+  TRIPLETOPS_CHECK_FLOAT(x, "x");
+  TORCH_CHECK(x.is_cuda(), "tripletops: x must be a CUDA tensor here");
+  TORCH_CHECK_VALUE(x.size(0) > 0 && x.size(1) > 0, "tripletops: x must be non-empty, got shape ", x.sizes());
+  if (y.has_value()) {
+    TRIPLETOPS_CHECK_2D(*y, "y");
+    TRIPLETOPS_CHECK_SAME_DEVICE(x, *y, "x", "y");
+    TORCH_CHECK_VALUE(y->size(0) > 0 && y->size(1) == x.size(1), "tripletops: y must be (M > 0, ", x.size(1),
+                      "), got ", y->sizes());
+    TORCH_CHECK_TYPE(y->scalar_type() == x.scalar_type(), "tripletops: y must have x's dtype ", x.scalar_type(),
+                     ", got ", y->scalar_type());
+  }
+}
+
+at::Tensor pairwise_distance_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& y,
+                                  c10::string_view metric_name) {
+  check_xy(x, y);
+  const c10::cuda::CUDAGuard guard(x.device());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMM in the compute dtype
+  const Metric metric = parse_metric(metric_name);
+  const Rows X = prepare(x, metric);
+  const Rows Y = y.has_value() ? prepare(*y, metric) : X;
+  at::Tensor dist = at::mm(X.rows, Y.rows.t());
+  const int64_t N = dist.size(0), M = dist.size(1), D = X.rows.size(1);
+  if (N * M > 0) {
+    const int threads = 256;
+    const int64_t blocks = (N * M + threads - 1) / threads;
+    TORCH_CHECK(blocks <= int64_t(0x7fffffff), "tripletops: distance matrix too large for one launch");
+    AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "pairwise_distance_cuda", [&] {
+      gram_to_distance_kernel<scalar_t><<<unsigned(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          dist.data_ptr<scalar_t>(), X.rows.data_ptr<scalar_t>(), Y.rows.data_ptr<scalar_t>(),
+          X.sq_norm.data_ptr<scalar_t>(), Y.sq_norm.data_ptr<scalar_t>(), N, M, D, metric);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return dist.to(x.scalar_type());
+}
+
+// F.normalize's Jacobian applied to g (rows of d/d unit-row): (g - r (r.g)) / |x| when
+// |x| > eps, else g / eps. ATen ops on the device.
+at::Tensor through_normalize(const at::Tensor& g, const Rows& R) {
+  const at::Tensor norm = R.sq_norm.sqrt().unsqueeze(1);
+  const at::Tensor proj = norm > kNormEps;
+  const at::Tensor c = (R.rows * g).sum(1, /*keepdim=*/true);
+  return at::where(proj, (g - R.rows * c) / norm, g / kNormEps);
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const c10::optional<at::Tensor>& y,
+                                                                   const at::Tensor& dist,
+                                                                   c10::string_view metric_name) {
+  check_xy(x, y);
+  const c10::cuda::CUDAGuard guard(x.device());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Metric metric = parse_metric(metric_name);
+  const Rows X = prepare(x, metric);
+  const Rows Y = y.has_value() ? prepare(*y, metric) : X;
+  const auto ct = X.rows.scalar_type();
+  at::Tensor W = grad.to(ct);
+  const at::Tensor d = dist.to(ct);
+  at::Tensor gx, gy;
+  if (metric == Metric::Cosine) {
+    gx = through_normalize(-W.mm(Y.rows), X);
+    gy = through_normalize(-W.t().mm(X.rows), Y);
+  } else {
+    if (metric == Metric::SqEuclidean) {
+      W = W * 2.0;
+    } else {  // d/d(x - y) of |x - y| is (x - y) / d, and 0 at zero distance; NaN stays NaN
+      W = at::where(d > 0, W / d, at::where(d == 0, at::zeros_like(d), d));
+    }
+    const at::Tensor mu = X.rows.mean(0);
+    const at::Tensor Xc = X.rows - mu, Yc = y.has_value() ? Y.rows - mu : Xc;
+    gx = Xc * W.sum(1, /*keepdim=*/true) - W.mm(Yc);
+    gy = Yc * W.sum(0).unsqueeze(1) - W.t().mm(Xc);
+  }
+  if (!y.has_value()) return {(gx + gy).to(x.scalar_type()), at::empty({0}, x.options())};
+  return {gx.to(x.scalar_type()), gy.to(y->scalar_type())};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace tripletops
+
+TORCH_LIBRARY_IMPL(tripletops, CUDA, m) {
+  m.impl("pairwise_distance", &tripletops::cuda::pairwise_distance_cuda);
+  m.impl("pairwise_distance_backward", &tripletops::cuda::pairwise_distance_backward_cuda);
+}
