@@ -49,6 +49,24 @@ inline Reduction parse_reduction(std::string_view s) {
   TORCH_CHECK((x).device() == (y).device(), "tripletops: ", xname, " and ", yname,         \
               " must be on the same device, got ", (x).device(), " and ", (y).device())
 
+// The explicit-triplet ops' input checks, shared by the CPU and CUDA kernels.
+inline void check_triplets(const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, c10::DeviceType device) {
+  const char* names[] = {"anchor", "positive", "negative"};
+  const at::Tensor* ts[] = {&a, &p, &n};
+  for (int i = 0; i < 3; ++i) {
+    TRIPLETOPS_CHECK_2D(*ts[i], names[i]);
+    TRIPLETOPS_CHECK_FLOAT(*ts[i], names[i]);
+    TORCH_CHECK(ts[i]->device().type() == device, "tripletops: ", names[i], " must be a ", device,
+                " tensor here, got ", ts[i]->device());
+    TRIPLETOPS_CHECK_SAME_DEVICE(*ts[i], a, names[i], "anchor");
+    TORCH_CHECK_VALUE(ts[i]->sizes() == a.sizes(), "tripletops: ", names[i], " must have the anchor's shape ",
+                      a.sizes(), ", got ", ts[i]->sizes());
+    TORCH_CHECK_TYPE(ts[i]->scalar_type() == a.scalar_type(), "tripletops: ", names[i],
+                     " must have the anchor's dtype ", a.scalar_type(), ", got ", ts[i]->scalar_type());
+  }
+  TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, "tripletops: anchor must be non-empty, got shape ", a.sizes());
+}
+
 // max(0, z) that keeps NaN (std::max(0, NaN) would return 0 and hide it).
 template <typename T>
 C10_HOST_DEVICE inline T relu_nan(T z) {

@@ -13,21 +13,6 @@ namespace tripletops {
 namespace cpu {
 namespace {
 
-void check_triplets(const at::Tensor& a, const at::Tensor& p, const at::Tensor& n) {
-  const char* names[] = {"anchor", "positive", "negative"};
-  const at::Tensor* ts[] = {&a, &p, &n};
-  for (int i = 0; i < 3; ++i) {
-    TRIPLETOPS_CHECK_2D(*ts[i], names[i]);
-    TRIPLETOPS_CHECK_FLOAT(*ts[i], names[i]);
-    TORCH_CHECK(ts[i]->device().is_cpu(), "tripletops: ", names[i], " must be a CPU tensor here");
-    TORCH_CHECK_VALUE(ts[i]->sizes() == a.sizes(), "tripletops: ", names[i], " must have the anchor's shape ",
-                      a.sizes(), ", got ", ts[i]->sizes());
-    TORCH_CHECK_TYPE(ts[i]->scalar_type() == a.scalar_type(), "tripletops: ", names[i],
-                     " must have the anchor's dtype ", a.scalar_type(), ", got ", ts[i]->scalar_type());
-  }
-  TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, "tripletops: anchor must be non-empty, got shape ", a.sizes());
-}
-
 // Sum over k of (a[k] - b[k])^2, or of a[k] * b[k] for cosine (unit rows), in eight
 // partial sums in a fixed order (vectorizable, repeatable; the order of row_distance).
 // `zero` gathers (a[k] + b[k]) * 0: 0 when both rows are finite, NaN otherwise.
@@ -105,7 +90,7 @@ inline at::Tensor forward_rows(const at::Tensor& x, Metric metric) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_cpu(
     const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative, double margin,
     c10::string_view metric_name, bool swap, c10::string_view reduction_name) {
-  check_triplets(anchor, positive, negative);
+  check_triplets(anchor, positive, negative, c10::DeviceType::CPU);
   const Metric metric = parse_metric(metric_name);
   const Reduction reduction = parse_reduction(reduction_name);
   const at::Tensor A = forward_rows(anchor, metric), P = forward_rows(positive, metric),
@@ -257,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
     const at::Tensor& d_ap, const at::Tensor& d_an, const at::Tensor& d_pn, double margin,
     c10::string_view metric_name, bool swap, c10::string_view reduction_name) {
-  check_triplets(anchor, positive, negative);
+  check_triplets(anchor, positive, negative, c10::DeviceType::CPU);
   const Metric metric = parse_metric(metric_name);
   const Reduction reduction = parse_reduction(reduction_name);
   const at::Tensor A = anchor.contiguous(), P = positive.contiguous(), N = negative.contiguous();

@@ -152,22 +152,6 @@ __global__ void triplet_backward_kernel(const scalar_t* __restrict__ a, const sc
   }
 }
 
-void check_triplets(const at::Tensor& a, const at::Tensor& p, const at::Tensor& n) {
-  const char* names[] = {"anchor", "positive", "negative"};
-  const at::Tensor* ts[] = {&a, &p, &n};
-  for (int i = 0; i < 3; ++i) {
-    TRIPLETOPS_CHECK_2D(*ts[i], names[i]);
-    TRIPLETOPS_CHECK_FLOAT(*ts[i], names[i]);
-    TORCH_CHECK(ts[i]->is_cuda(), "tripletops: ", names[i], " must be a CUDA tensor here");
-    TRIPLETOPS_CHECK_SAME_DEVICE(*ts[i], a, names[i], "anchor");
-    TORCH_CHECK_VALUE(ts[i]->sizes() == a.sizes(), "tripletops: ", names[i], " must have the anchor's shape ",
-                      a.sizes(), ", got ", ts[i]->sizes());
-    TORCH_CHECK_TYPE(ts[i]->scalar_type() == a.scalar_type(), "tripletops: ", names[i],
-                     " must have the anchor's dtype ", a.scalar_type(), ", got ", ts[i]->scalar_type());
-  }
-  TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, "tripletops: anchor must be non-empty, got shape ", a.sizes());
-}
-
 inline unsigned blocks_for(int64_t N) {
   const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
   TORCH_CHECK(blocks <= int64_t(0x7fffffff), "tripletops: too many triplets for one launch: ", N);
@@ -177,7 +161,7 @@ inline unsigned blocks_for(int64_t N) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_cuda(
     const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative, double margin,
     c10::string_view metric_name, bool swap, c10::string_view reduction_name) {
-  check_triplets(anchor, positive, negative);
+  check_triplets(anchor, positive, negative, c10::DeviceType::CUDA);
   const Metric metric = parse_metric(metric_name);
   const Reduction reduction = parse_reduction(reduction_name);
   const c10::cuda::CUDAGuard guard(anchor.device());
@@ -202,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cuda
     const at::Tensor& grad, const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
     const at::Tensor& d_ap, const at::Tensor& d_an, const at::Tensor& d_pn, double margin,
     c10::string_view metric_name, bool swap, c10::string_view reduction_name) {
-  check_triplets(anchor, positive, negative);
+  check_triplets(anchor, positive, negative, c10::DeviceType::CUDA);
   const Metric metric = parse_metric(metric_name);
   const Reduction reduction = parse_reduction(reduction_name);
   const c10::cuda::CUDAGuard guard(anchor.device());
