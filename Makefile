@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo bench cuda-check gpu-check clean
+.PHONY: install test test-fast demo bench cuda-check cuda-emu gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -45,6 +45,12 @@ bench: install
 # headers and print ptxas' register/spill report. No GPU needed; .ci/run runs it when nvcc exists.
 cuda-check: install
 	$(PYTHON) tools/cuda_check.py
+
+# The CUDA kernels executed on the CPU: csrc/cuda/*.cu compiled by g++ against the SIMT
+# emulator in tools/cuda_emu (ASan + UBSan), its self-test, then the suite's cuda-emu cases
+# against the same references. Ends with "cuda-emu: N of M __global__ kernels launched".
+cuda-emu: install
+	$(PYTHON) tools/cuda_emu/run.py
 
 # On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest preinstalled):
 # build with the CUDA kernels, run the suite (CUDA cases included), compute-sanitizer

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/util/Optional.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
@@ -65,6 +67,40 @@ inline void check_triplets(const at::Tensor& a, const at::Tensor& p, const at::T
                      " must have the anchor's dtype ", a.scalar_type(), ", got ", ts[i]->scalar_type());
   }
   TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, "tripletops: anchor must be non-empty, got shape ", a.sizes());
+}
+
+// The mining ops' input checks (batch_hard_mine / batch_hard_loss), shared by the CPU and
+// CUDA kernels; `device` is the device type the calling kernel takes.
+inline void check_mining_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
+                                const c10::optional<at::Tensor>& ref_embeddings,
+                                const c10::optional<at::Tensor>& ref_labels, c10::DeviceType device) {
+  TRIPLETOPS_CHECK_2D(embeddings, "embeddings");
+  TRIPLETOPS_CHECK_FLOAT(embeddings, "embeddings");
+  TORCH_CHECK_VALUE(embeddings.size(0) > 0 && embeddings.size(1) > 0,
+                    "tripletops: embeddings must be non-empty (B > 0, D > 0), got shape ", embeddings.sizes());
+  TRIPLETOPS_CHECK_LABELS(labels, "labels");
+  TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, labels, "embeddings", "labels");
+  TORCH_CHECK_VALUE(labels.size(0) == embeddings.size(0), "tripletops: labels must have B = ", embeddings.size(0),
+                    " entries (one per embedding), got ", labels.size(0));
+  TORCH_CHECK_VALUE(ref_embeddings.has_value() == ref_labels.has_value(),
+                    "tripletops: ref_embeddings and ref_labels must be given together");
+  if (ref_embeddings.has_value()) {
+    const at::Tensor& ref = *ref_embeddings;
+    TRIPLETOPS_CHECK_2D(ref, "ref_embeddings");
+    TRIPLETOPS_CHECK_FLOAT(ref, "ref_embeddings");
+    TORCH_CHECK_VALUE(ref.size(0) > 0, "tripletops: ref_embeddings must have at least one row");
+    TORCH_CHECK_VALUE(ref.size(1) == embeddings.size(1), "tripletops: ref_embeddings must have D = ",
+                      embeddings.size(1), " columns like embeddings, got ", ref.size(1));
+    TORCH_CHECK_TYPE(ref.scalar_type() == embeddings.scalar_type(), "tripletops: ref_embeddings must have dtype ",
+                     embeddings.scalar_type(), " like embeddings, got ", ref.scalar_type());
+    TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref_embeddings");
+    TRIPLETOPS_CHECK_LABELS(*ref_labels, "ref_labels");
+    TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, *ref_labels, "embeddings", "ref_labels");
+    TORCH_CHECK_VALUE(ref_labels->size(0) == ref.size(0), "tripletops: ref_labels must have M = ", ref.size(0),
+                      " entries (one per ref_embeddings row), got ", ref_labels->size(0));
+  }
+  TORCH_CHECK(embeddings.device().type() == device, "tripletops: this kernel takes ", device, " tensors, got ",
+              embeddings.device());
 }
 
 // max(0, z) that keeps NaN (std::max(0, NaN) would return 0 and hide it).

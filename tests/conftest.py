@@ -10,7 +10,34 @@ import tripletops
 
 STRICT = os.environ.get("TRIPLETOPS_STRICT", "0") == "1"
 
-# CUDA cases are listed everywhere and skip visibly where no GPU (or no CUDA kernel) exists.
+# The CUDA kernels under the SIMT emulator (make cuda-emu builds the library and sets
+# TRIPLETOPS_EMU_LIB): their cases take CPU tensors routed to the emulated kernels.
+EMU_LIB = os.environ.get("TRIPLETOPS_EMU_LIB")
+EMU = False
+if EMU_LIB:
+    torch.ops.load_library(EMU_LIB)
+    from tripletops import _ops as _tripletops_ops
+
+    _tripletops_ops._register("tripletops_emu")
+    EMU = True
+
+
+def _emu_covers(op: str) -> bool:
+    return EMU and torch._C._dispatch_has_kernel_for_dispatch_key(f"tripletops_emu::{op}", "CPU")
+
+
+def _cuda_emu_param(op: str | None = None):
+    """The "cuda-emu" case: device "cpu", run inside tripletops._ext.emulated_cuda(). For
+    one op, or (op None) for every op, as the "cuda" case needs every op's CUDA kernel."""
+    from tripletops._ext import _OPS
+
+    covered = all(_emu_covers(o) for o in ([op] if op else _OPS))
+    reason = "needs make cuda-emu (TRIPLETOPS_EMU_LIB)" if not EMU else f"no emulated CUDA kernel for {op or 'every op'}"
+    return pytest.param("cpu", id="cuda-emu", marks=[pytest.mark.cuda_emu, pytest.mark.skipif(not covered, reason=reason)])
+
+
+# CUDA cases are listed everywhere and skip visibly where no GPU (or no CUDA kernel) exists;
+# cuda-emu cases run the same tests against the emulated CUDA kernels.
 DEVICES = [
     "cpu",
     pytest.param(
@@ -20,6 +47,7 @@ DEVICES = [
             reason="needs a CUDA GPU and tripletops' CUDA kernels",
         ),
     ),
+    _cuda_emu_param(),
 ]
 
 
@@ -29,7 +57,20 @@ def devices_for(op: str):
     from tripletops._ext import _op_covers
 
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-        not (torch.cuda.is_available() and _op_covers(op, "cuda")), reason=f"needs a CUDA GPU and a CUDA {op} kernel"))]
+        not (torch.cuda.is_available() and _op_covers(op, "cuda")), reason=f"needs a CUDA GPU and a CUDA {op} kernel")),
+        _cuda_emu_param(op)]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """cuda-emu cases run with the ops routed to the emulated CUDA kernels."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    from tripletops._ext import emulated_cuda
+
+    with emulated_cuda():
+        yield
 
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -43,7 +84,8 @@ GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torc
 
 def pytest_report_header(config):
     info = tripletops.extension_available()
-    return f"tripletops: extension loaded={info.loaded} devices={info.devices} strict={STRICT} error={info.error}"
+    return (f"tripletops: extension loaded={info.loaded} devices={info.devices} strict={STRICT} error={info.error}"
+            f" cuda-emu={EMU_LIB if EMU else 'off'}")
 
 
 @pytest.fixture(autouse=True)

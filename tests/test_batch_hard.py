@@ -7,8 +7,11 @@ import torch
 import tripletops
 from tripletops import reference
 
-from conftest import (DEVICES, DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel,
-                      assert_grad_close, make_batch)
+from conftest import (DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel, assert_grad_close,
+                      devices_for, make_batch)
+
+# cpu, cuda (a GPU), cuda-emu (the CUDA kernels under the SIMT emulator, make cuda-emu)
+DEVICES = devices_for("batch_hard_loss")
 
 # (B, D, classes): B = 1, 2, odd sizes, sizes around the 64/128-row tiles, D = 1.
 SHAPES = [(1, 4, 1), (2, 3, 2), (2, 1, 1), (7, 5, 3), (33, 1, 4), (64, 16, 8), (65, 9, 5), (130, 33, 13),
@@ -151,33 +154,37 @@ def test_label_dtypes_and_large_values(label_dtype):
         assert torch.equal(tripletops.batch_hard_loss(x, big), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ties_go_to_smallest_index(metric, dtype):
+@pytest.mark.parametrize("b", [90, 300])
+def test_ties_go_to_smallest_index(device, metric, dtype, b):
     """Small-integer embeddings: every distance is exact in both paths, with many exact ties."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(-1, 2, (90, 3), generator=g).to(dtype)
-    y = torch.randint(0, 4, (90,), generator=g)
+    x = torch.randint(-1, 2, (b, 3), generator=g).to(dtype)
+    y = torch.randint(0, 4, (b,), generator=g)
     if metric == "cosine":
         x[x.abs().sum(1) == 0] = 1.0  # zero rows have no direction
+    x, y = x.to(device), y.to(device)
     m = tripletops.batch_hard_mine(x, y, metric=metric)
     r = reference.batch_hard_mine(x.double(), y, metric=metric)
     if metric == "cosine":  # 1 - cos is not exact in floating point: only near-ties may differ
-        mined_like_reference(m, r, reference.pairwise_distance(x.double(), metric=metric))
+        mined_like_reference(m, r, reference.pairwise_distance(x.double(), metric=metric).cpu())
         return
-    assert torch.equal(m.pos_idx, r.pos_idx)
-    assert torch.equal(m.neg_idx, r.neg_idx)
+    assert torch.equal(m.pos_idx.cpu(), r.pos_idx.cpu())
+    assert torch.equal(m.neg_idx.cpu(), r.neg_idx.cpu())
     # and the fused loss picks the same pairs
     loss = tripletops.batch_hard_loss(x, y, metric=metric, reduction="none")
     assert_close_rel(loss, reference.batch_hard_loss(x.double(), y, metric=metric, reduction="none"), 1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", ["one class", "all distinct", "single row"])
-def test_no_valid_anchor_gives_exact_zero(reduction, case):
+def test_no_valid_anchor_gives_exact_zero(device, reduction, case):
     b = 1 if case == "single row" else 12
-    x = torch.randn(b, 6, requires_grad=True)
-    y = torch.zeros(b, dtype=torch.long) if case == "one class" else torch.arange(b)
+    x = torch.randn(b, 6, device=device, requires_grad=True)
+    y = torch.zeros(b, dtype=torch.long, device=device) if case == "one class" else torch.arange(b, device=device)
     loss = tripletops.batch_hard_loss(x, y, reduction=reduction)
     assert bool((loss == 0).all())
     loss.sum().backward()
@@ -187,15 +194,17 @@ def test_no_valid_anchor_gives_exact_zero(reduction, case):
     assert bool((m.pos_idx == -1).all()) if case != "one class" else bool((m.neg_idx == -1).all())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
-def test_mean_nonzero_with_all_zero_losses(metric):
+def test_mean_nonzero_with_all_zero_losses(device, metric):
     """Two tight, well separated clusters: every anchor is valid but satisfied (loss 0), so
     "mean_nonzero" has an empty denominator: exactly 0 with zero gradients, while "mean"
     is a plain 0 over valid anchors."""
     g = torch.Generator().manual_seed(2)
     centers = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     y = torch.arange(10) % 2
-    x = (centers[y] * 10 + 0.01 * torch.randn(10, 3, generator=g)).requires_grad_(True)
+    x = (centers[y] * 10 + 0.01 * torch.randn(10, 3, generator=g)).to(device).requires_grad_(True)
+    y = y.to(device)
     for reduction in ("mean_nonzero", "mean"):
         loss = tripletops.batch_hard_loss(x, y, margin=0.1, metric=metric, reduction=reduction)
         assert loss.item() == 0.0
@@ -206,17 +215,18 @@ def test_mean_nonzero_with_all_zero_losses(metric):
                                          reduction=reduction).item() == 0.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_duplicate_embeddings_have_finite_gradients(metric, dtype):
+def test_duplicate_embeddings_have_finite_gradients(device, metric, dtype):
     """Duplicates sit at distance 0, where the naive sqrt(|a|^2+|b|^2-2ab) gradient is NaN.
 
     Copies of one vector are exact ties, which floating-point Gram entries may break
     either way; the loss and the gradient summed over each group of copies do not
     depend on which copy was picked, so those are compared."""
-    base = torch.randn(6, 5, dtype=dtype)
+    base = torch.randn(6, 5, dtype=dtype, device=device)
     x = base.repeat(3, 1).requires_grad_(True)       # every row appears 3 times
-    y = torch.arange(6).repeat(3)                    # ... with its own class: positives at d = 0
+    y = torch.arange(6, device=device).repeat(3)     # ... with its own class: positives at d = 0
     x64 = x.detach().double().requires_grad_(True)
     loss = tripletops.batch_hard_loss(x, y, metric=metric, margin=1.0)
     ref = reference.batch_hard_loss(x64, y, metric=metric, margin=1.0)
@@ -227,18 +237,19 @@ def test_duplicate_embeddings_have_finite_gradients(metric, dtype):
     group = lambda g: g.double().view(3, 6, 5).sum(0)
     assert_grad_close(group(x.grad), group(x64.grad), 1e-4)
     # also when the anchor coincides with its negative
-    x2 = torch.zeros(4, 3, dtype=dtype, requires_grad=True)
-    loss2 = tripletops.batch_hard_loss(x2, torch.tensor([0, 0, 1, 1]), metric="euclidean")
+    x2 = torch.zeros(4, 3, dtype=dtype, device=device, requires_grad=True)
+    loss2 = tripletops.batch_hard_loss(x2, torch.tensor([0, 0, 1, 1], device=device), metric="euclidean")
     loss2.backward()
     assert loss2.item() == pytest.approx(0.2) and torch.equal(x2.grad, torch.zeros_like(x2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("where", ["batch", "bank"])
-def test_nan_and_inf_give_nan(bad, metric, where):
-    x, y = make_batch(20, 4, 3)
-    bank, bank_y = make_batch(30, 4, 3, seed=9)
+def test_nan_and_inf_give_nan(device, bad, metric, where):
+    x, y = make_batch(20, 4, 3, device=device)
+    bank, bank_y = make_batch(30, 4, 3, seed=9, device=device)
     kw = {}
     if where == "bank":
         bank[7, 2] = bad
@@ -250,7 +261,7 @@ def test_nan_and_inf_give_nan(bad, metric, where):
     per = tripletops.batch_hard_loss(x, y, metric=metric, reduction="none", **kw)
     ref = reference.batch_hard_loss(x.double(), y, metric=metric, reduction="none",
                                     **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()})
-    assert torch.equal(torch.isnan(per), torch.isnan(ref))
+    assert torch.equal(torch.isnan(per).cpu(), torch.isnan(ref).cpu())
 
 
 def test_slow_path_agrees_on_finite_anchors():
@@ -266,27 +277,30 @@ def test_slow_path_agrees_on_finite_anchors():
     assert_close_rel(m.pos_dist, r.pos_dist, 1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
 @pytest.mark.parametrize("bank", [False, True])
-def test_far_from_origin_fp32(metric, bank):
+def test_far_from_origin_fp32(device, metric, bank):
     """Embeddings far from the origin, spread small: d^2 << |x|^2. Mining must still find
     the right pairs in fp32 (the |a|^2 + |b|^2 - 2ab form alone would cancel to noise).
     (Cosine is left out: 1 - cos of ~1e-7 is below fp32's resolution in any formulation.)"""
     x, y = make_batch(64, 8, 8, dtype=torch.float64)
-    x = (x * 0.01 + 30.0).float().double()  # the same values in both precisions
+    x = (x * 0.01 + 30.0).float().double().to(device)  # the same values in both precisions
+    y = y.to(device)
     kw = dict(ref_embeddings=x.flip(0).contiguous(), ref_labels=y.flip(0)) if bank else {}
     kw32 = {k: (v.float() if v.is_floating_point() else v) for k, v in kw.items()}
     m = tripletops.batch_hard_mine(x.float(), y, metric=metric, **kw32)
     r = reference.batch_hard_mine(x, y, metric=metric, **kw)
-    mined_like_reference(m, r, reference.pairwise_distance(x, kw.get("ref_embeddings"), metric=metric))
+    mined_like_reference(m, r, reference.pairwise_distance(x, kw.get("ref_embeddings"), metric=metric).cpu())
     loss = tripletops.batch_hard_loss(x.float(), y, metric=metric, margin=0.01, **kw32)
     assert_close_rel(loss, reference.batch_hard_loss(x, y, metric=metric, margin=0.01, **kw), 1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
-def test_deterministic_bitwise(metric):
-    x, y = make_batch(257, 31, 20)
-    bank, bank_y = make_batch(700, 31, 20, seed=11)
+def test_deterministic_bitwise(device, metric):
+    x, y = make_batch(257, 31, 20, device=device)
+    bank, bank_y = make_batch(700, 31, 20, seed=11, device=device)
     outs = []
     for _ in range(3):
         xi = x.clone().requires_grad_(True)
@@ -316,8 +330,9 @@ def test_same_loss_across_thread_counts():
     assert_close_rel(losses[0], losses[1], 1e-6)
 
 
-def test_normalize_flag_matches_manual_normalize():
-    x, y = make_batch(30, 6, 4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalize_flag_matches_manual_normalize(device):
+    x, y = make_batch(30, 6, 4, device=device)
     x.requires_grad_(True)
     a = tripletops.batch_hard_loss(x, y, normalize=True)
     b = tripletops.batch_hard_loss(torch.nn.functional.normalize(x, dim=1), y)
@@ -343,11 +358,12 @@ def test_module_matches_functional():
         x, y, margin=0.3, metric="sqeuclidean", reduction="sum", ref_embeddings=bank, ref_labels=bank_y))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_accumulates_in_fp32(dtype):
+def test_half_precision_accumulates_in_fp32(device, dtype):
     """Half inputs: the result is within 1e-2 of the float64 loss on the same (rounded) values,
     where a half-precision accumulation over D = 512 would drift further."""
-    x, y = make_batch(100, 512, 10, dtype=dtype)
+    x, y = make_batch(100, 512, 10, dtype=dtype, device=device)
     loss = tripletops.batch_hard_loss(x, y)
     assert loss.dtype == dtype
     assert_close_rel(loss, reference.batch_hard_loss(x.double(), y), 1e-2)
@@ -363,13 +379,15 @@ def test_autocast_runs_and_is_finite():
     assert torch.isfinite(loss) and torch.isfinite(lin.weight.grad).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
 @pytest.mark.parametrize("bank", [False, True])
-def test_far_from_origin_fp32_gradients(metric, bank):
+def test_far_from_origin_fp32_gradients(device, metric, bank):
     """Gradients of (a - p) / d must come from the difference a - p: forming a/d - p/d
     cancels catastrophically when |a| >> |a - p| (rows near 300, spread 0.01)."""
     x, y = make_batch(64, 8, 8, dtype=torch.float64)
-    x = (x * 0.01 + 300.0).float().double()
+    x = (x * 0.01 + 300.0).float().double().to(device)
+    y = y.to(device)
     bank_x = x.flip(0).contiguous()
     x32 = x.float().requires_grad_(True)
     b32 = bank_x.float().requires_grad_(True)

@@ -1,10 +1,11 @@
 """Loading the compiled kernels, and the fallback to `tripletops.reference`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -37,6 +38,9 @@ def _coverage() -> dict:
 
 
 _COVERAGE = _coverage()
+
+# The op library the Python layer calls. Only the test suite swaps it (emulated_cuda).
+ops = torch.ops.tripletops
 
 
 def _op_covers(op: str, device: str) -> bool:
@@ -96,3 +100,23 @@ def use_extension(op: str, tensor: torch.Tensor) -> bool:
         _warned.add((op, device))
         warnings.warn(message, ReferenceFallbackWarning, stacklevel=3)
     return False
+
+
+@contextlib.contextmanager
+def emulated_cuda(namespace: str = "tripletops_emu") -> Iterator[None]:
+    """Test hook, not API: inside the block, CPU tensors go to the ops of `namespace`, the
+    test-only library that `make cuda-emu` builds from csrc/cuda/*.cu (the CUDA kernels
+    run by the SIMT emulator in tools/cuda_emu). Ops it has no kernel for fall back to
+    the reference exactly as on a GPU. The library must be loaded first
+    (torch.ops.load_library) and its fake kernels and autograd registered
+    (tripletops._ops._register(namespace))."""
+    global ops, _COVERAGE
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    saved = ops, _COVERAGE
+    ops = getattr(torch.ops, namespace)
+    _COVERAGE = dict(_COVERAGE)
+    _COVERAGE.update({(op, "cpu"): has_kernel(f"{namespace}::{op}", "CPU") for op in _OPS})
+    try:
+        yield
+    finally:
+        ops, _COVERAGE = saved

@@ -10,23 +10,26 @@ import torch
 
 from ._ext import _LOAD_ERROR
 
-_ops = torch.ops.tripletops
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16 accumulate in fp32; the kernels return mined distances in this dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register() -> None:
+def _register(namespace: str = "tripletops") -> None:
+    """Fake kernels and autograd for every op of `namespace`: the `tripletops` library, or
+    the test-only `tripletops_emu` one (the CUDA kernels under the SIMT emulator), which
+    declares the same schemas."""
+    _ops = getattr(torch.ops, namespace)
+
     # ---- pairwise_distance ------------------------------------------------------------
-    @torch.library.register_fake("tripletops::pairwise_distance")
+    @torch.library.register_fake(f"{namespace}::pairwise_distance")
     def _(x, y, metric):
         torch._check(x.dim() == 2, lambda: "x must be 2-D")
         m = x.shape[0] if y is None else y.shape[0]
         return x.new_empty((x.shape[0], m))
 
-    @torch.library.register_fake("tripletops::pairwise_distance_backward")
+    @torch.library.register_fake(f"{namespace}::pairwise_distance_backward")
     def _(grad, x, y, dist, metric):
         return torch.empty_like(x), (x.new_empty((0,)) if y is None else torch.empty_like(y))
 
@@ -40,7 +43,7 @@ def _register() -> None:
         gx, gy = _ops.pairwise_distance_backward(grad, x, y, dist, ctx.metric)
         return gx, (gy if y is not None else None), None
 
-    torch.library.register_autograd("tripletops::pairwise_distance", _pd_backward, setup_context=_pd_setup)
+    torch.library.register_autograd(f"{namespace}::pairwise_distance", _pd_backward, setup_context=_pd_setup)
 
     # ---- batch_hard_mine / batch_hard_loss --------------------------------------------
     def _mined_fake(embeddings):
@@ -49,16 +52,16 @@ def _register() -> None:
         dist = embeddings.new_empty((b,), dtype=_compute_dtype(embeddings.dtype))
         return idx, torch.empty_like(idx), dist, torch.empty_like(dist)
 
-    @torch.library.register_fake("tripletops::batch_hard_mine")
+    @torch.library.register_fake(f"{namespace}::batch_hard_mine")
     def _(embeddings, labels, ref_embeddings, ref_labels, metric):
         return _mined_fake(embeddings)
 
-    @torch.library.register_fake("tripletops::batch_hard_loss")
+    @torch.library.register_fake(f"{namespace}::batch_hard_loss")
     def _(embeddings, labels, ref_embeddings, ref_labels, margin, metric, soft_margin, reduction):
         shape = (embeddings.shape[0],) if reduction == "none" else ()
         return (embeddings.new_empty(shape), *_mined_fake(embeddings))
 
-    @torch.library.register_fake("tripletops::batch_hard_loss_backward")
+    @torch.library.register_fake(f"{namespace}::batch_hard_loss_backward")
     def _(grad, embeddings, ref_embeddings, pos_idx, neg_idx, pos_dist, neg_dist, margin, metric, soft_margin,
           reduction, compute_ref_grad):
         if ref_embeddings is not None and compute_ref_grad:
@@ -83,17 +86,17 @@ def _register() -> None:
         )
         return grad_emb, None, (grad_ref if want_ref else None), None, None, None, None, None
 
-    torch.library.register_autograd("tripletops::batch_hard_loss", _bh_backward, setup_context=_bh_setup)
+    torch.library.register_autograd(f"{namespace}::batch_hard_loss", _bh_backward, setup_context=_bh_setup)
 
     # ---- triplet_margin_loss ----------------------------------------------------------
-    @torch.library.register_fake("tripletops::triplet_margin_loss")
+    @torch.library.register_fake(f"{namespace}::triplet_margin_loss")
     def _(anchor, positive, negative, margin, metric, swap, reduction):
         n = anchor.shape[0]
         dist = anchor.new_empty((n,), dtype=_compute_dtype(anchor.dtype))
         shape = (n,) if reduction == "none" else ()
         return anchor.new_empty(shape), dist, torch.empty_like(dist), dist.new_empty((n if swap else 0,))
 
-    @torch.library.register_fake("tripletops::triplet_margin_loss_backward")
+    @torch.library.register_fake(f"{namespace}::triplet_margin_loss_backward")
     def _(grad, anchor, positive, negative, d_ap, d_an, d_pn, margin, metric, swap, reduction):
         return torch.empty_like(anchor), torch.empty_like(positive), torch.empty_like(negative)
 
@@ -109,14 +112,14 @@ def _register() -> None:
         need = ctx.needs_input_grad
         return (ga if need[0] else None), (gp if need[1] else None), (gn if need[2] else None), None, None, None, None
 
-    torch.library.register_autograd("tripletops::triplet_margin_loss", _tm_backward, setup_context=_tm_setup)
+    torch.library.register_autograd(f"{namespace}::triplet_margin_loss", _tm_backward, setup_context=_tm_setup)
 
     # ---- batch_all_loss / semi_hard_loss: from the (B, B) distance matrix --------------
-    @torch.library.register_fake("tripletops::batch_all_loss")
+    @torch.library.register_fake(f"{namespace}::batch_all_loss")
     def _(dist, labels, margin, soft_margin, reduction):
         return dist.new_empty(())
 
-    @torch.library.register_fake("tripletops::batch_all_loss_backward")
+    @torch.library.register_fake(f"{namespace}::batch_all_loss_backward")
     def _(grad, dist, labels, margin, soft_margin, reduction):
         return torch.empty_like(dist)
 
@@ -129,13 +132,13 @@ def _register() -> None:
         dist, labels = ctx.saved_tensors
         return _ops.batch_all_loss_backward(grad, dist, labels, *ctx.args), None, None, None, None
 
-    torch.library.register_autograd("tripletops::batch_all_loss", _ba_backward, setup_context=_ba_setup)
+    torch.library.register_autograd(f"{namespace}::batch_all_loss", _ba_backward, setup_context=_ba_setup)
 
-    @torch.library.register_fake("tripletops::semi_hard_loss")
+    @torch.library.register_fake(f"{namespace}::semi_hard_loss")
     def _(dist, labels, margin):
         return dist.new_empty(())
 
-    @torch.library.register_fake("tripletops::semi_hard_loss_backward")
+    @torch.library.register_fake(f"{namespace}::semi_hard_loss_backward")
     def _(grad, dist, labels, margin):
         return torch.empty_like(dist)
 
@@ -148,7 +151,7 @@ def _register() -> None:
         dist, labels = ctx.saved_tensors
         return _ops.semi_hard_loss_backward(grad, dist, labels, ctx.margin), None, None
 
-    torch.library.register_autograd("tripletops::semi_hard_loss", _sh_backward, setup_context=_sh_setup)
+    torch.library.register_autograd(f"{namespace}::semi_hard_loss", _sh_backward, setup_context=_sh_setup)
 
 
 if _LOAD_ERROR is None:

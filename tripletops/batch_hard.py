@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from . import _validate, reference
+from . import _ext
 from ._ext import use_extension
 from .reference import Mined, _maybe_normalize
 
@@ -47,7 +48,7 @@ def batch_hard_mine(
         embeddings, ref_embeddings = _maybe_normalize(normalize, embeddings, ref_embeddings)
         if not use_extension("batch_hard_mine", embeddings):
             return reference._mine(embeddings, labels, ref_embeddings, ref_labels, metric)
-        pos_idx, neg_idx, pos_dist, neg_dist = torch.ops.tripletops.batch_hard_mine(
+        pos_idx, neg_idx, pos_dist, neg_dist = _ext.ops.batch_hard_mine(
             embeddings, labels, ref_embeddings, ref_labels, metric
         )
     dtype = embeddings.dtype
@@ -103,6 +104,6 @@ def batch_hard_loss(
         return reference._batch_hard_loss(
             embeddings, labels, margin, metric, soft_margin, reduction, ref_embeddings, ref_labels
         )
-    return torch.ops.tripletops.batch_hard_loss(
+    return _ext.ops.batch_hard_loss(
         embeddings, labels, ref_embeddings, ref_labels, float(margin), metric, bool(soft_margin), reduction
     )[0]

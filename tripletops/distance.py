@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from . import _validate, reference
+from . import _ext
 from ._ext import use_extension
 
 
@@ -35,5 +36,5 @@ def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, metr
         _validate.like(y, "y", x, "x", same_rows=False)
     _validate.metric(metric)
     if use_extension("pairwise_distance", x):
-        return torch.ops.tripletops.pairwise_distance(x, y, metric)
+        return _ext.ops.pairwise_distance(x, y, metric)
     return reference._pairwise_distance(x, x if y is None else y, metric)

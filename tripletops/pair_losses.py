@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate, reference
+from . import _ext
 from ._ext import use_extension
 from .distance import pairwise_distance
 from .reference import _compute, _maybe_normalize
@@ -62,7 +63,7 @@ def batch_all_loss(
         return reference.batch_all_loss(embeddings, labels, margin=margin, metric=metric, soft_margin=soft_margin,
                                         reduction=reduction)
     d = _distances(embeddings, metric)
-    loss = torch.ops.tripletops.batch_all_loss(d, labels, float(margin), bool(soft_margin), reduction)
+    loss = _ext.ops.batch_all_loss(d, labels, float(margin), bool(soft_margin), reduction)
     return loss.to(embeddings.dtype)
 
 
@@ -90,7 +91,7 @@ def semi_hard_loss(
     if not use_extension("semi_hard_loss", embeddings):
         return reference.semi_hard_loss(embeddings, labels, margin=margin, metric=metric)
     d = _distances(embeddings, metric)
-    return torch.ops.tripletops.semi_hard_loss(d, labels, float(margin)).to(embeddings.dtype)
+    return _ext.ops.semi_hard_loss(d, labels, float(margin)).to(embeddings.dtype)
 
 
 def contrastive_loss(

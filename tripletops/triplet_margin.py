@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate, reference
+from . import _ext
 from ._ext import use_extension
 
 
@@ -46,6 +47,6 @@ def triplet_margin_loss(
         return reference._triplet_margin_loss(anchor, positive, negative, margin, metric, swap, reduction, normalize)
     if normalize:
         anchor, positive, negative = (torch.nn.functional.normalize(t, dim=1) for t in (anchor, positive, negative))
-    return torch.ops.tripletops.triplet_margin_loss(
+    return _ext.ops.triplet_margin_loss(
         anchor, positive, negative, float(margin), metric, bool(swap), reduction
     )[0]

@@ -380,36 +380,9 @@ struct Inputs {
 
 Inputs check_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
                     const c10::optional<at::Tensor>& ref_embeddings, const c10::optional<at::Tensor>& ref_labels) {
-  TRIPLETOPS_CHECK_2D(embeddings, "embeddings");
-  TRIPLETOPS_CHECK_FLOAT(embeddings, "embeddings");
-  TORCH_CHECK_VALUE(embeddings.size(0) > 0 && embeddings.size(1) > 0,
-                    "tripletops: embeddings must be non-empty (B > 0, D > 0), got shape ", embeddings.sizes());
-  TRIPLETOPS_CHECK_LABELS(labels, "labels");
-  TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, labels, "embeddings", "labels");
-  TORCH_CHECK_VALUE(labels.size(0) == embeddings.size(0), "tripletops: labels must have B = ", embeddings.size(0),
-                    " entries (one per embedding), got ", labels.size(0));
-  TORCH_CHECK_VALUE(ref_embeddings.has_value() == ref_labels.has_value(),
-                    "tripletops: ref_embeddings and ref_labels must be given together");
+  check_mining_inputs(embeddings, labels, ref_embeddings, ref_labels, c10::DeviceType::CPU);
   Inputs in{!ref_embeddings.has_value(), labels.to(at::kLong).contiguous(), at::Tensor()};
-  if (!in.self) {
-    const at::Tensor& ref = *ref_embeddings;
-    TRIPLETOPS_CHECK_2D(ref, "ref_embeddings");
-    TRIPLETOPS_CHECK_FLOAT(ref, "ref_embeddings");
-    TORCH_CHECK_VALUE(ref.size(0) > 0, "tripletops: ref_embeddings must have at least one row");
-    TORCH_CHECK_VALUE(ref.size(1) == embeddings.size(1), "tripletops: ref_embeddings must have D = ",
-                      embeddings.size(1), " columns like embeddings, got ", ref.size(1));
-    TORCH_CHECK_TYPE(ref.scalar_type() == embeddings.scalar_type(), "tripletops: ref_embeddings must have dtype ",
-                     embeddings.scalar_type(), " like embeddings, got ", ref.scalar_type());
-    TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref_embeddings");
-    TRIPLETOPS_CHECK_LABELS(*ref_labels, "ref_labels");
-    TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, *ref_labels, "embeddings", "ref_labels");
-    TORCH_CHECK_VALUE(ref_labels->size(0) == ref.size(0), "tripletops: ref_labels must have M = ", ref.size(0),
-                      " entries (one per ref_embeddings row), got ", ref_labels->size(0));
-    in.ref_labels = ref_labels->to(at::kLong).contiguous();
-  } else {
-    in.ref_labels = in.labels;
-  }
-  TORCH_CHECK(embeddings.device().is_cpu(), "tripletops: this kernel takes CPU tensors, got ", embeddings.device());
+  in.ref_labels = in.self ? in.labels : ref_labels->to(at::kLong).contiguous();
   return in;
 }
 

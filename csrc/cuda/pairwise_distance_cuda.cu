@@ -3,8 +3,9 @@
 // turns it into distances and recomputes exactly, from the rows, every entry whose
 // Gram form would cancel (d^2 < (|x|^2 + |y|^2) / 8: near pairs, the diagonal). The
 // backward is two GEMMs on mean-centered rows, as on CPU. Indexing is 64-bit.
-// UNVERIFIED: compiled by `make cuda-check`, never run on a GPU.
-#include "../common.h"
+// Device code: pairwise_distance_kernels.cuh; host code on device-agnostic ATen (device.h).
+#include "device.h"
+#include "pairwise_distance_kernels.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
@@ -14,9 +15,6 @@
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -24,8 +22,6 @@
 namespace tripletops {
 namespace cuda {
 namespace {
-
-constexpr double kCancellationRatio = 0.125;  // as on CPU
 
 // Rows in the compute dtype (fp32 for halves, fp64 for fp64), their squared norms, and
 // unit rows x / max(|x|, eps) for cosine: device-agnostic ATen, as csrc/cpu's prepare_rows.
@@ -40,34 +36,10 @@ Rows prepare(const at::Tensor& x, Metric metric) {
   return {(src / sq.sqrt().clamp_min(kNormEps).unsqueeze(1)).contiguous(), sq};
 }
 
-// Gram entries -> distances, in place; one thread per entry.
-template <typename T>
-__global__ void gram_to_distance_kernel(T* g, const T* __restrict__ x, const T* __restrict__ y,
-                                        const T* __restrict__ sx, const T* __restrict__ sy, int64_t N, int64_t M,
-                                        int64_t D, Metric metric) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * M) return;
-  const int64_t i = idx / M, j = idx % M;
-  if (metric == Metric::Cosine) {
-    g[idx] = T(1) - g[idx];
-    return;
-  }
-  T d2 = sx[i] + sy[j] - T(2) * g[idx];
-  if (!(d2 >= T(kCancellationRatio) * (sx[i] + sy[j]))) {  // cancels (or NaN): from the difference
-    d2 = T(0);
-    const T *xr = x + i * D, *yr = y + j * D;
-    for (int64_t k = 0; k < D; ++k) {
-      const T d = xr[k] - yr[k];
-      d2 += d * d;
-    }
-  }
-  g[idx] = metric == Metric::Euclidean ? sqrt(d2) : d2;
-}
-
 void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
   TRIPLETOPS_CHECK_2D(x, "x");
   TRIPLETOPS_CHECK_FLOAT(x, "x");
-  TORCH_CHECK(x.is_cuda(), "tripletops: x must be a CUDA tensor here");
+  TORCH_CHECK(on_kernel_device(x), "tripletops: x must be a ", kDeviceType, " tensor here, got ", x.device());
   TORCH_CHECK_VALUE(x.size(0) > 0 && x.size(1) > 0, "tripletops: x must be non-empty, got shape ", x.sizes());
   if (y.has_value()) {
     TRIPLETOPS_CHECK_2D(*y, "y");
@@ -82,7 +54,7 @@ void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
 at::Tensor pairwise_distance_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& y,
                                   c10::string_view metric_name) {
   check_xy(x, y);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMM in the compute dtype
   const Metric metric = parse_metric(metric_name);
   const Rows X = prepare(x, metric);
@@ -94,10 +66,9 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x, const c10::optional<at::T
     const int64_t blocks = (N * M + threads - 1) / threads;
     TORCH_CHECK(blocks <= int64_t(0x7fffffff), "tripletops: distance matrix too large for one launch");
     AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "pairwise_distance_cuda", [&] {
-      gram_to_distance_kernel<scalar_t><<<unsigned(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      TRIPLETOPS_LAUNCH((gram_to_distance_kernel<scalar_t>), unsigned(blocks), threads, 0, current_stream(),
           dist.data_ptr<scalar_t>(), X.rows.data_ptr<scalar_t>(), Y.rows.data_ptr<scalar_t>(),
           X.sq_norm.data_ptr<scalar_t>(), Y.sq_norm.data_ptr<scalar_t>(), N, M, D, metric);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return dist.to(x.scalar_type());
@@ -117,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
                                                                    const at::Tensor& dist,
                                                                    c10::string_view metric_name) {
   check_xy(x, y);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Metric metric = parse_metric(metric_name);
   const Rows X = prepare(x, metric);
@@ -148,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
 }  // namespace cuda
 }  // namespace tripletops
 
-TORCH_LIBRARY_IMPL(tripletops, CUDA, m) {
+TORCH_LIBRARY_IMPL(TRIPLETOPS_CUDA_LIBRARY, TRIPLETOPS_CUDA_KEY, m) {
   m.impl("pairwise_distance", &tripletops::cuda::pairwise_distance_cuda);
   m.impl("pairwise_distance_backward", &tripletops::cuda::pairwise_distance_backward_cuda);
 }

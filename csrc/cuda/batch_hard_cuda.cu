@@ -1,0 +1,266 @@
+// Batch-hard mining fused with the triplet loss, on CUDA: the twin of
+// csrc/cpu/batch_hard_cpu.cpp. Device code: batch_hard_kernels.cuh.
+//
+// Forward, after FAISS's exact k = 1 search (faiss/gpu/impl/Distance.cu): the reference
+// set is walked in tiles; each tile's Gram block is one GEMM (at::mm_out, cuBLAS) into a
+// reused buffer, and a kernel adds the norms, masks by label and merges every anchor's
+// farthest positive and closest negative into its running state. The B x M matrix
+// never exists. Self-mining computes only the tiles on or above the diagonal; an
+// off-diagonal tile updates its row anchors and its column anchors. The selected pairs'
+// distances are then recomputed exactly from the rows.
+//  - (Sq)euclidean mining runs on rows shifted by the anchors' column means where those
+//    dominate (one kernel, which also converts halves): exact far from the origin, exact
+//    ties on integer grids, and no data-dependent host decision.
+//  - Self-mining at B <= 1024: then one GEMM (B x B) and one single-block kernel (mining,
+//    exact distances, losses, reduction); the backward is one kernel: 4 launches for
+//    forward + backward (cosine: 3, plus a conversion for halves).
+//  - Otherwise: row norms, then per tile a GEMM and a mining kernel, then one kernel for
+//    the exact distances and losses and one for the reduction.
+// Backward: O(B * D) arithmetic on the 2B selected pairs, one writer per gradient row and
+// a fixed order of additions (deterministic, no atomics).
+// No host synchronisation anywhere (no .item(), no data-dependent shape): a training step
+// can be captured in a CUDA graph. Indexing is 64-bit.
+#include "device.h"
+#include "batch_hard_kernels.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace tripletops {
+namespace cuda {
+namespace {
+
+#ifndef TRIPLETOPS_EMU
+// Gram tiles hold at most this many entries (128 MiB in fp32): B = 1024 against a bank of
+// 2^20 rows walks 32 tiles of 1024 x 32768.
+constexpr int64_t kTileElems = int64_t(1) << 25;
+constexpr int64_t kSelfTileRows = 4096;  // square tiles of self-mining above kSmallMaxB
+constexpr int64_t kSmallMaxB = 1024;     // self-mining up to this B: one GEMM and one block
+#else
+// Under the emulator, tiny tiles (not multiples of the warp) and a small one-block limit,
+// so that the test suite's batches walk many tiles, partial tiles and both paths.
+constexpr int64_t kTileElems = 12000;
+constexpr int64_t kSelfTileRows = 48;
+constexpr int64_t kSmallMaxB = 100;
+#endif
+constexpr int64_t kMaxGridBlocks = 4096; // the backward kernels stride over rows beyond this
+
+struct Inputs {
+  bool self;
+  at::Tensor labels, ref_labels;  // int64, contiguous
+};
+
+Inputs check_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
+                    const c10::optional<at::Tensor>& ref_embeddings, const c10::optional<at::Tensor>& ref_labels) {
+  check_mining_inputs(embeddings, labels, ref_embeddings, ref_labels, kDeviceType);
+  Inputs in{!ref_embeddings.has_value(), labels.to(at::kLong).contiguous(), at::Tensor()};
+  in.ref_labels = in.self ? in.labels : ref_labels->to(at::kLong).contiguous();
+  return in;
+}
+
+inline unsigned blocks_of(int64_t rows, int64_t per_block, int64_t cap = int64_t(0x7fffffff)) {
+  return unsigned(std::min<int64_t>(std::max<int64_t>((rows + per_block - 1) / per_block, 1), cap));
+}
+
+inline at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Mined {
+  at::Tensor pos_idx, neg_idx, pos_dist, neg_dist;  // (B,): int64, int64, T, T
+  at::Tensor loss;                                  // the reduced loss (input dtype), when asked
+};
+
+// Mines every anchor and, with `want_loss`, forms the loss. The whole forward.
+Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<at::Tensor>& ref_embeddings,
+           Metric metric, bool want_loss, double margin, bool soft_margin, Reduction reduction) {
+  const DeviceGuard guard(embeddings.device());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMMs in the compute dtype
+  const at::Tensor X = embeddings.contiguous();
+  const at::Tensor R = in.self ? X : ref_embeddings->contiguous();
+  const int64_t B = X.size(0), D = X.size(1), M = R.size(0);
+  const auto ct = compute_dtype(X.scalar_type());
+  const auto opts = X.options().dtype(ct);
+  const Stream stream = current_stream();
+  // The GEMM operands, in the compute dtype: for (sq)euclidean the rows shifted by the
+  // anchors' column means where those dominate (one kernel; distances do not change, and
+  // mining stays exact far from the origin), for cosine the rows themselves (a conversion
+  // for halves only).
+  at::Tensor Xc, Rc;
+  if (metric == Metric::Cosine) {
+    Xc = X.to(ct);
+    Rc = in.self ? Xc : R.to(ct);
+  } else {
+    Xc = at::empty({B, D}, opts);
+    at::Tensor shift = at::empty({D}, opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_center_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
+      TRIPLETOPS_LAUNCH((center_rows_kernel<scalar_t, T>), blocks_of(D, kCenterCols), kCenterCols * kCenterRowStripes,
+                        0, stream, X.data_ptr<scalar_t>(), B, D, Xc.data_ptr<T>(), shift.data_ptr<T>());
+    });
+    Rc = in.self ? Xc : (R.to(ct) - shift).contiguous();
+  }
+  Mined m;
+  m.pos_idx = at::empty({B}, X.options().dtype(at::kLong));
+  m.neg_idx = at::empty({B}, X.options().dtype(at::kLong));
+  m.pos_dist = at::empty({B}, opts);
+  m.neg_dist = at::empty({B}, opts);
+  m.loss = at::empty(want_loss && reduction == Reduction::None ? at::IntArrayRef{B} : at::IntArrayRef{}, X.options());
+
+  if (in.self && B <= kSmallMaxB) {
+    const at::Tensor gram = at::mm(Xc, Xc.t());
+    const int warps = int(std::min<int64_t>(B, kReduceThreads / kWarp));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_small_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const size_t shared = size_t(B) * (sizeof(T) + 1);
+      TRIPLETOPS_LAUNCH((batch_hard_small_kernel<scalar_t, T>), 1, warps * kWarp, shared, stream,
+                        X.data_ptr<scalar_t>(), gram.data_ptr<T>(), in.labels.data_ptr<int64_t>(), B, D, metric,
+                        margin, soft_margin, reduction, want_loss, m.pos_idx.data_ptr<int64_t>(),
+                        m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
+                        want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
+    });
+    return m;
+  }
+
+  at::Tensor pos_key = at::empty({B}, opts), neg_key = at::empty({B}, opts);
+  at::Tensor sq_x = at::empty({B}, opts);
+  at::Tensor sq_r = in.self ? sq_x : at::empty({M}, opts);
+  at::Tensor anchor_loss = at::empty({B}, opts), anchor_valid = at::empty({B}, X.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_mine_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    // Squared norms of the GEMM operands (centred rows for (sq)euclidean).
+    TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0, stream,
+                      Xc.data_ptr<T>(), B, D, sq_x.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(),
+                      m.neg_idx.data_ptr<int64_t>(), pos_key.data_ptr<T>(), neg_key.data_ptr<T>());
+    if (!in.self)
+      TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(M, kRowsPerBlock), kRowsPerBlock * kWarp, 0, stream,
+                        Rc.data_ptr<T>(), M, D, sq_r.data_ptr<T>(), static_cast<int64_t*>(nullptr),
+                        static_cast<int64_t*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+    // Tile shapes: square tiles above the diagonal for self-mining; else row blocks of at
+    // most kSelfTileRows anchors against as many reference columns as the budget allows.
+    const int64_t tile_rows = std::min(B, kSelfTileRows);
+    const int64_t tile_cols = in.self ? tile_rows : std::min(M, std::max<int64_t>(kTileElems / tile_rows, 1));
+    at::Tensor tile = at::empty({tile_rows, tile_cols}, opts);
+    for (int64_t r0 = 0; r0 < B; r0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, B - r0);
+      for (int64_t c0 = in.self ? r0 : 0; c0 < M; c0 += tile_cols) {
+        const int64_t cols = std::min(tile_cols, M - c0);
+        at::Tensor g = tile.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(g, Xc.narrow(0, r0, rows), Rc.narrow(0, c0, cols).t());
+        const bool columns = in.self && c0 != r0;
+        const unsigned row_blocks = blocks_of(rows, kRowsPerBlock);
+        const unsigned blocks = row_blocks + (columns ? blocks_of(cols, kColumnThreads) : 0);
+        TRIPLETOPS_LAUNCH((mine_tile_kernel<T>), blocks, kRowsPerBlock * kWarp, 0, stream, g.data_ptr<T>(),
+                          g.stride(0), r0, rows, c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(),
+                          in.labels.data_ptr<int64_t>(), in.ref_labels.data_ptr<int64_t>(), in.self, columns,
+                          row_blocks, metric, m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(),
+                          pos_key.data_ptr<T>(), neg_key.data_ptr<T>());
+      }
+    }
+    TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0,
+                      stream, X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, metric, margin, soft_margin,
+                      pos_key.data_ptr<T>(), neg_key.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(),
+                      m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
+                      anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>());
+    if (!want_loss) return;
+    if (reduction == Reduction::None) {
+      m.loss = anchor_loss.to(X.scalar_type());
+      return;
+    }
+    TRIPLETOPS_LAUNCH((reduce_loss_kernel<scalar_t, T>), 1, kReduceThreads, 0, stream, anchor_loss.data_ptr<T>(),
+                      anchor_valid.data_ptr<uint8_t>(), B, reduction, m.loss.data_ptr<scalar_t>());
+  });
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_embeddings,
+    const c10::optional<at::Tensor>& ref_labels, c10::string_view metric_name) {
+  const Inputs in = check_inputs(embeddings, labels, ref_embeddings, ref_labels);
+  const Mined m = mine(embeddings, in, ref_embeddings, parse_metric(metric_name), /*want_loss=*/false, 0.0, false,
+                       Reduction::Sum);
+  return {m.pos_idx, m.neg_idx, m.pos_dist, m.neg_dist};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_loss_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_embeddings,
+    const c10::optional<at::Tensor>& ref_labels, double margin, c10::string_view metric_name, bool soft_margin,
+    c10::string_view reduction_name) {
+  const Inputs in = check_inputs(embeddings, labels, ref_embeddings, ref_labels);
+  const Metric metric = parse_metric(metric_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK_VALUE(margin >= 0, "tripletops: margin must be >= 0, got ", margin);
+  const Mined m = mine(embeddings, in, ref_embeddings, metric, /*want_loss=*/true, margin, soft_margin, reduction);
+  return {m.loss, m.pos_idx, m.neg_idx, m.pos_dist, m.neg_dist};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& embeddings, const c10::optional<at::Tensor>& ref_embeddings,
+    const at::Tensor& pos_idx, const at::Tensor& neg_idx, const at::Tensor& pos_dist, const at::Tensor& neg_dist,
+    double margin, c10::string_view metric_name, bool soft_margin, c10::string_view reduction_name,
+    bool compute_ref_grad) {
+  const Metric metric = parse_metric(metric_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const bool self = !ref_embeddings.has_value();
+  TORCH_CHECK(on_kernel_device(embeddings), "tripletops: embeddings must be a ", kDeviceType, " tensor here, got ",
+              embeddings.device());
+  const DeviceGuard guard(embeddings.device());
+  const at::Tensor X = embeddings.contiguous();
+  const at::Tensor R = self ? X : ref_embeddings->contiguous();
+  const int64_t B = X.size(0), D = X.size(1), M = R.size(0);
+  TORCH_CHECK_VALUE(pos_idx.numel() == B && neg_idx.numel() == B,
+                    "tripletops: pos_idx/neg_idx must have one entry per embedding");
+  const auto ct = compute_dtype(X.scalar_type());
+  const at::Tensor pos = pos_idx.to(at::kLong).contiguous(), neg = neg_idx.to(at::kLong).contiguous();
+  const at::Tensor pd = pos_dist.to(ct).contiguous(), nd = neg_dist.to(ct).contiguous();
+  const at::Tensor g = grad.to(X.scalar_type());
+  TORCH_CHECK_VALUE(g.numel() == (reduction == Reduction::None ? B : 1), "tripletops: grad has ", g.numel(),
+                    " elements, expected ", reduction == Reduction::None ? B : 1);
+  const bool want_ref = !self && compute_ref_grad;
+  at::Tensor grad_x = at::empty({B, D}, X.options().dtype(ct));
+  at::Tensor grad_r = want_ref ? at::zeros({M, D}, grad_x.options()) : at::Tensor();
+  const Stream stream = current_stream();
+  const unsigned threads = kRowsPerBlock * kWarp;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_loss_backward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const BackwardArgs<scalar_t, T> args{g.data_ptr<scalar_t>(), g.dim() == 0 ? 0 : g.stride(0),
+                                         X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D,
+                                         pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), pd.data_ptr<T>(),
+                                         nd.data_ptr<T>(), margin, metric, soft_margin, reduction};
+    if (self) {
+      TRIPLETOPS_LAUNCH((self_grad_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
+                        stream, args, grad_x.data_ptr<T>());
+      return;
+    }
+    TRIPLETOPS_LAUNCH((anchor_grad_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
+                      stream, args, grad_x.data_ptr<T>());
+    if (!want_ref) return;
+    // Group the 2B (reference row, anchor) pairs by row; stable, so each group keeps
+    // ascending entry order.
+    const auto sorted = at::sort(at::cat({pos, neg}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor target = std::get<0>(sorted).contiguous(), entry = std::get<1>(sorted).contiguous();
+    TRIPLETOPS_LAUNCH((ref_grad_kernel<scalar_t, T>), blocks_of(2 * B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
+                      stream, args, target.data_ptr<int64_t>(), entry.data_ptr<int64_t>(), grad_r.data_ptr<T>());
+  });
+  return {grad_x.to(X.scalar_type()),
+          want_ref ? grad_r.to(R.scalar_type()) : at::empty({0}, X.options())};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace tripletops
+
+TORCH_LIBRARY_IMPL(TRIPLETOPS_CUDA_LIBRARY, TRIPLETOPS_CUDA_KEY, m) {
+  m.impl("batch_hard_mine", &tripletops::cuda::batch_hard_mine_cuda);
+  m.impl("batch_hard_loss", &tripletops::cuda::batch_hard_loss_cuda);
+  m.impl("batch_hard_loss_backward", &tripletops::cuda::batch_hard_loss_backward_cuda);
+}

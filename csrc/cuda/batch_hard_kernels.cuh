@@ -1,0 +1,516 @@
+// Device code of batch-hard mining and its fused loss (launchers: batch_hard_cuda.cu).
+//
+// T is the compute type (fp32 for fp32/fp16/bf16 inputs, fp64 for fp64); scalar_t is
+// the input's. Mining compares Gram-form keys (d^2, or 1 - cos) from a GEMM tile;
+// the selected pairs' distances are then recomputed exactly from the rows.
+//
+// Order independence: every comparison (within a lane, across a warp, across tiles)
+// orders candidates by (key, index) with NaN first, so the result does not depend on
+// the order in which tiles, warps or lanes meet: the merge is deterministic without
+// atomics, and exact ties go to the smallest index.
+#pragma once
+
+#include "../common.h"
+#include "warp.cuh"
+
+#include <cstdint>
+
+namespace tripletops {
+namespace cuda {
+
+constexpr int kRowsPerBlock = 8;     // warps per block in the per-row kernels (256 threads)
+constexpr int kColumnThreads = 256;  // threads per block in the column part of tile mining
+constexpr int kReduceThreads = 1024;
+
+template <typename T>
+__device__ __forceinline__ T quiet_nan() {
+  return T(NAN);
+}
+
+// Candidate (ka, ia) beats (kb, ib): a NaN key wins (torch.max/min propagate NaN), then
+// the farther (positives) or closer (negatives) key, then the smaller index. Index -1 is
+// "none" and loses to everything.
+template <typename T>
+__device__ __forceinline__ bool beats(T ka, int64_t ia, T kb, int64_t ib, bool farther) {
+  if (ia < 0) return false;
+  if (ib < 0) return true;
+  const bool na = ka != ka, nb = kb != kb;
+  if (na || nb) return na && (!nb || ia < ib);
+  if (ka != kb) return farther ? ka > kb : ka < kb;
+  return ia < ib;
+}
+
+// Mining key of a pair from its Gram entry g and squared norms sa, sb: ordered like the
+// distance. NaN when a norm is not finite (a NaN/Inf entry, or a norm that overflows:
+// never a finite key from a wrong ordering).
+template <typename T>
+__device__ __forceinline__ T mining_key(Metric metric, T g, T sa, T sb) {
+  if (!(sa - sa == T(0) && sb - sb == T(0))) return quiet_nan<T>();
+  if (metric == Metric::Cosine) {
+    const T eps = T(kNormEps);
+    return T(1) - g / (fmax(sqrt(sa), eps) * fmax(sqrt(sb), eps));
+  }
+  return relu_nan(sa + sb - T(2) * g);  // d^2 >= 0
+}
+
+// An anchor's running farthest positive and closest negative.
+template <typename T>
+struct Hardest {
+  T pk;
+  int64_t pi;
+  T nk;
+  int64_t ni;
+  __device__ __forceinline__ void offer(T key, int64_t j, bool positive) {
+    if (positive) {
+      if (beats(key, j, pk, pi, true)) pk = key, pi = j;
+    } else if (beats(key, j, nk, ni, false)) {
+      nk = key, ni = j;
+    }
+  }
+  __device__ __forceinline__ void merge(const Hardest& o) {
+    if (beats(o.pk, o.pi, pk, pi, true)) pk = o.pk, pi = o.pi;
+    if (beats(o.nk, o.ni, nk, ni, false)) nk = o.nk, ni = o.ni;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ Hardest<T> no_candidate() {
+  return {T(0), -1, T(0), -1};
+}
+
+// The warp's best, on every lane (butterfly of shuffles; (key, index) order: exact).
+template <typename T>
+__device__ __forceinline__ Hardest<T> warp_merge(Hardest<T> h) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    Hardest<T> o;
+    o.pk = __shfl_xor_sync(kFullMask, h.pk, offset);
+    o.pi = __shfl_xor_sync(kFullMask, h.pi, offset);
+    o.nk = __shfl_xor_sync(kFullMask, h.nk, offset);
+    o.ni = __shfl_xor_sync(kFullMask, h.ni, offset);
+    h.merge(o);
+  }
+  return h;
+}
+
+// One warp scans anchor i's Gram row g[0, n) (candidates c0 .. c0 + n - 1), lanes strided.
+// Squared norms of candidate j: sq[j * sq_stride] (a norms vector, or the Gram diagonal).
+template <typename T>
+__device__ __forceinline__ Hardest<T> scan_row(const T* g, int64_t n, int64_t c0, const T* sq, int64_t sq_stride,
+                                               const int64_t* ref_labels, T sa, int64_t label, int64_t self_index,
+                                               Metric metric, int lane) {
+  Hardest<T> h = no_candidate<T>();
+  for (int64_t t = lane; t < n; t += kWarp) {
+    const int64_t j = c0 + t;
+    if (j == self_index) continue;  // an anchor is not its own positive
+    h.offer(mining_key(metric, g[t], sa, sq[j * sq_stride]), j, ref_labels[j] == label);
+  }
+  return warp_merge(h);
+}
+
+// The exact distances of anchor a to its selected rows p and n (difference form, in T),
+// on every lane. A pair whose rows hold NaN/Inf, or whose mining key was NaN, gets NaN.
+template <typename scalar_t, typename T>
+__device__ __forceinline__ void exact_pair_distances(const scalar_t* a, const scalar_t* p, const scalar_t* n, int64_t D,
+                                                     Metric metric, int lane, bool nan_p, bool nan_n, T& pd, T& nd) {
+  // |a-p|^2, |a-n|^2, a.p, a.n, |a|^2, |p|^2, |n|^2, sum (a+p)*0, sum (a+n)*0
+  T s[9] = {};
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const T av = T(a[k]), pv = T(p[k]), nv = T(n[k]);
+    const T dp = av - pv, dn = av - nv;
+    s[0] += dp * dp, s[1] += dn * dn, s[2] += av * pv, s[3] += av * nv;
+    s[4] += av * av, s[5] += pv * pv, s[6] += nv * nv;
+    s[7] += (av + pv) * T(0), s[8] += (av + nv) * T(0);
+  }
+  for (int j = 0; j < 9; ++j) s[j] = warp_sum(s[j]);
+  auto dist = [&](T diff_sq, T dot, T bb) -> T {
+    if (metric == Metric::SqEuclidean) return diff_sq;
+    if (metric == Metric::Euclidean) return sqrt(diff_sq);
+    const T eps = T(kNormEps);
+    return T(1) - dot / (fmax(sqrt(s[4]), eps) * fmax(sqrt(bb), eps));
+  };
+  pd = (nan_p || s[7] != T(0)) ? quiet_nan<T>() : dist(s[0], s[2], s[5]);
+  nd = (nan_n || s[8] != T(0)) ? quiet_nan<T>() : dist(s[1], s[3], s[6]);
+}
+
+// Finishes anchor i from its mining result: indices, exact distances (0 where none), and
+// the per-anchor loss (0 for an anchor without both; NaN propagates). Whole warp.
+template <typename scalar_t, typename T>
+__device__ __forceinline__ void finish_anchor(const Hardest<T>& h, int64_t i, const scalar_t* x, const scalar_t* r,
+                                              int64_t D, Metric metric, double margin, bool soft_margin, int lane,
+                                              int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
+                                              T& loss, bool& valid) {
+  const scalar_t* a = x + i * D;
+  const scalar_t* p = h.pi >= 0 ? r + h.pi * D : a;
+  const scalar_t* n = h.ni >= 0 ? r + h.ni * D : a;
+  T pd, nd;
+  exact_pair_distances<scalar_t, T>(a, p, n, D, metric, lane, h.pk != h.pk, h.nk != h.nk, pd, nd);
+  if (h.pi < 0) pd = T(0);
+  if (h.ni < 0) nd = T(0);
+  valid = h.pi >= 0 && h.ni >= 0;
+  loss = valid ? triplet_term(pd - nd, T(margin), soft_margin) : T(0);
+  if (lane == 0) {
+    pos_idx[i] = h.pi, neg_idx[i] = h.ni;
+    pos_dist[i] = pd, neg_dist[i] = nd;
+  }
+}
+
+// The reduction of per-anchor losses to the op's loss, by one whole block, in double and
+// in a fixed order: "sum", "mean" over valid anchors, "mean_nonzero" over loss > 0. An
+// empty denominator gives exactly 0, unless a NaN is among the losses.
+template <typename T, typename scalar_t>
+__device__ void block_reduce_loss(const T* loss, const uint8_t* valid, int64_t B, Reduction reduction,
+                                  scalar_t* out) {
+  __shared__ double sums[kReduceThreads];
+  __shared__ int64_t counts[kReduceThreads];
+  const int t = threadIdx.x, nt = blockDim.x;
+  double s = 0;
+  int64_t c = 0;
+  for (int64_t i = t; i < B; i += nt) {
+    s += double(loss[i]);
+    c += reduction == Reduction::MeanNonzero ? int64_t(loss[i] > T(0)) : int64_t(valid[i]);
+  }
+  sums[t] = s, counts[t] = c;
+  __syncthreads();
+  for (int width = kReduceThreads / 2; width > 0; width /= 2) {  // nt is a power of two <= kReduceThreads
+    if (t < width && t + width < nt) sums[t] += sums[t + width], counts[t] += counts[t + width];
+    __syncthreads();
+  }
+  if (t == 0) {
+    const double total = sums[0];
+    const int64_t count = counts[0];
+    double value = total;
+    if (reduction != Reduction::Sum) value = count > 0 ? total / double(count) : (total != total ? total : 0.0);
+    out[0] = scalar_t(value);
+  }
+}
+
+// ---- Forward kernels ------------------------------------------------------------------
+
+constexpr int kCenterCols = 32, kCenterRowStripes = 8;
+
+// Rows minus a translation, in T, for (sq)euclidean mining: the Gram form's rounding then
+// scales with the data's spread, not with its distance from the origin. Column c is
+// shifted by its mean when that pays (mean^2 > E[x_c^2] / 16, the CPU kernels' rule, per
+// column), else left exact (integer grids keep exact keys and exact ties). Distances do
+// not change under any translation. Non-finite entries are left out of the statistics
+// (their rows stay non-finite; the others stay exact). A block per 32 columns, 8 row
+// stripes, fixed summation order; no host decision.
+template <typename scalar_t, typename T>
+__global__ void center_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, T* __restrict__ out,
+                                   T* __restrict__ shift) {
+  __shared__ T sum[kCenterRowStripes][kCenterCols];
+  __shared__ T sum_sq[kCenterRowStripes][kCenterCols];
+  const int tx = threadIdx.x % kCenterCols, ty = threadIdx.x / kCenterCols;
+  const int64_t c = int64_t(blockIdx.x) * kCenterCols + tx;
+  T s = 0, s2 = 0;
+  if (c < D) {
+    for (int64_t r = ty; r < N; r += kCenterRowStripes) {
+      T v = T(x[r * D + c]);
+      v = v - v == T(0) ? v : T(0);
+      s += v, s2 += v * v;
+    }
+  }
+  sum[ty][tx] = s, sum_sq[ty][tx] = s2;
+  __syncthreads();
+  if (ty == 0) {
+    T total = 0, total_sq = 0;
+    for (int k = 0; k < kCenterRowStripes; ++k) total += sum[k][tx], total_sq += sum_sq[k][tx];
+    const T mean = total / T(N), mean_sq = total_sq / T(N);
+    sum[0][tx] = mean * mean * T(16) > mean_sq ? mean : T(0);
+  }
+  __syncthreads();
+  if (c >= D) return;
+  const T mu = sum[0][tx];
+  if (ty == 0 && shift != nullptr) shift[c] = mu;
+  for (int64_t r = ty; r < N; r += kCenterRowStripes) out[r * D + c] = T(x[r * D + c]) - mu;
+}
+
+// Self-mining at B <= kSmallMaxB, everything in one block: mining on the (B, B) Gram
+// matrix (squared norms from its diagonal), exact distances, per-anchor losses and their
+// reduction. Dynamic shared memory: B losses (T) and B validity bytes.
+template <typename scalar_t, typename T>
+__global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T* __restrict__ gram,
+                                        const int64_t* __restrict__ labels, int64_t B, int64_t D, Metric metric,
+                                        double margin, bool soft_margin, Reduction reduction, bool want_loss,
+                                        int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
+                                        scalar_t* loss_out) {
+  TRIPLETOPS_DYNAMIC_SHARED(T, anchor_loss);
+  uint8_t* anchor_valid = reinterpret_cast<uint8_t*>(anchor_loss + B);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  for (int64_t i = warp; i < B; i += warps) {
+    const Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, gram[i * (B + 1)], labels[i], i, metric, lane);
+    T loss;
+    bool valid;
+    finish_anchor<scalar_t, T>(h, i, x, x, D, metric, margin, soft_margin, lane, pos_idx, neg_idx, pos_dist, neg_dist,
+                               loss, valid);
+    if (lane == 0) {
+      anchor_loss[i] = loss, anchor_valid[i] = valid;
+      if (want_loss && reduction == Reduction::None) loss_out[i] = scalar_t(loss);
+    }
+  }
+  if (!want_loss || reduction == Reduction::None) return;  // uniform over the block
+  __syncthreads();
+  block_reduce_loss(anchor_loss, anchor_valid, B, reduction, loss_out);
+}
+
+// Squared norms of N rows (one warp per row), in T; with `state`, also resets the mining
+// state of these rows (as anchors) to "no candidate".
+template <typename scalar_t, typename T>
+__global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, T* sq, int64_t* pos_idx,
+                                 int64_t* neg_idx, T* pos_key, T* neg_key) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= N) return;
+  T s = 0;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const T v = T(x[i * D + k]);
+    s += v * v;
+  }
+  s = warp_sum(s);
+  if (lane != 0) return;
+  sq[i] = s;
+  if (pos_idx != nullptr) pos_idx[i] = -1, neg_idx[i] = -1, pos_key[i] = T(0), neg_key[i] = T(0);
+}
+
+// One Gram tile (rows r0 .. r0+R-1 of the anchors, columns c0 .. c0+C-1 of the reference
+// set; row stride ld) merged into the anchors' running state. Blocks [0, row_blocks)
+// mine the tile's rows for their anchors (a warp per row); with `columns` (an
+// off-diagonal tile of self-mining), the other blocks mine its columns for the column
+// anchors (a thread per column, reading the tile down: coalesced).
+template <typename T>
+__global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
+                                 const T* __restrict__ sq_rows, const T* __restrict__ sq_cols,
+                                 const int64_t* __restrict__ row_labels, const int64_t* __restrict__ col_labels,
+                                 bool self, bool columns, unsigned row_blocks, Metric metric, int64_t* pos_idx,
+                                 int64_t* neg_idx, T* pos_key, T* neg_key) {
+  if (blockIdx.x < row_blocks) {
+    const int64_t u = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+    const int lane = threadIdx.x % kWarp;
+    if (u >= R) return;
+    const int64_t i = r0 + u;
+    const Hardest<T> h = scan_row(tile + u * ld, C, c0, sq_cols, 1, col_labels, sq_rows[i], row_labels[i],
+                                  self ? i : int64_t(-1), metric, lane);
+    if (lane != 0) return;
+    Hardest<T> s{pos_key[i], pos_idx[i], neg_key[i], neg_idx[i]};
+    s.merge(h);
+    pos_key[i] = s.pk, pos_idx[i] = s.pi, neg_key[i] = s.nk, neg_idx[i] = s.ni;
+    return;
+  }
+  if (!columns) return;
+  const int64_t t = int64_t(blockIdx.x - row_blocks) * kColumnThreads + threadIdx.x;
+  if (t >= C) return;
+  const int64_t j = c0 + t;  // the column anchor; its candidates are the tile's rows
+  const T sj = sq_cols[j];
+  const int64_t lj = col_labels[j];
+  Hardest<T> h = no_candidate<T>();
+  for (int64_t u = 0; u < R; ++u) {
+    const int64_t i = r0 + u;
+    h.offer(mining_key(metric, tile[u * ld + t], sj, sq_rows[i]), i, row_labels[i] == lj);
+  }
+  Hardest<T> s{pos_key[j], pos_idx[j], neg_key[j], neg_idx[j]};
+  s.merge(h);
+  pos_key[j] = s.pk, pos_idx[j] = s.pi, neg_key[j] = s.nk, neg_idx[j] = s.ni;
+}
+
+// After the last tile: exact distances and per-anchor losses (one warp per anchor).
+template <typename scalar_t, typename T>
+__global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t B,
+                                      int64_t D, Metric metric, double margin, bool soft_margin, const T* pos_key,
+                                      const T* neg_key, int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
+                                      T* anchor_loss, uint8_t* anchor_valid) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= B) return;
+  const Hardest<T> h{pos_key[i], pos_idx[i], neg_key[i], neg_idx[i]};
+  T loss;
+  bool valid;
+  finish_anchor<scalar_t, T>(h, i, x, r, D, metric, margin, soft_margin, lane, pos_idx, neg_idx, pos_dist, neg_dist,
+                             loss, valid);
+  if (lane == 0) anchor_loss[i] = loss, anchor_valid[i] = valid;
+}
+
+// The scalar loss from the per-anchor losses (one block).
+template <typename scalar_t, typename T>
+__global__ void reduce_loss_kernel(const T* __restrict__ anchor_loss, const uint8_t* __restrict__ anchor_valid,
+                                   int64_t B, Reduction reduction, scalar_t* out) {
+  block_reduce_loss(anchor_loss, anchor_valid, B, reduction, out);
+}
+
+// ---- Backward -----------------------------------------------------------------------
+
+// Anchor i's gradient coefficients: the (a, p) pair with weight +s and the (a, n) pair
+// with weight -s, in difference form (common.h's pair_grad); inactive when s = 0.
+struct AnchorCoef {
+  bool active;
+  PairGrad p, n;
+};
+
+// What every backward kernel needs about the forward.
+template <typename scalar_t, typename T>
+struct BackwardArgs {
+  const scalar_t* grad;  // upstream gradient: one value, or B values with stride grad_stride
+  int64_t grad_stride;
+  const scalar_t *x, *r;  // anchors (B, D) and reference rows (M, D); r == x when self-mining
+  int64_t B, D;
+  const int64_t *pos_idx, *neg_idx;
+  const T *pos_dist, *neg_dist;
+  double margin;
+  Metric metric;
+  bool soft_margin;
+  Reduction reduction;
+};
+
+// The forward's per-anchor loss, recomputed from its distances in T (so the hinge and
+// mean_nonzero decisions match it bit for bit; NaN distances carry NaN rows).
+template <typename scalar_t, typename T>
+__device__ __forceinline__ T forward_loss(const BackwardArgs<scalar_t, T>& a, int64_t i, bool& valid) {
+  valid = a.pos_idx[i] >= 0 && a.neg_idx[i] >= 0;
+  return valid ? triplet_term(a.pos_dist[i] - a.neg_dist[i], T(a.margin), a.soft_margin) : T(0);
+}
+
+// The reduction's denominator (valid anchors, or anchors with loss > 0), counted by the
+// whole block in a fixed order: every block gets the same integer.
+template <typename scalar_t, typename T>
+__device__ int64_t block_count(const BackwardArgs<scalar_t, T>& a) {
+  __shared__ int64_t counts[kRowsPerBlock * kWarp];
+  const int t = threadIdx.x;
+  int64_t c = 0;
+  if (a.reduction == Reduction::Mean || a.reduction == Reduction::MeanNonzero) {
+    for (int64_t i = t; i < a.B; i += blockDim.x) {
+      bool valid;
+      const T l = forward_loss(a, i, valid);
+      c += a.reduction == Reduction::Mean ? int64_t(valid) : int64_t(l > T(0));
+    }
+  }
+  counts[t] = c;
+  __syncthreads();
+  for (int width = kRowsPerBlock * kWarp / 2; width > 0; width /= 2) {
+    if (t < width) counts[t] += counts[t + width];
+    __syncthreads();
+  }
+  const int64_t total = counts[0];
+  __syncthreads();  // counts is reused by the next call
+  return total;
+}
+
+// Anchor i's coefficients (whole warp: cosine needs the pairs' dot products).
+template <typename scalar_t, typename T>
+__device__ AnchorCoef anchor_coef(const BackwardArgs<scalar_t, T>& a, int64_t i, int64_t count, int lane) {
+  bool valid;
+  const T l = forward_loss(a, i, valid);
+  double scale = 0;
+  if (valid) {
+    const double g = double(a.grad[a.reduction == Reduction::None ? i * a.grad_stride : 0]);
+    if (a.reduction == Reduction::None || a.reduction == Reduction::Sum) scale = g;
+    else if (a.reduction == Reduction::Mean) scale = g / double(count);
+    else if (l > T(0)) scale = g / double(count);
+  }
+  const T pd = a.pos_dist[i], nd = a.neg_dist[i];
+  const double s = valid ? scale * double(triplet_term_grad(pd - nd, T(a.margin), a.soft_margin)) : 0.0;
+  AnchorCoef c{s != 0.0, {}, {}};
+  if (!c.active) return c;
+  double aa = 0, pp = 0, nn = 0, ap = 0, an = 0;
+  if (a.metric == Metric::Cosine) {
+    const scalar_t *ar = a.x + i * a.D, *pr = a.r + a.pos_idx[i] * a.D, *nr = a.r + a.neg_idx[i] * a.D;
+    T sum[5] = {};
+    for (int64_t k = lane; k < a.D; k += kWarp) {
+      const T av = T(ar[k]), pv = T(pr[k]), nv = T(nr[k]);
+      sum[0] += av * av, sum[1] += pv * pv, sum[2] += nv * nv, sum[3] += av * pv, sum[4] += av * nv;
+    }
+    for (int j = 0; j < 5; ++j) sum[j] = warp_sum(sum[j]);
+    aa = sum[0], pp = sum[1], nn = sum[2], ap = sum[3], an = sum[4];
+  }
+  c.p = pair_grad(a.metric, double(pd), ap, aa, pp).scaled(s);
+  c.n = pair_grad(a.metric, double(nd), an, aa, nn).scaled(-s);
+  return c;
+}
+
+// Anchor i's own gradient row: d/da of its two pairs (0 when inactive). Whole warp.
+template <typename scalar_t, typename T>
+__device__ __forceinline__ void write_anchor_row(const BackwardArgs<scalar_t, T>& a, int64_t i, const AnchorCoef& c,
+                                                 T* out, int lane) {
+  T* o = out + i * a.D;
+  if (!c.active) {
+    for (int64_t k = lane; k < a.D; k += kWarp) o[k] = T(0);
+    return;
+  }
+  const scalar_t *ar = a.x + i * a.D, *pr = a.r + a.pos_idx[i] * a.D, *nr = a.r + a.neg_idx[i] * a.D;
+  for (int64_t k = lane; k < a.D; k += kWarp) {
+    const T av = T(ar[k]), pv = T(pr[k]), nv = T(nr[k]);
+    o[k] = T(c.p.da) * (av - pv) + T(c.p.ea) * pv + T(c.n.da) * (av - nv) + T(c.n.ea) * nv;
+  }
+}
+
+// Adds anchor i's contribution to reference row j, as its positive or its negative.
+template <typename scalar_t, typename T>
+__device__ __forceinline__ void add_ref_contribution(const BackwardArgs<scalar_t, T>& a, int64_t i, int64_t j,
+                                                     const PairGrad& g, T* out_row, int lane) {
+  const scalar_t *ar = a.x + i * a.D, *rr = a.r + j * a.D;
+  for (int64_t k = lane; k < a.D; k += kWarp) {
+    const T av = T(ar[k]), rv = T(rr[k]);
+    out_row[k] += T(g.db) * (av - rv) + T(g.eb) * av;
+  }
+}
+
+// Self-mining backward, one warp per row j of the gradient: anchor j's own term, then,
+// in ascending anchor order, the terms of every anchor that picked j as its positive or
+// negative (found by scanning the indices with ballots). Each row has one writer and a
+// fixed order of additions: deterministic, no atomics. O(B^2) index compares, O(B*D) math.
+template <typename scalar_t, typename T>
+__global__ void self_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
+  const int64_t count = block_count(a);
+  const int lane = threadIdx.x % kWarp;
+  const int64_t rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
+  for (int64_t j = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; j < a.B; j += rows_per_grid) {
+    write_anchor_row(a, j, anchor_coef(a, j, count, lane), out, lane);
+    T* o = out + j * a.D;
+    for (int64_t i0 = 0; i0 < a.B; i0 += kWarp) {
+      const int64_t i = i0 + lane;
+      const bool in = i < a.B;
+      const unsigned as_pos = __ballot_sync(kFullMask, in && a.pos_idx[i] == j);
+      const unsigned as_neg = __ballot_sync(kFullMask, in && a.neg_idx[i] == j);
+      for (unsigned m = as_pos | as_neg; m != 0; m &= m - 1) {
+        const int b = __ffs(int(m)) - 1;
+        const AnchorCoef c = anchor_coef(a, i0 + b, count, lane);
+        if (!c.active) continue;
+        if (as_pos >> b & 1u) add_ref_contribution(a, i0 + b, j, c.p, o, lane);
+        if (as_neg >> b & 1u) add_ref_contribution(a, i0 + b, j, c.n, o, lane);
+      }
+    }
+  }
+}
+
+// Reference-set backward, anchors: one warp per anchor row.
+template <typename scalar_t, typename T>
+__global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
+  const int64_t count = block_count(a);
+  const int lane = threadIdx.x % kWarp;
+  const int64_t rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
+  for (int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; i < a.B; i += rows_per_grid)
+    write_anchor_row(a, i, anchor_coef(a, i, count, lane), out, lane);
+}
+
+// Reference-set backward, reference rows: `target` is [pos_idx; neg_idx] sorted stably
+// (-1 first) and `entry` its permutation (entry e < B: anchor e's positive, else anchor
+// e - B's negative). One warp per group of equal targets adds the group's terms, in
+// ascending entry order, to the zeroed gradient row: one writer per row, deterministic.
+template <typename scalar_t, typename T>
+__global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __restrict__ target,
+                                const int64_t* __restrict__ entry, T* out) {
+  const int64_t count = block_count(a);
+  const int lane = threadIdx.x % kWarp;
+  const int64_t E = 2 * a.B, rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
+  for (int64_t s = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; s < E; s += rows_per_grid) {
+    const int64_t j = target[s];
+    if (j < 0 || (s > 0 && target[s - 1] == j)) continue;  // not the head of a group (warp-uniform)
+    T* o = out + j * a.D;
+    for (int64_t u = s; u < E && target[u] == j; ++u) {
+      const int64_t e = entry[u], i = e < a.B ? e : e - a.B;
+      const AnchorCoef c = anchor_coef(a, i, count, lane);
+      if (c.active) add_ref_contribution(a, i, j, e < a.B ? c.p : c.n, o, lane);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace tripletops

@@ -1,0 +1,80 @@
+// The one place where the CUDA sources differ between their two builds:
+//  - nvcc (setup.py, make cuda-check): the real CUDA runtime; kernels register under
+//    the `tripletops` library at the CUDA dispatch key.
+//  - g++ with -DTRIPLETOPS_EMU (make cuda-emu): tools/cuda_emu/simt.h runs the device
+//    code on the CPU; the same launchers register under the test-only `tripletops_emu`
+//    library at the CPU key, so the test suite drives them with CPU tensors.
+// Launchers are written against ATen ops that work on any device (at::mm, at::empty,
+// at::sort, ...) plus launch_kernel, a stream and a device guard from here.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstddef>
+#include <utility>
+
+#ifdef TRIPLETOPS_EMU
+#include "simt.h"  // tools/cuda_emu, on the include path of the emulator build only
+#define TRIPLETOPS_CUDA_LIBRARY tripletops_emu
+#define TRIPLETOPS_CUDA_KEY CPU
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#define TRIPLETOPS_CUDA_LIBRARY tripletops
+#define TRIPLETOPS_CUDA_KEY CUDA
+#endif
+
+// Dynamic shared memory as a T* named `name` (extern __shared__ under nvcc, a per-block
+// heap buffer under the emulator, where ASan sees overruns).
+#ifdef TRIPLETOPS_EMU
+#define TRIPLETOPS_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::simt::dynamic_shared())
+#else
+#define TRIPLETOPS_DYNAMIC_SHARED(T, name)           \
+  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+  T* name = reinterpret_cast<T*>(name##_bytes)
+#endif
+
+namespace tripletops {
+namespace cuda {
+
+#ifdef TRIPLETOPS_EMU
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;  // the emulated kernels take CPU tensors
+using Stream = cudaStream_t;
+inline Stream current_stream() { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+#else
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+using Stream = cudaStream_t;
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
+
+inline bool on_kernel_device(const at::Tensor& t) { return t.device().type() == kDeviceType; }
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...) and the launch check; under
+// the emulator, every thread of the grid as a fiber. `name` feeds the emulator's count
+// of launched kernels (make cuda-emu).
+template <typename... Params, typename... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                   Stream stream, Args&&... args) {
+#ifdef TRIPLETOPS_EMU
+  (void)stream;
+  ::simt::launch(name, grid, block, shared_bytes, [&] { kernel(Params(args)...); });
+#else
+  (void)name;
+  kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// TRIPLETOPS_LAUNCH((kernel<T>), grid, block, shared_bytes, stream, args...): the kernel's
+// name, without template arguments, comes from the expression itself.
+#define TRIPLETOPS_LAUNCH(kernel, ...) ::tripletops::cuda::launch_kernel(#kernel, kernel, __VA_ARGS__)
+
+}  // namespace cuda
+}  // namespace tripletops
