@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo bench cuda-check cuda-emu gpu-check clean
+.PHONY: install test test-fast demo bench bench-run cuda-check cuda-emu gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -34,9 +34,14 @@ demo: install
 # The benchmark suite (pytest-benchmark; CPU, and CUDA when present) -> results/<device>.json,
 # then compare.py -> the markdown report, the PNG plot and README.md's performance section.
 BENCH_NAME ?= $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
-bench: install
-	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest benchmarks/bench_batch_hard.py benchmarks/bench_pairwise_distance.py \
-		benchmarks/bench_triplet_margin.py benchmarks/bench_loss_family.py --benchmark-only \
+BENCH_FILES ?= benchmarks/bench_batch_hard.py benchmarks/bench_pairwise_distance.py \
+	benchmarks/bench_triplet_margin.py benchmarks/bench_loss_family.py
+BENCH_SELECT ?=
+bench: install bench-run
+
+# The benchmarks and the report alone, with what is installed (the GPU machine has no network).
+bench-run:
+	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest $(BENCH_FILES) $(BENCH_SELECT) --benchmark-only \
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json --benchmark-columns=median,iqr,rounds -q
 	$(PYTHON) benchmarks/compare.py benchmarks/results/$(BENCH_NAME).json --markdown benchmarks/results/$(BENCH_NAME).md \
 		--plot benchmarks/results/$(BENCH_NAME).png --readme README.md
@@ -52,16 +57,24 @@ cuda-check: install
 cuda-emu: install
 	$(PYTHON) tools/cuda_emu/run.py
 
-# On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest preinstalled):
-# build with the CUDA kernels, run the suite (CUDA cases included), compute-sanitizer
-# memcheck and racecheck over the CUDA tests, then the benchmarks and their report.
+# On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest preinstalled;
+# pytorch-metric-learning and other missing packages as wheels in $(WHEELS)): build with the
+# CUDA kernels, run the suite (CUDA cases, CUDA-graph capture and launch count included),
+# compute-sanitizer's memcheck, racecheck, synccheck and initcheck over the CUDA kernel
+# tests, then the benchmarks and their report (benchmarks/results/cuda.{json,md,png}).
+WHEELS ?= .whl
+SANITIZED_TESTS := tests/test_batch_hard.py tests/test_pairwise_distance.py tests/test_triplet_margin_loss.py
+SANITIZER_SELECT := -q -x -p no:cacheprovider -m "not cuda_emu and not slow" -k cuda
 gpu-check:
+	@if ls $(WHEELS)/*.whl >/dev/null 2>&1; then $(PIP) install -q --no-index --no-deps $(WHEELS)/*.whl; fi
 	$(PIP) install --no-build-isolation --no-deps -e .
-	$(PYTHON) -c "import tripletops; print(tripletops.extension_available())"
-	$(PYTHON) -m pytest tests -q -rs
-	compute-sanitizer --tool memcheck --error-exitcode 1 $(PYTHON) -m pytest tests -q -k cuda -x
-	compute-sanitizer --tool racecheck --error-exitcode 1 $(PYTHON) -m pytest tests -q -k cuda -x
-	$(MAKE) bench BENCH_NAME=cuda
+	$(PYTHON) -c "import torch, tripletops; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), tripletops.extension_available())"
+	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest tests -q -rs -m "not cuda_emu"
+	for tool in memcheck racecheck synccheck initcheck; do \
+	  compute-sanitizer --tool $$tool --error-exitcode 1 $(PYTHON) -m pytest $(SANITIZED_TESTS) $(SANITIZER_SELECT) || exit 1; \
+	done
+	$(MAKE) bench-run BENCH_NAME=cuda BENCH_SELECT="-k cuda" BENCH_FILES="benchmarks/bench_batch_hard.py \
+		benchmarks/bench_pairwise_distance.py benchmarks/bench_triplet_margin.py"
 
 clean:
 	rm -rf build *.egg-info tripletops/*.so .pytest_cache .benchmarks runs

@@ -59,8 +59,11 @@ IMPLS = {
     "pml": _pml,
 }
 
+CUDA_TARGET_SIZES = [(8192, 512)]  # issue 10: <= 1.0x one x @ x.T, fp32 and bf16
+
 CASES = [(dev, b, D_SWEEP) for dev in harness.DEVICES for b in harness.SWEEP[dev]]
 CASES += [(dev, b, d) for dev in harness.DEVICES for b, d in TARGET_SIZES]
+CASES += [("cuda", b, d) for b, d in CUDA_TARGET_SIZES if "cuda" in harness.DEVICES]
 
 
 @pytest.mark.parametrize("device,b,d", CASES, ids=[f"{dev}-B{b}-D{d}" for dev, b, d in CASES])
@@ -83,15 +86,44 @@ def test_gemm_floor(benchmark, device, b, d):
     harness.run(benchmark, lambda: x @ x.T, device=device, family="batch_hard", impl="gemm", mode="gemm", B=b, D=d)
 
 
-@pytest.mark.parametrize("device", harness.DEVICES)
-def test_memory_bank_2pow20(benchmark, device):
-    """B = 1024 against a bank of 2^20 x 64 (a B x M float matrix would be 4 GiB)."""
-    b, m, d = 1024, 1 << 20, 64
+CUDA_BF16 = [("cuda", b, d) for b, d in CUDA_TARGET_SIZES if "cuda" in harness.DEVICES]
+
+
+@pytest.mark.parametrize("device,b,d", CUDA_BF16, ids=[f"{dev}-B{b}-D{d}" for dev, b, d in CUDA_BF16])
+@pytest.mark.parametrize("impl", ["tripletops", "gemm"])
+def test_batch_hard_bf16(benchmark, impl, device, b, d):
+    """bf16 embeddings: tripletops forward + backward against one bf16 x @ x.T."""
+    x, y = harness.inputs(b, d, device, dtype=torch.bfloat16)
+    benchmark.group = f"batch_hard_bf16 {device} B={b} D={d}"
+    if impl == "gemm":
+        xd = x.detach()
+        fn, mode = (lambda: xd @ xd.T), "gemm"
+    else:
+        fn, mode = harness.fwd_bwd(IMPLS["tripletops"](), x, y, mode="fwd+bwd"), "fwd+bwd"
+    harness.run(benchmark, fn, device=device, family="batch_hard_bf16", impl=impl, mode=mode, B=b, D=d)
+
+
+# The bank's width: 64 on CPU (time), 128 on CUDA (issue 10's target size).
+BANK_CASES = [(dev, 64 if dev == "cpu" else 128) for dev in harness.DEVICES]
+
+
+@pytest.mark.parametrize("device,d", BANK_CASES, ids=[f"{dev}-D{d}" for dev, d in BANK_CASES])
+@pytest.mark.parametrize("impl", ["tripletops", "gemm"])
+def test_memory_bank_2pow20(benchmark, impl, device, d):
+    """B = 1024 against a bank of 2^20 rows (a B x M float matrix would be 4 GiB); on CUDA
+    also one B x M GEMM against the bank, the floor of any method that forms distances."""
+    if impl == "gemm" and device == "cpu":
+        pytest.skip("the 4 GiB B x M GEMM is timed on CUDA only")
+    b, m = 1024, 1 << 20
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(m, d, generator=g).to(device)
     bank_y = torch.randint(0, 1000, (m,), generator=g).to(device)
     x, y = harness.inputs(b, d, device, seed=1, classes=1000)
     benchmark.group = f"bank {device} B={b} M=2^20 D={d}"
-    fn = harness.fwd_bwd(lambda x, y: tripletops.batch_hard_loss(x, y, ref_embeddings=bank, ref_labels=bank_y),
-                         x, y, mode="fwd+bwd")
-    harness.run(benchmark, fn, device=device, family="bank", impl="tripletops", mode="fwd+bwd", B=b, M=m, D=d)
+    if impl == "gemm":
+        xd = x.detach()
+        fn = lambda: xd @ bank.T  # noqa: E731
+    else:
+        fn = harness.fwd_bwd(lambda x, y: tripletops.batch_hard_loss(x, y, ref_embeddings=bank, ref_labels=bank_y),
+                             x, y, mode="fwd+bwd")
+    harness.run(benchmark, fn, device=device, family="bank", impl=impl, mode="fwd+bwd", B=b, M=m, D=d)

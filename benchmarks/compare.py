@@ -127,7 +127,7 @@ def targets(rows: dict, device: str) -> list[str]:
         for b, d in ((256, 128), (1024, 256)):
             checks.append((f"B={b}, D={d}, fp32: ≥ 5× faster than eager", ("batch_hard", device, "fwd+bwd", b, d, None),
                            "eager", "tripletops", 5.0, "≥"))
-        checks.append(("B=4096, D=512: ≤ 1.0× one x·xᵀ GEMM", None, None, None, 1.0, "≤gemm"))
+        checks.append(("B=4096, D=512: ≤ 1.0× one x·xᵀ GEMM", ("batch_hard", 4096), None, None, 1.0, "≤gemm"))
         checks.append(("batch-all, B=512, D=128: ≥ 10× the eager B³ version", ("batch_all", device, "fwd+bwd", 512, 128,
                        None), "reference", "tripletops", 10.0, "≥"))
     else:
@@ -135,14 +135,30 @@ def targets(rows: dict, device: str) -> list[str]:
                        None), "reference", "tripletops", 50.0, "≥"))
         checks.append(("B=256, D=128, fp32: ≥ 10× eager", ("batch_hard", device, "fwd+bwd", 256, 128, None),
                        "eager", "tripletops", 10.0, "≥"))
+        checks.append(("B=256, D=128, fp32: ≥ 4× torch.compile(eager)", ("batch_hard", device, "fwd+bwd", 256, 128, None),
+                       "compile(eager)", "tripletops", 4.0, "≥"))
         checks.append(("B=256, D=128, fp32: ≥ 4× torch.compile(reference)", ("batch_hard", device, "fwd+bwd", 256, 128, None),
                        "compile(reference)", "tripletops", 4.0, "≥"))
         checks.append(("B=256, D=128, fp32: ≥ 20× PML", ("batch_hard", device, "fwd+bwd", 256, 128, None),
                        "pml", "tripletops", 20.0, "≥"))
+    if device == "cuda":
+        checks.append(("B=8192, D=512, fp32: ≤ 1.0× one x·xᵀ GEMM", ("batch_hard", 8192), None, None, 1.0, "≤gemm"))
+        checks.append(("B=8192, D=512, bf16: ≤ 1.0× one x·xᵀ GEMM", ("batch_hard_bf16", 8192), None, None, 1.0,
+                       "≤gemm"))
+        checks.append(("B=1024 against 2²⁰×128: ≤ 1.2× one B×M GEMM", ("bank", 1024), None, None, 1.2, "≤bank"))
     for name, key, num, den, goal, how in checks:
+        if how == "≤bank":
+            found = [(k, m) for k, m in rows.items() if k[0] == "bank" and k[1] == device and "tripletops" in m
+                     and "gemm" in m]
+            for k, m in found:
+                r = m["tripletops"][0] / m["gemm"][0]
+                lines.append(f"| {name} | {r:.2f}× ({fmt_time(m['tripletops'][0])} vs {fmt_time(m['gemm'][0])}); "
+                             f"peak {fmt_bytes(m['tripletops'][1])} | {'met' if r <= goal else '**not met**'} |")
+            continue
         if how == "≤gemm":
-            m = rows.get(("batch_hard", device, "fwd+bwd", 4096, 512, None), {})
-            g = rows.get(("batch_hard", device, "gemm", 4096, 512, None), {}).get("gemm")
+            family, size = key if key else ("batch_hard", 4096)
+            m = rows.get((family, device, "fwd+bwd", size, 512, None), {})
+            g = rows.get((family, device, "gemm", size, 512, None), {}).get("gemm")
             if "tripletops" not in m or g is None:
                 continue
             r = m["tripletops"][0] / g[0]

@@ -247,8 +247,9 @@ def test_duplicate_embeddings_have_finite_gradients(device, metric, dtype):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("where", ["batch", "bank"])
-def test_nan_and_inf_give_nan(device, bad, metric, where):
-    x, y = make_batch(20, 4, 3, device=device)
+@pytest.mark.parametrize("b", [20, 130])
+def test_nan_and_inf_give_nan(device, bad, metric, where, b):
+    x, y = make_batch(b, 4, 3, device=device)
     bank, bank_y = make_batch(30, 4, 3, seed=9, device=device)
     kw = {}
     if where == "bank":
@@ -275,6 +276,27 @@ def test_slow_path_agrees_on_finite_anchors():
     r = reference.batch_hard_mine(x, y, ref_embeddings=bank, ref_labels=bank_y)
     assert torch.equal(m.pos_idx, r.pos_idx) and torch.equal(m.neg_idx, r.neg_idx)
     assert_close_rel(m.pos_dist, r.pos_dist, 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["batch", "bank"])
+@pytest.mark.parametrize("b", [25, 130])
+def test_overflowing_norms_never_give_a_finite_wrong_loss(device, where, b):
+    """A finite row whose squared norm overflows (fp64, 1e154): the loss is NaN or right,
+    never finite and wrong. (The CPU kernels mine such rows exactly on a slow path; the
+    CUDA kernels give NaN.)"""
+    x, y = make_batch(b, 4, 3, dtype=torch.float64, device=device)
+    bank, bank_y = make_batch(40, 4, 3, dtype=torch.float64, seed=4, device=device)
+    if where == "bank":
+        bank[0] = 1e154
+        kw = dict(ref_embeddings=bank, ref_labels=bank_y)
+    else:
+        x[3] = 1e154
+        kw = {}
+    got = tripletops.batch_hard_loss(x, y, reduction="none", **kw).cpu()
+    ref = reference.batch_hard_loss(x, y, reduction="none", **kw).cpu()
+    finite = torch.isfinite(got)
+    assert torch.allclose(got[finite], ref[finite], rtol=1e-10, atol=0), (got, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -30,6 +30,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sort.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -91,23 +92,22 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   const auto ct = compute_dtype(X.scalar_type());
   const auto opts = X.options().dtype(ct);
   const Stream stream = current_stream();
-  // The GEMM operands, in the compute dtype: for (sq)euclidean the rows shifted by the
-  // anchors' column means where those dominate (one kernel; distances do not change, and
-  // mining stays exact far from the origin), for cosine the rows themselves (a conversion
-  // for halves only).
-  at::Tensor Xc, Rc;
-  if (metric == Metric::Cosine) {
+  // The anchors as GEMM operand, in the compute dtype: for (sq)euclidean shifted by their
+  // column means where those dominate (one kernel; distances do not change, and mining
+  // stays exact far from the origin), for cosine the rows themselves (a conversion for
+  // halves only). A reference set gets the same treatment one tile at a time, below.
+  const bool shifted = metric != Metric::Cosine;
+  at::Tensor Xc, shift;
+  if (!shifted) {
     Xc = X.to(ct);
-    Rc = in.self ? Xc : R.to(ct);
   } else {
     Xc = at::empty({B, D}, opts);
-    at::Tensor shift = at::empty({D}, opts);
+    shift = at::empty({D}, opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_center_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       TRIPLETOPS_LAUNCH((center_rows_kernel<scalar_t, T>), blocks_of(D, kCenterCols), kCenterCols * kCenterRowStripes,
                         0, stream, X.data_ptr<scalar_t>(), B, D, Xc.data_ptr<T>(), shift.data_ptr<T>());
     });
-    Rc = in.self ? Xc : (R.to(ct) - shift).contiguous();
   }
   Mined m;
   m.pos_idx = at::empty({B}, X.options().dtype(at::kLong));
@@ -135,39 +135,58 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   at::Tensor sq_x = at::empty({B}, opts);
   at::Tensor sq_r = in.self ? sq_x : at::empty({M}, opts);
   at::Tensor anchor_loss = at::empty({B}, opts), anchor_valid = at::empty({B}, X.options().dtype(at::kByte));
+  // Tile shapes: square tiles on and above the diagonal for self-mining; else row blocks of
+  // at most kSelfTileRows anchors against as many reference rows as the budget allows.
+  const int64_t tile_rows = std::min(B, kSelfTileRows);
+  const int64_t tile_cols = in.self ? tile_rows : std::min(M, std::max<int64_t>(kTileElems / tile_rows, 1));
+  at::Tensor tile = at::empty({tile_rows, tile_cols}, opts);
+  // A reference tile in the compute dtype (shifted for (sq)euclidean): reused, so the
+  // reference set is never copied whole. Not needed for fp32/fp64 cosine.
+  const bool ref_buffer = !in.self && (shifted || R.scalar_type() != ct);
+  at::Tensor ref_tile = ref_buffer ? at::empty({tile_cols, D}, opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_mine_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    // Squared norms of the GEMM operands (centred rows for (sq)euclidean).
-    TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0, stream,
-                      Xc.data_ptr<T>(), B, D, sq_x.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(),
-                      m.neg_idx.data_ptr<int64_t>(), pos_key.data_ptr<T>(), neg_key.data_ptr<T>());
-    if (!in.self)
-      TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(M, kRowsPerBlock), kRowsPerBlock * kWarp, 0, stream,
-                        Rc.data_ptr<T>(), M, D, sq_r.data_ptr<T>(), static_cast<int64_t*>(nullptr),
-                        static_cast<int64_t*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
-    // Tile shapes: square tiles above the diagonal for self-mining; else row blocks of at
-    // most kSelfTileRows anchors against as many reference columns as the budget allows.
-    const int64_t tile_rows = std::min(B, kSelfTileRows);
-    const int64_t tile_cols = in.self ? tile_rows : std::min(M, std::max<int64_t>(kTileElems / tile_rows, 1));
-    at::Tensor tile = at::empty({tile_rows, tile_cols}, opts);
-    for (int64_t r0 = 0; r0 < B; r0 += tile_rows) {
-      const int64_t rows = std::min(tile_rows, B - r0);
-      for (int64_t c0 = in.self ? r0 : 0; c0 < M; c0 += tile_cols) {
+    const unsigned row_threads = kRowsPerBlock * kWarp;
+    // Squared norms of the GEMM operands; also resets every anchor's state.
+    TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream, Xc.data_ptr<T>(),
+                      B, D, sq_x.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(),
+                      pos_key.data_ptr<T>(), neg_key.data_ptr<T>());
+    // One GEMM tile and its mining; r0/c0 index the anchors / the reference set.
+    auto mine_tile = [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols, const at::Tensor& ref_rows) {
+      at::Tensor g = tile.narrow(0, 0, rows).narrow(1, 0, cols);
+      at::mm_out(g, Xc.narrow(0, r0, rows), ref_rows.t());
+      const bool columns = in.self && c0 != r0;  // an off-diagonal tile also mines for its columns
+      const unsigned row_blocks = blocks_of(rows, kRowsPerBlock);
+      const unsigned blocks = row_blocks + (columns ? blocks_of(cols, kColumnThreads) : 0);
+      TRIPLETOPS_LAUNCH((mine_tile_kernel<T>), blocks, row_threads, 0, stream, g.data_ptr<T>(), g.stride(0), r0, rows,
+                        c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(), in.labels.data_ptr<int64_t>(),
+                        in.ref_labels.data_ptr<int64_t>(), in.self, columns, row_blocks, metric,
+                        m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), pos_key.data_ptr<T>(),
+                        neg_key.data_ptr<T>());
+    };
+    if (in.self) {
+      for (int64_t r0 = 0; r0 < B; r0 += tile_rows)
+        for (int64_t c0 = r0; c0 < B; c0 += tile_cols)
+          mine_tile(r0, std::min(tile_rows, B - r0), c0, std::min(tile_cols, B - c0),
+                    Xc.narrow(0, c0, std::min(tile_cols, B - c0)));
+    } else {
+      for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
         const int64_t cols = std::min(tile_cols, M - c0);
-        at::Tensor g = tile.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(g, Xc.narrow(0, r0, rows), Rc.narrow(0, c0, cols).t());
-        const bool columns = in.self && c0 != r0;
-        const unsigned row_blocks = blocks_of(rows, kRowsPerBlock);
-        const unsigned blocks = row_blocks + (columns ? blocks_of(cols, kColumnThreads) : 0);
-        TRIPLETOPS_LAUNCH((mine_tile_kernel<T>), blocks, kRowsPerBlock * kWarp, 0, stream, g.data_ptr<T>(),
-                          g.stride(0), r0, rows, c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(),
-                          in.labels.data_ptr<int64_t>(), in.ref_labels.data_ptr<int64_t>(), in.self, columns,
-                          row_blocks, metric, m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(),
-                          pos_key.data_ptr<T>(), neg_key.data_ptr<T>());
+        at::Tensor ref_rows = R.narrow(0, c0, cols);
+        if (ref_buffer) {
+          at::Tensor buf = ref_tile.narrow(0, 0, cols);
+          if (shifted) at::sub_out(buf, ref_rows, shift);
+          else buf.copy_(ref_rows);
+          ref_rows = buf;
+        }
+        TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(cols, kRowsPerBlock), row_threads, 0, stream,
+                          ref_rows.data_ptr<T>(), cols, D, sq_r.data_ptr<T>() + c0, static_cast<int64_t*>(nullptr),
+                          static_cast<int64_t*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+        for (int64_t r0 = 0; r0 < B; r0 += tile_rows) mine_tile(r0, std::min(tile_rows, B - r0), c0, cols, ref_rows);
       }
     }
-    TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0,
-                      stream, X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, metric, margin, soft_margin,
+    TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream,
+                      X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, metric, margin, soft_margin,
                       pos_key.data_ptr<T>(), neg_key.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(),
                       m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
                       anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>());

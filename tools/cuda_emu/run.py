@@ -5,7 +5,8 @@
 2. Builds build/cuda_emu/libtripletops_emu.so (build.py).
 3. Runs the test suite's cuda-emu cases (pytest -m cuda_emu) in a Python whose first
    library is libasan, with TRIPLETOPS_STRICT=1: the same tests, references and poisoned
-   outputs as the CPU and CUDA cases.
+   outputs as the CPU and CUDA cases; then the batch-hard ones again with another thread
+   interleaving (TRIPLETOPS_EMU_SEED=0).
 4. Ends with `cuda-emu: N of M __global__ kernels launched`, where M counts every
    __global__ in csrc/cuda, and fails unless N == M and every step passed.
 Extra arguments go to pytest.
@@ -54,8 +55,13 @@ def main() -> int:
         log = os.path.join(tmp, "launched.txt")
         env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1",
                    TRIPLETOPS_EMU_LIB=lib, TRIPLETOPS_EMU_LAUNCH_LOG=log, TRIPLETOPS_STRICT="1")
-        rc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-m", "cuda_emu", "-q", "-p", "no:cacheprovider",
-                             *sys.argv[1:]], cwd=ROOT, env=env).returncode
+        pytest = [sys.executable, "-m", "pytest", "-m", "cuda_emu", "-q", "-p", "no:cacheprovider", *sys.argv[1:]]
+        rc = subprocess.run([*pytest, "tests"], cwd=ROOT, env=env).returncode
+        # The batch-hard kernels once more with the threads in first-come order (seed 0):
+        # another interleaving, which a missing barrier or a lane-order assumption would fail.
+        if rc == 0:
+            rc = subprocess.run([*pytest, "tests/test_batch_hard.py"], cwd=ROOT,
+                                env=dict(env, TRIPLETOPS_EMU_SEED="0")).returncode
         launched = set(open(log).read().split()) if os.path.exists(log) else set()
     kernels = kernels_in_sources()
     missing = sorted(kernels - launched)
