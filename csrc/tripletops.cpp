@@ -1,8 +1,8 @@
 // The tripletops library: its ops (schemas in schema.h) and the Python module entry point.
 //
 // Kernels register themselves per device at the bottom of their own files
-// (csrc/cpu/<op>_cpu.cpp with TORCH_LIBRARY_IMPL(tripletops, CPU, m), and later
-// csrc/cuda/<op>_cuda.cu with TORCH_LIBRARY_IMPL(tripletops, CUDA, m)).
+// (csrc/cpu/<op>_cpu.cpp with TORCH_LIBRARY_IMPL(tripletops, CPU, m), and
+// csrc/cuda/<op>_cuda.cu with TORCH_LIBRARY_IMPL(tripletops, CUDA, m) through device.h).
 // Autograd and fake (meta) kernels are registered from Python, in tripletops/_ops.py.
 #include <Python.h>
 #include <torch/library.h>

@@ -12,7 +12,7 @@ import torch
 import tripletops
 from tripletops import reference
 
-from conftest import STRICT
+from conftest import EMU, STRICT, devices_for
 
 ops = torch.ops.tripletops
 
@@ -24,7 +24,7 @@ def test_extension_loaded_in_strict_mode():
     assert bool(info) == info.loaded
 
 
-def _opcheck_samples():
+def _opcheck_samples(ops=torch.ops.tripletops):
     x = torch.randn(9, 5, dtype=torch.float64)
     xg = x.clone().requires_grad_(True)
     y = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0])
@@ -57,16 +57,25 @@ def test_opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not EMU, reason="needs make cuda-emu (TRIPLETOPS_EMU_LIB)")
+def test_opcheck_emulated_cuda_kernels():
+    """opcheck of every CUDA op, its kernel emulated (schemas, fake kernels, autograd)."""
+    for op, args in _opcheck_samples(torch.ops.tripletops_emu):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("soft_margin", [False, True])
 @pytest.mark.parametrize("with_bank", [False, True])
-def test_gradcheck_batch_hard(metric, soft_margin, with_bank):
+def test_gradcheck_batch_hard(device, metric, soft_margin, with_bank):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(10, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    x = torch.randn(10, 4, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3], device=device)
     if with_bank:
-        bank = torch.randn(8, 4, dtype=torch.float64, generator=g, requires_grad=True)
-        bank_y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+        bank = torch.randn(8, 4, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+        bank_y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device=device)
         fn = lambda a, b: tripletops.batch_hard_loss(a, y, metric=metric, soft_margin=soft_margin, margin=1.0,
                                                      ref_embeddings=b, ref_labels=bank_y, reduction="none")
         assert torch.autograd.gradcheck(fn, (x, bank))
