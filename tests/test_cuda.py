@@ -53,9 +53,9 @@ def test_training_step_captures_in_a_cuda_graph(bank, b):
 
 
 def test_small_batch_launches_at_most_four_kernels():
-    """B <= 1024, fp32: forward + backward in at most 4 kernel launches (the shift kernel,
-    one GEMM, the one-block mining kernel, the backward kernel). The upstream gradient is
-    given and x.grad starts empty, so autograd itself launches nothing."""
+    """B <= 1024, fp32: forward + backward in at most 4 kernel launches (row preparation,
+    one GEMM, mining with the loss, the backward). The upstream gradient is given and
+    x.grad starts empty, so autograd itself launches nothing."""
     x, y = make_batch(256, 128, 32, device="cuda")
     x.requires_grad_(True)
     g = torch.ones((), device="cuda")

@@ -8,14 +8,15 @@
 // never exists. Self-mining computes only the tiles on or above the diagonal; an
 // off-diagonal tile updates its row anchors and its column anchors. The selected pairs'
 // distances are then recomputed exactly from the rows.
-//  - (Sq)euclidean mining runs on rows shifted by the anchors' column means where those
-//    dominate (one kernel, which also converts halves): exact far from the origin, exact
-//    ties on integer grids, and no data-dependent host decision.
-//  - Self-mining at B <= 1024: then one GEMM (B x B) and one single-block kernel (mining,
-//    exact distances, losses, reduction); the backward is one kernel: 4 launches for
-//    forward + backward (cosine: 3, plus a conversion for halves).
+//  - First, one kernel prepares the anchors as GEMM operand (fp32 for halves) and, for
+//    (sq)euclidean, shifts the columns whose means dominate: exact far from the origin,
+//    exact ties on integer grids, and no data-dependent host decision.
+//  - Self-mining at B <= 1024: then one GEMM (B x B) and one kernel (a warp per anchor:
+//    mining, exact distances, losses; the last block to finish reduces them). With the
+//    one-kernel backward: 4 launches for forward + backward (halves add the gradient's
+//    conversion).
 //  - Otherwise: row norms, then per tile a GEMM and a mining kernel, then one kernel for
-//    the exact distances and losses and one for the reduction.
+//    the exact distances, the losses and (last block) their reduction.
 // Backward: O(B * D) arithmetic on the 2B selected pairs, one writer per gradient row and
 // a fixed order of additions (deterministic, no atomics).
 // No host synchronisation anywhere (no .item(), no data-dependent shape): a training step
@@ -92,40 +93,37 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   const auto ct = compute_dtype(X.scalar_type());
   const auto opts = X.options().dtype(ct);
   const Stream stream = current_stream();
-  // The anchors as GEMM operand, in the compute dtype: for (sq)euclidean shifted by their
-  // column means where those dominate (one kernel; distances do not change, and mining
-  // stays exact far from the origin), for cosine the rows themselves (a conversion for
-  // halves only). A reference set gets the same treatment one tile at a time, below.
+  // The anchors as GEMM operand, in the compute dtype, by one kernel: for (sq)euclidean
+  // shifted by their column means where those dominate (distances do not change, and
+  // mining stays exact far from the origin). A reference set gets the same treatment one
+  // tile at a time, below.
   const bool shifted = metric != Metric::Cosine;
-  at::Tensor Xc, shift;
-  if (!shifted) {
-    Xc = X.to(ct);
-  } else {
-    Xc = at::empty({B, D}, opts);
-    shift = at::empty({D}, opts);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_center_cuda", [&] {
-      using T = at::opmath_type<scalar_t>;
-      TRIPLETOPS_LAUNCH((center_rows_kernel<scalar_t, T>), blocks_of(D, kCenterCols), kCenterCols * kCenterRowStripes,
-                        0, stream, X.data_ptr<scalar_t>(), B, D, Xc.data_ptr<T>(), shift.data_ptr<T>());
-    });
-  }
+  at::Tensor Xc = at::empty({B, D}, opts), shift = at::empty({D}, opts);
+  at::Tensor counter = at::empty({1}, X.options().dtype(at::kInt));  // reduce_in_last_block's tickets
   Mined m;
   m.pos_idx = at::empty({B}, X.options().dtype(at::kLong));
   m.neg_idx = at::empty({B}, X.options().dtype(at::kLong));
   m.pos_dist = at::empty({B}, opts);
   m.neg_dist = at::empty({B}, opts);
   m.loss = at::empty(want_loss && reduction == Reduction::None ? at::IntArrayRef{B} : at::IntArrayRef{}, X.options());
+  at::Tensor anchor_loss = at::empty({B}, opts), anchor_valid = at::empty({B}, X.options().dtype(at::kByte));
+  auto counter_ptr = [&] { return reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>()); };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_prepare_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    TRIPLETOPS_LAUNCH((prepare_rows_kernel<scalar_t, T>), blocks_of(D, kCenterCols), kCenterCols * kCenterRowStripes,
+                      0, stream, X.data_ptr<scalar_t>(), B, D, shifted, Xc.data_ptr<T>(), shift.data_ptr<T>(),
+                      counter_ptr());
+  });
 
   if (in.self && B <= kSmallMaxB) {
     const at::Tensor gram = at::mm(Xc, Xc.t());
-    const int warps = int(std::min<int64_t>(B, kReduceThreads / kWarp));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_small_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
-      const size_t shared = size_t(B) * (sizeof(T) + 1);
-      TRIPLETOPS_LAUNCH((batch_hard_small_kernel<scalar_t, T>), 1, warps * kWarp, shared, stream,
-                        X.data_ptr<scalar_t>(), gram.data_ptr<T>(), in.labels.data_ptr<int64_t>(), B, D, metric,
-                        margin, soft_margin, reduction, want_loss, m.pos_idx.data_ptr<int64_t>(),
+      TRIPLETOPS_LAUNCH((batch_hard_small_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0,
+                        stream, X.data_ptr<scalar_t>(), gram.data_ptr<T>(), in.labels.data_ptr<int64_t>(), B, D,
+                        metric, margin, soft_margin, reduction, want_loss, m.pos_idx.data_ptr<int64_t>(),
                         m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
+                        anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), counter_ptr(),
                         want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
     });
     return m;
@@ -134,7 +132,6 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   at::Tensor pos_key = at::empty({B}, opts), neg_key = at::empty({B}, opts);
   at::Tensor sq_x = at::empty({B}, opts);
   at::Tensor sq_r = in.self ? sq_x : at::empty({M}, opts);
-  at::Tensor anchor_loss = at::empty({B}, opts), anchor_valid = at::empty({B}, X.options().dtype(at::kByte));
   // Tile shapes: square tiles on and above the diagonal for self-mining; else row blocks of
   // at most kSelfTileRows anchors against as many reference rows as the budget allows.
   const int64_t tile_rows = std::min(B, kSelfTileRows);
@@ -189,14 +186,8 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
                       X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, metric, margin, soft_margin,
                       pos_key.data_ptr<T>(), neg_key.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(),
                       m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
-                      anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>());
-    if (!want_loss) return;
-    if (reduction == Reduction::None) {
-      m.loss = anchor_loss.to(X.scalar_type());
-      return;
-    }
-    TRIPLETOPS_LAUNCH((reduce_loss_kernel<scalar_t, T>), 1, kReduceThreads, 0, stream, anchor_loss.data_ptr<T>(),
-                      anchor_valid.data_ptr<uint8_t>(), B, reduction, m.loss.data_ptr<scalar_t>());
+                      anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), reduction, want_loss,
+                      counter_ptr(), want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
   });
   return m;
 }

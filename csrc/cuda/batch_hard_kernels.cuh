@@ -20,7 +20,7 @@ namespace cuda {
 
 constexpr int kRowsPerBlock = 8;     // warps per block in the per-row kernels (256 threads)
 constexpr int kColumnThreads = 256;  // threads per block in the column part of tile mining
-constexpr int kReduceThreads = 1024;
+constexpr int kReduceThreads = kRowsPerBlock * kWarp;  // the blocks that reduce the losses
 
 template <typename T>
 __device__ __forceinline__ T quiet_nan() {
@@ -184,60 +184,84 @@ __device__ void block_reduce_loss(const T* loss, const uint8_t* valid, int64_t B
   }
 }
 
+// Called by every block of a grid after it wrote its anchors' losses: the last block to
+// finish (a ticket from `counter`, zeroed by prepare_rows_kernel earlier in the stream)
+// reduces all B losses, in a fixed order, so the result does not depend on which block
+// came last. Threadfences make the other blocks' writes visible (CUDA's
+// threadFenceReduction pattern). Block-uniform: every thread of every block calls it.
+template <typename T, typename scalar_t>
+__device__ void reduce_in_last_block(unsigned* counter, const T* loss, const uint8_t* valid, int64_t B,
+                                     Reduction reduction, scalar_t* out) {
+  __shared__ bool last;
+  __syncthreads();  // this block's losses are written
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  block_reduce_loss(loss, valid, B, reduction, out);
+}
+
 // ---- Forward kernels ------------------------------------------------------------------
 
 constexpr int kCenterCols = 32, kCenterRowStripes = 8;
 
-// Rows minus a translation, in T, for (sq)euclidean mining: the Gram form's rounding then
-// scales with the data's spread, not with its distance from the origin. Column c is
-// shifted by its mean when that pays (mean^2 > E[x_c^2] / 16, the CPU kernels' rule, per
-// column), else left exact (integer grids keep exact keys and exact ties). Distances do
-// not change under any translation. Non-finite entries are left out of the statistics
-// (their rows stay non-finite; the others stay exact). A block per 32 columns, 8 row
+// The anchors as GEMM operand, in T. For (sq)euclidean (`shift_columns`), rows minus a
+// translation: the Gram form's rounding then scales with the data's spread, not with its
+// distance from the origin. Column c is shifted by its mean when that pays (mean^2 >
+// E[x_c^2] / 16, the CPU kernels' rule, per column), else left exact (integer grids keep
+// exact keys and exact ties); distances do not change under any translation. Non-finite
+// entries are left out of the statistics (their rows stay non-finite, the others exact).
+// Also zeroes the ticket counter of reduce_in_last_block. A block per 32 columns, 8 row
 // stripes, fixed summation order; no host decision.
 template <typename scalar_t, typename T>
-__global__ void center_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, T* __restrict__ out,
-                                   T* __restrict__ shift) {
+__global__ void prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, bool shift_columns,
+                                    T* __restrict__ out, T* __restrict__ shift, unsigned* counter) {
   __shared__ T sum[kCenterRowStripes][kCenterCols];
   __shared__ T sum_sq[kCenterRowStripes][kCenterCols];
   const int tx = threadIdx.x % kCenterCols, ty = threadIdx.x / kCenterCols;
   const int64_t c = int64_t(blockIdx.x) * kCenterCols + tx;
-  T s = 0, s2 = 0;
-  if (c < D) {
-    for (int64_t r = ty; r < N; r += kCenterRowStripes) {
-      T v = T(x[r * D + c]);
-      v = v - v == T(0) ? v : T(0);
-      s += v, s2 += v * v;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;
+  if (shift_columns) {  // uniform over the grid
+    T s = 0, s2 = 0;
+    if (c < D) {
+      for (int64_t r = ty; r < N; r += kCenterRowStripes) {
+        T v = T(x[r * D + c]);
+        v = v - v == T(0) ? v : T(0);
+        s += v, s2 += v * v;
+      }
     }
+    sum[ty][tx] = s, sum_sq[ty][tx] = s2;
+    __syncthreads();
+    if (ty == 0) {
+      T total = 0, total_sq = 0;
+      for (int k = 0; k < kCenterRowStripes; ++k) total += sum[k][tx], total_sq += sum_sq[k][tx];
+      const T mean = total / T(N), mean_sq = total_sq / T(N);
+      sum[0][tx] = mean * mean * T(16) > mean_sq ? mean : T(0);
+    }
+    __syncthreads();
   }
-  sum[ty][tx] = s, sum_sq[ty][tx] = s2;
-  __syncthreads();
-  if (ty == 0) {
-    T total = 0, total_sq = 0;
-    for (int k = 0; k < kCenterRowStripes; ++k) total += sum[k][tx], total_sq += sum_sq[k][tx];
-    const T mean = total / T(N), mean_sq = total_sq / T(N);
-    sum[0][tx] = mean * mean * T(16) > mean_sq ? mean : T(0);
-  }
-  __syncthreads();
   if (c >= D) return;
-  const T mu = sum[0][tx];
-  if (ty == 0 && shift != nullptr) shift[c] = mu;
+  const T mu = shift_columns ? sum[0][tx] : T(0);
+  if (ty == 0) shift[c] = mu;
   for (int64_t r = ty; r < N; r += kCenterRowStripes) out[r * D + c] = T(x[r * D + c]) - mu;
 }
 
-// Self-mining at B <= kSmallMaxB, everything in one block: mining on the (B, B) Gram
-// matrix (squared norms from its diagonal), exact distances, per-anchor losses and their
-// reduction. Dynamic shared memory: B losses (T) and B validity bytes.
+// Self-mining at B <= kSmallMaxB on the whole (B, B) Gram matrix (squared norms from its
+// diagonal), one warp per anchor: mining, exact distances, per-anchor losses, and (last
+// block) their reduction. With the GEMM and prepare_rows_kernel, the whole forward.
 template <typename scalar_t, typename T>
 __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T* __restrict__ gram,
                                         const int64_t* __restrict__ labels, int64_t B, int64_t D, Metric metric,
                                         double margin, bool soft_margin, Reduction reduction, bool want_loss,
                                         int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
+                                        T* anchor_loss, uint8_t* anchor_valid, unsigned* counter,
                                         scalar_t* loss_out) {
-  TRIPLETOPS_DYNAMIC_SHARED(T, anchor_loss);
-  uint8_t* anchor_valid = reinterpret_cast<uint8_t*>(anchor_loss + B);
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  for (int64_t i = warp; i < B; i += warps) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i < B) {  // no early return: the reduction below needs every thread of the block
     const Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, gram[i * (B + 1)], labels[i], i, metric, lane);
     T loss;
     bool valid;
@@ -248,9 +272,8 @@ __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T*
       if (want_loss && reduction == Reduction::None) loss_out[i] = scalar_t(loss);
     }
   }
-  if (!want_loss || reduction == Reduction::None) return;  // uniform over the block
-  __syncthreads();
-  block_reduce_loss(anchor_loss, anchor_valid, B, reduction, loss_out);
+  if (want_loss && reduction != Reduction::None)  // uniform over the grid
+    reduce_in_last_block(counter, anchor_loss, anchor_valid, B, reduction, loss_out);
 }
 
 // Squared norms of N rows (one warp per row), in T; with `state`, also resets the mining
@@ -312,28 +335,29 @@ __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t
   pos_key[j] = s.pk, pos_idx[j] = s.pi, neg_key[j] = s.nk, neg_idx[j] = s.ni;
 }
 
-// After the last tile: exact distances and per-anchor losses (one warp per anchor).
+// After the last tile: exact distances and per-anchor losses (one warp per anchor), then
+// (last block) their reduction.
 template <typename scalar_t, typename T>
 __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t B,
                                       int64_t D, Metric metric, double margin, bool soft_margin, const T* pos_key,
                                       const T* neg_key, int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
-                                      T* anchor_loss, uint8_t* anchor_valid) {
+                                      T* anchor_loss, uint8_t* anchor_valid, Reduction reduction, bool want_loss,
+                                      unsigned* counter, scalar_t* loss_out) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (i >= B) return;
-  const Hardest<T> h{pos_key[i], pos_idx[i], neg_key[i], neg_idx[i]};
-  T loss;
-  bool valid;
-  finish_anchor<scalar_t, T>(h, i, x, r, D, metric, margin, soft_margin, lane, pos_idx, neg_idx, pos_dist, neg_dist,
-                             loss, valid);
-  if (lane == 0) anchor_loss[i] = loss, anchor_valid[i] = valid;
-}
-
-// The scalar loss from the per-anchor losses (one block).
-template <typename scalar_t, typename T>
-__global__ void reduce_loss_kernel(const T* __restrict__ anchor_loss, const uint8_t* __restrict__ anchor_valid,
-                                   int64_t B, Reduction reduction, scalar_t* out) {
-  block_reduce_loss(anchor_loss, anchor_valid, B, reduction, out);
+  if (i < B) {
+    const Hardest<T> h{pos_key[i], pos_idx[i], neg_key[i], neg_idx[i]};
+    T loss;
+    bool valid;
+    finish_anchor<scalar_t, T>(h, i, x, r, D, metric, margin, soft_margin, lane, pos_idx, neg_idx, pos_dist,
+                               neg_dist, loss, valid);
+    if (lane == 0) {
+      anchor_loss[i] = loss, anchor_valid[i] = valid;
+      if (want_loss && reduction == Reduction::None) loss_out[i] = scalar_t(loss);
+    }
+  }
+  if (want_loss && reduction != Reduction::None)
+    reduce_in_last_block(counter, anchor_loss, anchor_valid, B, reduction, loss_out);
 }
 
 // ---- Backward -----------------------------------------------------------------------

@@ -70,6 +70,10 @@ __global__ void atomic_kernel(int* counter, int* maxval) {
   atomicMax(maxval, int(threadIdx.x + blockIdx.x * blockDim.x));
 }
 
+__global__ void block_order_kernel(int* ticket, int* order) {  // which block ran when
+  if (threadIdx.x == 0) order[atomicAdd(ticket, 1)] = int(blockIdx.x);
+}
+
 __global__ void missing_barrier_kernel(int* out) {  // reads a neighbour's slot with no barrier
   __shared__ int s[64];
   const int t = threadIdx.x;
@@ -198,6 +202,14 @@ int main() {
     int counter = 0, maxval = -1;
     run("atomic", 4, 64, 0, atomic_kernel, &counter, &maxval);
     check(counter == 256 && maxval == 255, "atomicAdd / atomicMax");
+  }
+  {  // blocks run in a shuffled order (so "the last block" is any of them)
+    int ticket = 0;
+    std::vector<int> order(16);
+    run("block_order", 16, 32, 0, block_order_kernel, &ticket, order.data());
+    bool shuffled = false;
+    for (int b = 0; b < 16; ++b) shuffled |= order[b] != b;
+    check(ticket == 16 && shuffled, "blocks run one at a time in a shuffled order");
   }
   {  // the shuffled thread order exposes a missing barrier (in thread order it would hide)
     int wrong_seeds = 0;

@@ -340,16 +340,23 @@ void launch(const char* name, dim3 grid, dim3 block, size_t shared_bytes, const 
   for (auto& f : L.fibers) f.stack = take_stack();
   g_launch = &L;
   try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          L.block_idx = {x, y, z};
-          // Fresh dynamic shared memory for each block, exactly as large as requested, and
-          // filled with a NaN-ish pattern: a read before a write shows.
-          L.dynamic_shared.reset(shared_bytes ? new unsigned char[shared_bytes] : nullptr);
-          if (shared_bytes) std::memset(L.dynamic_shared.get(), 0xff, shared_bytes);
-          run_block(L, rng);
-        }
+    // Blocks run one at a time, in a seeded random order (in order with seed 0): a kernel
+    // that assumes an order among its blocks fails.
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    std::vector<uint64_t> order(blocks);
+    for (uint64_t b = 0; b < blocks; ++b) order[b] = b;
+    for (uint64_t b = blocks; rng && b > 1; --b) {
+      rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+      std::swap(order[b - 1], order[rng % b]);
+    }
+    for (uint64_t b : order) {
+      L.block_idx = {unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y))};
+      // Fresh dynamic shared memory for each block, exactly as large as requested, and
+      // filled with a NaN-ish pattern: a read before a write shows.
+      L.dynamic_shared.reset(shared_bytes ? new unsigned char[shared_bytes] : nullptr);
+      if (shared_bytes) std::memset(L.dynamic_shared.get(), 0xff, shared_bytes);
+      run_block(L, rng);
+    }
   } catch (...) {
     // Fibers left mid-kernel are abandoned with their stacks (the stacks are not reused).
     g_launch = nullptr;

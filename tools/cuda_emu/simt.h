@@ -3,7 +3,7 @@
 // Test infrastructure only (never installed): `make cuda-emu` compiles csrc/cuda/*.cu as
 // C++ with -DTRIPLETOPS_EMU, which includes this header instead of the CUDA runtime.
 // Every CUDA thread of a block is a fiber with its own stack; one block runs at a time,
-// on the calling thread. A fiber runs until it reaches a synchronising primitive
+// on the calling thread, the blocks in a seeded random order. A fiber runs until it reaches a synchronising primitive
 // (__syncthreads, __syncwarp, a shuffle, a vote), then another ready one runs, picked at
 // random from a seed (TRIPLETOPS_EMU_SEED, default 1; 0 = first come, first served), so
 // that a missing barrier changes results instead of hiding. Static __shared__ arrays
