@@ -11,6 +11,8 @@ from hypothesis.extra.numpy import arrays
 import tripletops
 from tripletops import reference
 
+from conftest import devices_for
+
 pytestmark = pytest.mark.slow
 
 # Values on a coarse grid produce exact ties and duplicates; plain floats produce the rest.
@@ -32,16 +34,17 @@ def problems(draw):
 
 
 # derandomize: CI sees the same 150 examples every run (a failure reproduces).
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), metric=st.sampled_from(["euclidean", "sqeuclidean", "cosine"]),
        reduction=st.sampled_from(["mean", "sum", "none", "mean_nonzero"]), soft_margin=st.booleans(),
        margin=st.floats(0, 2))
-def test_loss_matches_reference(problem, metric, reduction, soft_margin, margin):
+def test_loss_matches_reference(device, problem, metric, reduction, soft_margin, margin):
     x, y, bank = problem
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     kw = dict(metric=metric, reduction=reduction, soft_margin=soft_margin, margin=margin)
     if bank is not None:
-        kw.update(ref_embeddings=torch.from_numpy(bank[0]), ref_labels=torch.from_numpy(bank[1]))
+        kw.update(ref_embeddings=torch.from_numpy(bank[0]).to(device), ref_labels=torch.from_numpy(bank[1]).to(device))
     ours = tripletops.batch_hard_loss(x, y, **kw)
     ref = reference.batch_hard_loss(x, y, **kw)
     # Mining compares Gram-form keys, whose fp64 rounding (~1e-15 * (|a|^2 + |b|^2) <= ~1e-11

@@ -9,13 +9,16 @@ import tripletops
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances, losses, miners, reducers  # noqa: E402
 
+from conftest import devices_for  # noqa: E402
 
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("b,d,c", [(32, 8, 8), (96, 16, 12), (200, 32, 50)])
-def test_matches_pml_batch_hard(normalize, b, d, c):
+def test_matches_pml_batch_hard(device, normalize, b, d, c):
     g = torch.Generator().manual_seed(b)
-    x = torch.randn(b, d, dtype=torch.float64, generator=g, requires_grad=True)
-    y = torch.randint(0, c, (b,), generator=g)
+    x = torch.randn(b, d, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    y = torch.randint(0, c, (b,), generator=g).to(device)
     dist = distances.LpDistance(normalize_embeddings=normalize, p=2, power=1)
     miner = miners.BatchHardMiner(distance=dist)
     pml_loss_fn = losses.TripletMarginLoss(margin=0.2, distance=dist, reducer=reducers.MeanReducer())
