@@ -48,9 +48,9 @@ namespace {
 // 2^20 rows walks 32 tiles of 1024 x 32768.
 constexpr int64_t kTileElems = int64_t(1) << 25;
 constexpr int64_t kSelfTileRows = 4096;  // square tiles of self-mining above kSmallMaxB
-constexpr int64_t kSmallMaxB = 1024;     // self-mining up to this B: one GEMM and one block
+constexpr int64_t kSmallMaxB = 1024;     // self-mining up to this B: one B x B GEMM, one mining kernel
 #else
-// Under the emulator, tiny tiles (not multiples of the warp) and a small one-block limit,
+// Under the emulator, tiny tiles (not multiples of the warp) and a small whole-Gram limit,
 // so that the test suite's batches walk many tiles, partial tiles and both paths.
 constexpr int64_t kTileElems = 12000;
 constexpr int64_t kSelfTileRows = 48;
