@@ -27,16 +27,6 @@
 #define TRIPLETOPS_CUDA_KEY CUDA
 #endif
 
-// Dynamic shared memory as a T* named `name` (extern __shared__ under nvcc, a per-block
-// heap buffer under the emulator, where ASan sees overruns).
-#ifdef TRIPLETOPS_EMU
-#define TRIPLETOPS_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::simt::dynamic_shared())
-#else
-#define TRIPLETOPS_DYNAMIC_SHARED(T, name)           \
-  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
-  T* name = reinterpret_cast<T*>(name##_bytes)
-#endif
-
 namespace tripletops {
 namespace cuda {
 
