@@ -7,7 +7,7 @@ import torch
 import tripletops
 from tripletops import reference
 
-from conftest import (DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel, assert_grad_close,
+from conftest import (DTYPES, EMU, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel, assert_grad_close,
                       devices_for, make_batch)
 
 # cpu, cuda (a GPU), cuda-emu (the CUDA kernels under the SIMT emulator, make cuda-emu)
@@ -54,7 +54,7 @@ def test_mine_matches_reference(device, dtype, metric, b, d, c, poisoned):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("b,d,c", [(1, 3, 1), (7, 5, 3), (65, 9, 5), (130, 33, 13)])
+@pytest.mark.parametrize("b,d,c", [(1, 3, 1), (7, 5, 3), (65, 9, 5), (130, 33, 13), (301, 7, 40)])
 def test_loss_and_grad_match_reference(device, dtype, metric, b, d, c, poisoned):
     x, y = make_batch(b, d, c, dtype=dtype, device=device)
     x.requires_grad_(True)
@@ -422,3 +422,28 @@ def test_far_from_origin_fp32_gradients(device, metric, bank):
     assert_grad_close(x32.grad, x64.grad, 1e-4, "grad embeddings")
     if bank:
         assert_grad_close(b32.grad, b64.grad, 1e-4, "grad ref_embeddings")
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not EMU, reason="needs make cuda-emu (TRIPLETOPS_EMU_LIB)")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("b", [60, 130])
+def test_emulated_cuda_bitwise_across_thread_and_block_orders(metric, b, monkeypatch):
+    """The CUDA kernels' results must not depend on the order in which threads, warps and
+    blocks run (merges by (key, index), one writer per gradient row, a fixed-order
+    reduction): the emulator reruns them under other seeds, and every output is bitwise
+    the same. (The test runs inside emulated_cuda, as every cuda-emu case.)"""
+    x, y = make_batch(b, 9, 7)
+    bank, bank_y = make_batch(150, 9, 7, seed=3)
+    outs = []
+    for seed in ("0", "1", "7", "12345"):
+        monkeypatch.setenv("TRIPLETOPS_EMU_SEED", seed)
+        xi, bi = x.clone().requires_grad_(True), bank.clone().requires_grad_(True)
+        loss = tripletops.batch_hard_loss(xi, y, metric=metric) + tripletops.batch_hard_loss(
+            xi, y, metric=metric, ref_embeddings=bi, ref_labels=bank_y, reduction="sum")
+        loss.backward()
+        m = tripletops.batch_hard_mine(x, y, metric=metric)
+        outs.append((loss.detach(), xi.grad, bi.grad, m.pos_idx, m.neg_idx, m.pos_dist, m.neg_dist))
+    for other in outs[1:]:
+        for a, c in zip(outs[0], other):
+            assert torch.equal(a, c)

@@ -18,7 +18,8 @@
 //  - Otherwise: row norms, then per tile a GEMM and a mining kernel, then one kernel for
 //    the exact distances, the losses and (last block) their reduction.
 // Backward: O(B * D) arithmetic on the 2B selected pairs, one writer per gradient row and
-// a fixed order of additions (deterministic, no atomics).
+// a fixed order of additions (deterministic, no atomics). Self-mining up to B = 4096: one
+// kernel; beyond, and for a reference set, the pairs sorted by row (at::sort) first.
 // No host synchronisation anywhere (no .item(), no data-dependent shape): a training step
 // can be captured in a CUDA graph. Indexing is 64-bit.
 #include "device.h"
@@ -49,12 +50,14 @@ namespace {
 constexpr int64_t kTileElems = int64_t(1) << 25;
 constexpr int64_t kSelfTileRows = 4096;  // square tiles of self-mining above kSmallMaxB
 constexpr int64_t kSmallMaxB = 1024;     // self-mining up to this B: one B x B GEMM, one mining kernel
+constexpr int64_t kSelfScanMaxB = 4096;  // self-mining backward up to this B: one kernel, O(B^2) index scan
 #else
 // Under the emulator, tiny tiles (not multiples of the warp) and a small whole-Gram limit,
 // so that the test suite's batches walk many tiles, partial tiles and both paths.
 constexpr int64_t kTileElems = 12000;
 constexpr int64_t kSelfTileRows = 48;
 constexpr int64_t kSmallMaxB = 100;
+constexpr int64_t kSelfScanMaxB = 200;
 #endif
 constexpr int64_t kMaxGridBlocks = 4096; // the backward kernels stride over rows beyond this
 
@@ -246,20 +249,22 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cuda(
                                          X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D,
                                          pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), pd.data_ptr<T>(),
                                          nd.data_ptr<T>(), margin, metric, soft_margin, reduction};
-    if (self) {
+    if (self && B <= kSelfScanMaxB) {  // one kernel: a warp per row finds its contributors
       TRIPLETOPS_LAUNCH((self_grad_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
                         stream, args, grad_x.data_ptr<T>());
       return;
     }
     TRIPLETOPS_LAUNCH((anchor_grad_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
                       stream, args, grad_x.data_ptr<T>());
-    if (!want_ref) return;
-    // Group the 2B (reference row, anchor) pairs by row; stable, so each group keeps
-    // ascending entry order.
+    if (!self && !want_ref) return;
+    // Group the 2B (row, anchor) pairs by row; stable, so each group keeps ascending entry
+    // order. Self-mining adds the groups onto the anchors' own terms (O(B log B), where the
+    // scan above would cost O(B^2) index compares).
     const auto sorted = at::sort(at::cat({pos, neg}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
     const at::Tensor target = std::get<0>(sorted).contiguous(), entry = std::get<1>(sorted).contiguous();
     TRIPLETOPS_LAUNCH((ref_grad_kernel<scalar_t, T>), blocks_of(2 * B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
-                      stream, args, target.data_ptr<int64_t>(), entry.data_ptr<int64_t>(), grad_r.data_ptr<T>());
+                      stream, args, target.data_ptr<int64_t>(), entry.data_ptr<int64_t>(),
+                      self ? grad_x.data_ptr<T>() : grad_r.data_ptr<T>());
   });
   return {grad_x.to(X.scalar_type()),
           want_ref ? grad_r.to(R.scalar_type()) : at::empty({0}, X.options())};

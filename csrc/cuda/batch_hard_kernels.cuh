@@ -157,9 +157,10 @@ __device__ __forceinline__ void finish_anchor(const Hardest<T>& h, int64_t i, co
 // The reduction of per-anchor losses to the op's loss, by one whole block, in double and
 // in a fixed order: "sum", "mean" over valid anchors, "mean_nonzero" over loss > 0. An
 // empty denominator gives exactly 0, unless a NaN is among the losses.
+// (Volatile reads: the losses were written by other blocks, on other SMs.)
 template <typename T, typename scalar_t>
-__device__ void block_reduce_loss(const T* loss, const uint8_t* valid, int64_t B, Reduction reduction,
-                                  scalar_t* out) {
+__device__ void block_reduce_loss(const volatile T* loss, const volatile uint8_t* valid, int64_t B,
+                                  Reduction reduction, scalar_t* out) {
   __shared__ double sums[kReduceThreads];
   __shared__ int64_t counts[kReduceThreads];
   const int t = threadIdx.x, nt = blockDim.x;
@@ -193,11 +194,9 @@ template <typename T, typename scalar_t>
 __device__ void reduce_in_last_block(unsigned* counter, const T* loss, const uint8_t* valid, int64_t B,
                                      Reduction reduction, scalar_t* out) {
   __shared__ bool last;
-  __syncthreads();  // this block's losses are written
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  }
+  __threadfence();  // this thread's writes are visible to the whole device ...
+  __syncthreads();  // ... for every thread of the block, before the ticket is taken
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -504,7 +503,7 @@ __global__ void self_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
   }
 }
 
-// Reference-set backward, anchors: one warp per anchor row.
+// Anchors' own gradient rows (a reference set, or large self-mining): one warp per row.
 template <typename scalar_t, typename T>
 __global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
   const int64_t count = block_count(a);
@@ -514,10 +513,11 @@ __global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
     write_anchor_row(a, i, anchor_coef(a, i, count, lane), out, lane);
 }
 
-// Reference-set backward, reference rows: `target` is [pos_idx; neg_idx] sorted stably
-// (-1 first) and `entry` its permutation (entry e < B: anchor e's positive, else anchor
-// e - B's negative). One warp per group of equal targets adds the group's terms, in
-// ascending entry order, to the zeroed gradient row: one writer per row, deterministic.
+// Reference rows' gradient: `target` is [pos_idx; neg_idx] sorted stably (-1 first) and
+// `entry` its permutation (entry e < B: anchor e's positive, else anchor e - B's
+// negative). One warp per group of equal targets adds the group's terms, in ascending
+// entry order, onto the row (zeroed for a reference set; the anchor's own term when
+// self-mining, after anchor_grad_kernel): one writer per row, deterministic.
 template <typename scalar_t, typename T>
 __global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __restrict__ target,
                                 const int64_t* __restrict__ entry, T* out) {
