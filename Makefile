@@ -9,11 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo bench bench-run cuda-check cuda-emu gpu-check clean
+.PHONY: install test test-fast demo bench bench-run cuda-check cuda-emu package-check gpu-check clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install "setuptools>=64" wheel ninja numpy
+	$(PIP) install "setuptools>=77" wheel ninja numpy
 	$(PIP) install --no-build-isolation -e ".[test]"
 
 # The full suite, against the compiled kernels only (TRIPLETOPS_STRICT=1: no silent fallback).
@@ -56,6 +56,11 @@ cuda-check: install
 # against the same references. Ends with "cuda-emu: N of M __global__ kernels launched".
 cuda-emu: install
 	$(PYTHON) tools/cuda_emu/run.py
+
+# The package as a user gets it: sdist -> wheel (in a fresh venv) -> installed -> smoke test
+# from outside the tree; an isolated `pip install` must refuse at once (tools/package_check.sh).
+package-check:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash tools/package_check.sh
 
 # On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest preinstalled;
 # pytorch-metric-learning and other missing packages as wheels in $(WHEELS)): build with the

@@ -17,6 +17,19 @@ from conftest import EMU, STRICT, devices_for
 ops = torch.ops.tripletops
 
 
+def test_another_torch_is_named_not_a_missing_symbol(tmp_path):
+    """An extension built against another torch is not loaded: the error names both versions."""
+    from tripletops._ext import _torch_mismatch
+
+    f = tmp_path / "_C.torch_version"
+    f.write_text("2.4.0+cu121\n")
+    message = _torch_mismatch(str(f), running="2.13.0+cpu")
+    assert "torch 2.4.0+cu121" in message and "torch 2.13.0+cpu" in message and "--no-build-isolation" in message
+    f.write_text("2.13.0+cpu\n")
+    assert _torch_mismatch(str(f), running="2.13.0+cpu") is None
+    assert _torch_mismatch(str(tmp_path / "missing"), running="2.13.0+cpu") is None
+
+
 def test_extension_loaded_in_strict_mode():
     info = tripletops.extension_available()
     if STRICT:

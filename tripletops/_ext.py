@@ -9,12 +9,30 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the ops)
+_TORCH_VERSION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.torch_version")
 
-    _LOAD_ERROR: Optional[str] = None
-except ImportError as exc:  # not built, or built against another torch
-    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+def _torch_mismatch(version_file: str = _TORCH_VERSION_FILE, running: str = torch.__version__) -> Optional[str]:
+    """The extension runs only with the torch it was compiled against (setup.py records
+    that version beside it): name both versions rather than fail on a missing symbol."""
+    try:
+        with open(version_file) as f:
+            built = f.read().strip()
+    except OSError:
+        return None  # not built (the import below says so), or built by an older setup.py
+    if built == running:
+        return None
+    return (f"tripletops._C was built against torch {built} but torch {running} is installed; "
+            "rebuild it with this torch: pip install --no-build-isolation --force-reinstall --no-deps tripletops "
+            "(or `pip install --no-build-isolation -e .` in a checkout)")
+
+
+_LOAD_ERROR: Optional[str] = _torch_mismatch()
+if _LOAD_ERROR is None:
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the ops)
+    except ImportError as exc:  # not built, or built against another torch
+        _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 class ReferenceFallbackWarning(UserWarning):
