@@ -11,6 +11,9 @@ internal buffers, for one).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -32,6 +35,21 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for the block (C++ libraries write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     """Peak extra tensor memory of one call of `fn` (see the module docstring)."""
     if device == "cuda":
@@ -44,8 +62,14 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints "USDT: ... profiler_start/stop" lines that look like errors
+        prof.start()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     sizes = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

@@ -316,7 +316,7 @@ def loss_peak_memory(run: Run, device: str, margin: float) -> int:
 
 
 def compare_triplets(mined: list, batch: tuple, bank: Optional[torch.Tensor], rtol: float = 1e-4) -> tuple[bool, int]:
-    """Whether both runs mined the same triplets, up to SPEC's near-tie rule: where an
+    """Whether both runs mined the same triplets, up to the near-tie rule of docs/numerics.md: where an
     anchor's indices differ, the two picks must be at the same distance (within `rtol`
     relative, computed in float64 from the first run's rows), as with two copies of one
     image. Returns (same, number of anchors decided by such a tie)."""
@@ -522,7 +522,7 @@ def main(argv=None) -> dict:
                      f"within {args.rtol:g} relative (largest difference {max_rel:.2e}).")
         if tie_steps:
             lines.append(f"({tie_steps} steps had an anchor whose two runs picked different rows at the same distance, "
-                         f"within 1e-4 relative: a tie, which SPEC.md lets go either way.)")
+                         f"within 1e-4 relative: a tie, which docs/numerics.md lets go either way.)")
     else:
         d = first_divergence
         lines.append(f"TRAJECTORIES DIVERGED at step {d['step']}: same triplets: {d['same_triplets']}, losses "

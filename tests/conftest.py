@@ -77,7 +77,7 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 METRICS = ["euclidean", "sqeuclidean", "cosine"]
 REDUCTIONS = ["mean", "sum", "none", "mean_nonzero"]
 
-# SPEC accuracy: fp32 loss rel 1e-5, gradient rel-norm 1e-4; fp16/bf16 loss 1e-2.
+# The accuracy of docs/numerics.md: fp32 loss rel 1e-5, gradient rel-norm 1e-4; fp16/bf16 loss 1e-2.
 LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -115,7 +115,7 @@ def assert_close_rel(actual, expected, rtol, what=""):
 
 
 def assert_grad_close(actual, expected, rtol, what="grad"):
-    """SPEC's gradient metric: ||g - g_ref|| / ||g_ref|| <= rtol, with an absolute floor of
+    """The gradient metric of docs/numerics.md: ||g - g_ref|| / ||g_ref|| <= rtol, with an absolute floor of
     1e-3 * rtol * sqrt(numel) for gradients that are zero in exact arithmetic (where only
     rounding noise is left to compare)."""
     actual = actual.detach().double().cpu()

@@ -50,7 +50,7 @@ def _single_process(case):
 
 def _assert_same_picks(case, got, want):
     """Equal indices, except where both picks are at the same exact distance: a tie that
-    the Gram-form keys may break either way (README, "Mining"), as SPEC's accuracy rule allows."""
+    the Gram-form keys may break either way (README, "Mining"), as the near-tie rule of docs/numerics.md allows."""
     differ = torch.nonzero(got != want).flatten()
     if len(differ) == 0:
         return

@@ -1,4 +1,4 @@
-"""SPEC's memory contract: a batch of 1024 against a bank of 2^20 embeddings, no B x M matrix."""
+"""The memory contract (README, "Mining fused with the loss"): a batch of 1024 against a bank of 2^20 embeddings, no B x M matrix."""
 from __future__ import annotations
 
 import subprocess

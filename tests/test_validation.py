@@ -1,4 +1,4 @@
-"""Every bad input listed in SPEC.md raises a clear error naming the argument."""
+"""Every bad input listed in docs/errors.md raises a clear error naming the argument."""
 from __future__ import annotations
 
 import pytest

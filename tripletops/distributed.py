@@ -25,7 +25,7 @@ normal case under DDP.
 
 Mining is O(B_rank · N · D) per rank for a global batch of N. It runs as two fused
 calls, the local batch against itself (an anchor is not its own positive) and against
-the other ranks' rows, merged with the tie rule of SPEC.md (smallest global index). The
+the other ranks' rows, merged with the tie rule of docs/semantics.md (smallest global index). The
 loss of the B_rank selected pairs is then recomputed exactly from the rows, O(B·D).
 
 `batch_all_loss`, `semi_hard_loss` and `contrastive_loss` keep the same contract in a
