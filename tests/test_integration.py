@@ -183,3 +183,61 @@ def test_reference_same_signatures():
     import inspect
     for name in ("pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss"):
         assert inspect.signature(getattr(tripletops, name)) == inspect.signature(getattr(reference, name)), name
+
+@pytest.mark.parametrize("name", ["BatchHardTripletLoss", "BatchAllTripletLoss", "SemiHardTripletLoss",
+                                  "ContrastiveLoss", "TripletMarginLoss"])
+def test_compile_dynamic_training_step_with_default_arguments(name):
+    """torch.compile(fullgraph=True, dynamic=True) of a step with each loss module at its
+    default arguments: no graph break (the margin checks trace symbolic floats), and the
+    same loss and gradients as eager."""
+    torch._dynamo.reset()
+    crit = getattr(tripletops, name)()
+    lin = torch.nn.Linear(8, 4)
+    x, y = torch.randn(24, 8), torch.arange(6).repeat_interleave(4)
+
+    def step(x, y):
+        e = lin(x)
+        return crit(e[:8], e[8:16], e[16:]) if name == "TripletMarginLoss" else crit(e, y)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for b in (24, 36):  # a second batch size: the graph stays dynamic
+        xb, yb = torch.randn(b, 8), torch.arange(b // 4).repeat_interleave(4)
+        if name == "TripletMarginLoss":
+            xb = xb[:24]
+        lin.zero_grad()
+        got = compiled(xb, yb)
+        got.backward()
+        grad = lin.weight.grad.clone()
+        lin.zero_grad()
+        want = step(xb, yb)
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, lin.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+SECOND_ORDER = {
+    "batch_hard_loss": lambda x, y: tripletops.batch_hard_loss(x, y),
+    "batch_all_loss": lambda x, y: tripletops.batch_all_loss(x, y),
+    "semi_hard_loss": lambda x, y: tripletops.semi_hard_loss(x, y),
+    "triplet_margin_loss": lambda x, y: tripletops.triplet_margin_loss(x[:4], x[4:8], x[8:]),
+    "pairwise_distance": lambda x, y: tripletops.pairwise_distance(x).sum(),
+}
+
+
+@pytest.mark.parametrize("op", list(SECOND_ORDER))
+def test_second_derivatives_are_refused_naming_the_op(op):
+    """create_graph=True then a second backward: an error that names the op, never a silently
+    wrong (zero or partial) second derivative."""
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(3).repeat_interleave(4)
+    loss = SECOND_ORDER[op](x, y)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert g.requires_grad
+    # batch-all and semi-hard are computed from pairwise_distance's (B, B) matrix, whose
+    # backward is the first to be differentiated again: either name is the op's
+    names = f"({op}|pairwise_distance)" if op in ("batch_all_loss", "semi_hard_loss") else op
+    with pytest.raises(RuntimeError, match=f"tripletops.{names}: second derivatives are not implemented"):
+        torch.autograd.grad((g * g).sum(), x)
+    # first derivatives are unaffected
+    (g2,) = torch.autograd.grad(SECOND_ORDER[op](x, y), x)
+    torch.testing.assert_close(g.detach(), g2)

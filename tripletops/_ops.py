@@ -153,6 +153,20 @@ def _register(namespace: str = "tripletops") -> None:
 
     torch.library.register_autograd(f"{namespace}::semi_hard_loss", _sh_backward, setup_context=_sh_setup)
 
+    # ---- second derivatives: refused, never silently wrong ---------------------------
+    # Each backward op is differentiable only in the sense that differentiating it raises:
+    # with create_graph=True the first backward is recorded, and the second one stops here.
+    def _refuse(op: str):
+        def backward(ctx, *grads):
+            raise RuntimeError(f"tripletops.{op}: second derivatives are not implemented (a backward through "
+                               f"the gradient of {op}, as with create_graph=True, cannot be computed)")
+
+        torch.library.register_autograd(f"{namespace}::{op}_backward", backward,
+                                        setup_context=lambda ctx, inputs, output: None)
+
+    for op in ("pairwise_distance", "batch_hard_loss", "triplet_margin_loss", "batch_all_loss", "semi_hard_loss"):
+        _refuse(op)
+
 
 if _LOAD_ERROR is None:
     _register()

@@ -69,7 +69,9 @@ def reduction(r: str) -> None:
 def margin(m: float, name: str = "margin") -> None:
     if isinstance(m, bool) or not isinstance(m, (int, float)):
         raise TypeError(f"tripletops: {name} must be a real number, got {type(m).__name__}")
-    if not math.isfinite(m) or m < 0:
+    # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces a symbolic float
+    # through them (NaN fails the first, inf the second).
+    if not (m >= 0 and m < math.inf):
         raise ValueError(f"tripletops: {name} must be a finite number >= 0, got {m}")
 
 
