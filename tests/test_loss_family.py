@@ -337,3 +337,56 @@ def test_cross_batch_memory_gradients_and_the_no_copy_path():
             xbm.enqueue(x.detach(), y2)
         assert len(xbm) == 12
         torch.testing.assert_close(x.grad, expected.grad)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int8, torch.int16, torch.int32])
+def test_cross_batch_memory_keeps_labels_exact(label_dtype):
+    """Stored labels stay int64: a later batch with narrower labels must not wrap them
+    (300 as int8 is 44, 2**32 + 5 as int32 is 5) and turn other classes into positives."""
+    xbm = tripletops.CrossBatchMemory(size=16, dim=3)
+    bank, _ = make_batch(8, 3, 2, dtype=torch.float64, seed=7)
+    big_labels = torch.tensor([300, 2**32 + 5, 44, 5, 300, 2**32 + 5, 44, 5])
+    xbm.enqueue(bank, big_labels)
+    x, _ = make_batch(6, 3, 2, dtype=torch.float64, seed=8)
+    y = torch.tensor([44, 44, 5, 5, 1, 1], dtype=label_dtype)
+    loss = xbm(x, y, margin=0.5, reduction="none", enqueue=False)
+    expected = reference.batch_hard_loss(x, y.long(), margin=0.5, reduction="none", ref_embeddings=bank,
+                                         ref_labels=big_labels)
+    torch.testing.assert_close(loss, expected)
+    assert torch.equal(xbm.labels, big_labels)
+
+
+def test_cross_batch_memory_state_unchanged_by_a_rejected_call():
+    """A call that raises leaves the module exactly as it was; a narrower batch never
+    downcasts the stored rows (a wider one widens them losslessly)."""
+    xbm = tripletops.CrossBatchMemory(size=8, dim=3)
+    x, y = make_batch(5, 3, 2, seed=9)  # float32
+    xbm(x, y)
+    before = {k: v.clone() for k, v in xbm.state_dict().items()}
+
+    def unchanged():
+        after = xbm.state_dict()
+        return all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+    bad_calls = [
+        lambda: xbm(torch.ones(4, 3, dtype=torch.long), y[:4]),          # integer embeddings
+        lambda: xbm(x[:4].double(), y[:4].float()),                       # float labels
+        lambda: xbm(x[:4].double(), y[:4], margin=-1.0),                  # a bad loss argument
+        lambda: xbm(x[:4, :2].double(), y[:4]),                           # wrong dim
+        lambda: xbm.enqueue(torch.ones(4, 3, dtype=torch.long), y[:4]),  # integer rows
+    ]
+    for call in bad_calls:
+        with pytest.raises((TypeError, ValueError)):
+            call()
+        assert unchanged()
+    # fp16: the memory stays fp32, the loss comes back in fp16 with a gradient
+    xh = x.half().requires_grad_(True)
+    loss = xbm(xh, y)
+    assert loss.dtype == torch.float16 and xbm.memory.dtype == torch.float32
+    loss.backward()
+    assert xh.grad is not None and xh.grad.dtype == torch.float16
+    stored = xbm.embeddings.clone()
+    # fp64 into a filled fp32 memory widens it without changing a stored value
+    xbm(x.double(), y, enqueue=False)
+    assert xbm.memory.dtype == torch.float64
+    torch.testing.assert_close(xbm.embeddings, stored.double(), rtol=0, atol=0)

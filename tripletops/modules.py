@@ -240,8 +240,9 @@ class CrossBatchMemory(nn.Module):
     - ``enqueue(embeddings, labels)`` adds rows, overwriting the oldest once full;
       ``reset()`` empties it. ``embeddings`` / ``labels`` give the filled part, oldest
       first.
-    - Memory: ``size × dim`` floats and ``size`` labels, kept on the embeddings' device
-      (buffers, so ``state_dict`` saves them).
+    - Memory: ``size × dim`` floats and ``size`` int64 labels (buffers, so ``state_dict``
+      saves them), on the embeddings' device. An empty memory takes the batch's dtype; a
+      filled one only widens, never narrows. A call that raises changes nothing.
 
     Example::
 
@@ -283,43 +284,60 @@ class CrossBatchMemory(nn.Module):
         self.count.zero_()
         self.head.zero_()
 
-    @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         _validate.rows(embeddings, "embeddings")
         _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"tripletops: embeddings must have dim {self.dim}, got {embeddings.shape[1]}")
-        self._follow(embeddings)
+
+    def _storage_for(self, embeddings: torch.Tensor) -> tuple:
+        """The memory on the batch's device, in the dtype it keeps after this batch: an empty
+        memory takes the batch's dtype; a filled one only widens (fp16 into fp32 stays fp32;
+        fp64 into fp32 widens losslessly), never narrows. No state changes here."""
+        dtype = embeddings.dtype if int(self.count) == 0 else torch.promote_types(self.memory.dtype, embeddings.dtype)
+        memory = self.memory.to(embeddings.device, dtype)
+        return memory, self.memory_labels.to(embeddings.device)
+
+    def _adopt(self, memory: torch.Tensor, memory_labels: torch.Tensor) -> None:
+        if memory is not self.memory:
+            self.memory = memory
+        if memory_labels is not self.memory_labels:
+            self.memory_labels = memory_labels
+            self.count, self.head = self.count.to(memory.device), self.head.to(memory.device)
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        self._check(embeddings, labels)  # before any state change: a rejected call changes nothing
+        self._adopt(*self._storage_for(embeddings))
         embeddings, labels = embeddings[-self.size:], labels[-self.size:]  # more rows than fit: keep the newest
         b = embeddings.shape[0]
         idx = (int(self.head) + torch.arange(b, device=embeddings.device)) % self.size
         self.memory[idx] = embeddings.detach().to(self.memory.dtype)
-        self.memory_labels[idx] = labels.long()
+        self.memory_labels[idx] = labels.long()  # labels are stored as int64: no wrap-around
         self.head.fill_((int(self.head) + b) % self.size)
         self.count.fill_(min(self.size, int(self.count) + b))
 
-    def _follow(self, embeddings: torch.Tensor) -> None:
-        if self.memory.device != embeddings.device or self.memory.dtype != embeddings.dtype:
-            self.memory = self.memory.to(embeddings.device, embeddings.dtype)
-            self.memory_labels = self.memory_labels.to(embeddings.device)
-            self.count, self.head = self.count.to(embeddings.device), self.head.to(embeddings.device)
-
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, enqueue: bool = True,
                 **loss_kwargs) -> torch.Tensor:
-        self._follow(embeddings)
+        self._check(embeddings, labels)
+        memory, memory_labels = self._storage_for(embeddings)
         n = int(self.count)
         will_enqueue = enqueue and self.training
+        x = embeddings.to(memory.dtype)  # differentiable; a no-op unless the memory is wider
         if n == 0:
-            loss = batch_hard_loss(embeddings, labels, **loss_kwargs)
+            loss = batch_hard_loss(x, labels, **loss_kwargs)
         else:
-            ref = self.memory[:n]
+            ref = memory[:n]
             if will_enqueue and torch.is_grad_enabled() and embeddings.requires_grad:
                 ref = ref.clone()  # the backward reads these rows; the enqueue below overwrites some
-            loss = batch_hard_loss(embeddings, labels, ref_embeddings=ref,
-                                   ref_labels=self.memory_labels[:n].to(labels.dtype), **loss_kwargs)
+            # The stored labels as they are (int64): the kernels compare labels of any
+            # integer dtypes exactly, with no cast to the batch's dtype.
+            loss = batch_hard_loss(x, labels, ref_embeddings=ref, ref_labels=memory_labels[:n], **loss_kwargs)
+        # The loss succeeded (every argument is valid): only now does the state change.
+        self._adopt(memory, memory_labels)
         if will_enqueue:
             self.enqueue(embeddings.detach(), labels)
-        return loss
+        return loss.to(embeddings.dtype)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, filled={int(self.count)}"
