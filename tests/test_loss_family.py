@@ -390,3 +390,23 @@ def test_cross_batch_memory_state_unchanged_by_a_rejected_call():
     xbm(x.double(), y, enqueue=False)
     assert xbm.memory.dtype == torch.float64
     torch.testing.assert_close(xbm.embeddings, stored.double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+@pytest.mark.parametrize("loss", ["batch_all mean", "batch_all mean_nonzero", "batch_all sum", "batch_all soft",
+                                  "semi_hard"])
+def test_inf_in_a_singleton_class_gives_nan(dtype, metric, bad, loss):
+    """An ±Inf entry in a row whose class has no other member: that row is only ever a
+    negative, at distance inf, which zeroes every hinge it enters. The loss must still be
+    NaN (NaN/Inf in, NaN out), never finite."""
+    x, _ = make_batch(10, 4, 3, dtype=dtype, seed=12)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 9])
+    x[9, 1] = bad
+    if loss == "semi_hard":
+        out = tripletops.semi_hard_loss(x, y, metric=metric)
+    else:
+        reduction = "mean_nonzero" if loss.endswith("soft") else loss.split()[1]
+        out = tripletops.batch_all_loss(x, y, metric=metric, reduction=reduction, soft_margin=loss.endswith("soft"))
+    assert torch.isnan(out), out

@@ -32,14 +32,17 @@ void check_dist(const at::Tensor& dist, const at::Tensor& labels) {
 template <typename T>
 struct AnchorRow {
   std::vector<std::pair<T, int64_t>> pos, neg;  // (distance, column)
-  bool nan = false;                             // a NaN among them: the anchor's loss is NaN
+  // A NaN or infinite distance among them (a row with NaN/Inf): the anchor's loss is NaN.
+  // An infinite one must count too: as a negative it would only zero the hinge, and the
+  // loss would come out finite and wrong.
+  bool nan = false;
 
   void fill(const T* d, const int64_t* lab, int64_t a, int64_t B) {
     pos.clear(), neg.clear(), nan = false;
     for (int64_t j = 0; j < B; ++j) {
       if (j == a) continue;
       (lab[j] == lab[a] ? pos : neg).emplace_back(d[j], j);
-      nan |= d[j] != d[j];
+      nan |= !(d[j] - d[j] == T(0));
     }
   }
   bool valid() const { return !pos.empty() && !neg.empty(); }
