@@ -3,10 +3,12 @@
 // Kernels register themselves per device at the bottom of their own files
 // (csrc/cpu/<op>_cpu.cpp with TORCH_LIBRARY_IMPL(tripletops, CPU, m), and
 // csrc/cuda/<op>_cuda.cu with TORCH_LIBRARY_IMPL(tripletops, CUDA, m) through device.h).
-// Autograd and fake (meta) kernels are registered from Python, in tripletops/_ops.py.
+// Autograd kernels are C++ (autograd.h), registered below; fake (meta) kernels are
+// registered from Python, in tripletops/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "schema.h"
 
 extern "C" {
@@ -21,3 +23,11 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(tripletops, m) { tripletops::define_ops(m); }
+
+namespace {
+struct TripletopsLibrary {
+  static constexpr const char* kName = "tripletops";
+};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tripletops, Autograd, m) { tripletops::autograd::register_autograd<TripletopsLibrary>(m); }

@@ -392,12 +392,60 @@ struct Mined {
   at::Tensor triplet_finite;      // (B,) uint8: anchor, positive and negative rows all finite
 };
 
+// Small problems (B * M * D up to kDirectWork) are mined on exact difference-form
+// distances, every pair, with no Gram matrix: cheaper than a GEMM call and the tensors
+// around it at these sizes (the fixed cost of one loss call is what counts there), and
+// exact by construction, so ties go to the smallest index.
+constexpr int64_t kDirectWork = int64_t(1) << 16;
+
+template <typename T>
+void mine_direct(const PreparedRows& E, const int64_t* lab, const PreparedRows& R, const int64_t* ref_lab, bool self,
+                 Metric metric, int64_t* pos, int64_t* neg, T* pd, T* nd) {
+  const int64_t B = E.rows.size(0), M = R.rows.size(0), D = E.rows.size(1);
+  const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
+  const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    T pk = 0, nk = 0;
+    int64_t pi = -1, ni = -1;
+    for (int64_t j = 0; j < M; ++j) {
+      if (self && j == i) continue;
+      // A NaN key for a non-finite row, as the Gram path's KeyFn gives.
+      const T d = (fe[i] && fr[j]) ? row_distance(e + i * D, r + j * D, D, metric)
+                                    : std::numeric_limits<T>::quiet_NaN();
+      if (ref_lab[j] == lab[i]) offer_farther(d, j, pk, pi);
+      else offer_closer(d, j, nk, ni);
+    }
+    pos[i] = pi, neg[i] = ni;
+    // The reported distances are the exact ones (a non-finite row's is recomputed, as on
+    // the Gram path, so the value matches it: inf or NaN).
+    pd[i] = pi >= 0 ? row_distance(e + i * D, r + pi * D, D, metric) : T(0);
+    nd[i] = ni >= 0 ? row_distance(e + i * D, r + ni * D, D, metric) : T(0);
+  }
+}
+
 Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
                        const c10::optional<at::Tensor>& ref_embeddings, Metric metric) {
   const PreparedRows E = prepare_rows(embeddings, metric);
   const PreparedRows R = in.self ? E : prepare_rows(*ref_embeddings, metric);
   const int64_t B = embeddings.size(0), D = embeddings.size(1);
   Mined m;
+  if (B * R.rows.size(0) * D <= kDirectWork) {
+    m.pos_idx = at::empty({B}, E.rows.options().dtype(at::kLong));
+    m.neg_idx = at::empty({B}, E.rows.options().dtype(at::kLong));
+    m.pos_dist = at::empty({B}, E.rows.options());
+    m.neg_dist = at::empty({B}, E.rows.options());
+    m.triplet_finite = at::empty({B}, E.rows.options().dtype(at::kByte));
+    AT_DISPATCH_FLOATING_TYPES(E.rows.scalar_type(), "batch_hard_mine_direct", [&] {
+      int64_t *pos = m.pos_idx.data_ptr<int64_t>(), *neg = m.neg_idx.data_ptr<int64_t>();
+      mine_direct<scalar_t>(E, in.labels.data_ptr<int64_t>(), R, in.ref_labels.data_ptr<int64_t>(), in.self, metric,
+                            pos, neg, m.pos_dist.data_ptr<scalar_t>(), m.neg_dist.data_ptr<scalar_t>());
+      const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
+      uint8_t* ft = m.triplet_finite.data_ptr<uint8_t>();
+      for (int64_t i = 0; i < B; ++i)
+        ft[i] = fe[i] && (pos[i] < 0 || fr[pos[i]]) && (neg[i] < 0 || fr[neg[i]]);
+    });
+    return m;
+  }
   m.pos_idx = at::full({B}, -1, E.rows.options().dtype(at::kLong));
   m.neg_idx = at::full({B}, -1, E.rows.options().dtype(at::kLong));
   m.pos_dist = at::empty({B}, E.rows.options());
