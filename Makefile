@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo demo-results bench bench-run cuda-check cuda-emu package-check gpu-check clean
+.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead cuda-check cuda-emu package-check gpu-check clean
 
 # Builds only when the extension is missing, built against another torch, or older than a
 # source (tools/build_is_current.py).
@@ -54,6 +54,11 @@ bench-run:
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json --benchmark-columns=median,iqr,rounds -q
 	$(PYTHON) benchmarks/compare.py benchmarks/results/$(BENCH_NAME).json --markdown benchmarks/results/$(BENCH_NAME).md \
 		--plot benchmarks/results/$(BENCH_NAME).png --readme README.md
+
+# The fixed cost of one loss call (forward + backward at B = 8, 32, 256) against one autograd
+# GEMM and the eager recipe, side by side -> benchmarks/results/overhead_cpu.md and README.md.
+bench-overhead: install
+	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_overhead.py --readme README.md
 
 # Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 against the installed torch
 # headers and print ptxas' register/spill report. No GPU needed; .ci/run runs it when nvcc exists.

@@ -46,10 +46,14 @@ using TripletSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, con
 using TripletBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                               const Tensor&, const Tensor&, const Tensor&,
                                                               const Tensor&, double, Str, bool, Str);
-using BatchAllSig = Tensor(const Tensor&, const Tensor&, double, bool, Str);
-using BatchAllBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, double, bool, Str);
-using SemiHardSig = Tensor(const Tensor&, const Tensor&, double);
-using SemiHardBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, double);
+// The pair losses: (embeddings, labels, margins..., metric[, soft_margin, reduction]) -> (loss, dist).
+using BatchAllSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double, Str, bool, Str);
+using BatchAllBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, Str, bool, Str);
+using SemiHardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double, Str);
+using SemiHardBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, Str);
+using ContrastiveSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double, double, Str, Str);
+using ContrastiveBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double, Str,
+                                      Str);
 
 // The operator `<Lib::kName>::<name>`, looked up on first use.
 template <typename Sig>
@@ -75,6 +79,8 @@ struct Ops {
   TRIPLETOPS_OP_HANDLE(batch_all_loss_backward, "batch_all_loss_backward", BatchAllBackwardSig)
   TRIPLETOPS_OP_HANDLE(semi_hard_loss, "semi_hard_loss", SemiHardSig)
   TRIPLETOPS_OP_HANDLE(semi_hard_loss_backward, "semi_hard_loss_backward", SemiHardBackwardSig)
+  TRIPLETOPS_OP_HANDLE(contrastive_loss, "contrastive_loss", ContrastiveSig)
+  TRIPLETOPS_OP_HANDLE(contrastive_loss_backward, "contrastive_loss_backward", ContrastiveBackwardSig)
 };
 #undef TRIPLETOPS_OP_HANDLE
 
@@ -162,39 +168,78 @@ struct TripletMarginLossFn : torch::autograd::Function<TripletMarginLossFn<Lib>>
   }
 };
 
+// The pair losses: one node each, from the embeddings (the op builds and returns the
+// distance matrix, saved for its backward).
 template <typename Lib>
 struct BatchAllLossFn : torch::autograd::Function<BatchAllLossFn<Lib>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& dist, const Tensor& labels, double margin,
-                        bool soft_margin, Str reduction) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& embeddings, const Tensor& labels, double margin,
+                               Str metric, bool soft_margin, Str reduction) {
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({dist, labels});
+    auto [loss, dist] = Ops<Lib>::batch_all_loss().call(embeddings, labels, margin, metric, soft_margin, reduction);
+    ctx->mark_non_differentiable({dist});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({embeddings, labels, dist});
     ctx->saved_data["margin"] = margin;
+    ctx->saved_data["metric"] = std::string(metric);
     ctx->saved_data["soft_margin"] = soft_margin;
     ctx->saved_data["reduction"] = std::string(reduction);
-    return Ops<Lib>::batch_all_loss().call(dist, labels, margin, soft_margin, reduction);
+    return {loss, dist};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);
     const variable_list s = ctx->get_saved_variables();
-    Tensor grad_dist = Ops<Lib>::batch_all_loss_backward().call(
-        grads[0], s[0], s[1], ctx->saved_data["margin"].toDouble(), ctx->saved_data["soft_margin"].toBool(),
-        str(ctx, "reduction"));
-    return {grad_dist, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {Ops<Lib>::batch_all_loss_backward().call(grads[0], s[0], s[1], s[2], ctx->saved_data["margin"].toDouble(),
+                                                     str(ctx, "metric"), ctx->saved_data["soft_margin"].toBool(),
+                                                     str(ctx, "reduction")),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 template <typename Lib>
 struct SemiHardLossFn : torch::autograd::Function<SemiHardLossFn<Lib>> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& dist, const Tensor& labels, double margin) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& embeddings, const Tensor& labels, double margin,
+                               Str metric) {
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({dist, labels});
+    auto [loss, dist] = Ops<Lib>::semi_hard_loss().call(embeddings, labels, margin, metric);
+    ctx->mark_non_differentiable({dist});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({embeddings, labels, dist});
     ctx->saved_data["margin"] = margin;
-    return Ops<Lib>::semi_hard_loss().call(dist, labels, margin);
+    ctx->saved_data["metric"] = std::string(metric);
+    return {loss, dist};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(4);
     const variable_list s = ctx->get_saved_variables();
-    Tensor grad_dist =
-        Ops<Lib>::semi_hard_loss_backward().call(grads[0], s[0], s[1], ctx->saved_data["margin"].toDouble());
-    return {grad_dist, Tensor(), Tensor()};
+    return {Ops<Lib>::semi_hard_loss_backward().call(grads[0], s[0], s[1], s[2], ctx->saved_data["margin"].toDouble(),
+                                                     str(ctx, "metric")),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+template <typename Lib>
+struct ContrastiveLossFn : torch::autograd::Function<ContrastiveLossFn<Lib>> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& embeddings, const Tensor& labels,
+                               double pos_margin, double neg_margin, Str metric, Str reduction) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, dist] =
+        Ops<Lib>::contrastive_loss().call(embeddings, labels, pos_margin, neg_margin, metric, reduction);
+    ctx->mark_non_differentiable({dist});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({embeddings, labels, dist});
+    ctx->saved_data["pos_margin"] = pos_margin;
+    ctx->saved_data["neg_margin"] = neg_margin;
+    ctx->saved_data["metric"] = std::string(metric);
+    ctx->saved_data["reduction"] = std::string(reduction);
+    return {loss, dist};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);
+    const variable_list s = ctx->get_saved_variables();
+    return {Ops<Lib>::contrastive_loss_backward().call(
+                grads[0], s[0], s[1], s[2], ctx->saved_data["pos_margin"].toDouble(),
+                ctx->saved_data["neg_margin"].toDouble(), str(ctx, "metric"), str(ctx, "reduction")),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -245,11 +290,17 @@ void register_autograd(torch::Library& m) {
     variable_list o = TripletMarginLossFn<Lib>::apply(a, p, n, margin, metric, swap, reduction);
     return std::make_tuple(o[0], o[1], o[2], o[3]);
   });
-  m.impl("batch_all_loss", [](const Tensor& d, const Tensor& l, double margin, bool soft, Str reduction) {
-    return BatchAllLossFn<Lib>::apply(d, l, margin, soft, reduction);
+  m.impl("batch_all_loss", [](const Tensor& e, const Tensor& l, double margin, Str metric, bool soft, Str reduction) {
+    variable_list o = BatchAllLossFn<Lib>::apply(e, l, margin, metric, soft, reduction);
+    return std::make_tuple(o[0], o[1]);
   });
-  m.impl("semi_hard_loss", [](const Tensor& d, const Tensor& l, double margin) {
-    return SemiHardLossFn<Lib>::apply(d, l, margin);
+  m.impl("semi_hard_loss", [](const Tensor& e, const Tensor& l, double margin, Str metric) {
+    variable_list o = SemiHardLossFn<Lib>::apply(e, l, margin, metric);
+    return std::make_tuple(o[0], o[1]);
+  });
+  m.impl("contrastive_loss", [](const Tensor& e, const Tensor& l, double pm, double nm, Str metric, Str reduction) {
+    variable_list o = ContrastiveLossFn<Lib>::apply(e, l, pm, nm, metric, reduction);
+    return std::make_tuple(o[0], o[1]);
   });
 
   m.impl("pairwise_distance_backward",
@@ -289,17 +340,28 @@ void register_autograd(torch::Library& m) {
                "triplet_margin_loss");
            return std::make_tuple(o[0], o[1], o[2]);
          });
-  m.impl("batch_all_loss_backward",
-         [](const Tensor& g, const Tensor& d, const Tensor& l, double margin, bool soft, Str reduction) {
-           return SecondDerivativeRefused::apply(
-               Present{g, d}.list(),
-               [&] { return variable_list{O::batch_all_loss_backward().call(g, d, l, margin, soft, reduction)}; },
-               "batch_all_loss")[0];
-         });
-  m.impl("semi_hard_loss_backward", [](const Tensor& g, const Tensor& d, const Tensor& l, double margin) {
+  m.impl("batch_all_loss_backward", [](const Tensor& g, const Tensor& e, const Tensor& l, const Tensor& d,
+                                        double margin, Str metric, bool soft, Str reduction) {
     return SecondDerivativeRefused::apply(
-        Present{g, d}.list(), [&] { return variable_list{O::semi_hard_loss_backward().call(g, d, l, margin)}; },
+        Present{g, e}.list(),
+        [&] {
+          return variable_list{O::batch_all_loss_backward().call(g, e, l, d, margin, metric, soft, reduction)};
+        },
+        "batch_all_loss")[0];
+  });
+  m.impl("semi_hard_loss_backward", [](const Tensor& g, const Tensor& e, const Tensor& l, const Tensor& d,
+                                        double margin, Str metric) {
+    return SecondDerivativeRefused::apply(
+        Present{g, e}.list(),
+        [&] { return variable_list{O::semi_hard_loss_backward().call(g, e, l, d, margin, metric)}; },
         "semi_hard_loss")[0];
+  });
+  m.impl("contrastive_loss_backward", [](const Tensor& g, const Tensor& e, const Tensor& l, const Tensor& d,
+                                          double pm, double nm, Str metric, Str reduction) {
+    return SecondDerivativeRefused::apply(
+        Present{g, e}.list(),
+        [&] { return variable_list{O::contrastive_loss_backward().call(g, e, l, d, pm, nm, metric, reduction)}; },
+        "contrastive_loss")[0];
   });
 }
 

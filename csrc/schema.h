@@ -41,16 +41,27 @@ inline void define_ops(torch::Library& m) {
       "Tensor negative, Tensor d_ap, Tensor d_an, Tensor d_pn, float margin, str metric, "
       "bool swap, str reduction) -> (Tensor, Tensor, Tensor)");
 
-  // Losses over every triplet / anchor-positive pair of a batch, from its (B, B)
-  // distance matrix (pairwise_distance's output; its backward continues from
-  // grad_dist to the embeddings). -> scalar loss.
-  m.def("batch_all_loss(Tensor dist, Tensor labels, float margin, bool soft_margin, str reduction) -> Tensor");
-  // -> grad_dist (B, B).
+  // Losses over every triplet / anchor-positive pair / pair of a batch, fused with its
+  // (B, B) distance matrix: -> (loss, dist). dist is saved for the backward; float64 for
+  // batch-all and semi-hard (they sum small differences of distances), the compute dtype
+  // for contrastive. Each backward -> grad_embeddings.
   m.def(
-      "batch_all_loss_backward(Tensor grad, Tensor dist, Tensor labels, float margin, bool soft_margin, "
-      "str reduction) -> Tensor");
-  m.def("semi_hard_loss(Tensor dist, Tensor labels, float margin) -> Tensor");
-  m.def("semi_hard_loss_backward(Tensor grad, Tensor dist, Tensor labels, float margin) -> Tensor");
+      "batch_all_loss(Tensor embeddings, Tensor labels, float margin, str metric, bool soft_margin, "
+      "str reduction) -> (Tensor, Tensor)");
+  m.def(
+      "batch_all_loss_backward(Tensor grad, Tensor embeddings, Tensor labels, Tensor dist, float margin, "
+      "str metric, bool soft_margin, str reduction) -> Tensor");
+  m.def("semi_hard_loss(Tensor embeddings, Tensor labels, float margin, str metric) -> (Tensor, Tensor)");
+  m.def(
+      "semi_hard_loss_backward(Tensor grad, Tensor embeddings, Tensor labels, Tensor dist, float margin, "
+      "str metric) -> Tensor");
+  // reduction "none" gives the B(B-1)/2 pair losses in torch.triu_indices(B, B, 1) order.
+  m.def(
+      "contrastive_loss(Tensor embeddings, Tensor labels, float pos_margin, float neg_margin, str metric, "
+      "str reduction) -> (Tensor, Tensor)");
+  m.def(
+      "contrastive_loss_backward(Tensor grad, Tensor embeddings, Tensor labels, Tensor dist, float pos_margin, "
+      "float neg_margin, str metric, str reduction) -> Tensor");
 }
 
 }  // namespace tripletops

@@ -205,12 +205,38 @@ def test_bit_identical_repeats(name):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_opcheck_on_the_new_ops():
+def test_opcheck_on_the_family_ops():
+    """Each loss is one op from the embeddings, -> (loss, dist), with a C++ autograd node."""
     x, y = make_batch(20, 6, 4)
-    d = tripletops.pairwise_distance(x).detach().requires_grad_(True)
-    for args in ((d, y, 0.3, False, "mean"), (d, y, 0.3, True, "mean_nonzero"), (d, y, 0.3, False, "sum")):
-        torch.library.opcheck(torch.ops.tripletops.batch_all_loss.default, args)
-    torch.library.opcheck(torch.ops.tripletops.semi_hard_loss.default, (d, y, 1.0))
+    x.requires_grad_(True)
+    ops = torch.ops.tripletops
+    for metric in ("euclidean", "cosine"):
+        for args in ((x, y, 0.3, metric, False, "mean"), (x, y, 0.3, metric, True, "mean_nonzero"),
+                     (x, y, 0.3, metric, False, "sum")):
+            torch.library.opcheck(ops.batch_all_loss.default, args)
+        torch.library.opcheck(ops.semi_hard_loss.default, (x, y, 1.0, metric))
+        for reduction in ("none", "mean", "mean_nonzero", "sum"):
+            torch.library.opcheck(ops.contrastive_loss.default, (x, y, 0.1, 1.2, metric, reduction))
+    # and on a batch large enough for the GEMM path of the distances (B * B * D > 2^16)
+    xl, yl = make_batch(300, 8, 20)
+    torch.library.opcheck(ops.contrastive_loss.default, (xl.requires_grad_(True), yl, 0.1, 1.2, "euclidean", "mean"))
+
+
+def test_backward_ops_check_their_saved_arguments():
+    """Called directly with a wrong saved tensor, a backward op raises instead of reading past it."""
+    x, y = make_batch(10, 4, 3, dtype=torch.float64)
+    ops = torch.ops.tripletops
+    _, d = ops.batch_all_loss(x, y, 0.2, "euclidean", False, "mean")
+    g = torch.ones((), dtype=torch.float64)
+    with pytest.raises(ValueError, match="batch_all_loss_backward: dist must be"):
+        ops.batch_all_loss_backward(g, x, y, d[:5], 0.2, "euclidean", False, "mean")
+    with pytest.raises(ValueError, match="semi_hard_loss_backward: dist must be"):
+        ops.semi_hard_loss_backward(g, x, y, d.float(), 0.2, "euclidean")
+    _, dc = ops.contrastive_loss(x, y, 0.0, 1.0, "euclidean", "none")
+    with pytest.raises(ValueError, match="contrastive_loss_backward: grad must have 45"):
+        ops.contrastive_loss_backward(g, x, y, dc, 0.0, 1.0, "euclidean", "none")
+    with pytest.raises(ValueError, match="labels must have"):
+        ops.contrastive_loss_backward(g, x, y[:4], dc, 0.0, 1.0, "euclidean", "mean")
 
 
 def test_compile_fullgraph_matches_eager():

@@ -68,23 +68,35 @@ def _register(namespace: str = "tripletops") -> None:
     def _(grad, anchor, positive, negative, d_ap, d_an, d_pn, margin, metric, swap, reduction):
         return torch.empty_like(anchor), torch.empty_like(positive), torch.empty_like(negative)
 
-    # ---- batch_all_loss / semi_hard_loss: from the (B, B) distance matrix --------------
+    # ---- batch_all_loss / semi_hard_loss / contrastive_loss: -> (loss, dist) ------------
+    def _dist_fake(embeddings, dtype):
+        return embeddings.new_empty((embeddings.shape[0], embeddings.shape[0]), dtype=dtype)
+
     @torch.library.register_fake(f"{namespace}::batch_all_loss")
-    def _(dist, labels, margin, soft_margin, reduction):
-        return dist.new_empty(())
+    def _(embeddings, labels, margin, metric, soft_margin, reduction):
+        return embeddings.new_empty(()), _dist_fake(embeddings, torch.float64)
 
     @torch.library.register_fake(f"{namespace}::batch_all_loss_backward")
-    def _(grad, dist, labels, margin, soft_margin, reduction):
-        return torch.empty_like(dist)
+    def _(grad, embeddings, labels, dist, margin, metric, soft_margin, reduction):
+        return torch.empty_like(embeddings)
 
     @torch.library.register_fake(f"{namespace}::semi_hard_loss")
-    def _(dist, labels, margin):
-        return dist.new_empty(())
+    def _(embeddings, labels, margin, metric):
+        return embeddings.new_empty(()), _dist_fake(embeddings, torch.float64)
 
     @torch.library.register_fake(f"{namespace}::semi_hard_loss_backward")
-    def _(grad, dist, labels, margin):
-        return torch.empty_like(dist)
+    def _(grad, embeddings, labels, dist, margin, metric):
+        return torch.empty_like(embeddings)
 
+    @torch.library.register_fake(f"{namespace}::contrastive_loss")
+    def _(embeddings, labels, pos_margin, neg_margin, metric, reduction):
+        b = embeddings.shape[0]
+        shape = (b * (b - 1) // 2,) if reduction == "none" else ()
+        return embeddings.new_empty(shape), _dist_fake(embeddings, _compute_dtype(embeddings.dtype))
+
+    @torch.library.register_fake(f"{namespace}::contrastive_loss_backward")
+    def _(grad, embeddings, labels, dist, pos_margin, neg_margin, metric, reduction):
+        return torch.empty_like(embeddings)
 
 if _LOAD_ERROR is None:
     _register()

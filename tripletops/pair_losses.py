@@ -1,12 +1,13 @@
 """The losses over every triplet or pair of a batch: batch-all, semi-hard, contrastive.
 
-Each starts from the batch's (B, B) distance matrix, made by the `pairwise_distance`
-kernel (a GEMM plus an exact recompute of close pairs). Batch-all and semi-hard reduce
-it in a fused kernel per anchor row (csrc/cpu/loss_family_cpu.cpp), from float64
-distances for every input dtype (see `_distances`). Contrastive is elementwise on
-compute-dtype distances. Memory is O(B²), never the O(B³) of the textbook
-formulations, and the backward ends in `pairwise_distance`'s O(B²·D) one. Results have
-the input's dtype.
+Each is one op (csrc/cpu/loss_family_cpu.cpp) that builds the batch's (B, B) distance
+matrix with the `pairwise_distance` kernel (a GEMM plus an exact recompute of close
+pairs; exact differences for small batches) and reduces it per anchor row. Batch-all and
+semi-hard work on float64 distances for every input dtype: they sum small differences of
+distances (d(a,p) + m − d(a,n) near the hinge), so the few-ulp error of float32
+distances would reach ~1e-5 of the loss. Contrastive works on compute-dtype distances.
+Memory is O(B²), never the O(B³) of the textbook formulations, and the backward ends in
+`pairwise_distance`'s O(B²·D) one. Results have the input's dtype.
 """
 from __future__ import annotations
 
@@ -15,16 +16,7 @@ import torch
 from . import _validate, reference
 from . import _ext
 from ._ext import use_extension
-from .distance import pairwise_distance
-from .reference import _compute, _maybe_normalize
-
-
-def _distances(embeddings: torch.Tensor, metric: str) -> torch.Tensor:
-    """The (B, B) distance matrix in float64, whatever the input dtype. These losses sum
-    small differences of distances (d(a,p) + m − d(a,n) near the hinge), so the few-ulp
-    error of float32 distances reaches ~1e-5 of the loss; from float64 distances the loss
-    is exact to rounding. The backward casts the gradient back to the input's dtype."""
-    return pairwise_distance(embeddings.double(), metric=metric)
+from .reference import _maybe_normalize
 
 
 def batch_all_loss(
@@ -62,9 +54,7 @@ def batch_all_loss(
     if not use_extension("batch_all_loss", embeddings):
         return reference.batch_all_loss(embeddings, labels, margin=margin, metric=metric, soft_margin=soft_margin,
                                         reduction=reduction)
-    d = _distances(embeddings, metric)
-    loss = _ext.ops.batch_all_loss(d, labels, float(margin), bool(soft_margin), reduction)
-    return loss.to(embeddings.dtype)
+    return _ext.ops.batch_all_loss(embeddings, labels, float(margin), metric, bool(soft_margin), reduction)[0]
 
 
 def semi_hard_loss(
@@ -90,8 +80,7 @@ def semi_hard_loss(
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
     if not use_extension("semi_hard_loss", embeddings):
         return reference.semi_hard_loss(embeddings, labels, margin=margin, metric=metric)
-    d = _distances(embeddings, metric)
-    return _ext.ops.semi_hard_loss(d, labels, float(margin)).to(embeddings.dtype)
+    return _ext.ops.semi_hard_loss(embeddings, labels, float(margin), metric)[0]
 
 
 def contrastive_loss(
@@ -115,8 +104,10 @@ def contrastive_loss(
             in ``torch.triu_indices(B, B, 1)`` order.
 
     The distance matrix comes from the `pairwise_distance` kernel (fp32 for fp16/bf16/fp32
-    inputs, fp64 for fp64); the per-pair terms are elementwise on it, masked to i < j
-    (O(B²), what all-pairs needs).
+    inputs, fp64 for fp64); the kernel reduces the pairs i < j from it in float64
+    (O(B²), what all-pairs needs). At a margin's kink (``d == pos_margin`` for a positive
+    pair, ``d == neg_margin`` for a negative one) the gradient is passed, as
+    ``torch.clamp(min=0)`` does.
 
     Example::
 
@@ -124,20 +115,7 @@ def contrastive_loss(
     """
     _validate.contrastive(embeddings, labels, metric, reduction, pos_margin, neg_margin)
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
-    d = pairwise_distance(_compute(embeddings), metric=metric)
-    if reduction == "none":
-        return reference._contrastive(d, embeddings, labels, pos_margin, neg_margin, reduction)
-    # The terms of the whole (B, B) matrix, masked to i < j: no gather of B(B-1)/2 pairs.
-    b = len(labels)
-    same = labels[:, None] == labels[None, :]
-    upper = torch.ones(b, b, dtype=torch.bool, device=labels.device).triu_(1)
-    finite = torch.isfinite(embeddings).all(1)
-    terms = torch.where(same, torch.clamp(d - pos_margin, min=0), torch.clamp(neg_margin - d, min=0))
-    terms = torch.where(finite[:, None] & finite[None, :], terms, torch.full_like(terms, float("nan")))
-    terms = torch.where(upper, terms, torch.zeros_like(terms))
-    total = terms.sum()
-    if reduction == "mean":
-        total = total / max(1, b * (b - 1) // 2)
-    elif reduction == "mean_nonzero":
-        total = total / (terms > 0).sum().clamp(min=1)
-    return total.to(embeddings.dtype)
+    if not use_extension("contrastive_loss", embeddings):
+        return reference.contrastive_loss(embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin,
+                                          metric=metric, reduction=reduction)
+    return _ext.ops.contrastive_loss(embeddings, labels, float(pos_margin), float(neg_margin), metric, reduction)[0]

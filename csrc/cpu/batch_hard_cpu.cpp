@@ -33,7 +33,11 @@ namespace {
 // tiles), and a bound on tile elements when it is a separate set (columns per
 // tile = kTileElems / B): 8 MiB of fp32 Gram entries at most.
 constexpr int64_t kTileElems = int64_t(1) << 21;
-constexpr int64_t kSelfTileRows = 128;  // measured best or within noise for B = 256..4096 on MKL
+constexpr int64_t kSelfTileRows = 128;
+// Up to this B one whole B x B Gram matrix (one GEMM, one scan over rows) beats the
+// triangle of tiles: the extra quarter of GEMM work costs less than the second GEMM
+// call and the column pass, each a fork/join of the thread pool.
+constexpr int64_t kSelfWholeMaxB = 512;  // measured best or within noise for B = 256..4096 on MKL
 
 // Candidates reach each anchor in ascending reference index, so a strict
 // comparison keeps the smallest index among ties. A NaN key wins (as torch.max
@@ -303,7 +307,7 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
     // Tiles on and above the diagonal, in row order: anchor j first gets
     // candidates < its tile row start from earlier tiles' columns, then the rest
     // from its own row, so candidates arrive in ascending index.
-    const int64_t rows_per_tile = kSelfTileRows;
+    const int64_t rows_per_tile = B <= kSelfWholeMaxB ? B : kSelfTileRows;
     at::Tensor buffer = at::empty({std::min(rows_per_tile, B) * B}, E.rows.options());
     for (int64_t r0 = 0; r0 < B; r0 += rows_per_tile) {
       const int64_t r1 = std::min(B, r0 + rows_per_tile), rows = r1 - r0, cols = B - r0;
@@ -463,7 +467,7 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
     T *pd = m.pos_dist.data_ptr<T>(), *nd = m.neg_dist.data_ptr<T>();
     uint8_t* ft = m.triplet_finite.data_ptr<uint8_t>();
-    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, std::max<int64_t>(64, (int64_t(1) << 15) / D), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         pd[i] = pos[i] >= 0 ? row_distance(e + i * D, r + pos[i] * D, D, metric) : T(0);
         nd[i] = neg[i] >= 0 ? row_distance(e + i * D, r + neg[i] * D, D, metric) : T(0);
@@ -516,6 +520,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
           m.neg_dist};
 }
 
+// Over one triplet's rows: |a|^2, |p|^2, |n|^2, a.p, a.n (cosine only; 0 otherwise) and
+// sum((a + p + n) * 0), which is NaN when any entry is NaN/Inf. Eight partial sums per
+// quantity in a fixed order, as in row_sumsq: vectorizable (one serial chain of D adds
+// per quantity cost more than the rest of the backward) and the same on every run.
+template <bool Cosine, typename scalar_t, typename acc_t>
+inline void triplet_sums(const scalar_t* ar, const scalar_t* pr, const scalar_t* nr, int64_t D, acc_t out[6]) {
+  constexpr int kParts = 8;
+  acc_t s[6][kParts] = {};
+  auto add = [&](int l, int64_t k) {
+    const acc_t av = ar[k], pv = pr[k], nv = nr[k];
+    s[5][l] += (av + pv + nv) * acc_t(0);
+    if (Cosine) s[0][l] += av * av, s[1][l] += pv * pv, s[2][l] += nv * nv, s[3][l] += av * pv, s[4][l] += av * nv;
+  };
+  int64_t k = 0;
+  for (; k + kParts <= D; k += kParts)
+    for (int l = 0; l < kParts; ++l) add(l, k + l);
+  for (int l = 0; k < D; ++k, ++l) add(l, k);
+  for (int q = 0; q < 6; ++q) {
+    out[q] = 0;
+    for (int l = 0; l < kParts; ++l) out[q] += s[q][l];
+  }
+}
+
+// The backward's row updates. __restrict: each writes one gradient row that none of its
+// inputs overlaps (a positive or negative row is never the anchor's own), which lets the
+// compiler vectorize them.
+template <typename scalar_t, typename acc_t>
+inline void anchor_row_grad(acc_t* __restrict g, const scalar_t* __restrict a, const scalar_t* __restrict p,
+                            const scalar_t* __restrict n, int64_t len, acc_t pda, acc_t pea, acc_t nda, acc_t nea) {
+  for (int64_t k = 0; k < len; ++k) {
+    const acc_t av = a[k], pv = p[k], nv = n[k];
+    g[k] += pda * (av - pv) + pea * pv + nda * (av - nv) + nea * nv;
+  }
+}
+template <typename scalar_t, typename acc_t>
+inline void other_row_grad(acc_t* __restrict g, const scalar_t* __restrict a, const scalar_t* __restrict b,
+                           int64_t len, acc_t db, acc_t eb) {
+  for (int64_t k = 0; k < len; ++k) {
+    const acc_t av = a[k], bv = b[k];
+    g[k] += db * (av - bv) + eb * av;
+  }
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& grad, const at::Tensor& emb,
                                                             const at::Tensor& refs, bool self, bool want_ref,
@@ -539,18 +586,18 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
   // cosine the norms and dot products of the selected pairs.
   struct Stats { double a_sq, p_sq, n_sq, ap, an; uint8_t finite; };
   std::vector<Stats> st(B);
-  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / D), [&](int64_t begin, int64_t end) {
+  const bool cosine = metric == Metric::Cosine;
+  // Below ~2^16 row elements both passes run on one thread: forking costs more there.
+  constexpr int64_t kSerialElems = int64_t(1) << 16;
+  at::parallel_for(0, B, std::max<int64_t>(1, kSerialElems / D), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       Stats s{0, 0, 0, 0, 0, 1};
       if (pi[i] >= 0 && ni[i] >= 0) {
+        acc_t v[6];
         const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
-        acc_t asq = 0, psq = 0, nsq = 0, ap = 0, an = 0, z = 0;
-        for (int64_t k = 0; k < D; ++k) {
-          const acc_t av = ar[k], pv = pr[k], nv = nr[k];
-          asq += av * av, psq += pv * pv, nsq += nv * nv, ap += av * pv, an += av * nv;
-          z += (av + pv + nv) * acc_t(0);  // NaN when any entry is NaN/Inf
-        }
-        s = {asq, psq, nsq, ap, an, uint8_t(z == acc_t(0))};
+        if (cosine) triplet_sums<true>(ar, pr, nr, D, v);
+        else triplet_sums<false>(ar, pr, nr, D, v);
+        s = {v[0], v[1], v[2], v[3], v[4], uint8_t(v[5] == acc_t(0))};
       }
       st[i] = s;
     }
@@ -583,27 +630,15 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
   at::Tensor grad_r = (!self && want_ref) ? at::zeros({M, D}, grad_a.options()) : at::Tensor();
   acc_t* ga = grad_a.data_ptr<acc_t>();
   acc_t* gr = self ? ga : (grad_r.defined() ? grad_r.data_ptr<acc_t>() : nullptr);
-  at::parallel_for(0, D, 16, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, D, B * D < kSerialElems ? D : 16, [&](int64_t k0, int64_t k1) {
     for (int64_t i = 0; i < B; ++i) {
       if (!active[i]) continue;
       const Coef c = cf[i];
       const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
-      acc_t* gai = ga + i * D;
-      for (int64_t k = k0; k < k1; ++k) {
-        const acc_t av = ar[k], pv = pr[k], nv = nr[k];
-        gai[k] += c.pda * (av - pv) + c.pea * pv + c.nda * (av - nv) + c.nea * nv;
-      }
+      anchor_row_grad(ga + i * D + k0, ar + k0, pr + k0, nr + k0, k1 - k0, c.pda, c.pea, c.nda, c.nea);
       if (!gr) continue;
-      acc_t* gp = gr + pi[i] * D;
-      for (int64_t k = k0; k < k1; ++k) {
-        const acc_t av = ar[k], pv = pr[k];
-        gp[k] += c.pdb * (av - pv) + c.peb * av;
-      }
-      acc_t* gn = gr + ni[i] * D;
-      for (int64_t k = k0; k < k1; ++k) {
-        const acc_t av = ar[k], nv = nr[k];
-        gn[k] += c.ndb * (av - nv) + c.neb * av;
-      }
+      other_row_grad(gr + pi[i] * D + k0, ar + k0, pr + k0, k1 - k0, c.pdb, c.peb);
+      other_row_grad(gr + ni[i] * D + k0, ar + k0, nr + k0, k1 - k0, c.ndb, c.neb);
     }
   });
   return {grad_a.to(emb.scalar_type()),

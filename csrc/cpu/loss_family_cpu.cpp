@@ -1,8 +1,11 @@
-// Batch-all and semi-hard triplet losses on CPU, from a (B, B) distance matrix (the
-// pairwise_distance op makes it, and its backward takes the gradient from here on to
-// the embeddings). No B x B x B tensor: each anchor's row is reduced on its own, with
-// its negatives sorted once, so batch-all's hinge costs O(B^2 log B), not O(B^3).
-// Parallel over anchors, each writing only its own row of the gradient: deterministic.
+// Batch-all, semi-hard and contrastive losses on CPU. Each op builds the batch's (B, B)
+// distance matrix with the pairwise_distance kernel, reduces it, and returns it for the
+// backward, which takes the gradient to the distances and then, through
+// pairwise_distance's backward, to the embeddings: one op and one autograd node per loss.
+// No B x B x B tensor: each anchor's row is reduced on its own, with its negatives
+// sorted once, so batch-all's hinge costs O(B^2 log B), not O(B^3). Parallel over
+// anchors, each writing only its own row of the gradient: deterministic.
+#include "pairwise_distance_cpu.h"
 #include "rows_cpu.h"
 
 #include <ATen/ops/zeros.h>
@@ -18,14 +21,24 @@ namespace tripletops {
 namespace cpu {
 namespace {
 
-void check_dist(const at::Tensor& dist, const at::Tensor& labels) {
-  TRIPLETOPS_CHECK_2D(dist, "dist");
-  TRIPLETOPS_CHECK_FLOAT(dist, "dist");
-  TORCH_CHECK_VALUE(dist.size(0) == dist.size(1), "tripletops: dist must be square (B, B), got ", dist.sizes());
-  TRIPLETOPS_CHECK_LABELS(labels, "labels");
-  TORCH_CHECK_VALUE(labels.size(0) == dist.size(0), "tripletops: labels must have ", dist.size(0),
-                    " entries, got ", labels.size(0));
-  TORCH_CHECK(dist.device().is_cpu() && labels.device().is_cpu(), "tripletops: dist and labels must be CPU tensors here");
+// The ops' prologue: embeddings and labels as the mining ops take them, the margins, and
+// for a backward op the saved (B, B) distances and a scalar (or per-pair) gradient.
+void check_batch(const at::Tensor& embeddings, const at::Tensor& labels) {
+  check_mining_inputs(embeddings, labels, c10::nullopt, c10::nullopt, c10::DeviceType::CPU);
+}
+void check_margin(double margin, const char* name) {
+  TORCH_CHECK_VALUE(margin >= 0 && margin < std::numeric_limits<double>::infinity(), "tripletops: ", name,
+                    " must be a finite number >= 0, got ", margin);
+}
+void check_saved(const char* op, const at::Tensor& grad, int64_t grad_numel, const at::Tensor& dist,
+                 const at::Tensor& embeddings, at::ScalarType dist_dtype) {
+  const int64_t B = embeddings.size(0);
+  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == B && dist.size(1) == B && dist.scalar_type() == dist_dtype &&
+                        dist.device().is_cpu(),
+                    "tripletops.", op, "_backward: dist must be the forward's (", B, ", ", B, ") ", dist_dtype,
+                    " distances, got shape ", dist.sizes(), " and dtype ", dist.scalar_type());
+  TORCH_CHECK_VALUE(grad.numel() == grad_numel && grad.device().is_cpu(), "tripletops.", op,
+                    "_backward: grad must have ", grad_numel, " element(s), got shape ", grad.sizes());
 }
 
 // One anchor's positives (same label, not itself) and negatives, as distances.
@@ -147,12 +160,8 @@ inline DistInputs prepare(const at::Tensor& dist, const at::Tensor& labels) {
   return {dist.to(compute_dtype(dist.scalar_type())).contiguous(), labels.to(at::kLong).contiguous()};
 }
 
-at::Tensor batch_all_loss_cpu(const at::Tensor& dist, const at::Tensor& labels, double margin, bool soft_margin,
-                              c10::string_view reduction_name) {
-  check_dist(dist, labels);
-  const Reduction reduction = parse_reduction(reduction_name);
-  TORCH_CHECK_VALUE(reduction != Reduction::None,
-                    "tripletops: batch_all_loss has no reduction 'none' (B^3 triplets); use mean, mean_nonzero or sum");
+double batch_all_from_dist(const at::Tensor& dist, const at::Tensor& labels, double margin, bool soft_margin,
+                          Reduction reduction) {
   const DistInputs in = prepare(dist, labels);
   AllTotals t;
   AT_DISPATCH_FLOATING_TYPES(in.dist.scalar_type(), "batch_all_loss_cpu", [&] {
@@ -161,13 +170,12 @@ at::Tensor batch_all_loss_cpu(const at::Tensor& dist, const at::Tensor& labels, 
   const double den = denominator(t, reduction);
   double value = den > 0 ? t.sum / den : 0.0;  // an empty denominator gives exactly 0 ...
   if (t.nan) value = std::numeric_limits<double>::quiet_NaN();  // ... but never hides a NaN
-  return at::empty({}, dist.options()).fill_(value);
+  return value;
 }
 
-at::Tensor batch_all_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& labels,
-                                       double margin, bool soft_margin, c10::string_view reduction_name) {
-  check_dist(dist, labels);
-  const Reduction reduction = parse_reduction(reduction_name);
+// d loss / d dist, (B, B).
+at::Tensor batch_all_grad_dist(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& labels, double margin,
+                               bool soft_margin, Reduction reduction) {
   const DistInputs in = prepare(dist, labels);
   const int64_t B = in.dist.size(0);
   at::Tensor out = at::zeros({B, B}, in.dist.options());
@@ -244,8 +252,7 @@ inline SemiStats semi_totals(const std::vector<SemiStats>& stats) {
   return t;
 }
 
-at::Tensor semi_hard_loss_cpu(const at::Tensor& dist, const at::Tensor& labels, double margin) {
-  check_dist(dist, labels);
+double semi_hard_from_dist(const at::Tensor& dist, const at::Tensor& labels, double margin) {
   const DistInputs in = prepare(dist, labels);
   SemiStats t;
   AT_DISPATCH_FLOATING_TYPES(in.dist.scalar_type(), "semi_hard_loss_cpu", [&] {
@@ -253,12 +260,12 @@ at::Tensor semi_hard_loss_cpu(const at::Tensor& dist, const at::Tensor& labels, 
   });
   double value = t.pairs > 0 ? t.sum / double(t.pairs) : 0.0;
   if (t.nan) value = std::numeric_limits<double>::quiet_NaN();
-  return at::empty({}, dist.options()).fill_(value);
+  return value;
 }
 
-at::Tensor semi_hard_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& labels,
-                                       double margin) {
-  check_dist(dist, labels);
+// d loss / d dist, (B, B).
+at::Tensor semi_hard_grad_dist(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& labels,
+                               double margin) {
   const DistInputs in = prepare(dist, labels);
   const int64_t B = in.dist.size(0);
   at::Tensor out = at::zeros({B, B}, in.dist.options());
@@ -283,6 +290,165 @@ at::Tensor semi_hard_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return out.to(dist.scalar_type());
 }
 
+// ---- contrastive (Hadsell et al.): every pair i < j ----------------------------------
+
+// A pair's term and its slope in d: max(0, d - pos_margin) for a positive pair,
+// max(0, neg_margin - d) for a negative one. At the kink the slope is the active side's,
+// as torch.clamp(min=0) passes the gradient at 0. NaN for a pair with a non-finite row.
+template <typename T>
+struct PairTerm {
+  T value, slope;
+};
+template <typename T>
+inline PairTerm<T> contrastive_term(T d, bool same, bool finite, double pos_margin, double neg_margin) {
+  if (!finite) return {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::quiet_NaN()};
+  const T z = same ? d - T(pos_margin) : T(neg_margin) - d;
+  return {z > T(0) ? z : T(0) * z, z >= T(0) ? T(same ? 1 : -1) : T(0)};  // 0 * NaN keeps a NaN distance
+}
+
+// Rows with no NaN/Inf, as uint8 per row.
+std::vector<uint8_t> finite_rows(const at::Tensor& x) {
+  const at::Tensor c = x.contiguous();
+  std::vector<uint8_t> out(c.size(0));
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "tripletops_finite_rows", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    const int64_t D = c.size(1);
+    for (int64_t i = 0; i < c.size(0); ++i) {
+      bool ok = true;
+      row_sumsq(p + i * D, D, ok);
+      out[i] = ok;
+    }
+  });
+  return out;
+}
+
+// Sum over pairs (double, row-major i < j: the same on every run) and the denominator.
+template <typename T>
+std::pair<double, double> contrastive_total(const T* d, const int64_t* lab, const uint8_t* fin, int64_t B,
+                                            double pm, double nm, Reduction reduction) {
+  double sum = 0;
+  int64_t nonzero = 0;
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = i + 1; j < B; ++j) {
+      const T v = contrastive_term(d[i * B + j], lab[i] == lab[j], fin[i] && fin[j], pm, nm).value;
+      sum += double(v);
+      nonzero += v > T(0);
+    }
+  const int64_t pairs = B * (B - 1) / 2;
+  const double den = reduction == Reduction::Sum    ? 1.0
+                     : reduction == Reduction::Mean ? double(std::max<int64_t>(1, pairs))
+                                                    : double(std::max<int64_t>(1, nonzero));
+  return {sum, den};
+}
+
+// ---- the ops -------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> batch_all_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels,
+                                                      double margin, c10::string_view metric, bool soft_margin,
+                                                      c10::string_view reduction_name) {
+  check_batch(embeddings, labels);
+  check_margin(margin, "margin");
+  const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK_VALUE(reduction != Reduction::None,
+                    "tripletops: batch_all_loss has no reduction 'none' (B^3 triplets); use mean, mean_nonzero or sum");
+  at::Tensor dist = pairwise_distance_cpu(embeddings.to(at::kDouble), c10::nullopt, metric);
+  const double value = batch_all_from_dist(dist, labels, margin, soft_margin, reduction);
+  return {at::empty({}, embeddings.options()).fill_(value), dist};
+}
+
+at::Tensor batch_all_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& labels,
+                                       const at::Tensor& dist, double margin, c10::string_view metric,
+                                       bool soft_margin, c10::string_view reduction_name) {
+  check_batch(embeddings, labels);
+  check_saved("batch_all_loss", grad, 1, dist, embeddings, at::kDouble);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const at::Tensor grad_dist = batch_all_grad_dist(grad, dist, labels, margin, soft_margin, reduction);
+  auto [gx, unused] = pairwise_distance_backward_cpu(grad_dist, embeddings.to(at::kDouble), c10::nullopt, dist, metric);
+  return gx.to(embeddings.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> semi_hard_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels,
+                                                      double margin, c10::string_view metric) {
+  check_batch(embeddings, labels);
+  check_margin(margin, "margin");
+  at::Tensor dist = pairwise_distance_cpu(embeddings.to(at::kDouble), c10::nullopt, metric);
+  return {at::empty({}, embeddings.options()).fill_(semi_hard_from_dist(dist, labels, margin)), dist};
+}
+
+at::Tensor semi_hard_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& labels,
+                                       const at::Tensor& dist, double margin, c10::string_view metric) {
+  check_batch(embeddings, labels);
+  check_saved("semi_hard_loss", grad, 1, dist, embeddings, at::kDouble);
+  const at::Tensor grad_dist = semi_hard_grad_dist(grad, dist, labels, margin);
+  auto [gx, unused] = pairwise_distance_backward_cpu(grad_dist, embeddings.to(at::kDouble), c10::nullopt, dist, metric);
+  return gx.to(embeddings.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_loss_cpu(const at::Tensor& embeddings, const at::Tensor& labels,
+                                                        double pos_margin, double neg_margin, c10::string_view metric,
+                                                        c10::string_view reduction_name) {
+  check_batch(embeddings, labels);
+  check_margin(pos_margin, "pos_margin");
+  check_margin(neg_margin, "neg_margin");
+  const Reduction reduction = parse_reduction(reduction_name);
+  const at::Tensor x = embeddings.to(compute_dtype(embeddings.scalar_type()));
+  at::Tensor dist = pairwise_distance_cpu(x, c10::nullopt, metric);
+  const std::vector<uint8_t> fin = finite_rows(x);
+  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const int64_t B = x.size(0);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_loss_cpu", [&] {
+    using T = scalar_t;
+    const T* d = dist.data_ptr<T>();
+    const int64_t* l = lab.data_ptr<int64_t>();
+    if (reduction == Reduction::None) {
+      loss = at::empty({B * (B - 1) / 2}, dist.options());
+      T* out = loss.data_ptr<T>();
+      for (int64_t i = 0, k = 0; i < B; ++i)
+        for (int64_t j = i + 1; j < B; ++j, ++k)
+          out[k] = contrastive_term(d[i * B + j], l[i] == l[j], fin[i] && fin[j], pos_margin, neg_margin).value;
+      return;
+    }
+    const auto [sum, den] = contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction);
+    loss = at::empty({}, dist.options()).fill_(sum / den);
+  });
+  return {loss.to(embeddings.scalar_type()), dist};
+}
+
+at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings,
+                                         const at::Tensor& labels, const at::Tensor& dist, double pos_margin,
+                                         double neg_margin, c10::string_view metric, c10::string_view reduction_name) {
+  check_batch(embeddings, labels);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const int64_t B = embeddings.size(0);
+  const at::Tensor x = embeddings.to(compute_dtype(embeddings.scalar_type()));
+  check_saved("contrastive_loss", grad, reduction == Reduction::None ? B * (B - 1) / 2 : 1, dist, embeddings,
+              x.scalar_type());
+  const std::vector<uint8_t> fin = finite_rows(x);
+  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const at::Tensor d_c = dist.contiguous();
+  const at::Tensor g = grad.to(at::kDouble).contiguous();
+  at::Tensor grad_dist = at::zeros({B, B}, dist.options());
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_loss_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* d = d_c.data_ptr<T>();
+    const int64_t* l = lab.data_ptr<int64_t>();
+    const double* gp = g.data_ptr<double>();
+    T* w = grad_dist.data_ptr<T>();
+    // The reduction's scale (its denominator is a count, held constant, as autograd would).
+    double scale = 1.0;
+    if (reduction != Reduction::None)
+      scale = gp[0] / contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction).second;
+    for (int64_t i = 0, k = 0; i < B; ++i)
+      for (int64_t j = i + 1; j < B; ++j, ++k) {
+        const T slope = contrastive_term(d[i * B + j], l[i] == l[j], fin[i] && fin[j], pos_margin, neg_margin).slope;
+        w[i * B + j] = T(double(slope) * (reduction == Reduction::None ? gp[k] : scale));
+      }
+  });
+  auto [gx, unused] = pairwise_distance_backward_cpu(grad_dist, x, c10::nullopt, dist, metric);
+  return gx.to(embeddings.scalar_type());
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace tripletops
@@ -292,4 +458,6 @@ TORCH_LIBRARY_IMPL(tripletops, CPU, m) {
   m.impl("batch_all_loss_backward", &tripletops::cpu::batch_all_loss_backward_cpu);
   m.impl("semi_hard_loss", &tripletops::cpu::semi_hard_loss_cpu);
   m.impl("semi_hard_loss_backward", &tripletops::cpu::semi_hard_loss_backward_cpu);
+  m.impl("contrastive_loss", &tripletops::cpu::contrastive_loss_cpu);
+  m.impl("contrastive_loss_backward", &tripletops::cpu::contrastive_loss_backward_cpu);
 }

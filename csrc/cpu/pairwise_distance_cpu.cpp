@@ -1,8 +1,11 @@
 // Pairwise distances on CPU: one GEMM (x y^T) for the bulk, and the exact
 // difference form wherever |x|^2 + |y|^2 - 2 x.y would cancel badly.
+#include "pairwise_distance_cpu.h"
+
 #include "rows_cpu.h"
 
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -16,6 +19,11 @@ namespace {
 // difference: there the GEMM form's rounding error (~eps * (|x|^2 + |y|^2)) would
 // exceed ~8 * eps relative (the diagonal of pairwise_distance(x) is exactly 0).
 constexpr double kCancellationRatio = 0.125;
+
+// Up to this many N * M * D multiply-adds, distances and their gradients come straight
+// from the row differences, with no GEMM: exact, symmetric, and cheaper than the GEMM call
+// and the tensors around it at these sizes, where the fixed cost of a call is what counts.
+constexpr int64_t kDirectWork = int64_t(1) << 16;
 
 void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
   TRIPLETOPS_CHECK_2D(x, "x");
@@ -33,6 +41,92 @@ void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
   }
 }
 
+
+// d loss / d (x_i - y_j) per entry, from d loss / d dist: 2 g for sqeuclidean, g / d for
+// euclidean (0 at zero distance, NaN kept), and g itself for cosine (on the unit rows).
+template <typename T>
+inline T pair_weight(T g, T d, Metric metric) {
+  if (metric == Metric::SqEuclidean) return T(2) * g;
+  if (metric == Metric::Euclidean) return d > T(0) ? g / d : (d == T(0) ? T(0) : d);
+  return g;
+}
+
+// Gradients w.r.t. the (unit, for cosine) rows by the GEMM form. With W the per-entry
+// weight of (x_i - y_j): grad_x = rowsum(W) * x - W y, grad_y = colsum(W) * y - W^T x,
+// on rows shifted by their common mean: the sum is translation invariant, and far from
+// the origin the unshifted form would cancel catastrophically.
+std::tuple<at::Tensor, at::Tensor> gemm_backward(const at::Tensor& grad, const at::Tensor& dist, const PreparedRows& X,
+                                                 const PreparedRows& Y, bool has_y, Metric metric) {
+  const auto ct = X.rows.scalar_type();
+  at::Tensor W = grad.to(ct).contiguous().clone();
+  if (metric == Metric::Cosine) return {W.mm(Y.rows).neg_(), W.t().mm(X.rows).neg_()};  // d/d x_hat, d/d y_hat
+  const at::Tensor d = dist.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "pairwise_distance_backward_cpu", [&] {
+    using T = scalar_t;
+    T* w = W.data_ptr<T>();
+    const T* dp = d.data_ptr<T>();
+    at::parallel_for(0, W.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) w[k] = pair_weight(w[k], dp[k], metric);
+    });
+  });
+  const at::Tensor mu = X.rows.mean(0);
+  const at::Tensor Xc = X.rows.sub(mu), Yc = has_y ? Y.rows.sub(mu) : Xc;
+  return {Xc.mul(W.sum(1, true)).sub_(W.mm(Yc)), Yc.mul(W.sum(0).unsqueeze(1)).sub_(W.t().mm(Xc))};
+}
+
+// The same gradients pair by pair from the row differences (small problems): exact, and
+// in a fixed order.
+std::tuple<at::Tensor, at::Tensor> direct_backward(const at::Tensor& grad, const at::Tensor& dist,
+                                                   const PreparedRows& X, const PreparedRows& Y, Metric metric) {
+  at::Tensor gx = at::zeros_like(X.rows), gy = at::zeros_like(Y.rows);
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "pairwise_distance_backward_direct", [&] {
+    using T = scalar_t;
+    const int64_t N = gx.size(0), M = gy.size(0), D = gx.size(1);
+    const T *xr = X.rows.data_ptr<T>(), *yr = Y.rows.data_ptr<T>(), *g = grad.data_ptr<T>(), *d = dist.data_ptr<T>();
+    T *gxp = gx.data_ptr<T>(), *gyp = gy.data_ptr<T>();
+    const bool cosine = metric == Metric::Cosine;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < M; ++j) {
+        const T w = pair_weight(g[i * M + j], d[i * M + j], metric);
+        if (w == T(0)) continue;
+        const T *a = xr + i * D, *b = yr + j * D;
+        T *ga = gxp + i * D, *gb = gyp + j * D;
+        if (cosine) {  // d (1 - a.b) on the unit rows
+          for (int64_t k = 0; k < D; ++k) ga[k] -= w * b[k], gb[k] -= w * a[k];
+        } else {
+          for (int64_t k = 0; k < D; ++k) {
+            const T diff = w * (a[k] - b[k]);
+            ga[k] += diff, gb[k] -= diff;
+          }
+        }
+      }
+  });
+  return {gx, gy};
+}
+
+// Cosine: from the unit rows x / max(|x|, eps) back to the rows (F.normalize's Jacobian).
+void through_normalize(at::Tensor& g, const PreparedRows& R) {
+  g = g.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_cosine_normalize_backward", [&] {
+    using T = scalar_t;
+    const int64_t N = g.size(0), D = g.size(1);
+    T* gp = g.data_ptr<T>();
+    const T *r = R.rows.data_ptr<T>(), *sq = R.sq_norm.data_ptr<T>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const T norm = std::sqrt(sq[i]);
+        const bool proj = norm > T(kNormEps);
+        T c = 0;
+        for (int64_t k = 0; k < D; ++k) c += r[i * D + k] * gp[i * D + k];
+        const T inv = T(1) / (proj ? norm : T(kNormEps));
+        for (int64_t k = 0; k < D; ++k) gp[i * D + k] = (gp[i * D + k] - (proj ? r[i * D + k] * c : T(0))) * inv;
+      }
+    });
+  });
+}
+
+}  // namespace
+
 at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& y,
                                  c10::string_view metric_name) {
   check_xy(x, y);
@@ -42,6 +136,18 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Te
   const Metric metric = parse_metric(metric_name);
   const PreparedRows X = prepare_rows(x, metric);
   const PreparedRows Y = y.has_value() ? prepare_rows(*y, metric) : X;
+  if (X.rows.size(0) * Y.rows.size(0) * X.rows.size(1) <= kDirectWork) {
+    at::Tensor dist = at::empty({X.rows.size(0), Y.rows.size(0)}, X.rows.options());
+    AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "pairwise_distance_direct", [&] {
+      using T = scalar_t;
+      const int64_t N = dist.size(0), M = dist.size(1), D = X.rows.size(1);
+      const T *xr = X.rows.data_ptr<T>(), *yr = Y.rows.data_ptr<T>();
+      T* out = dist.data_ptr<T>();
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < M; ++j) out[i * M + j] = row_distance(xr + i * D, yr + j * D, D, metric);
+    });
+    return dist.to(x.scalar_type());
+  }
   at::Tensor dist = at::mm(X.rows, Y.rows.t());  // (N, M) Gram matrix, overwritten in place
   const int64_t N = dist.size(0), M = dist.size(1), D = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "pairwise_distance_cpu", [&] {
@@ -67,11 +173,8 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Te
   return dist.to(x.scalar_type());
 }
 
-// Backward of rows -> distances. With W the per-entry weight of (x_i - y_j):
-//   grad_x = rowsum(W) * x - W y,   grad_y = colsum(W) * y - W^T x   (two GEMMs),
-// on rows shifted by their common mean: the sum is translation invariant, and far
-// from the origin the unshifted form would cancel catastrophically.
-// Cosine goes through the unit rows and then F.normalize's Jacobian.
+// Backward of rows -> distances: through the unit rows, then F.normalize's Jacobian, for
+// cosine.
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                   const c10::optional<at::Tensor>& y,
                                                                   const at::Tensor& dist,
@@ -84,51 +187,17 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
   const PreparedRows X = prepare_rows(x, metric);
   const PreparedRows Y = y.has_value() ? prepare_rows(*y, metric) : X;
   const auto ct = X.rows.scalar_type();
-  at::Tensor W = grad.to(ct).contiguous().clone();
-  const at::Tensor d = dist.to(ct).contiguous();
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == X.rows.size(0) && grad.size(1) == Y.rows.size(0) &&
+                        dist.sizes() == grad.sizes(),
+                    "tripletops.pairwise_distance_backward: grad and dist must be (N, M) = (", X.rows.size(0), ", ",
+                    Y.rows.size(0), "), got ", grad.sizes(), " and ", dist.sizes());
   at::Tensor gx, gy;
-  if (metric == Metric::Cosine) {
-    gx = W.mm(Y.rows).neg_();      // d/d x_hat
-    gy = W.t().mm(X.rows).neg_();  // d/d y_hat
+  if (X.rows.size(0) * Y.rows.size(0) * X.rows.size(1) <= kDirectWork) {
+    std::tie(gx, gy) = direct_backward(grad.to(ct).contiguous(), dist.to(ct).contiguous(), X, Y, metric);
   } else {
-    AT_DISPATCH_FLOATING_TYPES(ct, "pairwise_distance_backward_cpu", [&] {
-      using T = scalar_t;
-      T* w = W.data_ptr<T>();
-      const T* dp = d.data_ptr<T>();
-      const int64_t n = W.numel();
-      at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          if (metric == Metric::SqEuclidean) w[k] *= T(2);
-          else w[k] = dp[k] > T(0) ? w[k] / dp[k] : (dp[k] == T(0) ? T(0) : dp[k]);  // 0 at zero distance
-        }
-      });
-    });
-    const at::Tensor mu = X.rows.mean(0);
-    const at::Tensor Xc = X.rows.sub(mu), Yc = y.has_value() ? Y.rows.sub(mu) : Xc;
-    gx = Xc.mul(W.sum(1, true)).sub_(W.mm(Yc));
-    gy = Yc.mul(W.sum(0).unsqueeze(1)).sub_(W.t().mm(Xc));
+    std::tie(gx, gy) = gemm_backward(grad, dist, X, Y, y.has_value(), metric);
   }
   if (metric == Metric::Cosine) {
-    auto through_normalize = [](at::Tensor& g, const PreparedRows& R) {
-      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_cosine_normalize_backward", [&] {
-        using T = scalar_t;
-        const int64_t N = g.size(0), D = g.size(1);
-        T* gp = g.data_ptr<T>();
-        const T *r = R.rows.data_ptr<T>(), *sq = R.sq_norm.data_ptr<T>();
-        at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const T norm = std::sqrt(sq[i]);
-            const bool proj = norm > T(kNormEps);
-            T c = 0;
-            for (int64_t k = 0; k < D; ++k) c += r[i * D + k] * gp[i * D + k];
-            const T inv = T(1) / (proj ? norm : T(kNormEps));
-            for (int64_t k = 0; k < D; ++k) gp[i * D + k] = (gp[i * D + k] - (proj ? r[i * D + k] * c : T(0))) * inv;
-          }
-        });
-      });
-    };
-    gx = gx.contiguous();
-    gy = gy.contiguous();
     through_normalize(gx, X);
     through_normalize(gy, Y);
   }
@@ -136,7 +205,6 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
   return {gx.to(x.scalar_type()), gy.to(y->scalar_type())};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace tripletops
 

@@ -109,7 +109,8 @@ inline PreparedRows prepare_rows(const at::Tensor& x, Metric metric) {
     scalar_t* unit = out.rows.data_ptr<scalar_t>();
     scalar_t* sq = out.sq_norm.data_ptr<scalar_t>();
     uint8_t* finite = out.finite.data_ptr<uint8_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / D), [&](int64_t begin, int64_t end) {
+    // Grain 2^16 elements: a batch-sized block stays on this thread (a fork costs more).
+    at::parallel_for(0, N, (int64_t(1) << 16) / D + 1, [&](int64_t begin, int64_t end) {
       prepare_block_any(in, D, begin, end, metric == Metric::Cosine, unit, sq, finite);
     });
   });
@@ -118,25 +119,31 @@ inline PreparedRows prepare_rows(const at::Tensor& x, Metric metric) {
 
 // The exact distance between two prepared rows, from their difference (no
 // cancellation from |a|^2 + |b|^2 - 2ab). Cosine rows are already unit rows.
-template <typename T>
-inline T row_distance(const T* a, const T* b, int64_t D, Metric metric) {
-  // Eight partial sums in a fixed order, as in row_sumsq: vectorizable and repeatable.
+// Eight partial sums in a fixed order, as in row_sumsq: vectorizable and repeatable;
+// the metric is a template argument so that the loop has no select in it.
+template <bool Cosine, typename T>
+TRIPLETOPS_INLINE T row_sum8(const T* a, const T* b, int64_t D) {
   constexpr int kParts = 8;
   T acc[kParts] = {};
   int64_t k = 0;
-  const bool cosine = metric == Metric::Cosine;
   for (; k + kParts <= D; k += kParts)
     for (int l = 0; l < kParts; ++l) {
       const T d = a[k + l] - b[k + l];
-      acc[l] += cosine ? a[k + l] * b[k + l] : d * d;
+      acc[l] += Cosine ? a[k + l] * b[k + l] : d * d;
     }
   for (int l = 0; k < D; ++k, ++l) {
     const T d = a[k] - b[k];
-    acc[l] += cosine ? a[k] * b[k] : d * d;
+    acc[l] += Cosine ? a[k] * b[k] : d * d;
   }
   T total = 0;
   for (int l = 0; l < kParts; ++l) total += acc[l];
-  if (cosine) return T(1) - total;
+  return total;
+}
+
+template <typename T>
+inline T row_distance(const T* a, const T* b, int64_t D, Metric metric) {
+  if (metric == Metric::Cosine) return T(1) - row_sum8<true>(a, b, D);
+  const T total = row_sum8<false>(a, b, D);
   return metric == Metric::Euclidean ? std::sqrt(total) : total;
 }
 
