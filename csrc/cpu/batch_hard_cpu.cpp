@@ -521,33 +521,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
 }
 
 // Over one triplet's rows: |a|^2, |p|^2, |n|^2, a.p, a.n (cosine only; 0 otherwise) and
-// sum((a + p + n) * 0), which is NaN when any entry is NaN/Inf. Eight partial sums per
-// quantity in a fixed order, as in row_sumsq: vectorizable (one serial chain of D adds
-// per quantity cost more than the rest of the backward) and the same on every run.
+// sum((a + p + n) * 0), which is NaN when any entry is NaN/Inf. Per-lane partial sums as
+// in row_sumsq (halves go lane by lane after conversion): vectorized (one serial chain of
+// D adds per quantity cost more than the rest of the backward) and the same on every run.
 template <bool Cosine, typename scalar_t, typename acc_t>
 inline void triplet_sums(const scalar_t* ar, const scalar_t* pr, const scalar_t* nr, int64_t D, acc_t out[6]) {
-  constexpr int kParts = 8;
-  acc_t s[6][kParts] = {};
-  auto add = [&](int l, int64_t k) {
-    const acc_t av = ar[k], pv = pr[k], nv = nr[k];
-    s[5][l] += (av + pv + nv) * acc_t(0);
-    if (Cosine) s[0][l] += av * av, s[1][l] += pv * pv, s[2][l] += nv * nv, s[3][l] += av * pv, s[4][l] += av * nv;
-  };
+  using W = Vec64<acc_t>;
+  typename W::V s[6] = {};
   int64_t k = 0;
-  for (; k + kParts <= D; k += kParts)
-    for (int l = 0; l < kParts; ++l) add(l, k + l);
-  for (int l = 0; k < D; ++k, ++l) add(l, k);
-  for (int q = 0; q < 6; ++q) {
-    out[q] = 0;
-    for (int l = 0; l < kParts; ++l) out[q] += s[q][l];
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; k + W::N <= D; k += W::N) {
+      const typename W::V a = W::load(ar + k), p = W::load(pr + k), n = W::load(nr + k);
+      s[5] += (a + p + n) * acc_t(0);
+      if (Cosine) s[0] += a * a, s[1] += p * p, s[2] += n * n, s[3] += a * p, s[4] += a * n;
+    }
   }
+  for (int l = 0; k < D; ++k, l = (l + 1) % W::N) {
+    const acc_t a = ar[k], p = pr[k], n = nr[k];
+    s[5][l] += (a + p + n) * acc_t(0);
+    if (Cosine) s[0][l] += a * a, s[1][l] += p * p, s[2][l] += n * n, s[3][l] += a * p, s[4][l] += a * n;
+  }
+  for (int q = 0; q < 6; ++q) out[q] = W::sum(s[q]);
 }
 
 // The backward's row updates. __restrict: each writes one gradient row that none of its
 // inputs overlaps (a positive or negative row is never the anchor's own), which lets the
 // compiler vectorize them.
 template <typename scalar_t, typename acc_t>
-inline void anchor_row_grad(acc_t* __restrict g, const scalar_t* __restrict a, const scalar_t* __restrict p,
+TRIPLETOPS_INLINE void anchor_row_grad(acc_t* __restrict g, const scalar_t* __restrict a, const scalar_t* __restrict p,
                             const scalar_t* __restrict n, int64_t len, acc_t pda, acc_t pea, acc_t nda, acc_t nea) {
   for (int64_t k = 0; k < len; ++k) {
     const acc_t av = a[k], pv = p[k], nv = n[k];
@@ -555,12 +556,40 @@ inline void anchor_row_grad(acc_t* __restrict g, const scalar_t* __restrict a, c
   }
 }
 template <typename scalar_t, typename acc_t>
-inline void other_row_grad(acc_t* __restrict g, const scalar_t* __restrict a, const scalar_t* __restrict b,
+TRIPLETOPS_INLINE void other_row_grad(acc_t* __restrict g, const scalar_t* __restrict a, const scalar_t* __restrict b,
                            int64_t len, acc_t db, acc_t eb) {
   for (int64_t k = 0; k < len; ++k) {
     const acc_t av = a[k], bv = b[k];
     g[k] += db * (av - bv) + eb * av;
   }
+}
+
+// fp32/fp64 rows: the same updates cloned for AVX-512 / AVX2 / baseline (the backward
+// is otherwise bound by the baseline's 128-bit vectors). Halves use the templates.
+TRIPLETOPS_SIMD_CLONES inline void anchor_row_grad_v(float* g, const float* a, const float* p, const float* n,
+                                                     int64_t len, float pda, float pea, float nda, float nea) {
+  anchor_row_grad(g, a, p, n, len, pda, pea, nda, nea);
+}
+TRIPLETOPS_SIMD_CLONES inline void anchor_row_grad_v(double* g, const double* a, const double* p, const double* n,
+                                                     int64_t len, double pda, double pea, double nda, double nea) {
+  anchor_row_grad(g, a, p, n, len, pda, pea, nda, nea);
+}
+template <typename scalar_t, typename acc_t>
+inline void anchor_row_grad_v(acc_t* g, const scalar_t* a, const scalar_t* p, const scalar_t* n, int64_t len,
+                              acc_t pda, acc_t pea, acc_t nda, acc_t nea) {
+  anchor_row_grad(g, a, p, n, len, pda, pea, nda, nea);
+}
+TRIPLETOPS_SIMD_CLONES inline void other_row_grad_v(float* g, const float* a, const float* b, int64_t len, float db,
+                                                    float eb) {
+  other_row_grad(g, a, b, len, db, eb);
+}
+TRIPLETOPS_SIMD_CLONES inline void other_row_grad_v(double* g, const double* a, const double* b, int64_t len,
+                                                    double db, double eb) {
+  other_row_grad(g, a, b, len, db, eb);
+}
+template <typename scalar_t, typename acc_t>
+inline void other_row_grad_v(acc_t* g, const scalar_t* a, const scalar_t* b, int64_t len, acc_t db, acc_t eb) {
+  other_row_grad(g, a, b, len, db, eb);
 }
 
 template <typename scalar_t>
@@ -635,10 +664,10 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
       if (!active[i]) continue;
       const Coef c = cf[i];
       const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
-      anchor_row_grad(ga + i * D + k0, ar + k0, pr + k0, nr + k0, k1 - k0, c.pda, c.pea, c.nda, c.nea);
+      anchor_row_grad_v(ga + i * D + k0, ar + k0, pr + k0, nr + k0, k1 - k0, c.pda, c.pea, c.nda, c.nea);
       if (!gr) continue;
-      other_row_grad(gr + pi[i] * D + k0, ar + k0, pr + k0, k1 - k0, c.pdb, c.peb);
-      other_row_grad(gr + ni[i] * D + k0, ar + k0, nr + k0, k1 - k0, c.ndb, c.neb);
+      other_row_grad_v(gr + pi[i] * D + k0, ar + k0, pr + k0, k1 - k0, c.pdb, c.peb);
+      other_row_grad_v(gr + ni[i] * D + k0, ar + k0, nr + k0, k1 - k0, c.ndb, c.neb);
     }
   });
   return {grad_a.to(emb.scalar_type()),
