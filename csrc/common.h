@@ -52,6 +52,22 @@ inline Reduction parse_reduction(std::string_view s) {
               " must be on the same device, got ", (x).device(), " and ", (y).device())
 
 // The explicit-triplet ops' input checks, shared by the CPU and CUDA kernels.
+// A backward op's saved per-row tensor (distances, indices): n entries, on `device`.
+// The backward ops are public (torch.ops.tripletops.*_backward): what they index with or
+// read must be checked, not trusted.
+inline void check_saved_rows(const char* op, const char* name, const at::Tensor& t, int64_t n,
+                             const at::Device& device) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.device() == device, "tripletops.", op, "_backward: ", name,
+                    " must be the forward's (", n, ",) tensor on ", device, ", got shape ", t.sizes(), " on ",
+                    t.device());
+}
+// The upstream gradient: one element for a scalar loss, n for reduction "none".
+inline void check_saved_grad(const char* op, const at::Tensor& grad, bool per_row, int64_t n) {
+  const int64_t want = per_row ? n : 1;
+  TORCH_CHECK_VALUE(grad.numel() == want, "tripletops.", op, "_backward: grad must have ", want,
+                    " element(s), got shape ", grad.sizes());
+}
+
 inline void check_triplets(const at::Tensor& a, const at::Tensor& p, const at::Tensor& n, c10::DeviceType device) {
   const char* names[] = {"anchor", "positive", "negative"};
   const at::Tensor* ts[] = {&a, &p, &n};
@@ -127,11 +143,13 @@ C10_HOST_DEVICE inline T triplet_term(T diff, T margin, bool soft_margin) {
 }
 
 // d(loss)/d(diff) for triplet_term; a NaN loss keeps a NaN-producing path open.
+// The hinge convention, in every kernel and reference: at the kink (diff + margin == 0)
+// the gradient passes, as torch.clamp(min=0) and F.triplet_margin_loss do.
 template <typename T>
 C10_HOST_DEVICE inline T triplet_term_grad(T diff, T margin, bool soft_margin) {
   if (soft_margin) return sigmoid(diff);
   const T z = diff + margin;
-  return (z > T(0) || z != z) ? T(1) : T(0);
+  return (z >= T(0) || z != z) ? T(1) : T(0);
 }
 
 // A pair's gradient in difference form, for raw rows a, b:

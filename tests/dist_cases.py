@@ -63,3 +63,12 @@ def batch(case):
         if kind == "nan":
             x[3, 2] = float("nan")
     return x, y
+
+
+# Per-rank inputs that must fail on every rank alike: (rank) -> (embeddings, labels).
+ERROR_CASES = {
+    "embeddings-dtype": lambda r: (torch.randn(4, 3, dtype=torch.float64 if r == 0 else torch.float32),
+                                   torch.arange(4) // 2),
+    "labels-dtype": lambda r: (torch.randn(4, 3), (torch.arange(4) // 2).to(torch.int32 if r == 0 else torch.int64)),
+    "empty-rank": lambda r: (torch.randn(0 if r == 1 else 4, 3), torch.arange(0 if r == 1 else 4) // 2),
+}

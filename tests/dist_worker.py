@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_cases import CASES, batch, split  # noqa: E402
+from dist_cases import CASES, ERROR_CASES, batch, split  # noqa: E402
 
 import tripletops  # noqa: E402
 from tripletops import distributed as tdist  # noqa: E402
@@ -38,6 +38,18 @@ def main() -> None:
             mined = tdist.batch_hard_mine(x.detach(), y, metric=kw.get("metric", "euclidean"),
                                           normalize=kw.get("normalize", False))
             results[name].update(pos_idx=mined.pos_idx, neg_idx=mined.neg_idx)
+    # Inputs that one rank rejects, or that differ between ranks: the same ValueError on
+    # every rank (recorded), never an abort or a hang.
+    errors = {}
+    for name, make in ERROR_CASES.items():
+        for fn in ("batch_hard_loss", "batch_all_loss"):
+            x, y = make(rank)
+            try:
+                getattr(tdist, fn)(x, y)
+                errors[f"{name}/{fn}"] = None
+            except ValueError as exc:
+                errors[f"{name}/{fn}"] = str(exc)
+    results["errors"] = errors
     # The gathered batch, with gradients back to their owners: sum of every rank's rows.
     x = torch.full((rank + 1, 3), float(rank), dtype=torch.float64, requires_grad=True)
     g = tdist.all_gather(x)

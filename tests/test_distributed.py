@@ -127,3 +127,18 @@ def test_needs_an_initialized_process_group():
         tripletops.distributed.contrastive_loss(x, y, reduction="none")
     with pytest.raises(RuntimeError, match="init_process_group"):
         tripletops.distributed.batch_all_loss(x, y)
+
+
+@pytest.mark.parametrize("case", ["embeddings-dtype", "labels-dtype", "empty-rank"])
+def test_inputs_that_differ_or_fail_on_one_rank_raise_on_every_rank(ranks, case):
+    """Ranks with different dtypes used to abort every process inside gloo, and a rank with
+    B = 0 raised alone while the others hung: now every rank raises a ValueError."""
+    _, results = ranks
+    for fn in ("batch_hard_loss", "batch_all_loss"):
+        messages = [r["errors"][f"{case}/{fn}"] for r in results]
+        assert all(m is not None for m in messages), (case, fn, messages)
+        if case == "empty-rank":
+            assert "non-empty" in messages[1] and all("rank(s) [1]" in m for i, m in enumerate(messages) if i != 1)
+        else:
+            what = "embeddings dtype" if case == "embeddings-dtype" else "labels dtype"
+            assert all(what in m for m in messages), messages

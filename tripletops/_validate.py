@@ -3,6 +3,7 @@ argument, what was expected and what was given."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -66,13 +67,25 @@ def reduction(r: str) -> None:
         raise ValueError(f"tripletops: reduction must be one of {REDUCTIONS}, got {r!r}")
 
 
+def _numpy_bool(v) -> bool:
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")
+
+
 def margin(m: float, name: str = "margin") -> None:
-    if isinstance(m, bool) or not isinstance(m, (int, float)):
+    """A finite real >= 0: Python int/float, or any numbers.Real such as numpy's float32
+    and float64 scalars alike (the kernels take float(m)); not a bool, not a tensor."""
+    if isinstance(m, bool) or _numpy_bool(m) or not isinstance(m, (int, float, numbers.Real)):
         raise TypeError(f"tripletops: {name} must be a real number, got {type(m).__name__}")
     # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces a symbolic float
     # through them (NaN fails the first, inf the second).
     if not (m >= 0 and m < math.inf):
         raise ValueError(f"tripletops: {name} must be a finite number >= 0, got {m}")
+
+
+def flag(value, name: str) -> None:
+    """A bool (Python's or numpy's), not a truthy string or number."""
+    if not (isinstance(value, bool) or _numpy_bool(value)):
+        raise TypeError(f"tripletops: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def reference_set(

@@ -44,6 +44,7 @@ def batch_hard_mine(
         1
     """
     _validate.mining(embeddings, labels, metric, ref_embeddings, ref_labels)
+    _validate.flag(normalize, "normalize")
     with torch.no_grad():
         embeddings, ref_embeddings = _maybe_normalize(normalize, embeddings, ref_embeddings)
         if not use_extension("batch_hard_mine", embeddings):
@@ -71,7 +72,8 @@ def batch_hard_loss(
 
     For each anchor i with a positive and a negative: ``max(0, d(a, p) − d(a, n) + margin)``
     with p its farthest positive and n its closest negative, or ``softplus(d(a, p) − d(a, n))``
-    with ``soft_margin=True``; 0 for an anchor without both.
+    with ``soft_margin=True``; 0 for an anchor without both. At the hinge's kink the
+    gradient passes (``torch.clamp(min=0)``'s convention, in every tripletops loss).
 
     Args:
         embeddings: ``(B, D)`` float tensor (fp32, fp64, fp16, bf16; halves accumulate in fp32).
@@ -99,6 +101,8 @@ def batch_hard_loss(
     _validate.mining(embeddings, labels, metric, ref_embeddings, ref_labels)
     _validate.margin(margin)
     _validate.reduction(reduction)
+    _validate.flag(soft_margin, "soft_margin")
+    _validate.flag(normalize, "normalize")
     embeddings, ref_embeddings = _maybe_normalize(normalize, embeddings, ref_embeddings)
     if not use_extension("batch_hard_loss", embeddings):
         return reference._batch_hard_loss(

@@ -66,6 +66,54 @@ def _row_counts(x: torch.Tensor, group, world: int) -> list[int]:
     return [int(t[0]) for t in every]
 
 
+# Dtypes by code, for the metadata every rank shares before any data moves.
+_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+                torch.int32, torch.int64, torch.bool)
+
+
+def _dtype_code(t) -> int:
+    dtype = getattr(t, "dtype", None)
+    return _DTYPE_CODES.index(dtype) if dtype in _DTYPE_CODES else len(_DTYPE_CODES)
+
+
+def _agree(embeddings, labels, group, world: int, check) -> list[int]:
+    """Validates this rank's inputs (`check()`), then agrees with every rank of the group
+    before any collective moves data: a rank that rejected its inputs, or ranks whose
+    embedding dims or dtypes differ, make every rank raise a ValueError, instead of one rank
+    raising while the others hang in the next collective (or gloo aborting them all on
+    buffers of different sizes). Returns every rank's row count."""
+    error = None
+    try:
+        check()
+    except (TypeError, ValueError) as exc:
+        error = exc
+    shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else ()
+    device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
+    mine = torch.tensor([shape[0] if shape else 0, shape[1] if len(shape) > 1 else 1, _dtype_code(embeddings),
+                         _dtype_code(labels), int(error is not None)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    if error is not None:
+        raise error
+    failed = [r for r, t in enumerate(every) if int(t[4])]
+    if failed:
+        raise ValueError(f"tripletops.distributed: rank(s) {failed} of the group rejected their inputs "
+                         "(the error is raised there); every rank stops")
+
+    def names(col):
+        return sorted({str(_DTYPE_CODES[int(t[col])]) if int(t[col]) < len(_DTYPE_CODES) else "other"
+                       for t in every})
+
+    if len({int(t[1]) for t in every}) != 1:
+        raise ValueError("tripletops.distributed: every rank must have the same embedding dim, got "
+                         f"{sorted({int(t[1]) for t in every})}")
+    if len({int(t[2]) for t in every}) != 1:
+        raise ValueError(f"tripletops.distributed: every rank must have the same embeddings dtype, got {names(2)}")
+    if len({int(t[3]) for t in every}) != 1:
+        raise ValueError(f"tripletops.distributed: every rank must have the same labels dtype, got {names(3)}")
+    return [int(t[0]) for t in every]
+
+
 def _gather_padded(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
     """All ranks' `x` concatenated in rank order (rows padded to the largest for the collective)."""
     most = max(counts)
@@ -135,10 +183,9 @@ def _mine_global(emb, labels, all_emb, all_labels, offset: int, metric: str) -> 
 
 
 def _setup(embeddings, labels, metric, normalize, group):
-    _validate.mining(embeddings, labels, metric, None, None)
     world, rank = _group_info(group)
+    counts = _agree(embeddings, labels, group, world, lambda: _validate.mining(embeddings, labels, metric, None, None))
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
-    counts = _row_counts(embeddings, group, world)
     offset = sum(counts[:rank])
     gathered = all_gather(embeddings, group)
     with torch.no_grad():
@@ -195,6 +242,7 @@ def batch_hard_loss(
     """
     _validate.margin(margin)
     _validate.reduction(reduction)
+    _validate.flag(soft_margin, "soft_margin")
     embeddings, gathered, mined, world = _setup(embeddings, labels, metric, normalize, group)
     dtype = embeddings.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32  # halves accumulate in fp32
@@ -221,13 +269,16 @@ def _whole_group_loss(loss_fn, embeddings, labels, group, kwargs):
     """The group's loss on the gathered batch, on every rank. Each rank's backward sends
     W × d(loss)/d(rows) home through the gather, which is the DDP scaling of the module
     docstring."""
-    _validate.rows(embeddings, "embeddings")
-    _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
     if kwargs.get("reduction") == "none":
         raise ValueError("tripletops.distributed: reduction 'none' is not supported for this loss "
                          "(every rank would hold the whole group's terms); use 'mean', 'mean_nonzero' or 'sum'")
     world, _ = _group_info(group)
-    counts = _row_counts(embeddings, group, world)
+
+    def check():
+        _validate.rows(embeddings, "embeddings")
+        _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
+
+    counts = _agree(embeddings, labels, group, world, check)
     gathered = all_gather(embeddings, group)
     with torch.no_grad():
         all_labels = _gather_padded(labels, counts, group)

@@ -28,6 +28,7 @@ class BatchHardTripletLoss(nn.Module):
         _validate.margin(margin)
         _validate.metric(metric)
         _validate.reduction(reduction)
+        _validate.flag(soft_margin, "soft_margin")
         self.margin, self.metric, self.soft_margin = margin, metric, soft_margin
         self.reduction, self.normalize = reduction, normalize
 
@@ -86,6 +87,7 @@ class BatchAllTripletLoss(nn.Module):
         if reduction == "none":
             raise ValueError("tripletops: BatchAllTripletLoss reduction must be 'mean', 'mean_nonzero' or 'sum', "
                              "got 'none'")
+        _validate.flag(soft_margin, "soft_margin")
         self.margin, self.metric, self.soft_margin = margin, metric, soft_margin
         self.reduction, self.normalize = reduction, normalize
 
@@ -187,7 +189,9 @@ class CenterLoss(nn.Module):
         _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"tripletops: embeddings must have dim {self.dim}, got {embeddings.shape[1]}")
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+        # A data-dependent check: eager only. Under torch.compile an out-of-range label
+        # still fails, in the index into the centers (an IndexError, or a device assert).
+        if not torch.compiler.is_compiling() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f"tripletops: labels must be in [0, {self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         self._follow(embeddings)
@@ -209,15 +213,17 @@ class CenterLoss(nn.Module):
 
     @torch.no_grad()
     def _update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        classes, inverse = torch.unique(labels, return_inverse=True)
-        sums = torch.zeros(len(classes), self.dim, device=embeddings.device, dtype=self.centers.dtype)
-        sums.index_add_(0, inverse, embeddings.to(self.centers.dtype))
-        means = sums / torch.bincount(inverse, minlength=len(classes)).to(sums.dtype)[:, None]
-        old = self.centers[classes]
-        fresh = ~self.initialized[classes]
-        new = torch.where(fresh[:, None], means, self.momentum * old + (1 - self.momentum) * means)
-        self.centers[classes] = new
-        self.initialized[classes] = True
+        # Per class over all num_classes rows (fixed shapes, no torch.unique: a compiled
+        # training step has no data-dependent shape); classes absent from the batch keep
+        # their centers exactly.
+        count = torch.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        sums = torch.zeros(self.num_classes, self.dim, device=embeddings.device, dtype=self.centers.dtype)
+        sums.index_add_(0, labels, embeddings.to(self.centers.dtype))
+        present = count > 0
+        means = sums / count.clamp(min=1).to(sums.dtype)[:, None]
+        moved = torch.where(self.initialized[:, None], self.momentum * self.centers + (1 - self.momentum) * means, means)
+        self.centers.copy_(torch.where(present[:, None], moved, self.centers))
+        self.initialized.logical_or_(present)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, reduction={self.reduction!r}"

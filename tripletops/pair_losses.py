@@ -32,7 +32,8 @@ def batch_all_loss(
     """Triplet loss over every valid triplet (a, p, n) of the batch, without a B³ tensor.
 
     Each triplet (p a positive of a, n a negative) contributes ``max(0, d(a,p) − d(a,n) +
-    margin)``, or ``softplus(d(a,p) − d(a,n))`` with ``soft_margin=True``.
+    margin)``, or ``softplus(d(a,p) − d(a,n))`` with ``soft_margin=True``. At the hinge's
+    kink the gradient passes (``torch.clamp(min=0)``'s convention).
 
     Args:
         embeddings: ``(B, D)`` float tensor; labels: ``(B,)`` int32/int64.
@@ -50,6 +51,8 @@ def batch_all_loss(
         >>> loss = tripletops.batch_all_loss(x, y, margin=0.2)   # mean over nonzero triplets
     """
     _validate.family(embeddings, labels, metric, reduction, margin, batch_all=True)
+    _validate.flag(soft_margin, "soft_margin")
+    _validate.flag(normalize, "normalize")
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
     if not use_extension("batch_all_loss", embeddings):
         return reference.batch_all_loss(embeddings, labels, margin=margin, metric=metric, soft_margin=soft_margin,
@@ -70,13 +73,17 @@ def semi_hard_loss(
     For each anchor–positive pair (a, p): the negative n closest to a among those
     farther from a than p (``d(a,n) > d(a,p)``); if there is none, the farthest negative.
     Ties go to the smallest index. The loss is ``max(0, d(a,p) − d(a,n) + margin)``,
-    averaged over the anchor–positive pairs whose anchor has a negative (0 if none).
+    averaged over the anchor–positive pairs whose anchor has a negative (0 if none). At
+    the hinge's kink the gradient passes. Bitwise-identical rows are at bitwise-identical
+    distances (0 between them), so the strict comparison never depends on which copy of a
+    row it meets.
 
     Example::
 
         >>> loss = tripletops.semi_hard_loss(x, y, margin=1.0)
     """
     _validate.family(embeddings, labels, metric, "mean", margin)
+    _validate.flag(normalize, "normalize")
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
     if not use_extension("semi_hard_loss", embeddings):
         return reference.semi_hard_loss(embeddings, labels, margin=margin, metric=metric)
@@ -114,6 +121,7 @@ def contrastive_loss(
         >>> loss = tripletops.contrastive_loss(x, y, pos_margin=0.0, neg_margin=1.0)
     """
     _validate.contrastive(embeddings, labels, metric, reduction, pos_margin, neg_margin)
+    _validate.flag(normalize, "normalize")
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
     if not use_extension("contrastive_loss", embeddings):
         return reference.contrastive_loss(embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin,

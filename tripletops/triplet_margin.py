@@ -23,7 +23,8 @@ def triplet_margin_loss(
 
     With ``metric="euclidean"`` this equals ``torch.nn.functional.triplet_margin_loss``
     (which adds eps=1e-6 inside its norm; tripletops does not, so its gradient at zero
-    distance is exactly 0). ``swap=True`` uses ``min(d(a, n), d(p, n))`` (Balntas et al.).
+    distance is exactly 0). At the kink (``d(a, p) − d(a, n) + margin == 0``) the gradient
+    passes, as in ``F.triplet_margin_loss``. ``swap=True`` uses ``min(d(a, n), d(p, n))`` (Balntas et al.).
 
     Args:
         anchor, positive, negative: ``(N, D)`` float tensors, same dtype and device.
@@ -43,6 +44,8 @@ def triplet_margin_loss(
     _validate.metric(metric)
     _validate.margin(margin)
     _validate.reduction(reduction)
+    _validate.flag(swap, "swap")
+    _validate.flag(normalize, "normalize")
     if not use_extension("triplet_margin_loss", anchor):
         return reference._triplet_margin_loss(anchor, positive, negative, margin, metric, swap, reduction, normalize)
     if normalize:

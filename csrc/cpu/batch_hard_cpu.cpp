@@ -17,6 +17,10 @@
 #include <ATen/ops/full.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/zeros_like.h>
+#include <cmath>
 #include <torch/library.h>
 
 #include <cstring>
@@ -427,10 +431,50 @@ void mine_direct(const PreparedRows& E, const int64_t* lab, const PreparedRows& 
   }
 }
 
+// Whether a finite row's squared norm overflows (or comes within 8x of it): fp32 rows
+// beyond ~1e19, fp64 beyond ~1e154. Its Gram keys would be NaN, and cosine's unit row 0.
+inline bool norms_overflow(const PreparedRows& P) {
+  bool out = false;
+  AT_DISPATCH_FLOATING_TYPES(P.sq_norm.scalar_type(), "tripletops_norms_overflow", [&] {
+    const scalar_t* sq = P.sq_norm.data_ptr<scalar_t>();
+    const uint8_t* f = P.finite.data_ptr<uint8_t>();
+    const scalar_t limit = std::numeric_limits<scalar_t>::max() / scalar_t(8);
+    for (int64_t i = 0; i < P.sq_norm.numel() && !out; ++i) out = f[i] && !(sq[i] < limit);
+  });
+  return out;
+}
+
+// The rows times 2^-e, with 2^e just above the largest finite entry of both sets: an exact
+// scaling (barring entries 2^-1000 below the largest, which underflow), so every distance
+// scales by the same factor, the order of the keys is kept, and no norm overflows.
+std::pair<at::Tensor, at::Tensor> scaled_inputs(const at::Tensor& embeddings, const c10::optional<at::Tensor>& refs) {
+  auto largest = [](const at::Tensor& x) {
+    const at::Tensor a = x.abs();
+    return at::where(at::isfinite(a), a, at::zeros_like(a)).max().item<double>();
+  };
+  const double amax = std::max(largest(embeddings), refs.has_value() ? largest(*refs) : 0.0);
+  int e = 0;
+  std::frexp(amax, &e);
+  const double scale = std::ldexp(1.0, -e);
+  const auto ct = compute_dtype(embeddings.scalar_type());
+  return {embeddings.to(ct).mul(scale), refs.has_value() ? refs->to(ct).mul(scale) : at::Tensor()};
+}
+
 Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
                        const c10::optional<at::Tensor>& ref_embeddings, Metric metric) {
-  const PreparedRows E = prepare_rows(embeddings, metric);
-  const PreparedRows R = in.self ? E : prepare_rows(*ref_embeddings, metric);
+  // E, R: the rows the distances are measured on; Es, Rs: the rows mined on (scaled by a
+  // power of two when a squared norm overflows; for cosine, whose unit rows would be
+  // wrong then, the scaled rows are measured on too).
+  PreparedRows E = prepare_rows(embeddings, metric);
+  PreparedRows R = in.self ? E : prepare_rows(*ref_embeddings, metric);
+  PreparedRows Es = E, Rs = R;
+  const bool scaled = norms_overflow(E) || (!in.self && norms_overflow(R));
+  if (scaled) {
+    const auto [se, sr] = scaled_inputs(embeddings, ref_embeddings);
+    Es = prepare_rows(se, metric);
+    Rs = in.self ? Es : prepare_rows(sr, metric);
+    if (metric == Metric::Cosine) E = Es, R = Rs;
+  }
   const int64_t B = embeddings.size(0), D = embeddings.size(1);
   Mined m;
   if (B * R.rows.size(0) * D <= kDirectWork) {
@@ -441,12 +485,19 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     m.triplet_finite = at::empty({B}, E.rows.options().dtype(at::kByte));
     AT_DISPATCH_FLOATING_TYPES(E.rows.scalar_type(), "batch_hard_mine_direct", [&] {
       int64_t *pos = m.pos_idx.data_ptr<int64_t>(), *neg = m.neg_idx.data_ptr<int64_t>();
-      mine_direct<scalar_t>(E, in.labels.data_ptr<int64_t>(), R, in.ref_labels.data_ptr<int64_t>(), in.self, metric,
-                            pos, neg, m.pos_dist.data_ptr<scalar_t>(), m.neg_dist.data_ptr<scalar_t>());
+      scalar_t *pd = m.pos_dist.data_ptr<scalar_t>(), *nd = m.neg_dist.data_ptr<scalar_t>();
+      mine_direct<scalar_t>(Es, in.labels.data_ptr<int64_t>(), Rs, in.ref_labels.data_ptr<int64_t>(), in.self,
+                            metric, pos, neg, pd, nd);
+      const scalar_t *e = E.rows.data_ptr<scalar_t>(), *r = R.rows.data_ptr<scalar_t>();
       const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
       uint8_t* ft = m.triplet_finite.data_ptr<uint8_t>();
-      for (int64_t i = 0; i < B; ++i)
+      for (int64_t i = 0; i < B; ++i) {
+        if (scaled && metric != Metric::Cosine) {  // mined on scaled rows: measure on the rows
+          pd[i] = pos[i] >= 0 ? row_distance(e + i * D, r + pos[i] * D, D, metric) : scalar_t(0);
+          nd[i] = neg[i] >= 0 ? row_distance(e + i * D, r + neg[i] * D, D, metric) : scalar_t(0);
+        }
         ft[i] = fe[i] && (pos[i] < 0 || fr[pos[i]]) && (neg[i] < 0 || fr[neg[i]]);
+      }
     });
     return m;
   }
@@ -459,8 +510,8 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     using T = scalar_t;
     int64_t* pos = m.pos_idx.data_ptr<int64_t>();
     int64_t* neg = m.neg_idx.data_ptr<int64_t>();
-    PreparedRows Em = E, Rm = R;
-    if (metric != Metric::Cosine) center_for_mining<T>(E, R, in.self, Em, Rm);
+    PreparedRows Em = Es, Rm = Rs;
+    if (metric != Metric::Cosine) center_for_mining<T>(Es, Rs, in.self, Em, Rm);
     mine_tiles<T>(Em, in.labels.data_ptr<int64_t>(), Rm, in.ref_labels.data_ptr<int64_t>(), in.self, metric, pos,
                   neg);
     const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
@@ -684,9 +735,25 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cpu(
   const bool self = !ref_embeddings.has_value();
   const at::Tensor emb = embeddings.contiguous();
   const at::Tensor refs = self ? emb : ref_embeddings->contiguous();
-  TORCH_CHECK_VALUE(pos_idx.numel() == emb.size(0) && neg_idx.numel() == emb.size(0),
-                    "tripletops: pos_idx/neg_idx must have one entry per embedding");
+  const int64_t B = emb.size(0), M = refs.size(0);
+  TORCH_CHECK_VALUE(emb.dim() == 2 && refs.dim() == 2 && refs.size(1) == emb.size(1) &&
+                        refs.scalar_type() == emb.scalar_type(),
+                    "tripletops.batch_hard_loss_backward: embeddings and ref_embeddings must be (B, D) and (M, D) "
+                    "of one dtype, got ", emb.sizes(), " and ", refs.sizes());
+  const char* op = "batch_hard_loss";
+  check_saved_grad(op, grad, reduction == Reduction::None, B);
+  check_saved_rows(op, "pos_idx", pos_idx, B, emb.device());
+  check_saved_rows(op, "neg_idx", neg_idx, B, emb.device());
+  check_saved_rows(op, "pos_dist", pos_dist, B, emb.device());
+  check_saved_rows(op, "neg_dist", neg_dist, B, emb.device());
   const at::Tensor pos = pos_idx.to(at::kLong).contiguous(), neg = neg_idx.to(at::kLong).contiguous();
+  {  // every index is a row of the reference set, or -1 (none)
+    const int64_t *p = pos.data_ptr<int64_t>(), *n = neg.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i)
+      TORCH_CHECK_VALUE(p[i] >= -1 && p[i] < M && n[i] >= -1 && n[i] < M,
+                        "tripletops.batch_hard_loss_backward: pos_idx and neg_idx must hold row indices of the "
+                        "reference set (0..", M - 1, ") or -1, got ", p[i], " and ", n[i], " at row ", i);
+  }
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "batch_hard_loss_backward_cpu", [&] {
     out = batch_hard_backward_impl<scalar_t>(grad, emb, refs, self, compute_ref_grad, pos, neg, pos_dist, neg_dist,

@@ -90,6 +90,13 @@ inline int64_t active_negatives(const std::vector<std::pair<T, int64_t>>& neg, d
   return std::partition_point(neg.begin(), neg.end(), [t](const std::pair<T, int64_t>& n) { return double(n.first) < t; }) -
          neg.begin();
 }
+// ... and how many are not farther than t: the triplets whose gradient passes (at the
+// kink d_an == d_ap + m too, the hinge convention of triplet_term_grad).
+template <typename T>
+inline int64_t gradient_negatives(const std::vector<std::pair<T, int64_t>>& neg, double t) {
+  return std::partition_point(neg.begin(), neg.end(), [t](const std::pair<T, int64_t>& n) { return double(n.first) <= t; }) -
+         neg.begin();
+}
 
 struct AllStats {
   double sum = 0;
@@ -198,14 +205,14 @@ at::Tensor batch_all_grad_dist(const at::Tensor& grad, const at::Tensor& dist, c
           }
         return;
       }
-      // d/d d_ap = s * #(d_an < d_ap + m);  d/d d_an = -s * #(d_ap + m > d_an).
+      // d/d d_ap = s * #(d_an <= d_ap + m);  d/d d_an = -s * #(d_ap + m >= d_an).
       std::sort(row.neg.begin(), row.neg.end());
       std::vector<double> thresholds;
       for (const auto& p : row.pos) thresholds.push_back(double(p.first) + margin);
       std::sort(thresholds.begin(), thresholds.end());
-      for (const auto& p : row.pos) ga[p.second] += T(s * double(active_negatives(row.neg, double(p.first) + margin)));
-      for (const auto& n : row.neg) {  // positives whose threshold d_ap + m exceeds d_an
-        const auto c = thresholds.end() - std::upper_bound(thresholds.begin(), thresholds.end(), double(n.first));
+      for (const auto& p : row.pos) ga[p.second] += T(s * double(gradient_negatives(row.neg, double(p.first) + margin)));
+      for (const auto& n : row.neg) {  // positives whose threshold d_ap + m reaches d_an
+        const auto c = thresholds.end() - std::lower_bound(thresholds.begin(), thresholds.end(), double(n.first));
         ga[n.second] -= T(s * double(c));
       }
     });

@@ -209,8 +209,9 @@ inline std::vector<double> reduction_scale(const at::Tensor& grad, const at::Ten
       if (reduction == Reduction::MeanNonzero) count += l[i] > scalar_t(0);
     }
     for (int64_t i = 0; i < N; ++i) {
-      const bool in_denominator = reduction == Reduction::MeanNonzero ? l[i] > scalar_t(0)
-                                                                       : (v ? v[i] != 0 : true);
+      // mean_nonzero counts the losses > 0, but every item gets g / count and its own
+      // hinge gradient decides (1 at the kink, where the loss is 0: clamp's convention).
+      const bool in_denominator = reduction == Reduction::MeanNonzero ? true : (v ? v[i] != 0 : true);
       if (reduction == Reduction::Sum) scale[i] = g;
       else if (count > 0 && in_denominator) scale[i] = g / static_cast<double>(count);
     }

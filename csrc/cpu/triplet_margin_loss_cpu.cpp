@@ -245,6 +245,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cpu(
   check_triplets(anchor, positive, negative, c10::DeviceType::CPU);
   const Metric metric = parse_metric(metric_name);
   const Reduction reduction = parse_reduction(reduction_name);
+  const int64_t B = anchor.size(0);
+  const char* op = "triplet_margin_loss";
+  check_saved_grad(op, grad, reduction == Reduction::None, B);
+  check_saved_rows(op, "d_ap", d_ap, B, anchor.device());
+  check_saved_rows(op, "d_an", d_an, B, anchor.device());
+  check_saved_rows(op, "d_pn", d_pn, swap ? B : 0, anchor.device());
   const at::Tensor A = anchor.contiguous(), P = positive.contiguous(), N = negative.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "triplet_margin_loss_backward_cpu", [&] {

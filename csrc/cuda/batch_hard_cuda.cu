@@ -230,8 +230,14 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cuda(
   const at::Tensor X = embeddings.contiguous();
   const at::Tensor R = self ? X : ref_embeddings->contiguous();
   const int64_t B = X.size(0), D = X.size(1), M = R.size(0);
-  TORCH_CHECK_VALUE(pos_idx.numel() == B && neg_idx.numel() == B,
-                    "tripletops: pos_idx/neg_idx must have one entry per embedding");
+  // Shapes and devices are checked here (no host sync); the index values are not (that
+  // would need a device-side check): the CPU backward checks them.
+  const char* op = "batch_hard_loss";
+  check_saved_grad(op, grad, reduction == Reduction::None, B);
+  check_saved_rows(op, "pos_idx", pos_idx, B, X.device());
+  check_saved_rows(op, "neg_idx", neg_idx, B, X.device());
+  check_saved_rows(op, "pos_dist", pos_dist, B, X.device());
+  check_saved_rows(op, "neg_dist", neg_dist, B, X.device());
   const auto ct = compute_dtype(X.scalar_type());
   const at::Tensor pos = pos_idx.to(at::kLong).contiguous(), neg = neg_idx.to(at::kLong).contiguous();
   const at::Tensor pd = pos_dist.to(ct).contiguous(), nd = neg_dist.to(ct).contiguous();

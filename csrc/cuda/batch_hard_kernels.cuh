@@ -420,13 +420,13 @@ __device__ int64_t block_count(const BackwardArgs<scalar_t, T>& a) {
 template <typename scalar_t, typename T>
 __device__ AnchorCoef anchor_coef(const BackwardArgs<scalar_t, T>& a, int64_t i, int64_t count, int lane) {
   bool valid;
-  const T l = forward_loss(a, i, valid);
+  forward_loss(a, i, valid);
   double scale = 0;
   if (valid) {
     const double g = double(a.grad[a.reduction == Reduction::None ? i * a.grad_stride : 0]);
     if (a.reduction == Reduction::None || a.reduction == Reduction::Sum) scale = g;
     else if (a.reduction == Reduction::Mean) scale = g / double(count);
-    else if (l > T(0)) scale = g / double(count);
+    else if (count > 0) scale = g / double(count);  // mean_nonzero: the hinge gradient decides (kink: 1)
   }
   const T pd = a.pos_dist[i], nd = a.neg_dist[i];
   const double s = valid ? scale * double(triplet_term_grad(pd - nd, T(a.margin), a.soft_margin)) : 0.0;

@@ -27,13 +27,17 @@ namespace {
 at::Tensor reduction_scale(const at::Tensor& grad, const at::Tensor& loss, Reduction reduction) {
   const auto dbl = loss.options().dtype(at::kDouble);
   const int64_t N = loss.numel();
-  if (reduction == Reduction::None) return grad.to(dbl).reshape({N});
+  // contiguous(): the upstream gradient of loss.sum() is an expanded (stride-0) tensor,
+  // and the kernel reads scale[i] for every i (found by the kink test under the emulator).
+  if (reduction == Reduction::None) return grad.to(dbl).reshape({N}).contiguous();
   const at::Tensor g = grad.to(dbl).reshape({});
   if (reduction == Reduction::Sum) return g.expand({N}).contiguous();
   if (reduction == Reduction::Mean) return (g / double(N)).expand({N}).contiguous();
-  const at::Tensor nonzero = loss > 0;
-  const at::Tensor count = nonzero.sum().to(at::kDouble).clamp_min(1.0);
-  return at::where(nonzero, g / count, at::zeros_like(g)).contiguous();
+  // mean_nonzero: the denominator counts losses > 0, but every triplet gets g / count and
+  // its own hinge gradient decides (1 at the kink, where the loss is 0: clamp's convention);
+  // an empty denominator gives zero gradients.
+  const at::Tensor count = (loss > 0).sum().to(at::kDouble);
+  return at::where(count > 0, g / count.clamp_min(1.0), at::zeros_like(g)).expand({N}).contiguous();
 }
 
 // As csrc/cpu/rows_cpu.h's reduce_loss, with ATen reductions on the device.
@@ -88,6 +92,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_margin_loss_backward_cuda
   const DeviceGuard guard(anchor.device());
   const at::Tensor A = anchor.contiguous(), P = positive.contiguous(), N_ = negative.contiguous();
   const int64_t N = A.size(0), D = A.size(1);
+  const char* op = "triplet_margin_loss";
+  check_saved_grad(op, grad, reduction == Reduction::None, N);
+  check_saved_rows(op, "d_ap", d_ap, N, A.device());
+  check_saved_rows(op, "d_an", d_an, N, A.device());
+  check_saved_rows(op, "d_pn", d_pn, swap ? N : 0, A.device());
   const auto comp = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor dap = d_ap.to(comp).contiguous(), dan = d_an.to(comp).contiguous();
   const at::Tensor dpn = swap ? d_pn.to(comp).contiguous() : at::Tensor();
