@@ -224,13 +224,11 @@ def test_overflowing_norms_are_mined_right(device, dtype, offset, spread, metric
     assert torch.allclose(got[finite], ref[finite], rtol=rtol, atol=float(scale) * rtol), (got, ref)
 
 
-@pytest.mark.parametrize("b", [6, pytest.param(300, marks=pytest.mark.xfail(
-    strict=True, reason="known gap (docs/numerics.md): the GEMM-form backward of pairwise_distance cancels on a "
-                        "pair far closer than its rows' spread; 2e-5..4e-5 relative against 5e-7"))])
+@pytest.mark.parametrize("b", [6, 300])  # the direct path, and the GEMM path of the backward
 def test_contrastive_fp32_gradient_on_a_very_close_pair(b):
     """A positive pair 1.3e-5 apart (normalize=True, D=2): the fp32 gradient stays at the fp32
-    reference's own rounding. Small batches (exact difference form) do; past the direct
-    path the GEMM-form backward does not yet (issue 12, item 8)."""
+    reference's own rounding. At B=300 the GEMM-form backward used to cancel on that pair
+    (2e-5..4e-5 relative against 5e-7); close pairs now go in difference form."""
     torch.manual_seed(0)
     y = torch.arange(b) // 2
     for _ in range(3):

@@ -57,24 +57,58 @@ inline T pair_weight(T g, T d, Metric metric) {
 // Gradients w.r.t. the (unit, for cosine) rows by the GEMM form. With W the per-entry
 // weight of (x_i - y_j): grad_x = rowsum(W) * x - W y, grad_y = colsum(W) * y - W^T x,
 // on rows shifted by their common mean: the sum is translation invariant, and far from
-// the origin the unshifted form would cancel catastrophically.
+// the origin the unshifted form would cancel catastrophically. A pair much closer than its
+// rows' (shifted) norms would still cancel there (its term w (x_i - y_j) is formed as the
+// difference of two terms ~|x_i| / d times larger; with w = g / d it also dominates the
+// row's gradient), so such pairs are taken out of W and added in difference form.
 std::tuple<at::Tensor, at::Tensor> gemm_backward(const at::Tensor& grad, const at::Tensor& dist, const PreparedRows& X,
                                                  const PreparedRows& Y, bool has_y, Metric metric) {
   const auto ct = X.rows.scalar_type();
   at::Tensor W = grad.to(ct).contiguous().clone();
   if (metric == Metric::Cosine) return {W.mm(Y.rows).neg_(), W.t().mm(X.rows).neg_()};  // d/d x_hat, d/d y_hat
   const at::Tensor d = dist.to(ct).contiguous();
+  const at::Tensor mu = X.rows.mean(0);
+  const at::Tensor Xc = X.rows.sub(mu), Yc = has_y ? Y.rows.sub(mu) : Xc;
+  const int64_t N = W.size(0), M = W.size(1), D = X.rows.size(1);
+  struct Close {
+    int64_t j;
+    double w;
+  };
+  std::vector<std::vector<Close>> close(N);  // per row i, in ascending j
   AT_DISPATCH_FLOATING_TYPES(ct, "pairwise_distance_backward_cpu", [&] {
     using T = scalar_t;
     T* w = W.data_ptr<T>();
     const T* dp = d.data_ptr<T>();
-    at::parallel_for(0, W.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) w[k] = pair_weight(w[k], dp[k], metric);
+    std::vector<T> nx(N), ny(M);  // squared norms of the shifted rows
+    bool ok;
+    for (int64_t i = 0; i < N; ++i) nx[i] = row_sumsq(Xc.data_ptr<T>() + i * D, D, ok);
+    for (int64_t j = 0; j < M; ++j) ny[j] = has_y ? row_sumsq(Yc.data_ptr<T>() + j * D, D, ok) : nx[j];
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / M), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t j = 0; j < M; ++j) {
+          T& wk = w[i * M + j];
+          wk = pair_weight(wk, dp[i * M + j], metric);
+          const T d2 = metric == Metric::Euclidean ? dp[i * M + j] * dp[i * M + j] : dp[i * M + j];
+          if (wk != T(0) && d2 < T(kCancellationRatio) * std::max(nx[i], ny[j])) {
+            close[i].push_back({j, double(wk)});
+            wk = T(0);
+          }
+        }
     });
   });
-  const at::Tensor mu = X.rows.mean(0);
-  const at::Tensor Xc = X.rows.sub(mu), Yc = has_y ? Y.rows.sub(mu) : Xc;
-  return {Xc.mul(W.sum(1, true)).sub_(W.mm(Yc)), Yc.mul(W.sum(0).unsqueeze(1)).sub_(W.t().mm(Xc))};
+  at::Tensor gx = Xc.mul(W.sum(1, true)).sub_(W.mm(Yc)), gy = Yc.mul(W.sum(0).unsqueeze(1)).sub_(W.t().mm(Xc));
+  AT_DISPATCH_FLOATING_TYPES(ct, "pairwise_distance_backward_close", [&] {
+    using T = scalar_t;
+    const T *xr = X.rows.data_ptr<T>(), *yr = Y.rows.data_ptr<T>();
+    T *gxp = gx.data_ptr<T>(), *gyp = gy.data_ptr<T>();
+    for (int64_t i = 0; i < N; ++i)  // serial, rows in order: the same sums on every run
+      for (const Close& c : close[i])
+        for (int64_t k = 0; k < D; ++k) {
+          const T diff = T(c.w) * (xr[i * D + k] - yr[c.j * D + k]);
+          gxp[i * D + k] += diff, gyp[c.j * D + k] -= diff;
+        }
+  });
+  return {gx, gy};
 }
 
 // The same gradients pair by pair from the row differences (small problems): exact, and
