@@ -9,6 +9,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <unordered_map>
@@ -176,24 +177,44 @@ void settle_identical_rows(T* d, int64_t N, int64_t M, const at::Tensor& x, cons
   const auto* xb = static_cast<const unsigned char*>(xc.data_ptr());
   const auto* yb = static_cast<const unsigned char*>(yc.data_ptr());
   // Canonical id of every row: the first row (x rows first, then y rows) with its bytes.
-  std::vector<int64_t> id_x(N), id_y(M);
-  std::unordered_map<uint64_t, std::vector<std::pair<const unsigned char*, int64_t>>> seen;
-  seen.reserve(2 * (N + M));
-  auto canonical = [&](const unsigned char* row, int64_t fresh) {
-    uint64_t h = 1469598103934665603ull;  // FNV-1a
-    for (int64_t b = 0; b < row_bytes; ++b) h = (h ^ row[b]) * 1099511628211ull;
-    auto& bucket = seen[h];
-    for (const auto& e : bucket)
-      if (std::memcmp(e.first, row, row_bytes) == 0) return e.second;
-    bucket.emplace_back(row, fresh);
-    return fresh;
-  };
-  bool repeats = false;
-  for (int64_t i = 0; i < N; ++i) repeats |= (id_x[i] = canonical(xb + i * row_bytes, i)) != i;
-  for (int64_t j = 0; j < M; ++j) {
-    id_y[j] = y.has_value() ? canonical(yb + j * row_bytes, N + j) : id_x[j];
-    repeats |= id_y[j] != (y.has_value() ? N + j : j);
+  // Rows are hashed 8 bytes at a time and sorted by (hash, index); only rows whose hashes
+  // collide are compared byte for byte. No allocation per row.
+  const int64_t total = y.has_value() ? N + M : N;
+  auto row_ptr = [&](int64_t k) { return k < N ? xb + k * row_bytes : yb + (k - N) * row_bytes; };
+  std::vector<std::pair<uint64_t, int64_t>> keyed(total);
+  for (int64_t k = 0; k < total; ++k) {
+    const unsigned char* row = row_ptr(k);
+    uint64_t h = 1469598103934665603ull;
+    int64_t b = 0;
+    for (; b + 8 <= row_bytes; b += 8) {
+      uint64_t word;
+      std::memcpy(&word, row + b, 8);
+      h = (h ^ word) * 1099511628211ull;
+      h ^= h >> 29;
+    }
+    for (; b < row_bytes; ++b) h = (h ^ row[b]) * 1099511628211ull;
+    keyed[k] = {h, k};
   }
+  std::sort(keyed.begin(), keyed.end());
+  std::vector<int64_t> id(total);
+  for (int64_t k = 0; k < total; ++k) id[k] = k;
+  bool repeats = false;
+  for (int64_t a = 0; a < total;) {
+    int64_t e = a + 1;
+    while (e < total && keyed[e].first == keyed[a].first) ++e;
+    for (int64_t u = a + 1; u < e; ++u)  // each row of the run: its first identical row
+      for (int64_t v = a; v < u; ++v)
+        if (id[keyed[v].second] == keyed[v].second &&
+            std::memcmp(row_ptr(keyed[u].second), row_ptr(keyed[v].second), row_bytes) == 0) {
+          id[keyed[u].second] = keyed[v].second;  // runs are sorted by index: v is the first
+          repeats = true;
+          break;
+        }
+    a = e;
+  }
+  std::vector<int64_t> id_x(id.begin(), id.begin() + N);
+  std::vector<int64_t> id_y = y.has_value() ? std::vector<int64_t>(id.begin() + N, id.end()) : id_x;
+
   // A row with NaN/Inf keeps its NaN distances, to its copies and itself too.
   auto zero = [](T& v) {
     if (std::isfinite(v)) v = T(0);
