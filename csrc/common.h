@@ -52,6 +52,17 @@ inline Reduction parse_reduction(std::string_view s) {
               " must be on the same device, got ", (x).device(), " and ", (y).device())
 
 // The explicit-triplet ops' input checks, shared by the CPU and CUDA kernels.
+// The shift of a column with this mean and variance before mining: the mean rounded to a
+// multiple of a power of two q at most the column's spread. The rows stay as well centered
+// (within q/2 more), and rows on a grid of q or coarser (integer-valued data, say) stay on
+// it exactly, so their keys stay exact and exact ties still go to the smallest index.
+// Where the variance is lost in the mean's rounding, the mean itself.
+C10_HOST_DEVICE inline double grid_shift(double mean, double var) {
+  if (!(var > mean * mean * 1e-12)) return mean;
+  const double q = exp2(floor(log2(sqrt(var))));
+  return nearbyint(mean / q) * q;
+}
+
 // A backward op's saved per-row tensor (distances, indices): n entries, on `device`.
 // The backward ops are public (torch.ops.tripletops.*_backward): what they index with or
 // read must be checked, not trusted.

@@ -244,3 +244,28 @@ def test_contrastive_fp32_gradient_on_a_very_close_pair(b):
         err = lambda g: float((g - want).norm() / want.norm())
         assert err(grad(tripletops.contrastive_loss, torch.float32)) <= 10 * err(grad(reference.contrastive_loss,
                                                                                        torch.float32)) + 1e-6
+
+
+# ---- exact ties on shifted rows ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bank", [False, True])
+def test_exact_ties_far_from_the_origin_go_to_the_smallest_index(device, dtype, bank):
+    """Integer-valued rows around 100: mining runs on shifted rows there. The shift used to be
+    the (fractional) mean, which took the rows off the integer grid, so exact ties were broken
+    by rounding (40 of 40 batches picked differently from the definition); a shift rounded to
+    a power of two below the spread keeps the rows, keys and ties exact."""
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randint(-3, 4, (300, 6), generator=g) + 100).to(dtype)
+        y = torch.randint(0, 5, (300,), generator=g)
+        kw = {}
+        if bank:
+            r = (torch.randint(-3, 4, (500, 6), generator=g) + 100).to(dtype)
+            kw = dict(ref_embeddings=r.to(device), ref_labels=torch.randint(0, 5, (500,), generator=g).to(device))
+        m = tripletops.batch_hard_mine(x.to(device), y.to(device), **kw)
+        want = reference.batch_hard_mine(x.double(), y, **{k: (v.cpu().double() if v.is_floating_point() else v.cpu())
+                                                           for k, v in kw.items()})
+        assert torch.equal(m.pos_idx.cpu(), want.pos_idx) and torch.equal(m.neg_idx.cpu(), want.neg_idx), seed

@@ -346,12 +346,12 @@ bool center_for_mining(const PreparedRows& E, const PreparedRows& R, bool self, 
   const T* r = R.rows.data_ptr<T>();
   const uint8_t* fr = R.finite.data_ptr<uint8_t>();
   const T* sq = R.sq_norm.data_ptr<T>();
-  std::vector<double> mean(D, 0.0);
+  std::vector<double> mean(D, 0.0), col_sq(D, 0.0);
   double mean_sq = 0;
   int64_t count = 0;
   for (int64_t i = 0; i < M; i += stride) {
     if (!fr[i]) continue;
-    for (int64_t k = 0; k < D; ++k) mean[k] += r[i * D + k];
+    for (int64_t k = 0; k < D; ++k) mean[k] += r[i * D + k], col_sq[k] += double(r[i * D + k]) * r[i * D + k];
     mean_sq += sq[i];
     ++count;
   }
@@ -360,8 +360,12 @@ bool center_for_mining(const PreparedRows& E, const PreparedRows& R, bool self, 
   for (int64_t k = 0; k < D; ++k) mean[k] /= double(count), mu_sq += mean[k] * mean[k];
   // Centering pays when the mean holds a sizeable share of the norms (|mu|^2 > E|x|^2 / 16).
   if (!(mu_sq * 16 > mean_sq / double(count))) return false;
+  // Each column's shift keeps grids exact (grid_shift).
   at::Tensor mu = at::empty({D}, R.rows.options());
-  for (int64_t k = 0; k < D; ++k) mu.data_ptr<T>()[k] = T(mean[k]);
+  for (int64_t k = 0; k < D; ++k) {
+    const double var = std::max(0.0, col_sq[k] / double(count) - mean[k] * mean[k]);
+    mu.data_ptr<T>()[k] = T(grid_shift(mean[k], var));
+  }
   auto shifted = [&](const PreparedRows& X) {
     PreparedRows out;
     out.rows = X.rows.sub(mu);

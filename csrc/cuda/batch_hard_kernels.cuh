@@ -209,41 +209,43 @@ constexpr int kCenterCols = 32, kCenterRowStripes = 8;
 
 // The anchors as GEMM operand, in T. For (sq)euclidean (`shift_columns`), rows minus a
 // translation: the Gram form's rounding then scales with the data's spread, not with its
-// distance from the origin. Column c is shifted by its mean when that pays (mean^2 >
-// E[x_c^2] / 16, the CPU kernels' rule, per column), else left exact (integer grids keep
-// exact keys and exact ties); distances do not change under any translation. Non-finite
+// distance from the origin. Column c is shifted when that pays (mean^2 > E[x_c^2] / 16,
+// the CPU kernels' rule, per column) by its mean rounded to keep grids exact (grid_shift:
+// integer grids keep exact keys and exact ties), else left as it is; distances do not
+// change under any translation. Non-finite
 // entries are left out of the statistics (their rows stay non-finite, the others exact).
 // Also zeroes the ticket counter of reduce_in_last_block. A block per 32 columns, 8 row
 // stripes, fixed summation order; no host decision.
 template <typename scalar_t, typename T>
 __global__ void prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, bool shift_columns,
                                     T* __restrict__ out, T* __restrict__ shift, unsigned* counter) {
-  __shared__ T sum[kCenterRowStripes][kCenterCols];
-  __shared__ T sum_sq[kCenterRowStripes][kCenterCols];
+  // Statistics in double: the variance (for grid_shift) is a difference of two of them.
+  __shared__ double sum[kCenterRowStripes][kCenterCols];
+  __shared__ double sum_sq[kCenterRowStripes][kCenterCols];
   const int tx = threadIdx.x % kCenterCols, ty = threadIdx.x / kCenterCols;
   const int64_t c = int64_t(blockIdx.x) * kCenterCols + tx;
   if (blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;
   if (shift_columns) {  // uniform over the grid
-    T s = 0, s2 = 0;
+    double s = 0, s2 = 0;
     if (c < D) {
       for (int64_t r = ty; r < N; r += kCenterRowStripes) {
-        T v = T(x[r * D + c]);
-        v = v - v == T(0) ? v : T(0);
+        double v = double(x[r * D + c]);
+        v = v - v == 0.0 ? v : 0.0;
         s += v, s2 += v * v;
       }
     }
     sum[ty][tx] = s, sum_sq[ty][tx] = s2;
     __syncthreads();
     if (ty == 0) {
-      T total = 0, total_sq = 0;
+      double total = 0, total_sq = 0;
       for (int k = 0; k < kCenterRowStripes; ++k) total += sum[k][tx], total_sq += sum_sq[k][tx];
-      const T mean = total / T(N), mean_sq = total_sq / T(N);
-      sum[0][tx] = mean * mean * T(16) > mean_sq ? mean : T(0);
+      const double mean = total / double(N), mean_sq = total_sq / double(N);
+      sum[0][tx] = mean * mean * 16 > mean_sq ? grid_shift(mean, mean_sq - mean * mean) : 0.0;
     }
     __syncthreads();
   }
   if (c >= D) return;
-  const T mu = shift_columns ? sum[0][tx] : T(0);
+  const T mu = shift_columns ? T(sum[0][tx]) : T(0);
   if (ty == 0) shift[c] = mu;
   for (int64_t r = ty; r < N; r += kCenterRowStripes) out[r * D + c] = T(x[r * D + c]) - mu;
 }
