@@ -8,7 +8,8 @@ import torch
 import tripletops
 from tripletops import reference
 
-from conftest import DEVICES, DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, assert_close_rel, assert_grad_close, make_batch
+from conftest import (DEVICES, DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, assert_close_rel, assert_grad_close, devices_for,
+                      make_batch)
 
 SHAPES = [(1, 4, 1), (2, 3, 2), (7, 5, 3), (33, 1, 4), (65, 9, 5), (130, 17, 13)]
 FAMILY = {
@@ -436,3 +437,22 @@ def test_inf_in_a_singleton_class_gives_nan(dtype, metric, bad, loss):
         reduction = "mean_nonzero" if loss.endswith("soft") else loss.split()[1]
         out = tripletops.batch_all_loss(x, y, metric=metric, reduction=reduction, soft_margin=loss.endswith("soft"))
     assert torch.isnan(out), out
+
+
+@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
+def test_contrastive_without_a_fused_kernel_uses_the_distance_kernel(device, reduction):
+    """Where contrastive_loss has no kernel (CUDA today; cuda-emu here) it is composed from the
+    pairwise_distance kernel and eager terms; on CPU that composition must agree with the
+    fused op too."""
+    from tripletops import pair_losses
+
+    x, y = make_batch(70, 9, 6, dtype=torch.float64, device=device)
+    kw = dict(pos_margin=0.1, neg_margin=1.2, metric="euclidean", reduction=reduction)
+    loss, grad = _run(tripletops.contrastive_loss, x, y, kw)
+    ref_loss, ref_grad = _run(reference.contrastive_loss, x, y, kw)
+    composed, composed_grad = _run(lambda x, y, **k: pair_losses._contrastive_from_distances(
+        x, y, k["pos_margin"], k["neg_margin"], k["metric"], k["reduction"]), x, y, kw)
+    for got, g in ((loss, grad), (composed, composed_grad)):
+        assert_close_rel(got, ref_loss, 1e-10, "loss")
+        assert_grad_close(g, ref_grad, 1e-9)

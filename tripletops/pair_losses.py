@@ -16,7 +16,8 @@ import torch
 from . import _validate, reference
 from . import _ext
 from ._ext import use_extension
-from .reference import _maybe_normalize
+from .distance import pairwise_distance
+from .reference import _compute, _maybe_normalize
 
 
 def batch_all_loss(
@@ -123,7 +124,33 @@ def contrastive_loss(
     _validate.contrastive(embeddings, labels, metric, reduction, pos_margin, neg_margin)
     _validate.flag(normalize, "normalize")
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
-    if not use_extension("contrastive_loss", embeddings):
+    if _ext._op_covers("contrastive_loss", embeddings.device.type):
+        return _ext.ops.contrastive_loss(embeddings, labels, float(pos_margin), float(neg_margin), metric,
+                                         reduction)[0]
+    # No fused kernel on this device (CUDA, today): the pairwise_distance kernel, then
+    # elementwise terms, rather than the reference's difference-form distances.
+    if not use_extension("pairwise_distance", embeddings):
         return reference.contrastive_loss(embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin,
                                           metric=metric, reduction=reduction)
-    return _ext.ops.contrastive_loss(embeddings, labels, float(pos_margin), float(neg_margin), metric, reduction)[0]
+    return _contrastive_from_distances(embeddings, labels, pos_margin, neg_margin, metric, reduction)
+
+
+def _contrastive_from_distances(embeddings, labels, pos_margin, neg_margin, metric, reduction):
+    """Contrastive loss from the pairwise_distance kernel's (B, B) matrix and eager
+    elementwise ops, masked to i < j (no gather of the B(B-1)/2 pairs)."""
+    d = pairwise_distance(_compute(embeddings), metric=metric)
+    if reduction == "none":
+        return reference._contrastive(d, embeddings, labels, pos_margin, neg_margin, reduction)
+    b = len(labels)
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones(b, b, dtype=torch.bool, device=labels.device).triu_(1)
+    finite = torch.isfinite(embeddings).all(1)
+    terms = torch.where(same, torch.clamp(d - pos_margin, min=0), torch.clamp(neg_margin - d, min=0))
+    terms = torch.where(finite[:, None] & finite[None, :], terms, torch.full_like(terms, float("nan")))
+    terms = torch.where(upper, terms, torch.zeros_like(terms))
+    total = terms.sum()
+    if reduction == "mean":
+        total = total / max(1, b * (b - 1) // 2)
+    elif reduction == "mean_nonzero":
+        total = total / (terms > 0).sum().clamp(min=1)
+    return total.to(embeddings.dtype)
