@@ -63,6 +63,20 @@ C10_HOST_DEVICE inline double grid_shift(double mean, double var) {
   return nearbyint(mean / q) * q;
 }
 
+// Worst-case rounding of a Gram-form mining key (|a|^2 + |b|^2 - 2 a.b on shifted rows,
+// or 1 - cos) computed in unit roundoff u over D terms, for two rows of norms na and nb
+// (unit rows for cosine: na = nb = 1). Each squared norm is off by at most gamma_D |a|^2,
+// the Gram entry by gamma_D |a||b| (any summation order: blocked, split-K, FMA), forming
+// the key adds three roundings and shifting the rows (rounded) two more: in all at most
+// (D + 8) u (na + nb)^2, times 1.02 for gamma_D = D u / (1 - D u) while D u <= 0.01.
+// `gemm_input_u`: the GEMM's own rounding of its inputs (TF32 on CUDA: 2^-11, else 0).
+// Two keys further apart than twice this bound rank as their exact distances do; closer
+// ones are settled on exact distances. Infinite (settle everything) when D u > 0.01.
+C10_HOST_DEVICE inline double gram_key_bound(int64_t D, double u, double gemm_input_u, double norm_sum_sq) {
+  if (double(D) * u > 0.01) return INFINITY;
+  return ((double(D) + 8.0) * u + 4.0 * gemm_input_u) * 1.02 * norm_sum_sq;
+}
+
 // A backward op's saved per-row tensor (distances, indices): n entries, on `device`.
 // The backward ops are public (torch.ops.tripletops.*_backward): what they index with or
 // read must be checked, not trusted.

@@ -46,18 +46,26 @@ constexpr int64_t kSelfWholeMaxB = 512;  // measured best or within noise for B 
 // Candidates reach each anchor in ascending reference index, so a strict
 // comparison keeps the smallest index among ties. A NaN key wins (as torch.max
 // and torch.min propagate NaN), and the first NaN stays.
+// `second` keeps the runner-up's key (the best of the other candidates; NaN keys left
+// out), which certifies the choice afterwards (settle_near_ties).
 template <typename T>
-inline void offer_farther(T key, int64_t j, T& best, int64_t& idx) {
+inline void offer_farther(T key, int64_t j, T& best, int64_t& idx, T& second) {
   if (idx < 0 || key > best || (key != key && best == best)) {
+    if (idx >= 0) second = std::max(second, best);
     best = key;
     idx = j;
+  } else if (key == key) {
+    second = std::max(second, key);
   }
 }
 template <typename T>
-inline void offer_closer(T key, int64_t j, T& best, int64_t& idx) {
+inline void offer_closer(T key, int64_t j, T& best, int64_t& idx, T& second) {
   if (idx < 0 || key < best || (key != key && best == best)) {
+    if (idx >= 0) second = std::min(second, best);
     best = key;
     idx = j;
+  } else if (key == key) {
+    second = std::min(second, key);
   }
 }
 
@@ -82,8 +90,10 @@ struct KeyFn {
 
 // One anchor (squared norm sa, label li) against candidates c0..c0+n (Gram row g,
 // labels as int32 class ids). Merges into (pk, pi) / (nk, ni), which hold only
-// candidates of smaller index. GCC vector types keep each lane's running best and
-// its offset in registers (64-byte vectors: one zmm, two ymm or four xmm per clone).
+// candidates of smaller index, and into the runner-up keys pk2 / nk2 (the best key among
+// the other candidates, which certifies the choice: settle_near_ties). GCC vector types
+// keep each lane's running best, runner-up and offset in registers (64-byte vectors: one
+// zmm, two ymm or four xmm per clone).
 template <typename T>
 struct Lanes;
 template <>
@@ -108,15 +118,15 @@ struct Lanes<double> {
 
 template <typename T>
 TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0, int32_t n,
-                                     bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {
+                                     bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2, T& nk2) {
   using LT = Lanes<T>;
   using V = typename LT::V;
   using I = typename LT::I;
   constexpr int N = LT::N;
   const T inf = std::numeric_limits<T>::infinity();
-  V pv, nv;
+  V pv, nv, p2, n2;
   I pj, nj, jv;
-  for (int l = 0; l < N; ++l) pv[l] = -inf, nv[l] = inf, pj[l] = -1, nj[l] = -1, jv[l] = l;
+  for (int l = 0; l < N; ++l) pv[l] = p2[l] = -inf, nv[l] = n2[l] = inf, pj[l] = -1, nj[l] = -1, jv[l] = l;
   const V zero = pv * T(0) + T(0), ninf = zero - inf, pinf = zero + inf;
   int32_t j = 0;
   for (; j + N <= n; j += N) {
@@ -131,44 +141,65 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
     const V kp = same ? k : ninf;
     const V kn = same ? pinf : k;
     const I bp = kp > pv, bn = kn < nv;
+    p2 = bp ? pv : (kp > p2 ? kp : p2);  // the lane's runner-up: max(p2, min(kp, pv))
+    n2 = bn ? nv : (kn < n2 ? kn : n2);
     pv = bp ? kp : pv;
     pj = bp ? jv : pj;
     nv = bn ? kn : nv;
     nj = bn ? jv : nj;
     jv += N;
   }
-  T tpv = -inf, tnv = inf;  // the tail, scalar
+  T tpv = -inf, tnv = inf, tp2 = -inf, tn2 = inf;  // the tail, scalar
   int32_t tpj = -1, tnj = -1;
   for (; j < n; ++j) {
     T k = cosine ? T(1) - g[j] : sa + sr[j] - T(2) * g[j];
     k = k < T(0) ? T(0) : k;
     if (lab[j] == li) {
-      if (k > tpv) tpv = k, tpj = j;
+      if (k > tpv) tp2 = tpv, tpv = k, tpj = j;
+      else tp2 = std::max(tp2, k);
     } else if (k < tnv) {
-      tnv = k, tnj = j;
+      tn2 = tnv, tnv = k, tnj = j;
+    } else {
+      tn2 = std::min(tn2, k);
     }
   }
   // Among lanes (and the tail), ties go to the smaller index; against the running
-  // state (smaller indices), the tile's best wins only when strictly better.
-  T bpv = tpv, bnv = tnv;
+  // state (smaller indices), the tile's best wins only when strictly better. The
+  // runner-up is the best of every other lane's best and every runner-up.
+  T bpv = tpv, bnv = tnv, bp2 = tp2, bn2 = tn2;
   int32_t bpj = tpj, bnj = tnj;
   for (int l = 0; l < N; ++l) {
     const int32_t lp = int32_t(pj[l]), ln = int32_t(nj[l]);
-    if (lp >= 0 && (bpj < 0 || pv[l] > bpv || (pv[l] == bpv && lp < bpj))) bpv = pv[l], bpj = lp;
-    if (ln >= 0 && (bnj < 0 || nv[l] < bnv || (nv[l] == bnv && ln < bnj))) bnv = nv[l], bnj = ln;
+    bp2 = std::max(bp2, p2[l]), bn2 = std::min(bn2, n2[l]);
+    if (lp >= 0 && (bpj < 0 || pv[l] > bpv || (pv[l] == bpv && lp < bpj))) {
+      bp2 = std::max(bp2, bpv), bpv = pv[l], bpj = lp;
+    } else if (lp >= 0) {
+      bp2 = std::max(bp2, pv[l]);
+    }
+    if (ln >= 0 && (bnj < 0 || nv[l] < bnv || (nv[l] == bnv && ln < bnj))) {
+      bn2 = std::min(bn2, bnv), bnv = nv[l], bnj = ln;
+    } else if (ln >= 0) {
+      bn2 = std::min(bn2, nv[l]);
+    }
   }
+  // Merged with the running state: the loser's best joins the runner-ups (-inf / +inf
+  // stand for "none" there).
+  pk2 = std::max(pk2, std::max(bp2, std::min(pk, bpv)));
+  nk2 = std::min(nk2, std::min(bn2, std::max(nk, bnv)));
   if (bpj >= 0 && (pi < 0 || bpv > pk)) pk = bpv, pi = c0 + bpj;
   if (bnj >= 0 && (ni < 0 || bnv < nk)) nk = bnv, ni = c0 + bnj;
 }
 
-#define TRIPLETOPS_SCAN_ROW(T, name)                                                                        \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0, \
-                                   int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {        \
-    scan_row_fast<T>(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni);                                    \
-  }                                                                                                         \
-  inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0,  \
-                                int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni) {           \
-    name(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni);                                                \
+#define TRIPLETOPS_SCAN_ROW(T, name)                                                                          \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0,   \
+                                   int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,    \
+                                   T& nk2) {                                                                  \
+    scan_row_fast<T>(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                            \
+  }                                                                                                           \
+  inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0,    \
+                                int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,       \
+                                T& nk2) {                                                                     \
+    name(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                                        \
   }
 TRIPLETOPS_SCAN_ROW(float, scan_row_fast_f)
 TRIPLETOPS_SCAN_ROW(double, scan_row_fast_d)
@@ -179,7 +210,7 @@ TRIPLETOPS_SCAN_ROW(double, scan_row_fast_d)
 // Candidates arrive in ascending i, so strict comparisons keep the smallest index.
 template <typename T>
 TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i, int64_t n,
-                          bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni) {
+                          bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2, T* nk2) {
   const T inf = std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     T k = cosine ? T(1) - g[j] : sa[j] + si - T(2) * g[j];
@@ -188,6 +219,8 @@ TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab
     const T kp = same ? k : -inf;
     const T kn = same ? inf : k;
     const bool bp = kp > pk[j], bn = kn < nk[j];
+    pk2[j] = bp ? pk[j] : (kp > pk2[j] ? kp : pk2[j]);  // runner-ups, as in scan_row_fast
+    nk2[j] = bn ? nk[j] : (kn < nk2[j] ? kn : nk2[j]);
     pk[j] = bp ? kp : pk[j];
     pi[j] = bp ? i : pi[j];
     nk[j] = bn ? kn : nk[j];
@@ -197,16 +230,81 @@ TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab
 
 #define TRIPLETOPS_SCAN_COL(T, name)                                                                          \
   TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i,   \
-                                   int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni) {          \
-    scan_col_fast<T>(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni);                                       \
+                                   int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,    \
+                                   T* nk2) {                                                                  \
+    scan_col_fast<T>(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);                             \
   }                                                                                                           \
   inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i,     \
-                                int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni) {             \
-    name(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni);                                                   \
+                                int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,       \
+                                T* nk2) {                                                                     \
+    name(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);                                         \
   }
 TRIPLETOPS_SCAN_COL(float, scan_col_fast_f)
 TRIPLETOPS_SCAN_COL(double, scan_col_fast_d)
 #undef TRIPLETOPS_SCAN_COL
+
+// N anchors j0 .. j0+N-1 of a symmetric tile's columns (one vector of lanes, state kept in
+// registers) against its candidate rows r0 .. r1-1 (row i's Gram entries at
+// g + (i - r0) * ld). Candidates arrive in ascending i, so strict comparisons keep the
+// smallest index; runner-ups as in scan_row_fast. Walking all rows for one chunk of
+// anchors keeps the six state arrays out of the inner loop.
+template <typename T>
+TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, int64_t r0,
+                                       int64_t r1, const T* sa, const int32_t* lab, bool cosine, T* pk, int64_t* pi,
+                                       T* nk, int64_t* ni, T* pk2, T* nk2) {
+  using LT = Lanes<T>;
+  using V = typename LT::V;
+  using I = typename LT::I;
+  constexpr int N = LT::N;
+  const T inf = std::numeric_limits<T>::infinity();
+  V pv, nv, p2, n2, sv;
+  I pj, nj, lv;
+  std::memcpy(&pv, pk, sizeof(V));
+  std::memcpy(&nv, nk, sizeof(V));
+  std::memcpy(&p2, pk2, sizeof(V));
+  std::memcpy(&n2, nk2, sizeof(V));
+  std::memcpy(&sv, sa, sizeof(V));
+  for (int l = 0; l < N; ++l) pj[l] = pi[l], nj[l] = ni[l];
+  LT::labels(lab, lv);
+  const V zero = pv * T(0), ninf = zero - inf, pinf = zero + inf;
+  for (int64_t i = r0; i < r1; ++i) {
+    V gv;
+    std::memcpy(&gv, g + (i - r0) * ld, sizeof(V));
+    const I iv = pj * 0 + static_cast<typename std::remove_reference_t<decltype(pj[0])>>(i);
+    V k = cosine ? (T(1) - gv) : (sv + sq_rows[i] - T(2) * gv);
+    k = k < zero ? zero : k;
+    const I same = lv == id_rows[i];
+    const V kp = same ? k : ninf;
+    const V kn = same ? pinf : k;
+    const I bp = kp > pv, bn = kn < nv;
+    p2 = bp ? pv : (kp > p2 ? kp : p2);  // runner-ups, as in scan_row_fast
+    n2 = bn ? nv : (kn < n2 ? kn : n2);
+    pv = bp ? kp : pv;
+    nv = bn ? kn : nv;
+    pj = bp ? iv : pj;
+    nj = bn ? iv : nj;
+  }
+  std::memcpy(pk, &pv, sizeof(V));
+  std::memcpy(nk, &nv, sizeof(V));
+  std::memcpy(pk2, &p2, sizeof(V));
+  std::memcpy(nk2, &n2, sizeof(V));
+  for (int l = 0; l < N; ++l) pi[l] = pj[l], ni[l] = nj[l];
+}
+
+#define TRIPLETOPS_SCAN_COLS(T, name)                                                                               \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, int64_t r0,   \
+                                   int64_t r1, const T* sa, const int32_t* lab, bool cosine, T* pk, int64_t* pi,  \
+                                   T* nk, int64_t* ni, T* pk2, T* nk2) {                                          \
+    scan_cols_chunk<T>(g, ld, sq_rows, id_rows, r0, r1, sa, lab, cosine, pk, pi, nk, ni, pk2, nk2);                \
+  }                                                                                                                 \
+  inline void scan_cols_chunk_any(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, int64_t r0,     \
+                                  int64_t r1, const T* sa, const int32_t* lab, bool cosine, T* pk, int64_t* pi,   \
+                                  T* nk, int64_t* ni, T* pk2, T* nk2) {                                           \
+    name(g, ld, sq_rows, id_rows, r0, r1, sa, lab, cosine, pk, pi, nk, ni, pk2, nk2);                              \
+  }
+TRIPLETOPS_SCAN_COLS(float, scan_cols_chunk_f)
+TRIPLETOPS_SCAN_COLS(double, scan_cols_chunk_d)
+#undef TRIPLETOPS_SCAN_COLS
 
 // Labels as dense int32 class ids (equality is all that counts), so they fit the
 // fast scans' lanes. `ids` covers `lab` then `ref_lab` (when not the same array).
@@ -239,16 +337,135 @@ bool keys_all_finite(const PreparedRows& R) {
   return true;
 }
 
+// The exact mining key of two input rows, accumulated in double from their difference
+// (no cancellation): |a - b|^2 for (sq)euclidean; for cosine |a/|a| - b/|b||^2 / 2 =
+// 1 - cos (inverse norms ia, ib in double, F.normalize's eps), which keeps its relative
+// accuracy for nearly parallel rows where 1 - a.b of rounded unit rows cannot. fp32 rows'
+// differences and products are exact in double, so only the D additions round.
+template <typename T>
+TRIPLETOPS_INLINE double exact_key(const T* a, const T* b, int64_t D, double ia, double ib) {
+  using W = Vec64<double>;
+  typedef T H __attribute__((vector_size(W::N * sizeof(T))));
+  typename W::V acc = {};
+  int64_t k = 0;
+  for (; k + W::N <= D; k += W::N) {
+    H ha, hb;
+    std::memcpy(&ha, a + k, sizeof(ha));
+    std::memcpy(&hb, b + k, sizeof(hb));
+    const typename W::V d = __builtin_convertvector(ha, typename W::V) * ia - __builtin_convertvector(hb, typename W::V) * ib;
+    acc += d * d;
+  }
+  for (int l = 0; k < D; ++k, ++l) {
+    const double d = a[k] * ia - b[k] * ib;
+    acc[l] += d * d;
+  }
+  return W::sum(acc);
+}
+template <typename T>
+inline double inverse_norm(const T* a, int64_t D) {
+  double s = 0;
+  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(a[k]);
+  return 1.0 / std::max(std::sqrt(s), kNormEps);
+}
+
+// Certified mining (no candidate misranked because a Gram key rounds). Each anchor's
+// choice came with the runner-up's key (pk2 / nk2); every key is within
+// gram_key_bound(D, u, (|a| + max |r|)^2) of the exact one, so a best that beats its
+// runner-up by more than twice that bound is the exact best. The other anchors (near-ties,
+// exact ties between distinct rows, duplicated rows) are settled:
+//  1. one more GEMM, of just those anchors against the reference set in tiles, gives
+//     keys with the same bound: a candidate can be at least as good as the exact best only
+//     if its key is within twice the bound of the first pass's best key;
+//  2. those candidates (typically two or three) are ranked on exact_key over the input
+//     rows x / y (unshifted, in the compute dtype), ties to the smallest index.
+// On random fp32 data a few anchors in a thousand need it; the rest pay only the check.
+template <typename T>
+void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x, const T* y, const int64_t* lab,
+                      const int64_t* ref_lab, bool self, Metric metric, const T* pk, const T* pk2, const T* nk,
+                      const T* nk2, int64_t* pos, int64_t* neg) {
+  const int64_t B = Em.rows.size(0), M = Rm.rows.size(0), D = Em.rows.size(1);
+  const bool cosine = metric == Metric::Cosine;
+  const T inf = std::numeric_limits<T>::infinity();
+  const T* sa = Em.sq_norm.data_ptr<T>();
+  const T* sr = Rm.sq_norm.data_ptr<T>();
+  const uint8_t* fr = Rm.finite.data_ptr<uint8_t>();
+  double max_sr = 0;  // over finite reference rows (a non-finite one gave NaN keys: no settling)
+  for (int64_t j = 0; j < M; ++j)
+    if (fr[j]) max_sr = std::max(max_sr, double(sr[j]));
+  const double u = double(std::numeric_limits<T>::epsilon()) / 2;
+  struct Todo {
+    int64_t i;
+    bool sp, sn;
+    double lo, hi;  // candidates' key windows: positives >= lo, negatives <= hi
+  };
+  std::vector<Todo> todo;
+  for (int64_t i = 0; i < B; ++i) {
+    const double norms = cosine ? 4.0 : std::pow(std::sqrt(double(sa[i])) + std::sqrt(max_sr), 2.0);
+    const double twice = 2 * gram_key_bound(D, u, 0.0, norms);
+    const bool sp = pos[i] >= 0 && pk[i] == pk[i] && pk2[i] > -inf && !(double(pk[i]) - double(pk2[i]) > twice);
+    const bool sn = neg[i] >= 0 && nk[i] == nk[i] && nk2[i] < inf && !(double(nk2[i]) - double(nk[i]) > twice);
+    if (sp || sn) todo.push_back({i, sp, sn, double(pk[i]) - twice, double(nk[i]) + twice});
+  }
+  if (todo.empty()) return;
+  const int64_t U = int64_t(todo.size());
+  std::vector<int64_t> rows(U);
+  for (int64_t t = 0; t < U; ++t) rows[t] = todo[t].i;
+  const at::Tensor anchors =
+      Em.rows.index_select(0, at::from_blob(rows.data(), {U}, at::TensorOptions().dtype(at::kLong)));
+  std::vector<std::vector<int64_t>> cand(U);  // per anchor: the candidates in the window, ascending
+  const int64_t cols_per_tile = std::max<int64_t>(64, kTileElems / U);
+  at::Tensor buffer = at::empty({U * std::min(cols_per_tile, M)}, Em.rows.options());
+  for (int64_t c0 = 0; c0 < M; c0 += cols_per_tile) {
+    const int64_t c1 = std::min(M, c0 + cols_per_tile), cols = c1 - c0;
+    at::Tensor tile = buffer.narrow(0, 0, U * cols).view({U, cols});
+    at::mm_out(tile, anchors, Rm.rows.narrow(0, c0, cols).t());
+    const T* g = tile.data_ptr<T>();
+    at::parallel_for(0, U, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const Todo& w = todo[t];
+        for (int64_t j = c0; j < c1; ++j) {
+          if ((self && j == w.i) || !fr[j]) continue;
+          const bool same = ref_lab[j] == lab[w.i];
+          if (same ? !w.sp : !w.sn) continue;
+          const T gj = g[t * cols + (j - c0)];
+          const double k = cosine ? double(T(1) - gj) : double(relu_nan(sa[w.i] + sr[j] - T(2) * gj));
+          if (same ? k >= w.lo : k <= w.hi) cand[t].push_back(j);
+        }
+      }
+    });
+  }
+  at::parallel_for(0, U, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Todo& w = todo[t];
+      const int64_t i = w.i;
+      const double ia = cosine ? inverse_norm(x + i * D, D) : 1.0;
+      double bp = -1, bn = 0;
+      int64_t ip = -1, in = -1;
+      for (const int64_t j : cand[t]) {
+        const bool same = ref_lab[j] == lab[i];
+        const double k = exact_key(x + i * D, y + j * D, D, ia, cosine ? inverse_norm(y + j * D, D) : 1.0);
+        if (same && (ip < 0 || k > bp)) bp = k, ip = j;
+        if (!same && (in < 0 || k < bn)) bn = k, in = j;
+      }
+      // The first pass's choice is always in its own window; keep it if the window was lost.
+      if (w.sp && ip >= 0) pos[i] = ip;
+      if (w.sn && in >= 0) neg[i] = in;
+    }
+  });
+}
+
 // Fills pos[i] / neg[i] (pre-set to -1) with each anchor's farthest positive and
-// closest negative in R. `self`: R is E, and an anchor is not its own positive.
+// closest negative in R. `self`: R is E, and an anchor is not its own positive. E and R
+// are the rows mined on (shifted, or unit rows); x and y the input rows, for settling.
 template <typename T>
 void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R, const int64_t* ref_lab,
-                bool self, Metric metric, int64_t* pos, int64_t* neg) {
+                const T* x, const T* y, bool self, Metric metric, int64_t* pos, int64_t* neg) {
   const int64_t B = E.rows.size(0), M = R.rows.size(0);
   const bool fast = keys_all_finite<T>(E) && (self || keys_all_finite<T>(R));
   const bool cosine = metric == Metric::Cosine;
-  // Running bests start at -inf / +inf: on the fast path every key is finite.
-  std::vector<T> pos_key(B, -std::numeric_limits<T>::infinity()), neg_key(B, std::numeric_limits<T>::infinity());
+  // Running bests and runner-ups start at -inf / +inf: on the fast path every key is finite.
+  const T inf = std::numeric_limits<T>::infinity();
+  std::vector<T> pos_key(B, -inf), neg_key(B, inf), pos_key2(B, -inf), neg_key2(B, inf);
   const T* sq_e = E.sq_norm.data_ptr<T>();
   const T* sq_r = R.sq_norm.data_ptr<T>();
   const std::vector<int32_t> ids = fast ? class_ids(lab, B, ref_lab, self ? 0 : M) : std::vector<int32_t>();
@@ -264,25 +481,25 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
       for (int64_t i = begin; i < end; ++i) {
         const T* g = tile + (i - r0) * ld;
         const int64_t li = lab[i];
-        T pk = pos_key[i], nk = neg_key[i];
+        T pk = pos_key[i], nk = neg_key[i], pk2 = pos_key2[i], nk2 = neg_key2[i];
         int64_t pi = pos[i], ni = neg[i];
         if (fast) {
           // An anchor is not its own positive: scan around it (keeps ascending order).
           const int64_t cut = (self && i >= c0 && i < c1) ? i : c1;
-          scan_row_fast_any(g, sq_r + c0, id_r + c0, sq_e[i], id_e[i], c0, int32_t(cut - c0), cosine, pk, pi, nk, ni);
+          scan_row_fast_any(g, sq_r + c0, id_r + c0, sq_e[i], id_e[i], c0, int32_t(cut - c0), cosine, pk, pi, nk, ni,
+                            pk2, nk2);
           if (cut < c1)
             scan_row_fast_any(g + (cut + 1 - c0), sq_r + cut + 1, id_r + cut + 1, sq_e[i], id_e[i], cut + 1,
-                              int32_t(c1 - cut - 1), cosine, pk, pi, nk, ni);
-          pos_key[i] = pk, neg_key[i] = nk, pos[i] = pi, neg[i] = ni;
-          continue;
+                              int32_t(c1 - cut - 1), cosine, pk, pi, nk, ni, pk2, nk2);
+        } else {
+          for (int64_t j = c0; j < c1; ++j) {
+            if (self && j == i) continue;
+            const T k = key(i, j, g[j - c0]);
+            if (ref_lab[j] == li) offer_farther(k, j, pk, pi, pk2);
+            else offer_closer(k, j, nk, ni, nk2);
+          }
         }
-        for (int64_t j = c0; j < c1; ++j) {
-          if (self && j == i) continue;
-          const T k = key(i, j, g[j - c0]);
-          if (ref_lab[j] == li) offer_farther(k, j, pk, pi);
-          else offer_closer(k, j, nk, ni);
-        }
-        pos_key[i] = pk, neg_key[i] = nk, pos[i] = pi, neg[i] = ni;
+        pos_key[i] = pk, neg_key[i] = nk, pos[i] = pi, neg[i] = ni, pos_key2[i] = pk2, neg_key2[i] = nk2;
       }
     });
   };
@@ -290,18 +507,26 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
   // columns (tile column j - col0), walking rows so the reads stay contiguous.
   auto reduce_cols = [&](const T* tile, int64_t ld, int64_t col0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     at::parallel_for(c0, c1, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = r0; i < r1; ++i) {
+      if (fast) {  // whole vectors of anchors first, then the rest anchor array by array
+        constexpr int64_t N = Lanes<T>::N;
+        for (; begin + N <= end; begin += N)
+          scan_cols_chunk_any(tile + begin - col0, ld, sq_e, id_e, r0, r1, sq_e + begin, id_e + begin, cosine,
+                              pos_key.data() + begin, pos + begin, neg_key.data() + begin, neg + begin,
+                              pos_key2.data() + begin, neg_key2.data() + begin);
+      }
+      for (int64_t i = r0; i < r1 && begin < end; ++i) {
         const T* g = tile + (i - r0) * ld - col0;
         const int64_t li = lab[i];
         if (fast) {
           scan_col_fast_any(g + begin, sq_e + begin, id_e + begin, sq_e[i], id_e[i], i, end - begin, cosine,
-                            pos_key.data() + begin, pos + begin, neg_key.data() + begin, neg + begin);
+                            pos_key.data() + begin, pos + begin, neg_key.data() + begin, neg + begin,
+                            pos_key2.data() + begin, neg_key2.data() + begin);
           continue;
         }
         for (int64_t j = begin; j < end; ++j) {
           const T k = key(j, i, g[j]);
-          if (lab[j] == li) offer_farther(k, i, pos_key[j], pos[j]);
-          else offer_closer(k, i, neg_key[j], neg[j]);
+          if (lab[j] == li) offer_farther(k, i, pos_key[j], pos[j], pos_key2[j]);
+          else offer_closer(k, i, neg_key[j], neg[j], neg_key2[j]);
         }
       }
     });
@@ -331,6 +556,8 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
       reduce_rows(tile.data_ptr<T>(), cols, 0, B, c0, c1);
     }
   }
+  settle_near_ties<T>(E, R, x, y, lab, ref_lab, self, metric, pos_key.data(), pos_key2.data(), neg_key.data(),
+                      neg_key2.data(), pos, neg);
 }
 
 // |a|^2 + |b|^2 - 2ab loses precision relative to the norms, so data far from the
@@ -417,15 +644,15 @@ void mine_direct(const PreparedRows& E, const int64_t* lab, const PreparedRows& 
   const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
   const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
   for (int64_t i = 0; i < B; ++i) {
-    T pk = 0, nk = 0;
+    T pk = 0, nk = 0, pk2 = 0, nk2 = 0;  // exact keys: the runner-ups are not needed
     int64_t pi = -1, ni = -1;
     for (int64_t j = 0; j < M; ++j) {
       if (self && j == i) continue;
       // A NaN key for a non-finite row, as the Gram path's KeyFn gives.
       const T d = (fe[i] && fr[j]) ? row_distance(e + i * D, r + j * D, D, metric)
                                     : std::numeric_limits<T>::quiet_NaN();
-      if (ref_lab[j] == lab[i]) offer_farther(d, j, pk, pi);
-      else offer_closer(d, j, nk, ni);
+      if (ref_lab[j] == lab[i]) offer_farther(d, j, pk, pi, pk2);
+      else offer_closer(d, j, nk, ni, nk2);
     }
     pos[i] = pi, neg[i] = ni;
     // The reported distances are the exact ones (a non-finite row's is recomputed, as on
@@ -473,8 +700,10 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
   PreparedRows R = in.self ? E : prepare_rows(*ref_embeddings, metric);
   PreparedRows Es = E, Rs = R;
   const bool scaled = norms_overflow(E) || (!in.self && norms_overflow(R));
+  at::Tensor se_in, sr_in;
   if (scaled) {
     const auto [se, sr] = scaled_inputs(embeddings, ref_embeddings);
+    se_in = se, sr_in = sr;
     Es = prepare_rows(se, metric);
     Rs = in.self ? Es : prepare_rows(sr, metric);
     if (metric == Metric::Cosine) E = Es, R = Rs;
@@ -516,8 +745,12 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     int64_t* neg = m.neg_idx.data_ptr<int64_t>();
     PreparedRows Em = Es, Rm = Rs;
     if (metric != Metric::Cosine) center_for_mining<T>(Es, Rs, in.self, Em, Rm);
-    mine_tiles<T>(Em, in.labels.data_ptr<int64_t>(), Rm, in.ref_labels.data_ptr<int64_t>(), in.self, metric, pos,
-                  neg);
+    // The input rows for settling near-ties: the mined-on rows unless those are unit rows.
+    const at::Tensor xs = metric != Metric::Cosine ? Es.rows : (scaled ? se_in : embeddings).to(E.rows.scalar_type()).contiguous();
+    const at::Tensor ys = in.self ? xs : metric != Metric::Cosine ? Rs.rows
+                                       : (scaled ? sr_in : *ref_embeddings).to(E.rows.scalar_type()).contiguous();
+    mine_tiles<T>(Em, in.labels.data_ptr<int64_t>(), Rm, in.ref_labels.data_ptr<int64_t>(), xs.data_ptr<T>(),
+                  ys.data_ptr<T>(), in.self, metric, pos, neg);
     const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
     const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
     T *pd = m.pos_dist.data_ptr<T>(), *nd = m.neg_dist.data_ptr<T>();

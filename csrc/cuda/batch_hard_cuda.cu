@@ -15,8 +15,11 @@
 //    mining, exact distances, losses; the last block to finish reduces them). With the
 //    one-kernel backward: 4 launches for forward + backward (halves add the gradient's
 //    conversion).
-//  - Otherwise: row norms, then per tile a GEMM and a mining kernel, then one kernel for
-//    the exact distances, the losses and (last block) their reduction.
+//  - Otherwise: row norms, then per tile a GEMM and a mining kernel, then the settling of
+//    the anchors that certification does not clear (settle_parts_kernel), then one kernel
+//    for the exact distances, the losses and (last block) their reduction.
+//  - Mining is certified: every Gram key's rounding is bounded, and a choice that does
+//    not beat its runner-up by twice that bound is settled on exact distances.
 // Backward: O(B * D) arithmetic on the 2B selected pairs, one writer per gradient row and
 // a fixed order of additions (deterministic, no atomics). Self-mining up to B = 4096: one
 // kernel; beyond, and for a reference set, the pairs sorted by row (at::sort) first.
@@ -25,6 +28,7 @@
 #include "device.h"
 #include "batch_hard_kernels.cuh"
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
@@ -51,6 +55,8 @@ constexpr int64_t kTileElems = int64_t(1) << 25;
 constexpr int64_t kSelfTileRows = 4096;  // square tiles of self-mining above kSmallMaxB
 constexpr int64_t kSmallMaxB = 1024;     // self-mining up to this B: one B x B GEMM, one mining kernel
 constexpr int64_t kSelfScanMaxB = 4096;  // self-mining backward up to this B: one kernel, O(B^2) index scan
+constexpr int64_t kSettleParts = 256;    // warps per settled anchor (settle_parts_kernel), at most
+constexpr int kSettlePartShift = 18;     // ... and about 2^18 reference elements per warp
 #else
 // Under the emulator, tiny tiles (not multiples of the warp) and a small whole-Gram limit,
 // so that the test suite's batches walk many tiles, partial tiles and both paths.
@@ -58,6 +64,8 @@ constexpr int64_t kTileElems = 12000;
 constexpr int64_t kSelfTileRows = 48;
 constexpr int64_t kSmallMaxB = 100;
 constexpr int64_t kSelfScanMaxB = 200;
+constexpr int64_t kSettleParts = 3;
+constexpr int kSettlePartShift = 10;
 #endif
 constexpr int64_t kMaxGridBlocks = 4096; // the backward kernels stride over rows beyond this
 
@@ -111,6 +119,16 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   m.loss = at::empty(want_loss && reduction == Reduction::None ? at::IntArrayRef{B} : at::IntArrayRef{}, X.options());
   at::Tensor anchor_loss = at::empty({B}, opts), anchor_valid = at::empty({B}, X.options().dtype(at::kByte));
   auto counter_ptr = [&] { return reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>()); };
+  // cuBLAS rounds fp32 GEMM inputs to TF32 where torch allows it: the mining keys' rounding
+  // bound (certify_and_settle) must count that (a query that fails counts as allowed).
+  double gemm_u = 0;
+  if (ct == at::kFloat) {
+    try {
+      if (at::globalContext().allowTF32CuBLAS()) gemm_u = 0x1p-11;
+    } catch (...) {
+      gemm_u = 0x1p-11;
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_prepare_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     TRIPLETOPS_LAUNCH((prepare_rows_kernel<scalar_t, T>), blocks_of(D, kCenterCols), kCenterCols * kCenterRowStripes,
@@ -124,7 +142,7 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
       using T = at::opmath_type<scalar_t>;
       TRIPLETOPS_LAUNCH((batch_hard_small_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0,
                         stream, X.data_ptr<scalar_t>(), gram.data_ptr<T>(), in.labels.data_ptr<int64_t>(), B, D,
-                        metric, margin, soft_margin, reduction, want_loss, m.pos_idx.data_ptr<int64_t>(),
+                        metric, gemm_u, margin, soft_margin, reduction, want_loss, m.pos_idx.data_ptr<int64_t>(),
                         m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
                         anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), counter_ptr(),
                         want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
@@ -132,7 +150,8 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
     return m;
   }
 
-  at::Tensor pos_key = at::empty({B}, opts), neg_key = at::empty({B}, opts);
+  // Keys of every anchor's state: best and runner-up positive and negative, largest norm.
+  at::Tensor keys = at::empty({5, B}, opts);
   at::Tensor sq_x = at::empty({B}, opts);
   at::Tensor sq_r = in.self ? sq_x : at::empty({M}, opts);
   // Tile shapes: square tiles on and above the diagonal for self-mining; else row blocks of
@@ -147,10 +166,12 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_mine_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const unsigned row_threads = kRowsPerBlock * kWarp;
+    T* k = keys.data_ptr<T>();
+    const MiningState<T> state{m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), k, k + B, k + 2 * B,
+                               k + 3 * B, k + 4 * B};
     // Squared norms of the GEMM operands; also resets every anchor's state.
     TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream, Xc.data_ptr<T>(),
-                      B, D, sq_x.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(),
-                      pos_key.data_ptr<T>(), neg_key.data_ptr<T>());
+                      B, D, sq_x.data_ptr<T>(), true, state);
     // One GEMM tile and its mining; r0/c0 index the anchors / the reference set.
     auto mine_tile = [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols, const at::Tensor& ref_rows) {
       at::Tensor g = tile.narrow(0, 0, rows).narrow(1, 0, cols);
@@ -160,9 +181,7 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
       const unsigned blocks = row_blocks + (columns ? blocks_of(cols, kColumnThreads) : 0);
       TRIPLETOPS_LAUNCH((mine_tile_kernel<T>), blocks, row_threads, 0, stream, g.data_ptr<T>(), g.stride(0), r0, rows,
                         c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(), in.labels.data_ptr<int64_t>(),
-                        in.ref_labels.data_ptr<int64_t>(), in.self, columns, row_blocks, metric,
-                        m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), pos_key.data_ptr<T>(),
-                        neg_key.data_ptr<T>());
+                        in.ref_labels.data_ptr<int64_t>(), in.self, columns, row_blocks, metric, state);
     };
     if (in.self) {
       for (int64_t r0 = 0; r0 < B; r0 += tile_rows)
@@ -180,15 +199,25 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
           ref_rows = buf;
         }
         TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(cols, kRowsPerBlock), row_threads, 0, stream,
-                          ref_rows.data_ptr<T>(), cols, D, sq_r.data_ptr<T>() + c0, static_cast<int64_t*>(nullptr),
-                          static_cast<int64_t*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+                          ref_rows.data_ptr<T>(), cols, D, sq_r.data_ptr<T>() + c0, false, state);
         for (int64_t r0 = 0; r0 < B; r0 += tile_rows) mine_tile(r0, std::min(tile_rows, B - r0), c0, cols, ref_rows);
       }
     }
+    // Settling of the anchors that certification does not clear (the others' blocks exit).
+    // About 2^18 reference elements per warp (8192 per lane), at most kSettleParts warps per
+    // anchor: few empty warps to retire where M * D is small, a bank spread over SMs.
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({kSettleParts, M, (M * D) >> kSettlePartShift}));
+    at::Tensor part_key = at::empty({B, parts, 2}, X.options().dtype(at::kDouble));
+    at::Tensor part_idx = at::empty({B, parts, 2}, X.options().dtype(at::kLong));
+    TRIPLETOPS_LAUNCH((settle_parts_kernel<scalar_t, T>), dim3(blocks_of(B, kRowsPerBlock), unsigned(parts)),
+                      row_threads, 0, stream, X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), M, D, sq_x.data_ptr<T>(),
+                      in.labels.data_ptr<int64_t>(), in.ref_labels.data_ptr<int64_t>(), in.self, metric, gemm_u, B,
+                      state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>());
     TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream,
-                      X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, metric, margin, soft_margin,
-                      pos_key.data_ptr<T>(), neg_key.data_ptr<T>(), m.pos_idx.data_ptr<int64_t>(),
-                      m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
+                      X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, M, D, sq_x.data_ptr<T>(),
+                      in.labels.data_ptr<int64_t>(), in.ref_labels.data_ptr<int64_t>(), in.self, metric, gemm_u,
+                      margin, soft_margin, state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(), parts,
+                      m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
                       anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), reduction, want_loss,
                       counter_ptr(), want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
   });

@@ -53,29 +53,43 @@ __device__ __forceinline__ T mining_key(Metric metric, T g, T sa, T sb) {
   return relu_nan(sa + sb - T(2) * g);  // d^2 >= 0
 }
 
-// An anchor's running farthest positive and closest negative.
+// An anchor's running farthest positive and closest negative, with the runner-ups' keys
+// (p2 / n2: the best key among the other candidates of that kind, NaN keys left out;
+// -inf / +inf for none) and the largest finite squared norm among the candidates seen:
+// they certify the choice afterwards (certify_and_settle). Every field merges
+// independently of the order in which candidates arrive.
 template <typename T>
 struct Hardest {
   T pk;
   int64_t pi;
   T nk;
   int64_t ni;
-  __device__ __forceinline__ void offer(T key, int64_t j, bool positive) {
-    if (positive) {
-      if (beats(key, j, pk, pi, true)) pk = key, pi = j;
-    } else if (beats(key, j, nk, ni, false)) {
-      nk = key, ni = j;
+  T p2, n2, sq_max;
+  // Candidate (key, j) for one kind's (best, idx, second).
+  static __device__ __forceinline__ void take(T key, int64_t j, T& best, int64_t& idx, T& second, bool farther) {
+    if (beats(key, j, best, idx, farther)) {
+      if (idx >= 0 && best == best) second = farther ? fmax(second, best) : fmin(second, best);
+      best = key, idx = j;
+    } else if (j >= 0 && key == key) {
+      second = farther ? fmax(second, key) : fmin(second, key);
     }
   }
+  __device__ __forceinline__ void offer(T key, int64_t j, bool positive, T sq) {
+    if (sq - sq == T(0)) sq_max = fmax(sq_max, sq);
+    if (positive) take(key, j, pk, pi, p2, true);
+    else take(key, j, nk, ni, n2, false);
+  }
   __device__ __forceinline__ void merge(const Hardest& o) {
-    if (beats(o.pk, o.pi, pk, pi, true)) pk = o.pk, pi = o.pi;
-    if (beats(o.nk, o.ni, nk, ni, false)) nk = o.nk, ni = o.ni;
+    sq_max = fmax(sq_max, o.sq_max);
+    p2 = fmax(p2, o.p2), n2 = fmin(n2, o.n2);
+    take(o.pk, o.pi, pk, pi, p2, true);
+    take(o.nk, o.ni, nk, ni, n2, false);
   }
 };
 
 template <typename T>
 __device__ __forceinline__ Hardest<T> no_candidate() {
-  return {T(0), -1, T(0), -1};
+  return {T(0), -1, T(0), -1, T(-INFINITY), T(INFINITY), T(0)};
 }
 
 // The warp's best, on every lane (butterfly of shuffles; (key, index) order: exact).
@@ -87,10 +101,27 @@ __device__ __forceinline__ Hardest<T> warp_merge(Hardest<T> h) {
     o.pi = __shfl_xor_sync(kFullMask, h.pi, offset);
     o.nk = __shfl_xor_sync(kFullMask, h.nk, offset);
     o.ni = __shfl_xor_sync(kFullMask, h.ni, offset);
+    o.p2 = __shfl_xor_sync(kFullMask, h.p2, offset);
+    o.n2 = __shfl_xor_sync(kFullMask, h.n2, offset);
+    o.sq_max = __shfl_xor_sync(kFullMask, h.sq_max, offset);
     h.merge(o);
   }
   return h;
 }
+
+// Every anchor's mining state across the tiles of the tiled path.
+template <typename T>
+struct MiningState {
+  int64_t *pos_idx, *neg_idx;
+  T *pos_key, *neg_key, *pos_key2, *neg_key2, *sq_max;
+  __device__ __forceinline__ Hardest<T> load(int64_t i) const {
+    return {pos_key[i], pos_idx[i], neg_key[i], neg_idx[i], pos_key2[i], neg_key2[i], sq_max[i]};
+  }
+  __device__ __forceinline__ void store(int64_t i, const Hardest<T>& h) const {
+    pos_key[i] = h.pk, pos_idx[i] = h.pi, neg_key[i] = h.nk, neg_idx[i] = h.ni;
+    pos_key2[i] = h.p2, neg_key2[i] = h.n2, sq_max[i] = h.sq_max;
+  }
+};
 
 // One warp scans anchor i's Gram row g[0, n) (candidates c0 .. c0 + n - 1), lanes strided.
 // Squared norms of candidate j: sq[j * sq_stride] (a norms vector, or the Gram diagonal).
@@ -102,9 +133,83 @@ __device__ __forceinline__ Hardest<T> scan_row(const T* g, int64_t n, int64_t c0
   for (int64_t t = lane; t < n; t += kWarp) {
     const int64_t j = c0 + t;
     if (j == self_index) continue;  // an anchor is not its own positive
-    h.offer(mining_key(metric, g[t], sa, sq[j * sq_stride]), j, ref_labels[j] == label);
+    const T sj = sq[j * sq_stride];
+    h.offer(mining_key(metric, g[t], sa, sj), j, ref_labels[j] == label, sj);
   }
   return warp_merge(h);
+}
+
+// Certified mining (SPEC: no candidate misranked because a Gram key rounds; the CPU twin
+// is settle_near_ties). Every key is within gram_key_bound(D, u, gemm_u, (|a| + max |r|)^2)
+// of the exact one (gemm_u: TF32 rounding of the GEMM's inputs, when torch allows it), so
+// a best that beats its runner-up by more than twice that is the exact best. Otherwise that
+// kind (sp: positive, sn: negative) is settled: a candidate can be at least as good as the
+// exact best only if its key is within twice the bound of the best key (the window
+// [lo, +inf) for positives, (-inf, hi] for negatives), and those are ranked on exact keys.
+struct Settle {
+  bool sp, sn;
+  double lo, hi;
+};
+template <typename T>
+__device__ __forceinline__ Settle certify(const Hardest<T>& h, T sa, int64_t D, Metric metric, double gemm_u) {
+  const double u = sizeof(T) == 4 ? 0x1p-24 : 0x1p-53;
+  const double norm_sum = sqrt(double(sa)) + sqrt(double(h.sq_max));
+  const double twice =
+      2 * gram_key_bound(D, u, gemm_u, metric == Metric::Cosine ? 4.0 : norm_sum * norm_sum);
+  Settle w;
+  w.sp = h.pi >= 0 && h.pk == h.pk && h.p2 > T(-INFINITY) && !(double(h.pk) - double(h.p2) > twice);
+  w.sn = h.ni >= 0 && h.nk == h.nk && h.n2 < T(INFINITY) && !(double(h.n2) - double(h.nk) > twice);
+  w.lo = double(h.pk) - twice;
+  w.hi = double(h.nk) + twice;
+  return w;
+}
+
+// 1 / max(|row|, eps) in double for cosine (1 otherwise), by one thread in a fixed order.
+template <typename scalar_t>
+__device__ __forceinline__ double exact_inverse_norm(const scalar_t* row, int64_t D, bool cosine) {
+  if (!cosine) return 1.0;
+  double s = 0;
+  for (int64_t k = 0; k < D; ++k) s += double(row[k]) * double(row[k]);
+  return 1.0 / fmax(sqrt(s), kNormEps);
+}
+
+// The exact key of rows a and b by one thread, in double, from their difference (fixed
+// order: identical rows give identical keys): |a - b|^2, or |a/|a| - b/|b||^2 = 2 (1 - cos).
+template <typename scalar_t>
+__device__ __forceinline__ double exact_key_serial(const scalar_t* a, const scalar_t* b, int64_t D, double ia,
+                                                   double ib) {
+  double s = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const double d = double(a[k]) * ia - double(b[k]) * ib;
+    s += d * d;
+  }
+  return s;
+}
+
+// Settling with the anchor's whole Gram row at hand (the small self-mining kernel): the
+// candidates in the window come from the row's own keys (typically two or three), one
+// per lane. Whole warp; h is the same on every lane.
+template <typename scalar_t, typename T>
+__device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, int64_t i, const T* g, const T* sq,
+                                                int64_t sq_stride, T sa, const scalar_t* x, int64_t B, int64_t D,
+                                                const int64_t* labels, Metric metric, int lane) {
+  if (!(w.sp || w.sn)) return;
+  const bool cosine = metric == Metric::Cosine;
+  const scalar_t* a = x + i * D;
+  const double ia = exact_inverse_norm(a, D, cosine);
+  Hardest<double> e = no_candidate<double>();
+  for (int64_t j = lane; j < B; j += kWarp) {
+    if (j == i) continue;
+    const bool same = labels[j] == labels[i];
+    if (same ? !w.sp : !w.sn) continue;
+    const double key = double(mining_key(metric, g[j], sa, sq[j * sq_stride]));
+    if (same ? !(key >= w.lo) : !(key <= w.hi)) continue;
+    const scalar_t* b = x + j * D;
+    e.offer(exact_key_serial(a, b, D, ia, exact_inverse_norm(b, D, cosine)), j, same, 0.0);
+  }
+  e = warp_merge(e);
+  if (w.sp && e.pi >= 0) h.pi = e.pi;
+  if (w.sn && e.ni >= 0) h.ni = e.ni;
 }
 
 // The exact distances of anchor a to its selected rows p and n (difference form, in T),
@@ -256,14 +361,18 @@ __global__ void prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, i
 template <typename scalar_t, typename T>
 __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T* __restrict__ gram,
                                         const int64_t* __restrict__ labels, int64_t B, int64_t D, Metric metric,
-                                        double margin, bool soft_margin, Reduction reduction, bool want_loss,
+                                        double gemm_u, double margin, bool soft_margin, Reduction reduction,
+                                        bool want_loss,
                                         int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
                                         T* anchor_loss, uint8_t* anchor_valid, unsigned* counter,
                                         scalar_t* loss_out) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i < B) {  // no early return: the reduction below needs every thread of the block
-    const Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, gram[i * (B + 1)], labels[i], i, metric, lane);
+    const T sa = gram[i * (B + 1)];
+    Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, sa, labels[i], i, metric, lane);
+    settle_from_row<scalar_t, T>(h, certify(h, sa, D, metric, gemm_u), i, gram + i * B, gram, B + 1, sa, x, B, D,
+                                 labels, metric, lane);
     T loss;
     bool valid;
     finish_anchor<scalar_t, T>(h, i, x, x, D, metric, margin, soft_margin, lane, pos_idx, neg_idx, pos_dist, neg_dist,
@@ -277,11 +386,11 @@ __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T*
     reduce_in_last_block(counter, anchor_loss, anchor_valid, B, reduction, loss_out);
 }
 
-// Squared norms of N rows (one warp per row), in T; with `state`, also resets the mining
+// Squared norms of N rows (one warp per row), in T; with `reset`, also resets the mining
 // state of these rows (as anchors) to "no candidate".
 template <typename scalar_t, typename T>
-__global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, T* sq, int64_t* pos_idx,
-                                 int64_t* neg_idx, T* pos_key, T* neg_key) {
+__global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, T* sq, bool reset,
+                                 MiningState<T> state) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= N) return;
@@ -293,7 +402,7 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int6
   s = warp_sum(s);
   if (lane != 0) return;
   sq[i] = s;
-  if (pos_idx != nullptr) pos_idx[i] = -1, neg_idx[i] = -1, pos_key[i] = T(0), neg_key[i] = T(0);
+  if (reset) state.store(i, no_candidate<T>());
 }
 
 // One Gram tile (rows r0 .. r0+R-1 of the anchors, columns c0 .. c0+C-1 of the reference
@@ -305,8 +414,7 @@ template <typename T>
 __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
                                  const T* __restrict__ sq_rows, const T* __restrict__ sq_cols,
                                  const int64_t* __restrict__ row_labels, const int64_t* __restrict__ col_labels,
-                                 bool self, bool columns, unsigned row_blocks, Metric metric, int64_t* pos_idx,
-                                 int64_t* neg_idx, T* pos_key, T* neg_key) {
+                                 bool self, bool columns, unsigned row_blocks, Metric metric, MiningState<T> state) {
   if (blockIdx.x < row_blocks) {
     const int64_t u = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
@@ -315,9 +423,9 @@ __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t
     const Hardest<T> h = scan_row(tile + u * ld, C, c0, sq_cols, 1, col_labels, sq_rows[i], row_labels[i],
                                   self ? i : int64_t(-1), metric, lane);
     if (lane != 0) return;
-    Hardest<T> s{pos_key[i], pos_idx[i], neg_key[i], neg_idx[i]};
+    Hardest<T> s = state.load(i);
     s.merge(h);
-    pos_key[i] = s.pk, pos_idx[i] = s.pi, neg_key[i] = s.nk, neg_idx[i] = s.ni;
+    state.store(i, s);
     return;
   }
   if (!columns) return;
@@ -329,29 +437,95 @@ __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t
   Hardest<T> h = no_candidate<T>();
   for (int64_t u = 0; u < R; ++u) {
     const int64_t i = r0 + u;
-    h.offer(mining_key(metric, tile[u * ld + t], sj, sq_rows[i]), i, row_labels[i] == lj);
+    h.offer(mining_key(metric, tile[u * ld + t], sj, sq_rows[i]), i, row_labels[i] == lj, sq_rows[i]);
   }
-  Hardest<T> s{pos_key[j], pos_idx[j], neg_key[j], neg_idx[j]};
+  Hardest<T> s = state.load(j);
   s.merge(h);
-  pos_key[j] = s.pk, pos_idx[j] = s.pi, neg_key[j] = s.nk, neg_idx[j] = s.ni;
+  state.store(j, s);
 }
 
-// After the last tile: exact distances and per-anchor losses (one warp per anchor), then
-// (last block) their reduction.
+// Settling on the tiled path (no Gram row left to filter by): the warp for (anchor i,
+// part s = blockIdx.y) ranks part s of the reference set for anchor i on exact keys, if
+// certification did not clear anchor i (the other warps exit at once). One candidate at a
+// time, lanes over D (coalesced), the same butterfly for every candidate (identical rows
+// give identical keys). Writes the part's best positive and negative; finish_anchors_kernel
+// merges the parts. Splitting M over gridDim.y parts spreads one settled anchor's
+// rescan of a bank over many SMs.
+template <typename scalar_t, typename T>
+__global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t M,
+                                    int64_t D, const T* __restrict__ sq_x, const int64_t* __restrict__ labels,
+                                    const int64_t* __restrict__ ref_labels, bool self, Metric metric, double gemm_u,
+                                    int64_t B, MiningState<T> state, double* part_key, int64_t* part_idx) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int64_t parts = gridDim.y, s = blockIdx.y;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= B) return;
+  const Hardest<T> h = state.load(i);
+  const Settle w = certify(h, sq_x[i], D, metric, gemm_u);
+  if (!(w.sp || w.sn)) return;  // uniform over the warp
+  const bool cosine = metric == Metric::Cosine;
+  const scalar_t* a = x + i * D;
+  double asq = 0;
+  for (int64_t k = lane; k < D; k += kWarp) asq += double(a[k]) * double(a[k]);
+  const double ia = cosine ? 1.0 / fmax(sqrt(warp_sum(asq)), kNormEps) : 1.0;
+  Hardest<double> e = no_candidate<double>();
+  const int64_t j0 = M * s / parts, j1 = M * (s + 1) / parts;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (self && j == i) continue;
+    const bool same = ref_labels[j] == labels[i];
+    if (same ? !w.sp : !w.sn) continue;
+    const scalar_t* b = r + j * D;
+    double ib = 1.0;
+    if (cosine) {
+      double bsq = 0;
+      for (int64_t k = lane; k < D; k += kWarp) bsq += double(b[k]) * double(b[k]);
+      ib = 1.0 / fmax(sqrt(warp_sum(bsq)), kNormEps);
+    }
+    double acc = 0;
+    for (int64_t k = lane; k < D; k += kWarp) {
+      const double d = double(a[k]) * ia - double(b[k]) * ib;
+      acc += d * d;
+    }
+    e.offer(warp_sum(acc), j, same, 0.0);
+  }
+  if (lane != 0) return;
+  const int64_t at = (i * parts + s) * 2;
+  part_key[at] = e.pk, part_idx[at] = e.pi;
+  part_key[at + 1] = e.nk, part_idx[at + 1] = e.ni;
+}
+
+// After the last tile: certification (merging settle_parts_kernel's parts where it did not
+// clear the anchor), exact distances and per-anchor losses (one warp per anchor), then
+// (last block) their reduction. sq_x: the anchors' squared norms as mined on.
 template <typename scalar_t, typename T>
 __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t B,
-                                      int64_t D, Metric metric, double margin, bool soft_margin, const T* pos_key,
-                                      const T* neg_key, int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
-                                      T* anchor_loss, uint8_t* anchor_valid, Reduction reduction, bool want_loss,
-                                      unsigned* counter, scalar_t* loss_out) {
+                                      int64_t M, int64_t D, const T* __restrict__ sq_x,
+                                      const int64_t* __restrict__ labels, const int64_t* __restrict__ ref_labels,
+                                      bool self, Metric metric, double gemm_u, double margin, bool soft_margin,
+                                      MiningState<T> state, const double* part_key, const int64_t* part_idx,
+                                      int64_t parts, T* pos_dist, T* neg_dist, T* anchor_loss,
+                                      uint8_t* anchor_valid, Reduction reduction, bool want_loss, unsigned* counter,
+                                      scalar_t* loss_out) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i < B) {
-    const Hardest<T> h{pos_key[i], pos_idx[i], neg_key[i], neg_idx[i]};
+    Hardest<T> h = state.load(i);
+    const Settle w = certify(h, sq_x[i], D, metric, gemm_u);
+    if (w.sp || w.sn) {  // uniform over the warp
+      Hardest<double> e = no_candidate<double>();
+      for (int64_t q = lane; q < parts; q += kWarp) {
+        const int64_t at = (i * parts + q) * 2;
+        e.take(part_key[at], part_idx[at], e.pk, e.pi, e.p2, true);
+        e.take(part_key[at + 1], part_idx[at + 1], e.nk, e.ni, e.n2, false);
+      }
+      e = warp_merge(e);
+      if (w.sp && e.pi >= 0) h.pi = e.pi;
+      if (w.sn && e.ni >= 0) h.ni = e.ni;
+    }
     T loss;
     bool valid;
-    finish_anchor<scalar_t, T>(h, i, x, r, D, metric, margin, soft_margin, lane, pos_idx, neg_idx, pos_dist,
-                               neg_dist, loss, valid);
+    finish_anchor<scalar_t, T>(h, i, x, r, D, metric, margin, soft_margin, lane, state.pos_idx, state.neg_idx,
+                               pos_dist, neg_dist, loss, valid);
     if (lane == 0) {
       anchor_loss[i] = loss, anchor_valid[i] = valid;
       if (want_loss && reduction == Reduction::None) loss_out[i] = scalar_t(loss);
