@@ -342,3 +342,24 @@ def test_duplicated_rows_tie_to_the_smallest_index_on_the_gram_path(device, bank
     want = reference.batch_hard_mine(x.double(), y, **{k: (v.cpu().double() if v.is_floating_point() else v.cpu())
                                                        for k, v in kw.items()})
     assert torch.equal(m.pos_idx.cpu(), want.pos_idx) and torch.equal(m.neg_idx.cpu(), want.neg_idx)
+
+
+@pytest.mark.parametrize("n", [6, 300])  # the direct path and the GEMM path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_same_direction_rows_meet_at_zero_and_zero_rows_stay_at_one(n, dtype):
+    """SPEC: same-direction rows have cosine distance exactly 0. x and 2x (unit rows that
+    round alike) used to come out 1.2e-7 apart in fp32; and zero rows, which F.normalize
+    leaves at 0 (distance 1 to everything, themselves included), used to be set to 0 when
+    they were copies of each other."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
+    x[1] = 2 * x[0]
+    x[2] = 0.25 * x[0]
+    x[3] = 0
+    x[4] = 0
+    d = tripletops.pairwise_distance(x, metric="cosine")
+    want = reference.pairwise_distance(x.double(), metric="cosine")
+    same = [0, 1, 2]
+    assert bool((d[same][:, same] == 0).all()), d[same][:, same]
+    assert bool((d[3:5] == 1).all()) and bool((d[:, 3:5] == 1).all()), d[:5, :5]
+    assert torch.allclose(d.double(), want, atol=1e-6 if dtype == torch.float32 else 1e-12)

@@ -338,8 +338,8 @@ bool keys_all_finite(const PreparedRows& R) {
 }
 
 // The exact mining key of two input rows, accumulated in double from their difference
-// (no cancellation): |a - b|^2 for (sq)euclidean; for cosine |a/|a| - b/|b||^2 / 2 =
-// 1 - cos (inverse norms ia, ib in double, F.normalize's eps), which keeps its relative
+// (no cancellation): |a - b|^2 for (sq)euclidean; for cosine |a/|a| - b/|b||^2, which is
+// 2 (1 - cos) (inverse norms ia, ib in double, F.normalize's eps) and keeps its relative
 // accuracy for nearly parallel rows where 1 - a.b of rounded unit rows cannot. fp32 rows'
 // differences and products are exact in double, so only the D additions round.
 template <typename T>
@@ -378,7 +378,8 @@ inline double inverse_norm(const T* a, int64_t D) {
 //     if its key is within twice the bound of the first pass's best key;
 //  2. those candidates (typically two or three) are ranked on exact_key over the input
 //     rows x / y (unshifted, in the compute dtype), ties to the smallest index.
-// On random fp32 data a few anchors in a thousand need it; the rest pay only the check.
+// On random fp32 unit rows about 0.3% of anchors need it at B = 1024, D = 256 (1.2% at
+// B = 4096, D = 512); the rest pay only the runner-up keys and the check.
 template <typename T>
 void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x, const T* y, const int64_t* lab,
                       const int64_t* ref_lab, bool self, Metric metric, const T* pk, const T* pk2, const T* nk,

@@ -169,9 +169,14 @@ void through_normalize(at::Tensor& g, const PreparedRows& R) {
 // of two copies p, p' differently in the last bit, and cosine's 1 - u.u of a unit row is
 // ~1e-16, not 0; a selection with a strict comparison (semi-hard's d(a,n) > d(a,p)) would
 // then depend on which copy it looks at. O((N + M) D) hashing; copies only where rows repeat.
-// (Rows are compared as bytes: what "identical inputs" means.)
+// (Rows are compared as bytes: what "identical inputs" means.) For cosine the rows compared
+// are the unit rows, so rows of one direction whose unit rows round alike (x and 2x, say)
+// meet at 0 too; a row of norm <= eps is not a unit row under F.normalize (its distance to
+// itself is 1 - |x|^2 / eps^2, 1 for a zero row), so `unit_x` / `unit_y` (nullptr: all
+// rows) say which rows may meet at 0.
 template <typename T>
-void settle_identical_rows(T* d, int64_t N, int64_t M, const at::Tensor& x, const c10::optional<at::Tensor>& y) {
+void settle_identical_rows(T* d, int64_t N, int64_t M, const at::Tensor& x, const c10::optional<at::Tensor>& y,
+                           const uint8_t* unit_x = nullptr, const uint8_t* unit_y = nullptr) {
   const at::Tensor xc = x.contiguous(), yc = y.has_value() ? y->contiguous() : xc;
   const int64_t row_bytes = xc.size(1) * xc.element_size();
   const auto* xb = static_cast<const unsigned char*>(xc.data_ptr());
@@ -219,9 +224,12 @@ void settle_identical_rows(T* d, int64_t N, int64_t M, const at::Tensor& x, cons
   auto zero = [](T& v) {
     if (std::isfinite(v)) v = T(0);
   };
+  if (!unit_y) unit_y = y.has_value() ? nullptr : unit_x;
+  auto unit = [](const uint8_t* u, int64_t k) { return u == nullptr || u[k]; };
   if (!repeats) {  // only the diagonal can be off (cosine)
     if (!y.has_value())
-      for (int64_t i = 0; i < N; ++i) zero(d[i * M + i]);
+      for (int64_t i = 0; i < N; ++i)
+        if (unit(unit_x, i)) zero(d[i * M + i]);
     return;
   }
   // The first column of each id, then: duplicate rows copy their first row, duplicate
@@ -240,10 +248,36 @@ void settle_identical_rows(T* d, int64_t N, int64_t M, const at::Tensor& x, cons
   }
   for (int64_t i = 0; i < N; ++i) {
     const auto it = first_col.find(id_x[i]);
-    if (it == first_col.end()) continue;
+    if (it == first_col.end() || !unit(unit_x, i)) continue;
     for (int64_t j = 0; j < M; ++j)
       if (id_y[j] == id_x[i]) zero(d[i * M + j]);
   }
+}
+
+// Which rows are unit rows under F.normalize (norm > eps; finite ones), for cosine's
+// settle_identical_rows; empty for the other metrics.
+inline std::vector<uint8_t> unit_rows(const PreparedRows& P, Metric metric) {
+  if (metric != Metric::Cosine) return {};
+  const int64_t n = P.sq_norm.numel();
+  std::vector<uint8_t> out(n);
+  AT_DISPATCH_FLOATING_TYPES(P.sq_norm.scalar_type(), "tripletops_unit_rows", [&] {
+    const scalar_t* sq = P.sq_norm.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) out[i] = double(sq[i]) > kNormEps * kNormEps;
+  });
+  return out;
+}
+
+// settle_identical_rows on what "identical" means for the metric: the input rows, or for
+// cosine the unit rows (X.rows / Y.rows) of norm > eps.
+template <typename T>
+void settle_identical(T* d, int64_t N, int64_t M, const at::Tensor& x, const c10::optional<at::Tensor>& y,
+                      const PreparedRows& X, const PreparedRows& Y, Metric metric) {
+  if (metric != Metric::Cosine) return settle_identical_rows(d, N, M, x, y);
+  const std::vector<uint8_t> ux = unit_rows(X, metric);
+  const std::vector<uint8_t> uy = y.has_value() ? unit_rows(Y, metric) : std::vector<uint8_t>();
+  settle_identical_rows(d, N, M, X.rows,
+                        y.has_value() ? c10::optional<at::Tensor>(Y.rows) : c10::optional<at::Tensor>(),
+                        ux.data(), y.has_value() ? uy.data() : nullptr);
 }
 
 }  // namespace
@@ -266,7 +300,7 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Te
       T* out = dist.data_ptr<T>();
       for (int64_t i = 0; i < N; ++i)
         for (int64_t j = 0; j < M; ++j) out[i * M + j] = row_distance(xr + i * D, yr + j * D, D, metric);
-      settle_identical_rows(out, N, M, x, y);
+      settle_identical<T>(out, N, M, x, y, X, Y, metric);
     });
     return dist.to(x.scalar_type());
   }
@@ -291,7 +325,7 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Te
         }
       }
     });
-    settle_identical_rows(g, N, M, x, y);
+    settle_identical<T>(g, N, M, x, y, X, Y, metric);
   });
   return dist.to(x.scalar_type());
 }

@@ -120,7 +120,7 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   at::Tensor anchor_loss = at::empty({B}, opts), anchor_valid = at::empty({B}, X.options().dtype(at::kByte));
   auto counter_ptr = [&] { return reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>()); };
   // cuBLAS rounds fp32 GEMM inputs to TF32 where torch allows it: the mining keys' rounding
-  // bound (certify_and_settle) must count that (a query that fails counts as allowed).
+  // bound (certify) must count that (a query that fails counts as allowed).
   double gemm_u = 0;
   if (ct == at::kFloat) {
     try {

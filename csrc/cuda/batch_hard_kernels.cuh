@@ -56,7 +56,7 @@ __device__ __forceinline__ T mining_key(Metric metric, T g, T sa, T sb) {
 // An anchor's running farthest positive and closest negative, with the runner-ups' keys
 // (p2 / n2: the best key among the other candidates of that kind, NaN keys left out;
 // -inf / +inf for none) and the largest finite squared norm among the candidates seen:
-// they certify the choice afterwards (certify_and_settle). Every field merges
+// they certify the choice afterwards (certify). Every field merges
 // independently of the order in which candidates arrive.
 template <typename T>
 struct Hardest {
