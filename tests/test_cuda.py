@@ -1,6 +1,8 @@
 """What only a real GPU can show: a training step captured in a CUDA graph (no host
-synchronisation in the batch-hard forward or backward), and the launch count of a small
-batch. Skipped visibly without a GPU; `make gpu-check` runs them."""
+synchronisation in the batch-hard forward or backward), the launch count of a small batch,
+and the stateful modules (CenterLoss, CrossBatchMemory) on CUDA tensors. Skipped visibly
+without a GPU; `make gpu-check` runs them. (tripletops.distributed on CUDA tensors:
+test_distributed.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -69,3 +71,27 @@ def test_small_batch_launches_at_most_four_kernels():
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     assert 0 < len(kernels) <= 4, kernels
+
+
+@pytest.mark.parametrize("module", ["center", "memory"])
+def test_modules_keep_their_state_on_the_gpu_and_match_cpu(module):
+    """CenterLoss and CrossBatchMemory on CUDA tensors: the buffers follow the first batch to
+    the GPU and stay there (the memory bank is mined on the GPU), and three training batches
+    give the CPU module's losses, gradients and state."""
+    def make():
+        return tripletops.CenterLoss(10, 16) if module == "center" else tripletops.CrossBatchMemory(48, 16)
+
+    cpu_m, gpu_m = make(), make()
+    for step in range(3):
+        x, y = make_batch(32, 16, 10, seed=step)
+        xc, xg = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
+        loss_c, loss_g = cpu_m(xc, y), gpu_m(xg, y.cuda())
+        loss_c.backward()
+        loss_g.backward()
+        assert loss_g.is_cuda
+        assert_close_rel(loss_g, loss_c, 1e-5, f"loss at step {step}")
+        assert_grad_close(xg.grad, xc.grad, 1e-4)
+    cpu_buffers = dict(cpu_m.named_buffers())
+    for name, buf in gpu_m.named_buffers():
+        assert buf.is_cuda, name
+        torch.testing.assert_close(buf.cpu(), cpu_buffers[name], rtol=1e-5, atol=1e-6)

@@ -55,9 +55,18 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _on_wire(t: torch.Tensor, group) -> torch.Tensor:
+    """`t` where the group's backend can move it: NCCL takes CUDA tensors as they are; gloo
+    does not all-gather CUDA tensors, so there they travel through host memory."""
+    if t.is_cuda and dist.get_backend(group) == dist.Backend.GLOO:
+        return t.cpu()
+    return t
+
+
 def _row_counts(x: torch.Tensor, group, world: int) -> list[int]:
     """Every rank's row count; also checks that all ranks agree on the row width."""
-    mine = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else 1], dtype=torch.int64, device=x.device)
+    mine = _on_wire(torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else 1], dtype=torch.int64, device=x.device),
+                    group)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     widths = {int(t[1]) for t in every}
@@ -89,8 +98,9 @@ def _agree(embeddings, labels, group, world: int, check) -> list[int]:
         error = exc
     shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else ()
     device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
-    mine = torch.tensor([shape[0] if shape else 0, shape[1] if len(shape) > 1 else 1, _dtype_code(embeddings),
-                         _dtype_code(labels), int(error is not None)], dtype=torch.int64, device=device)
+    mine = _on_wire(torch.tensor([shape[0] if shape else 0, shape[1] if len(shape) > 1 else 1,
+                                  _dtype_code(embeddings), _dtype_code(labels), int(error is not None)],
+                                 dtype=torch.int64, device=device), group)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     if error is not None:
@@ -119,9 +129,10 @@ def _gather_padded(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
     most = max(counts)
     padded = x.new_zeros((most, *x.shape[1:]))
     padded[: x.shape[0]] = x
+    padded = _on_wire(padded, group)
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(x.device)
 
 
 class _AllGather(torch.autograd.Function):
@@ -135,8 +146,10 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        device = grad.device
+        grad = _on_wire(grad.contiguous(), ctx.group).clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad = grad.to(device)
         start = sum(ctx.counts[: ctx.rank])
         return grad[start:start + ctx.counts[ctx.rank]], None, None, None
 
