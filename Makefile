@@ -53,7 +53,8 @@ bench-run:
 	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest $(BENCH_FILES) $(BENCH_SELECT) --benchmark-only \
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json --benchmark-columns=median,iqr,rounds -q
 	$(PYTHON) benchmarks/compare.py benchmarks/results/$(BENCH_NAME).json --markdown benchmarks/results/$(BENCH_NAME).md \
-		--plot benchmarks/results/$(BENCH_NAME).png --readme README.md
+		--plot benchmarks/results/$(BENCH_NAME).png
+	$(PYTHON) benchmarks/compare.py $(wildcard benchmarks/results/cpu.json benchmarks/results/cuda.json) --readme README.md
 
 # The fixed cost of one loss call (forward + backward at B = 8, 32, 256) against one autograd
 # GEMM and the eager recipe, side by side -> benchmarks/results/overhead_cpu.md and README.md.
@@ -82,7 +83,8 @@ package-check:
 # compute-sanitizer's memcheck, racecheck, synccheck and initcheck over the CUDA kernel
 # tests, then the benchmarks and their report (benchmarks/results/cuda.{json,md,png}).
 WHEELS ?= .whl
-SANITIZED_TESTS := tests/test_batch_hard.py tests/test_pairwise_distance.py tests/test_triplet_margin_loss.py
+SANITIZED_TESTS := tests/test_batch_hard.py tests/test_pairwise_distance.py tests/test_triplet_margin_loss.py \
+	tests/test_loss_family.py tests/test_exactness.py
 SANITIZER_SELECT := -q -x -p no:cacheprovider -m "not cuda_emu and not slow" -k cuda
 gpu-check:
 	@if ls $(WHEELS)/*.whl >/dev/null 2>&1; then $(PIP) install -q --no-index --no-deps $(WHEELS)/*.whl; fi
@@ -92,8 +94,7 @@ gpu-check:
 	for tool in memcheck racecheck synccheck initcheck; do \
 	  compute-sanitizer --tool $$tool --error-exitcode 1 $(PYTHON) -m pytest $(SANITIZED_TESTS) $(SANITIZER_SELECT) || exit 1; \
 	done
-	$(MAKE) bench-run BENCH_NAME=cuda BENCH_SELECT="-k cuda" BENCH_FILES="benchmarks/bench_batch_hard.py \
-		benchmarks/bench_pairwise_distance.py benchmarks/bench_triplet_margin.py"
+	$(MAKE) bench-run BENCH_NAME=cuda BENCH_SELECT="-k cuda"
 
 clean:
 	rm -rf build *.egg-info tripletops/*.so .pytest_cache .benchmarks runs

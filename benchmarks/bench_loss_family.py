@@ -9,6 +9,8 @@
   torch.compile and PML's ContrastiveLoss.
 
 The B³ peers run up to B = 512 only: at 1024 a single (B, B, B) float tensor is 4 GiB.
+On CUDA the sweep covers B = 32 ... 8192, D in {128, 512}, fp32 and bf16 (PML in fp32),
+with one x·xᵀ GEMM per size as the floor (harness.grid).
 
     make bench        # or: pytest benchmarks/bench_loss_family.py --benchmark-only
 """
@@ -56,20 +58,34 @@ FAMILIES = {
                     lambda x, y: _compiled["contrastive_loss"](x, y)),
 }
 IMPLS = ["tripletops", "reference", "compile(reference)", "pml"]
-CASES = [(dev, b, D_SWEEP) for dev in harness.DEVICES for b in harness.SWEEP[dev]]
+CASES = harness.grid(D_SWEEP)
 
 
-@pytest.mark.parametrize("device,b,d", CASES, ids=[f"{dev}-B{b}-D{d}" for dev, b, d in CASES])
+@pytest.mark.parametrize("device,b,d,dtype", CASES, ids=[harness.case_id(c) for c in CASES])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_loss_family(benchmark, family, impl, mode, device, b, d):
+def test_loss_family(benchmark, family, impl, mode, device, b, d, dtype):
     cubic = family in ("batch_all", "semi_hard") or impl == "pml"
     if impl != "tripletops" and cubic and b > CUBIC_MAX_B:
         pytest.skip(f"the B³ formulation needs {b ** 3 * 4 / 2 ** 30:.0f} GiB per (B, B, B) tensor at B = {b}")
+    if impl == "pml" and dtype != "fp32":
+        pytest.skip("PML is timed in fp32 only")
     ours, ref, compiled = FAMILIES[family]
     fn = {"tripletops": ours, "reference": ref, "compile(reference)": compiled}.get(impl) or _pml(family)
-    x, y = harness.inputs(b, d, device)
-    benchmark.group = f"{family} {device} {mode} B={b} D={d}"
+    x, y = harness.inputs(b, d, device, dtype=harness.DTYPES[dtype])
+    benchmark.group = f"{family} {device} {mode} B={b} D={d} {dtype}"
     harness.run(benchmark, harness.fwd_bwd(fn, x, y, mode=mode), device=device,
-                warmup=3 if impl.startswith("compile") else 1, family=family, impl=impl, mode=mode, B=b, D=d)
+                warmup=3 if impl.startswith("compile") else 1, family=family, impl=impl, mode=mode, B=b, D=d,
+                dtype=dtype)
+
+
+@pytest.mark.parametrize("device,b,d,dtype", CASES, ids=[harness.case_id(c) for c in CASES])
+def test_gemm_floor(benchmark, device, b, d, dtype):
+    """One x @ x.T in the same precision: the floor of any method that forms the (B, B)
+    distances, shared by the three families in the report."""
+    x, _ = harness.inputs(b, d, device, dtype=harness.DTYPES[dtype])
+    x = x.detach()
+    benchmark.group = f"family {device} gemm B={b} D={d} {dtype}"
+    harness.run(benchmark, lambda: x @ x.T, device=device, family="gemm", impl="gemm", mode="gemm", B=b, D=d,
+                dtype=dtype)

@@ -5,10 +5,11 @@
   targets judged on the same run;
 - a PNG plot per device: speedup and peak memory against batch size, log axes;
 - with --readme, the summary written into README.md between `<!-- perf:begin -->` and
-  `<!-- perf:end -->`.
+  `<!-- perf:end -->`; given the CPU and the CUDA JSON, it shows both devices.
 
     python benchmarks/compare.py benchmarks/results/cpu.json \
-        --markdown benchmarks/results/cpu.md --plot benchmarks/results/cpu.png --readme README.md
+        --markdown benchmarks/results/cpu.md --plot benchmarks/results/cpu.png
+    python benchmarks/compare.py benchmarks/results/cpu.json benchmarks/results/cuda.json --readme README.md
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ PEER_NAMES = {
     "pml": "PML",
     "gemm": "one x·xᵀ GEMM",
 }
+# Every family again in bf16 (the CUDA grid): "<family>_bf16".
+FAMILIES.update({f"{f}_bf16": (f"{title}, bf16", peers) for f, (title, peers) in list(FAMILIES.items())})
 MODES = {"fwd": "forward", "fwd+bwd": "forward + backward"}
 
 
@@ -67,9 +70,18 @@ def load(run: dict) -> dict:
     rows = defaultdict(dict)
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
-        key = (info["family"], info["device"], info["mode"], info["B"], info["D"], info.get("M"))
-        rows[key][info["impl"]] = (bench["stats"]["median"], info.get("peak_bytes"))
+        family, dtype = info["family"], info.get("dtype", "fp32")
+        if dtype != "fp32" and not family.endswith(f"_{dtype}"):
+            family = f"{family}_{dtype}"
+        key = (family, info["device"], info["mode"], info["B"], info["D"], info.get("M"))
+        # CUDA: the CUDA-event median (GPU time of the call) when recorded, else the host timer's.
+        rows[key][info["impl"]] = (info.get("event_median_s", bench["stats"]["median"]), info.get("peak_bytes"))
     return rows
+
+
+def _shared_gemm(family: str) -> str:
+    """The family name under which bench_loss_family's shared GEMM floor is stored."""
+    return "gemm_bf16" if family.endswith("_bf16") else "gemm"
 
 
 def machine_line(run: dict, device: str) -> str:
@@ -87,11 +99,16 @@ def family_tables(rows: dict, family: str, device: str, mode: str) -> list[str]:
     cases = sorted((k for k in rows if k[0] == family and k[1] == device and k[2] == mode), key=lambda k: (k[4], k[3]))
     if not cases:
         return []
-    gemm = {(k[3], k[4]): rows[k]["gemm"] for k in rows if k[0] == family and k[1] == device and k[2] == "gemm"}
+    gram = not family.startswith("triplet_margin")  # explicit triplets form no (B, B) Gram
+    own = {(k[3], k[4]): rows[k]["gemm"] for k in rows if k[0] == family and k[1] == device and k[2] == "gemm"}
+    shared = {(k[3], k[4]): rows[k]["gemm"] for k in rows
+              if k[0] == _shared_gemm(family) and k[1] == device and k[2] == "gemm"}
+    gemm = (own or shared) if gram else {}
     impls = ["tripletops"] + [p for p in peers if any(p in rows[k] for k in cases)]
     floor = bool(gemm)
     head = ["B, D"] + [peer_name(family, i) for i in impls] + (["one x·xᵀ GEMM"] if floor else [])
     head += [f"vs {peer_name(family, p)}" for p in impls[1:]] + (["tripletops / GEMM"] if floor else [])
+    head += ["Gram TFLOP/s"] if gram else []  # 2·B²·D over tripletops' time: the Gram it forms, as a rate
     out = [f"#### {title} — {device}, {MODES[mode]}", "", "| " + " | ".join(head) + " |",
            "|" + " --- |" * len(head)]
     for k in cases:
@@ -104,6 +121,8 @@ def family_tables(rows: dict, family: str, device: str, mode: str) -> list[str]:
         cells += [f"{m[p][0] / t:.1f}×" if t and p in m else "—" for p in impls[1:]]
         if floor:
             cells.append(f"{t / g[0]:.2f}" if t and g else "—")
+        if gram:
+            cells.append(f"{2 * k[3] ** 2 * k[4] / t / 1e12:.3g}" if t else "—")
         out.append("| " + " | ".join(cells) + " |")
     out += ["", f"Peak memory, {MODES[mode]}:", "", "| B, D | " + " | ".join(peer_name(family, i) for i in impls) + " |",
             "|" + " --- |" * (len(impls) + 1)]
@@ -133,6 +152,12 @@ def targets(rows: dict, device: str) -> list[str]:
     else:
         checks.append(("batch-all, B=512, D=128: ≥ 50× the eager B³ version", ("batch_all", device, "fwd+bwd", 512, 128,
                        None), "reference", "tripletops", 50.0, "≥"))
+        checks.append(("batch-all, B=512, D=128: ≥ 5× PML's all-triplets loss", ("batch_all", device, "fwd+bwd", 512,
+                       128, None), "pml", "tripletops", 5.0, "≥"))
+        checks.append(("semi-hard, B=512, D=128: ≥ 50× the eager recipe", ("semi_hard", device, "fwd+bwd", 512, 128,
+                       None), "reference", "tripletops", 50.0, "≥"))
+        checks.append(("contrastive, B=1024, D=128: ≥ 3× PML", ("contrastive", device, "fwd+bwd", 1024, 128, None),
+                       "pml", "tripletops", 3.0, "≥"))
         checks.append(("B=256, D=128, fp32: ≥ 10× eager", ("batch_hard", device, "fwd+bwd", 256, 128, None),
                        "eager", "tripletops", 10.0, "≥"))
         checks.append(("B=256, D=128, fp32: ≥ 4× torch.compile(eager)", ("batch_hard", device, "fwd+bwd", 256, 128, None),
@@ -245,21 +270,31 @@ def plot(run: dict, device: str, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", help="pytest-benchmark --benchmark-json output of the suite")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json output(s) of the suite (one per device)")
     ap.add_argument("--markdown", help="write the full report here")
-    ap.add_argument("--plot", help="write the PNG here (one per device: cuda gets a -cuda suffix)")
+    ap.add_argument("--plot", help="write the PNG here (with several devices, one per device: a -<device> suffix)")
     ap.add_argument("--readme", help="replace the perf section of this README with the summary")
     args = ap.parse_args()
-    with open(args.json) as f:
-        run = json.load(f)
+    run = {"benchmarks": []}
+    png_beside = {}  # device -> the PNG next to its JSON, linked when --plot is not given
+    for path in args.json:
+        with open(path) as f:
+            part = json.load(f)
+        run.setdefault("machine_info", part.get("machine_info", {}))
+        run["benchmarks"] += part["benchmarks"]
+        for device in {b["extra_info"]["device"] for b in part["benchmarks"]}:
+            if os.path.exists(os.path.splitext(path)[0] + ".png"):
+                png_beside[device] = os.path.splitext(path)[0] + ".png"
     devices = sorted({b["extra_info"]["device"] for b in run["benchmarks"]})
     plots = {}
     if args.plot:
         root, ext = os.path.splitext(args.plot)
         for device in devices:
-            path = args.plot if device == "cpu" else f"{root}-{device}{ext}"
+            path = args.plot if len(devices) == 1 else f"{root}-{device}{ext}"
             plot(run, device, path)
             plots[device] = path
+    else:
+        plots = png_beside
     rel = lambda base: {d: os.path.relpath(p, os.path.dirname(os.path.abspath(base))) for d, p in plots.items()}
     full = report(run, devices, full=True, plot_names=rel(args.markdown) if args.markdown else {})
     print(full)
@@ -268,9 +303,12 @@ def main() -> None:
             f.write(full)
     if args.readme:
         summary = report(run, devices, full=False, plot_names=rel(args.readme))
-        if args.markdown:
-            summary += f"\nEvery family and mode, forward alone included: [{os.path.relpath(args.markdown, os.path.dirname(os.path.abspath(args.readme)))}]" \
-                       f"({os.path.relpath(args.markdown, os.path.dirname(os.path.abspath(args.readme)))}).\n"
+        reports = [args.markdown] if args.markdown else [
+            os.path.splitext(p)[0] + ".md" for p in args.json if os.path.exists(os.path.splitext(p)[0] + ".md")]
+        if reports:
+            here = os.path.dirname(os.path.abspath(args.readme))
+            links = ", ".join(f"[{os.path.relpath(r, here)}]({os.path.relpath(r, here)})" for r in reports)
+            summary += f"\nEvery family and mode, forward alone included: {links}.\n"
         harness.replace_section(args.readme, "perf", summary)
 
 

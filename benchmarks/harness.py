@@ -26,7 +26,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SWEEP = {"cpu": [32, 64, 128, 256, 512, 1024, 2048, 4096],
          "cuda": [32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]}
 
-TIME_BUDGET_S = 0.6   # per benchmark, rounds are chosen to roughly fill it
+# Per benchmark, rounds are chosen to roughly fill it; the GPU grid has ~900 cases.
+TIME_BUDGET_S = {"cpu": 0.6, "cuda": 0.15}
 MIN_ROUNDS, MAX_ROUNDS = 3, 200
 
 
@@ -95,10 +96,23 @@ def describe_device(device: str) -> str:
 def run(benchmark, fn: Callable[[], object], *, device: str, warmup: int = 1, **info) -> None:
     """Warm `fn` up, measure its peak memory once, then time it with pytest-benchmark.
 
-    `info` (family, impl, mode, B, D, ...) goes into the JSON's extra_info, where
-    compare.py finds it.
+    On CUDA every timed round is also bracketed by CUDA events: their median (the GPU's
+    time from the first kernel of the call to the last, without the host's final
+    synchronize) goes to extra_info["event_median_s"], which compare.py reports in
+    preference to the host timer's. `info` (family, impl, mode, B, D, dtype, ...) goes
+    into the JSON's extra_info, where compare.py finds it.
     """
+    event_times: list = []
+
     def call():
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            event_times.append(start.elapsed_time(end) / 1e3)
+            return
         fn()
         synchronize(device)
 
@@ -107,11 +121,14 @@ def run(benchmark, fn: Callable[[], object], *, device: str, warmup: int = 1, **
     start = time.perf_counter()
     call()
     once = time.perf_counter() - start
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(once, 1e-6))))
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S[device] / max(once, 1e-6))))
     benchmark.extra_info.update(info, device=device, device_name=describe_device(device),
                                 torch=torch.__version__, threads=torch.get_num_threads(),
                                 peak_bytes=peak_memory_bytes(call, device))
+    event_times.clear()
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)
+    if event_times:
+        benchmark.extra_info["event_median_s"] = sorted(event_times)[len(event_times) // 2]
 
 
 def replace_section(path: str, name: str, text: str) -> None:
@@ -155,6 +172,25 @@ def fwd_bwd(loss_fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, mode: s
         out.backward(torch.ones_like(out) if out.dim() else None)
 
     return step
+
+
+# The GPU report's grid (issue 13): D in {128, 512}, fp32 and bf16, on CUDA.
+CUDA_DIMS = [128, 512]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def grid(d_cpu: int = 128) -> list:
+    """(device, B, D, dtype name) of a sweep: on CPU B over SWEEP at D = d_cpu in fp32;
+    on CUDA B over SWEEP up to 8192 at each D of CUDA_DIMS, in fp32 and bf16."""
+    cases = [("cpu", b, d_cpu, "fp32") for b in SWEEP["cpu"]] if "cpu" in DEVICES else []
+    if "cuda" in DEVICES:
+        cases += [("cuda", b, d, dt) for dt in DTYPES for d in CUDA_DIMS for b in SWEEP["cuda"] if b <= 8192]
+    return cases
+
+
+def case_id(case) -> str:
+    device, b, d, dt = case
+    return f"{device}-B{b}-D{d}" + ("" if dt == "fp32" else f"-{dt}")
 
 
 def inputs(b: int, d: int, device: str, *, seed: int = 0, classes: Optional[int] = None,

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <string_view>
 
 namespace tripletops {
@@ -144,6 +145,29 @@ inline void check_mining_inputs(const at::Tensor& embeddings, const at::Tensor& 
               embeddings.device());
 }
 
+// The loss family's margins: finite and >= 0.
+inline void check_margin(double margin, const char* name) {
+  TORCH_CHECK_VALUE(margin >= 0 && margin < std::numeric_limits<double>::infinity(), "tripletops: ", name,
+                    " must be a finite number >= 0, got ", margin);
+}
+
+// A loss-family backward op's saved (B, B) distances and its upstream gradient, on the
+// device type of the kernel.
+inline void check_saved(const char* op, const at::Tensor& grad, int64_t grad_numel, const at::Tensor& dist,
+                        const at::Tensor& embeddings, at::ScalarType dist_dtype, c10::DeviceType device) {
+  const int64_t B = embeddings.size(0);
+  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == B && dist.size(1) == B && dist.scalar_type() == dist_dtype &&
+                        dist.device() == embeddings.device(),
+                    "tripletops.", op, "_backward: dist must be the forward's (", B, ", ", B, ") ", dist_dtype,
+                    " distances on ", embeddings.device(), ", got shape ", dist.sizes(), ", dtype ",
+                    dist.scalar_type(), " on ", dist.device());
+  TORCH_CHECK_VALUE(grad.numel() == grad_numel && grad.device() == embeddings.device(), "tripletops.", op,
+                    "_backward: grad must have ", grad_numel, " element(s) on ", embeddings.device(), ", got shape ",
+                    grad.sizes(), " on ", grad.device());
+  TORCH_CHECK(embeddings.device().type() == device, "tripletops: this kernel takes ", device, " tensors, got ",
+              embeddings.device());
+}
+
 // max(0, z) that keeps NaN (std::max(0, NaN) would return 0 and hide it).
 template <typename T>
 C10_HOST_DEVICE inline T relu_nan(T z) {
@@ -175,6 +199,22 @@ C10_HOST_DEVICE inline T triplet_term_grad(T diff, T margin, bool soft_margin) {
   if (soft_margin) return sigmoid(diff);
   const T z = diff + margin;
   return (z >= T(0) || z != z) ? T(1) : T(0);
+}
+
+// Contrastive loss: a pair's term and its slope in d, max(0, d - pos_margin) for a
+// positive pair, max(0, neg_margin - d) for a negative one. At the kink the slope is the
+// active side's, as torch.clamp(min=0) passes the gradient at 0. NaN for a pair with a
+// non-finite row.
+template <typename T>
+struct PairTerm {
+  T value, slope;
+};
+template <typename T>
+C10_HOST_DEVICE inline PairTerm<T> contrastive_term(T d, bool same, bool finite, double pos_margin,
+                                                   double neg_margin) {
+  if (!finite) return {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::quiet_NaN()};
+  const T z = same ? d - T(pos_margin) : T(neg_margin) - d;
+  return {z > T(0) ? z : T(0) * z, z >= T(0) ? T(same ? 1 : -1) : T(0)};  // 0 * NaN keeps a NaN distance
 }
 
 // A pair's gradient in difference form, for raw rows a, b:

@@ -1,5 +1,5 @@
 """What only a real GPU can show: a training step captured in a CUDA graph (no host
-synchronisation in the batch-hard forward or backward), the launch count of a small batch,
+synchronisation in the batch-hard or loss-family forward or backward), the launch count of a small batch,
 and the stateful modules (CenterLoss, CrossBatchMemory) on CUDA tensors. Skipped visibly
 without a GPU; `make gpu-check` runs them. (tripletops.distributed on CUDA tensors:
 test_distributed.py.)"""
@@ -17,20 +17,17 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _op_covers("b
                                 reason="needs a CUDA GPU and the CUDA batch_hard_loss kernel")
 
 
-@pytest.mark.parametrize("bank", [False, True])
-@pytest.mark.parametrize("b", [64, 2000])
-def test_training_step_captures_in_a_cuda_graph(bank, b):
-    """Forward + backward of batch_hard_loss inside torch.cuda.graph: capture fails on any
-    host synchronisation; replays must match an eager step on new data."""
+def _replays_match_eager_steps(loss_fn, b: int, copies: bool = False) -> None:
+    """A training step of loss_fn(embeddings, labels) captured in a CUDA graph (capture
+    fails on any host synchronisation); replays on new batches (with `copies`, rows
+    100..149 repeat rows 0..49) must match an eager step."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 16).cuda()
     x, y = make_batch(b, 32, 10, device="cuda")
-    ref_x, ref_y = make_batch(3000, 16, 10, device="cuda", seed=7)
-    kw = dict(ref_embeddings=ref_x, ref_labels=ref_y) if bank else {}
 
     def step():
         lin.zero_grad(set_to_none=False)
-        loss = tripletops.batch_hard_loss(lin(x), y, **kw)
+        loss = loss_fn(lin(x), y)
         loss.backward()
         return loss
 
@@ -45,6 +42,8 @@ def test_training_step_captures_in_a_cuda_graph(bank, b):
         captured_loss = step()
     for seed in (1, 2):
         new_x, new_y = make_batch(b, 32, 10, device="cuda", seed=seed)
+        if copies:
+            new_x[100:150] = new_x[:50]
         x.copy_(new_x), y.copy_(new_y)
         graph.replay()
         torch.cuda.synchronize()
@@ -52,6 +51,33 @@ def test_training_step_captures_in_a_cuda_graph(bank, b):
         eager_loss = step()
         assert_close_rel(replay_loss, eager_loss, 1e-6, "loss")
         assert_grad_close(replay_grad, lin.weight.grad, 1e-5)
+
+
+@pytest.mark.parametrize("bank", [False, True])
+@pytest.mark.parametrize("b", [64, 2000])
+def test_training_step_captures_in_a_cuda_graph(bank, b):
+    """Forward + backward of batch_hard_loss, alone or against a bank, in a CUDA graph."""
+    ref_x, ref_y = make_batch(3000, 16, 10, device="cuda", seed=7)
+    kw = dict(ref_embeddings=ref_x, ref_labels=ref_y) if bank else {}
+    _replays_match_eager_steps(lambda e, y: tripletops.batch_hard_loss(e, y, **kw), b)
+
+
+FAMILY_STEPS = {
+    "batch_all": lambda e, y: tripletops.batch_all_loss(e, y),
+    "batch_all_soft": lambda e, y: tripletops.batch_all_loss(e, y, soft_margin=True),
+    "semi_hard": lambda e, y: tripletops.semi_hard_loss(e, y),
+    "contrastive": lambda e, y: tripletops.contrastive_loss(e, y),
+    "contrastive_none": lambda e, y: tripletops.contrastive_loss(e, y, reduction="none").sum(),
+    "pairwise_distance": lambda e, y: tripletops.pairwise_distance(e).sum(),
+}
+
+
+@pytest.mark.parametrize("loss", list(FAMILY_STEPS))
+def test_family_step_captures_in_a_cuda_graph(loss):
+    """The loss family and pairwise_distance (identical rows settled by hash, sort and byte
+    comparison on the device) never synchronise with the host either, duplicated rows
+    included."""
+    _replays_match_eager_steps(FAMILY_STEPS[loss], 300, copies=True)
 
 
 def test_small_batch_launches_at_most_four_kernels():

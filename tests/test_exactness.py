@@ -85,9 +85,10 @@ def test_pair_family_gradient_passes_at_the_kink(name):
 # ---- identical inputs, identical distances (semi-hard's strict comparison) -------------
 
 
+@pytest.mark.parametrize("device", devices_for("semi_hard_loss"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
-def test_semi_hard_on_duplicated_rows_matches_its_definition(dtype, metric):
+def test_semi_hard_on_duplicated_rows_matches_its_definition(device, dtype, metric):
     """Every row three times, B * B * D past the direct path (the GEMM path): copies of a row
     must be at bitwise-identical distances, or d(a,n) > d(a,p) flips on the last bit (before:
     about half of random batches disagreed, loss up to 6% off)."""
@@ -97,23 +98,24 @@ def test_semi_hard_on_duplicated_rows_matches_its_definition(dtype, metric):
         base = torch.randn(40, 16, generator=g, dtype=torch.float64)
         if metric == "cosine":  # unit rows made as x * (1/|x|): same-direction distances must be 0
             base = base * (1 / base.norm(dim=1, keepdim=True))
-        x = base.repeat(3, 1).to(dtype)
-        y = torch.randint(0, 8, (40,), generator=g).repeat(3)
+        x = base.repeat(3, 1).to(device, dtype)
+        y = torch.randint(0, 8, (40,), generator=g).repeat(3).to(device)
         d = tripletops.pairwise_distance(x, metric=metric)
         assert torch.equal(d[:40], d[40:80]) and torch.equal(d[:, :40], d[:, 40:80])
         assert bool((d[torch.arange(40), torch.arange(40) + 40] == 0).all()) and bool((d.diagonal() == 0).all())
         loss, grad = _grad(tripletops.semi_hard_loss, x, y, margin=0.5, metric=metric)
-        ref_loss, ref_grad = _grad(reference.semi_hard_loss, x.double(), y, margin=0.5, metric=metric)
+        ref_loss, ref_grad = _grad(reference.semi_hard_loss, x.cpu().double(), y.cpu(), margin=0.5, metric=metric)
         rtol = 1e-9 if dtype == torch.float64 else 1e-5
-        mismatches += not torch.allclose(loss.double(), ref_loss, rtol=rtol, atol=1e-7)
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=100 * rtol, atol=1e-6)
+        mismatches += not torch.allclose(loss.cpu().double(), ref_loss, rtol=rtol, atol=1e-7)
+        torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=100 * rtol, atol=1e-6)
     assert mismatches == 0
 
 
-def test_identical_rows_across_x_and_y_are_at_distance_zero():
+@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
+def test_identical_rows_across_x_and_y_are_at_distance_zero(device):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 20, generator=g)
-    y = torch.cat([x[:50], torch.randn(250, 20, generator=g), x[:50]])
+    x = torch.randn(300, 20, generator=g).to(device)
+    y = torch.cat([x[:50], torch.randn(250, 20, generator=g).to(device), x[:50]])
     for metric in ("euclidean", "sqeuclidean", "cosine"):
         d = tripletops.pairwise_distance(x, y, metric=metric)
         assert bool((d[torch.arange(50), torch.arange(50)] == 0).all())
@@ -344,9 +346,10 @@ def test_duplicated_rows_tie_to_the_smallest_index_on_the_gram_path(device, bank
     assert torch.equal(m.pos_idx.cpu(), want.pos_idx) and torch.equal(m.neg_idx.cpu(), want.neg_idx)
 
 
-@pytest.mark.parametrize("n", [6, 300])  # the direct path and the GEMM path
+@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
+@pytest.mark.parametrize("n", [6, 300])  # the direct path and the GEMM path (CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cosine_same_direction_rows_meet_at_zero_and_zero_rows_stay_at_one(n, dtype):
+def test_cosine_same_direction_rows_meet_at_zero_and_zero_rows_stay_at_one(device, n, dtype):
     """SPEC: same-direction rows have cosine distance exactly 0. x and 2x (unit rows that
     round alike) used to come out 1.2e-7 apart in fp32; and zero rows, which F.normalize
     leaves at 0 (distance 1 to everything, themselves included), used to be set to 0 when
@@ -357,7 +360,7 @@ def test_cosine_same_direction_rows_meet_at_zero_and_zero_rows_stay_at_one(n, dt
     x[2] = 0.25 * x[0]
     x[3] = 0
     x[4] = 0
-    d = tripletops.pairwise_distance(x, metric="cosine")
+    d = tripletops.pairwise_distance(x.to(device), metric="cosine").cpu()
     want = reference.pairwise_distance(x.double(), metric="cosine")
     same = [0, 1, 2]
     assert bool((d[same][:, same] == 0).all()), d[same][:, same]

@@ -57,6 +57,19 @@ def _opcheck_samples(ops=torch.ops.tripletops):
     out = ops.batch_hard_loss(x, y, bank.detach(), bank_y, 0.2, "euclidean", False, "none")
     yield ops.batch_hard_loss_backward.default, (torch.ones(9), x, bank.detach(), *out[1:], 0.2, "euclidean", False,
                                                  "none", True)
+    for red in ("mean", "mean_nonzero"):
+        yield ops.batch_all_loss.default, (xg, y, 0.2, "euclidean", False, red)
+    yield ops.batch_all_loss.default, (xg, y, 0.2, "cosine", True, "sum")
+    _, d64 = ops.batch_all_loss(x, y, 0.2, "euclidean", False, "mean")
+    yield ops.batch_all_loss_backward.default, (torch.ones((), dtype=torch.float64), x, y, d64, 0.2, "euclidean",
+                                                False, "mean")
+    yield ops.semi_hard_loss.default, (xg, y, 0.5, "sqeuclidean")
+    yield ops.semi_hard_loss_backward.default, (torch.ones((), dtype=torch.float64), x, y, d64, 0.5, "euclidean")
+    for red in ("mean", "none"):
+        yield ops.contrastive_loss.default, (xg, y, 0.1, 1.2, "euclidean", red)
+    _, dc = ops.contrastive_loss(x, y, 0.1, 1.2, "cosine", "none")
+    yield ops.contrastive_loss_backward.default, (torch.randn(36, dtype=torch.float64), x, y, dc, 0.1, 1.2, "cosine",
+                                                  "none")
     a, p, n = (torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     for swap in (False, True):
         yield ops.triplet_margin_loss.default, (a, p, n, 1.0, "euclidean", swap, "mean")

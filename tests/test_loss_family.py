@@ -8,7 +8,7 @@ import torch
 import tripletops
 from tripletops import reference
 
-from conftest import (DEVICES, DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, assert_close_rel, assert_grad_close, devices_for,
+from conftest import (DEVICES, DTYPES, EMU, GRAD_RTOL, LOSS_RTOL, METRICS, assert_close_rel, assert_grad_close,
                       make_batch)
 
 SHAPES = [(1, 4, 1), (2, 3, 2), (7, 5, 3), (33, 1, 4), (65, 9, 5), (130, 17, 13)]
@@ -72,10 +72,11 @@ def test_matches_float64_reference(name, reduction, device, dtype, metric, b, d,
         assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
-def test_batch_all_soft_margin(metric, reduction):
-    x, y = make_batch(40, 6, 5, dtype=torch.float64)
+def test_batch_all_soft_margin(device, metric, reduction):
+    x, y = make_batch(40, 6, 5, dtype=torch.float64, device=device)
     kw = _kwargs("batch_all", reduction, metric, soft=True)
     loss, grad = _run(tripletops.batch_all_loss, x, y, kw)
     ref_loss, ref_grad = _run(reference.batch_all_loss, x, y, kw)
@@ -83,8 +84,9 @@ def test_batch_all_soft_margin(metric, reduction):
     assert_grad_close(grad, ref_grad, 1e-9)
 
 
-def test_non_contiguous_and_int32_labels():
-    x, y = make_batch(30, 8, 4, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_int32_labels(device):
+    x, y = make_batch(30, 8, 4, dtype=torch.float64, device=device)
     xt = x.T.contiguous().T  # same values, transposed strides
     for name, (fn, ref_fn, reds) in FAMILY.items():
         kw = _kwargs(name, reds[0], "euclidean")
@@ -92,11 +94,12 @@ def test_non_contiguous_and_int32_labels():
         assert_close_rel(fn(x[::2], y[::2], **kw), ref_fn(x[::2].contiguous(), y[::2], **kw), 1e-10, name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(FAMILY))
-def test_no_valid_triplet_or_pair_gives_zero_and_zero_gradients(name):
+def test_no_valid_triplet_or_pair_gives_zero_and_zero_gradients(name, device):
     fn, _, reds = FAMILY[name]
-    x = torch.randn(6, 4, dtype=torch.float64)
-    for y in (torch.arange(6), torch.zeros(6, dtype=torch.int64)):  # all distinct / all one class
+    x = torch.randn(6, 4, dtype=torch.float64, device=device)
+    for y in (torch.arange(6, device=device), torch.zeros(6, dtype=torch.int64, device=device)):  # all distinct / all one class
         for reduction in reds:
             kw = _kwargs(name, reduction, "euclidean")
             if name == "contrastive":
@@ -107,32 +110,39 @@ def test_no_valid_triplet_or_pair_gives_zero_and_zero_gradients(name):
             assert torch.equal(grad, torch.zeros_like(grad)), (name, reduction)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(FAMILY))
-def test_duplicates_give_finite_gradients(name):
+def test_duplicates_give_finite_gradients(name, device):
     fn, _, reds = FAMILY[name]
-    x = torch.randn(4, 5, dtype=torch.float64).repeat(3, 1)  # every row three times
-    y = torch.arange(4).repeat(3)
+    x = torch.randn(4, 5, dtype=torch.float64).repeat(3, 1).to(device)  # every row three times
+    y = torch.arange(4).repeat(3).to(device)
     for metric in METRICS:
         loss, grad = _run(fn, x, y, _kwargs(name, reds[0], metric))
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), metric
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(FAMILY))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_inf_gives_nan(name, bad):
+def test_nan_or_inf_gives_nan(name, bad, device):
     fn, _, reds = FAMILY[name]
-    x, y = make_batch(12, 4, 3, dtype=torch.float32)
+    x, y = make_batch(12, 4, 3, dtype=torch.float32, device=device)
     x[5, 1] = bad
     for reduction in reds:
-        loss = fn(x, y, **_kwargs(name, reduction, "euclidean"))
+        x_ = x.clone().requires_grad_(True)
+        loss = fn(x_, y, **_kwargs(name, reduction, "euclidean"))
         assert torch.isnan(loss).any(), (name, reduction)
+        (loss.sum() if loss.dim() else loss).backward()
+        assert torch.isnan(x_.grad).any(), (name, reduction)  # the NaN reaches the gradient
 
 
-def test_ties_pick_the_smallest_index_in_semi_hard():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_pick_the_smallest_index_in_semi_hard(device):
     # Anchor 0 with positive 1 at distance 1; negatives 2 and 3 both at distance 2: the
     # gradient must go to row 2 only (the smaller index).
-    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=torch.float64, requires_grad=True)
-    y = torch.tensor([0, 0, 1, 2])
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, -2.0]], dtype=torch.float64, device=device,
+                     requires_grad=True)
+    y = torch.tensor([0, 0, 1, 2], device=device)
     tripletops.semi_hard_loss(x, y, margin=5.0).backward()
     ref = x.detach().clone().requires_grad_(True)
     reference.semi_hard_loss(ref, y, margin=5.0).backward()
@@ -140,11 +150,12 @@ def test_ties_pick_the_smallest_index_in_semi_hard():
     assert x.grad[2].abs().sum() > 0 and x.grad[3].abs().sum() == 0  # the tie went to row 2
 
 
-def test_semi_hard_semantics_by_hand():
+@pytest.mark.parametrize("device", DEVICES)
+def test_semi_hard_semantics_by_hand(device):
     # One anchor-positive pair per class. Class 0: d(0,1) = 1. Negatives at 0.5 (closer:
     # not semi-hard), 1.5 and 3: the semi-hard one is 1.5 -> loss 1 - 1.5 + m.
-    x = torch.tensor([[0.0], [1.0], [0.5], [1.5], [3.0]], dtype=torch.float64)
-    y = torch.tensor([0, 0, 1, 2, 3])
+    x = torch.tensor([[0.0], [1.0], [0.5], [1.5], [3.0]], dtype=torch.float64, device=device)
+    y = torch.tensor([0, 0, 1, 2, 3], device=device)
     m = 1.0
     got = tripletops.semi_hard_loss(x, y, margin=m)
     # pairs (0,1): negatives of 0 at 0.5, 1.5, 3 -> 1.5 -> 1 - 1.5 + 1 = 0.5
@@ -196,14 +207,53 @@ def test_bad_input():
         tripletops.semi_hard_loss(x.long(), y)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(FAMILY))
-def test_bit_identical_repeats(name):
+def test_bit_identical_repeats(name, device):
     fn, _, reds = FAMILY[name]
-    x, y = make_batch(97, 11, 9)
+    x, y = make_batch(97, 11, 9, device=device)
     first = _run(fn, x, y, _kwargs(name, reds[0], "euclidean"))
     for _ in range(2):
         again = _run(fn, x, y, _kwargs(name, reds[0], "euclidean"))
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name,reduction", CASES + [("batch_all", "soft")])
+def test_gradcheck(name, reduction, metric, device):
+    """Finite differences against each kernel's backward (float64, random points: no kink)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 4, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3], device=device)
+    fn, _, _ = FAMILY[name]
+    kw = _kwargs(name, "mean" if reduction == "soft" else reduction, metric, soft=reduction == "soft")
+    assert torch.autograd.gradcheck(lambda a: fn(a, y, **kw), (x,))
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not EMU, reason="needs make cuda-emu (TRIPLETOPS_EMU_LIB)")
+@pytest.mark.parametrize("metric", METRICS)
+def test_emulated_cuda_bitwise_across_thread_and_block_orders(metric, monkeypatch):
+    """The CUDA family kernels reduce each row and the batch in a fixed order, and
+    semi-hard's shared negatives take equal addends: under other thread and block orders
+    (emulator seeds) every loss and gradient is bitwise the same. Duplicated rows and
+    few classes make negatives shared by many positives."""
+    x, y = make_batch(50, 6, 4)
+    x = torch.cat([x, x[:10]])
+    y = torch.cat([y, y[:10]])
+    outs = []
+    for seed in ("0", "1", "7", "12345"):
+        monkeypatch.setenv("TRIPLETOPS_EMU_SEED", seed)
+        got = []
+        for name, (fn, _, reds) in FAMILY.items():
+            for reduction in reds:
+                got += _run(fn, x, y, _kwargs(name, reduction, metric))
+        got += _run(tripletops.batch_all_loss, x, y, _kwargs("batch_all", "mean", metric, soft=True))
+        outs.append(got)
+    for other in outs[1:]:
+        for a, c in zip(outs[0], other):
+            assert torch.equal(a, c)
 
 
 def test_opcheck_on_the_family_ops():
@@ -419,17 +469,18 @@ def test_cross_batch_memory_state_unchanged_by_a_rejected_call():
     torch.testing.assert_close(xbm.embeddings, stored.double(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
 @pytest.mark.parametrize("loss", ["batch_all mean", "batch_all mean_nonzero", "batch_all sum", "batch_all soft",
                                   "semi_hard"])
-def test_inf_in_a_singleton_class_gives_nan(dtype, metric, bad, loss):
+def test_inf_in_a_singleton_class_gives_nan(dtype, metric, bad, loss, device):
     """An ±Inf entry in a row whose class has no other member: that row is only ever a
     negative, at distance inf, which zeroes every hinge it enters. The loss must still be
     NaN (NaN/Inf in, NaN out), never finite."""
-    x, _ = make_batch(10, 4, 3, dtype=dtype, seed=12)
-    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 9])
+    x, _ = make_batch(10, 4, 3, dtype=dtype, seed=12, device=device)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 9], device=device)
     x[9, 1] = bad
     if loss == "semi_hard":
         out = tripletops.semi_hard_loss(x, y, metric=metric)
@@ -437,22 +488,3 @@ def test_inf_in_a_singleton_class_gives_nan(dtype, metric, bad, loss):
         reduction = "mean_nonzero" if loss.endswith("soft") else loss.split()[1]
         out = tripletops.batch_all_loss(x, y, metric=metric, reduction=reduction, soft_margin=loss.endswith("soft"))
     assert torch.isnan(out), out
-
-
-@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
-@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum", "none"])
-def test_contrastive_without_a_fused_kernel_uses_the_distance_kernel(device, reduction):
-    """Where contrastive_loss has no kernel (CUDA today; cuda-emu here) it is composed from the
-    pairwise_distance kernel and eager terms; on CPU that composition must agree with the
-    fused op too."""
-    from tripletops import pair_losses
-
-    x, y = make_batch(70, 9, 6, dtype=torch.float64, device=device)
-    kw = dict(pos_margin=0.1, neg_margin=1.2, metric="euclidean", reduction=reduction)
-    loss, grad = _run(tripletops.contrastive_loss, x, y, kw)
-    ref_loss, ref_grad = _run(reference.contrastive_loss, x, y, kw)
-    composed, composed_grad = _run(lambda x, y, **k: pair_losses._contrastive_from_distances(
-        x, y, k["pos_margin"], k["neg_margin"], k["metric"], k["reduction"]), x, y, kw)
-    for got, g in ((loss, grad), (composed, composed_grad)):
-        assert_close_rel(got, ref_loss, 1e-10, "loss")
-        assert_grad_close(g, ref_grad, 1e-9)

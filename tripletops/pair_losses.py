@@ -1,13 +1,16 @@
 """The losses over every triplet or pair of a batch: batch-all, semi-hard, contrastive.
 
-Each is one op (csrc/cpu/loss_family_cpu.cpp) that builds the batch's (B, B) distance
-matrix with the `pairwise_distance` kernel (a GEMM plus an exact recompute of close
-pairs; exact differences for small batches) and reduces it per anchor row. Batch-all and
-semi-hard work on float64 distances for every input dtype: they sum small differences of
-distances (d(a,p) + m − d(a,n) near the hinge), so the few-ulp error of float32
-distances would reach ~1e-5 of the loss. Contrastive works on compute-dtype distances.
-Memory is O(B²), never the O(B³) of the textbook formulations, and the backward ends in
-`pairwise_distance`'s O(B²·D) one. Results have the input's dtype.
+Each is one op (csrc/cpu/loss_family_cpu.cpp, csrc/cuda/loss_family_cuda.cu) that builds
+the batch's (B, B) distance matrix with the `pairwise_distance` kernel (a GEMM plus an
+exact recompute of close pairs; exact differences for small batches on CPU) and reduces
+it per anchor row (on CUDA one block per row, then one block for the loss, on the
+device). Batch-all and semi-hard work on float64 distances for every input dtype: they
+sum small differences of distances (d(a,p) + m − d(a,n) near the hinge), so the few-ulp
+error of float32 distances would reach ~1e-5 of the loss. Contrastive works on
+compute-dtype distances. Memory is O(B²) (on CUDA a few (B, B) buffers: the distances,
+each row's sorted negatives and their prefix sums), never the O(B³) of the textbook
+formulations, and the backward ends in `pairwise_distance`'s O(B²·D) one. Results have
+the input's dtype.
 """
 from __future__ import annotations
 
@@ -16,8 +19,7 @@ import torch
 from . import _validate, reference
 from . import _ext
 from ._ext import use_extension
-from .distance import pairwise_distance
-from .reference import _compute, _maybe_normalize
+from .reference import _maybe_normalize
 
 
 def batch_all_loss(
@@ -124,33 +126,7 @@ def contrastive_loss(
     _validate.contrastive(embeddings, labels, metric, reduction, pos_margin, neg_margin)
     _validate.flag(normalize, "normalize")
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)
-    if _ext._op_covers("contrastive_loss", embeddings.device.type):
-        return _ext.ops.contrastive_loss(embeddings, labels, float(pos_margin), float(neg_margin), metric,
-                                         reduction)[0]
-    # No fused kernel on this device (CUDA, today): the pairwise_distance kernel, then
-    # elementwise terms, rather than the reference's difference-form distances.
-    if not use_extension("pairwise_distance", embeddings):
+    if not use_extension("contrastive_loss", embeddings):
         return reference.contrastive_loss(embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin,
                                           metric=metric, reduction=reduction)
-    return _contrastive_from_distances(embeddings, labels, pos_margin, neg_margin, metric, reduction)
-
-
-def _contrastive_from_distances(embeddings, labels, pos_margin, neg_margin, metric, reduction):
-    """Contrastive loss from the pairwise_distance kernel's (B, B) matrix and eager
-    elementwise ops, masked to i < j (no gather of the B(B-1)/2 pairs)."""
-    d = pairwise_distance(_compute(embeddings), metric=metric)
-    if reduction == "none":
-        return reference._contrastive(d, embeddings, labels, pos_margin, neg_margin, reduction)
-    b = len(labels)
-    same = labels[:, None] == labels[None, :]
-    upper = torch.ones(b, b, dtype=torch.bool, device=labels.device).triu_(1)
-    finite = torch.isfinite(embeddings).all(1)
-    terms = torch.where(same, torch.clamp(d - pos_margin, min=0), torch.clamp(neg_margin - d, min=0))
-    terms = torch.where(finite[:, None] & finite[None, :], terms, torch.full_like(terms, float("nan")))
-    terms = torch.where(upper, terms, torch.zeros_like(terms))
-    total = terms.sum()
-    if reduction == "mean":
-        total = total / max(1, b * (b - 1) // 2)
-    elif reduction == "mean_nonzero":
-        total = total / (terms > 0).sum().clamp(min=1)
-    return total.to(embeddings.dtype)
+    return _ext.ops.contrastive_loss(embeddings, labels, float(pos_margin), float(neg_margin), metric, reduction)[0]

@@ -21,24 +21,10 @@ namespace tripletops {
 namespace cpu {
 namespace {
 
-// The ops' prologue: embeddings and labels as the mining ops take them, the margins, and
-// for a backward op the saved (B, B) distances and a scalar (or per-pair) gradient.
+// The ops' prologue: embeddings and labels as the mining ops take them (the margins and
+// a backward op's saved arguments: check_margin and check_saved in common.h).
 void check_batch(const at::Tensor& embeddings, const at::Tensor& labels) {
   check_mining_inputs(embeddings, labels, c10::nullopt, c10::nullopt, c10::DeviceType::CPU);
-}
-void check_margin(double margin, const char* name) {
-  TORCH_CHECK_VALUE(margin >= 0 && margin < std::numeric_limits<double>::infinity(), "tripletops: ", name,
-                    " must be a finite number >= 0, got ", margin);
-}
-void check_saved(const char* op, const at::Tensor& grad, int64_t grad_numel, const at::Tensor& dist,
-                 const at::Tensor& embeddings, at::ScalarType dist_dtype) {
-  const int64_t B = embeddings.size(0);
-  TORCH_CHECK_VALUE(dist.dim() == 2 && dist.size(0) == B && dist.size(1) == B && dist.scalar_type() == dist_dtype &&
-                        dist.device().is_cpu(),
-                    "tripletops.", op, "_backward: dist must be the forward's (", B, ", ", B, ") ", dist_dtype,
-                    " distances, got shape ", dist.sizes(), " and dtype ", dist.scalar_type());
-  TORCH_CHECK_VALUE(grad.numel() == grad_numel && grad.device().is_cpu(), "tripletops.", op,
-                    "_backward: grad must have ", grad_numel, " element(s), got shape ", grad.sizes());
 }
 
 // One anchor's positives (same label, not itself) and negatives, as distances.
@@ -299,20 +285,6 @@ at::Tensor semi_hard_grad_dist(const at::Tensor& grad, const at::Tensor& dist, c
 
 // ---- contrastive (Hadsell et al.): every pair i < j ----------------------------------
 
-// A pair's term and its slope in d: max(0, d - pos_margin) for a positive pair,
-// max(0, neg_margin - d) for a negative one. At the kink the slope is the active side's,
-// as torch.clamp(min=0) passes the gradient at 0. NaN for a pair with a non-finite row.
-template <typename T>
-struct PairTerm {
-  T value, slope;
-};
-template <typename T>
-inline PairTerm<T> contrastive_term(T d, bool same, bool finite, double pos_margin, double neg_margin) {
-  if (!finite) return {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::quiet_NaN()};
-  const T z = same ? d - T(pos_margin) : T(neg_margin) - d;
-  return {z > T(0) ? z : T(0) * z, z >= T(0) ? T(same ? 1 : -1) : T(0)};  // 0 * NaN keeps a NaN distance
-}
-
 // Rows with no NaN/Inf, as uint8 per row.
 std::vector<uint8_t> finite_rows(const at::Tensor& x) {
   const at::Tensor c = x.contiguous();
@@ -367,7 +339,7 @@ at::Tensor batch_all_loss_backward_cpu(const at::Tensor& grad, const at::Tensor&
                                        const at::Tensor& dist, double margin, c10::string_view metric,
                                        bool soft_margin, c10::string_view reduction_name) {
   check_batch(embeddings, labels);
-  check_saved("batch_all_loss", grad, 1, dist, embeddings, at::kDouble);
+  check_saved("batch_all_loss", grad, 1, dist, embeddings, at::kDouble, c10::DeviceType::CPU);
   const Reduction reduction = parse_reduction(reduction_name);
   const at::Tensor grad_dist = batch_all_grad_dist(grad, dist, labels, margin, soft_margin, reduction);
   auto [gx, unused] = pairwise_distance_backward_cpu(grad_dist, embeddings.to(at::kDouble), c10::nullopt, dist, metric);
@@ -385,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_loss_cpu(const at::Tensor& embeddin
 at::Tensor semi_hard_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& labels,
                                        const at::Tensor& dist, double margin, c10::string_view metric) {
   check_batch(embeddings, labels);
-  check_saved("semi_hard_loss", grad, 1, dist, embeddings, at::kDouble);
+  check_saved("semi_hard_loss", grad, 1, dist, embeddings, at::kDouble, c10::DeviceType::CPU);
   const at::Tensor grad_dist = semi_hard_grad_dist(grad, dist, labels, margin);
   auto [gx, unused] = pairwise_distance_backward_cpu(grad_dist, embeddings.to(at::kDouble), c10::nullopt, dist, metric);
   return gx.to(embeddings.scalar_type());
@@ -430,7 +402,7 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
   const int64_t B = embeddings.size(0);
   const at::Tensor x = embeddings.to(compute_dtype(embeddings.scalar_type()));
   check_saved("contrastive_loss", grad, reduction == Reduction::None ? B * (B - 1) / 2 : 1, dist, embeddings,
-              x.scalar_type());
+              x.scalar_type(), c10::DeviceType::CPU);
   const std::vector<uint8_t> fin = finite_rows(x);
   const at::Tensor lab = labels.to(at::kLong).contiguous();
   const at::Tensor d_c = dist.contiguous();
