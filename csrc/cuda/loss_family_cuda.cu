@@ -74,7 +74,7 @@ at::Tensor loss_of(const at::Tensor& out, const at::Tensor& embeddings) {
 struct LabelSorted {
   at::Tensor neg, neg_column, neg_prefix, pos;
 };
-LabelSorted sort_by_label(const at::Tensor& dist, const at::Tensor& lab, bool prefix, bool pos) {
+LabelSorted sort_by_label(const at::Tensor& dist, const at::Tensor& lab, bool prefix, bool pos, bool column) {
   const int64_t B = dist.size(0);
   at::Tensor neg_key = at::empty_like(dist), pos_key = pos ? at::empty_like(dist) : at::Tensor();
   TRIPLETOPS_LAUNCH(split_by_label_kernel, entry_blocks(B), kElementThreads, 0, current_stream(),
@@ -82,6 +82,7 @@ LabelSorted sort_by_label(const at::Tensor& dist, const at::Tensor& lab, bool pr
                     pos ? pos_key.data_ptr<double>() : nullptr);
   LabelSorted s;
   std::tie(s.neg, s.neg_column) = at::sort(neg_key, c10::optional<bool>(true), /*dim=*/1, /*descending=*/false);
+  if (!column) s.neg_column = at::Tensor();  // (B, B) int64 freed now, not at the op's end
   if (pos) s.pos = std::get<0>(at::sort(pos_key, c10::optional<bool>(true), /*dim=*/1, /*descending=*/false));
   if (prefix) {
     s.neg_prefix = at::empty_like(s.neg);
@@ -121,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor> batch_all_loss_cuda(const at::Tensor& embeddi
   const DeviceGuard guard(embeddings.device());
   at::Tensor dist = pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
   const Batch b = batch_of(dist, labels);
-  const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/false);
+  const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/false,
+                                                                  /*column=*/false);
   const at::Tensor out = family_total(batch_all_stats(b, s, margin, soft_margin), denominator(reduction), false, {});
   return {loss_of(out, embeddings), dist};
 }
@@ -134,7 +136,8 @@ at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   const Reduction reduction = parse_reduction(reduction_name);
   const DeviceGuard guard(embeddings.device());
   const Batch b = batch_of(dist, labels);
-  const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/true);
+  const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/true,
+                                                                  /*column=*/false);
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const at::Tensor out = family_total(batch_all_stats(b, s, margin, soft_margin), denominator(reduction), false, g);
   at::Tensor grad_dist = at::zeros({b.B, b.B}, b.dist.options());
@@ -164,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_loss_cuda(const at::Tensor& embeddi
   const DeviceGuard guard(embeddings.device());
   at::Tensor dist = pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
   const Batch b = batch_of(dist, labels);
-  const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false);
+  const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false, /*column=*/false);
   const at::Tensor out = family_total(semi_hard_stats(b, s, margin), Denominator::Count, false, {});
   return {loss_of(out, embeddings), dist};
 }
@@ -175,7 +178,7 @@ at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   check_saved("semi_hard_loss", grad, 1, dist, embeddings, at::kDouble, kDeviceType);
   const DeviceGuard guard(embeddings.device());
   const Batch b = batch_of(dist, labels);
-  const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false);
+  const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false, /*column=*/true);
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   const at::Tensor out = family_total(semi_hard_stats(b, s, margin), Denominator::Count, false, g);
   at::Tensor grad_dist = at::zeros({b.B, b.B}, b.dist.options());
