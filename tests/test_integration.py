@@ -37,6 +37,20 @@ def test_extension_loaded_in_strict_mode():
     assert bool(info) == info.loaded
 
 
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not EMU, reason="needs make cuda-emu (TRIPLETOPS_EMU_LIB)")
+def test_every_op_and_backward_has_a_cuda_kernel():
+    """The CUDA sources register every op of csrc/schema.h (the emulated build registers
+    the same TORCH_LIBRARY_IMPL blocks), so a CUDA build's extension_available().devices
+    lists "cuda"; on a GPU machine that is checked directly."""
+    registered = torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+    cpu = {n.split("::")[1] for n in registered if n.startswith("tripletops::")}
+    emulated_cuda = {n.split("::")[1] for n in registered if n.startswith("tripletops_emu::")}
+    assert len(cpu) == 13 and cpu == emulated_cuda, cpu ^ emulated_cuda
+    if torch._C._dispatch_has_kernel_for_dispatch_key("tripletops::pairwise_distance", "CUDA"):  # a CUDA build
+        assert "cuda" in tripletops.extension_available().devices
+
+
 def _opcheck_samples(ops=torch.ops.tripletops):
     x = torch.randn(9, 5, dtype=torch.float64)
     xg = x.clone().requires_grad_(True)
