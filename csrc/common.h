@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Optional.h>
 #include <c10/macros/Macros.h>
@@ -10,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <string_view>
 
 namespace tripletops {
@@ -44,13 +47,52 @@ inline Reduction parse_reduction(std::string_view s) {
   TORCH_CHECK_TYPE(at::isFloatingType((x).scalar_type()), "tripletops: ", name,            \
                    " must be a floating-point tensor (float32/float64/float16/bfloat16), got ", \
                    (x).scalar_type())
-#define TRIPLETOPS_CHECK_LABELS(x, name)                                                   \
-  TORCH_CHECK_TYPE(at::isIntegralType((x).scalar_type(), /*includeBool=*/false),           \
-                   "tripletops: ", name, " must be an integer tensor, got ", (x).scalar_type()); \
-  TORCH_CHECK_VALUE((x).dim() == 1, "tripletops: ", name, " must be 1-D, got shape ", (x).sizes())
+// Labels: (B,) integer class ids, or (B, L) multi-hot bool/uint8 (L >= 1).
+#define TRIPLETOPS_CHECK_LABELS(x, name)                                                                    \
+  TORCH_CHECK_VALUE((x).dim() == 1 || (x).dim() == 2, "tripletops: ", name,                                 \
+                    " must be (B,) class ids or (B, L) multi-hot labels, got shape ", (x).sizes());          \
+  TORCH_CHECK_TYPE((x).dim() == 1 ? at::isIntegralType((x).scalar_type(), /*includeBool=*/false)            \
+                                  : ((x).scalar_type() == at::kBool || (x).scalar_type() == at::kByte),     \
+                   "tripletops: ", name, (x).dim() == 1 ? " (class ids) must be an integer tensor, got "      \
+                                                          : " (multi-hot) must be bool or uint8, got ",      \
+                   (x).scalar_type());                                                                      \
+  TORCH_CHECK_VALUE((x).dim() == 1 || (x).size(1) >= 1, "tripletops: ", name, " must have L >= 1 labels")
 #define TRIPLETOPS_CHECK_SAME_DEVICE(x, y, xname, yname)                                   \
   TORCH_CHECK((x).device() == (y).device(), "tripletops: ", xname, " and ", yname,         \
               " must be on the same device, got ", (x).device(), " and ", (y).device())
+
+// The kernels' view of labels: class ids (words == 0, one int64 per row), or multi-hot
+// labels packed as bitsets (words 64-bit words per row, label k in bit k % 64 of word
+// k / 64). j is a positive of i when they have the same id, or share at least one label:
+// an AND per word. A row with no label shares none, so it is everyone's negative.
+struct Labels {
+  const int64_t* data;
+  int64_t words;
+  C10_HOST_DEVICE bool shares(int64_t i, const Labels& other, int64_t j) const {
+    if (words == 0) return data[i] == other.data[j];
+    const int64_t *a = data + i * words, *b = other.data + j * words;
+    for (int64_t w = 0; w < words; ++w)
+      if (a[w] & b[w]) return true;
+    return false;
+  }
+};
+
+// Labels as the kernels take them (device-agnostic ATen): class ids as contiguous int64,
+// or (B, L) multi-hot as (B, ceil(L / 64)) int64 bitsets.
+inline at::Tensor pack_labels(const at::Tensor& labels) {
+  if (labels.dim() == 1) return labels.to(at::kLong).contiguous();
+  const int64_t B = labels.size(0), L = labels.size(1), W = (L + 63) / 64;
+  at::Tensor bits = labels.ne(0).to(at::kLong);
+  if (W * 64 != L) bits = at::constant_pad_nd(bits, {0, W * 64 - L});
+  // Bit k of each word from column k: distinct powers of two, so the sum is the OR (the
+  // int64 sum wraps at bit 63 exactly as the OR does).
+  const at::Tensor shifts = at::arange(64, labels.options().dtype(at::kLong));
+  return bits.view({B, W, 64}).bitwise_left_shift(shifts).sum(2).contiguous();
+}
+// The view of pack_labels' result (2-D: bitsets).
+inline Labels labels_view(const at::Tensor& packed) {
+  return {packed.data_ptr<int64_t>(), packed.dim() == 2 ? packed.size(1) : 0};
+}
 
 // The explicit-triplet ops' input checks, shared by the CPU and CUDA kernels.
 // The shift of a column with this mean and variance before mining: the mean rounded to a
@@ -137,6 +179,10 @@ inline void check_mining_inputs(const at::Tensor& embeddings, const at::Tensor& 
                      embeddings.scalar_type(), " like embeddings, got ", ref.scalar_type());
     TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, ref, "embeddings", "ref_embeddings");
     TRIPLETOPS_CHECK_LABELS(*ref_labels, "ref_labels");
+    TORCH_CHECK_VALUE(ref_labels->dim() == labels.dim() && (labels.dim() == 1 || ref_labels->size(1) == labels.size(1)),
+                      "tripletops: ref_labels must be labels of the same kind as labels (", labels.dim() == 1
+                          ? std::string("(M,) class ids") : "(M, " + std::to_string(labels.size(1)) + ") multi-hot",
+                      "), got shape ", ref_labels->sizes());
     TRIPLETOPS_CHECK_SAME_DEVICE(embeddings, *ref_labels, "embeddings", "ref_labels");
     TORCH_CHECK_VALUE(ref_labels->size(0) == ref.size(0), "tripletops: ref_labels must have M = ", ref.size(0),
                       " entries (one per ref_embeddings row), got ", ref_labels->size(0));

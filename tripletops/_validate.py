@@ -45,16 +45,35 @@ def device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None
 
 
 def labels(y: torch.Tensor, name: str, n: int, rows_name: str, x: torch.Tensor) -> None:
-    """Integer (n,) labels on x's device."""
+    """(n,) integer class ids, or (n, L) multi-hot labels (bool, or uint8 of 0/1), on x's
+    device. The uint8 value check reads the labels (a device sync on CUDA)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"tripletops: {name} must be a torch.Tensor, got {type(y).__name__}")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"tripletops: {name} must be an integer tensor (int32 or int64), got {y.dtype}")
-    if y.dim() != 1:
-        raise ValueError(f"tripletops: {name} must be 1-D, got shape {tuple(y.shape)}")
+    if y.dim() not in (1, 2):
+        raise ValueError(f"tripletops: {name} must be (B,) class ids or (B, L) multi-hot labels, got shape "
+                         f"{tuple(y.shape)}")
+    if y.dim() == 2:
+        if y.dtype not in (torch.bool, torch.uint8):
+            raise TypeError(f"tripletops: {name} as (B, L) multi-hot labels must be bool or uint8, got {y.dtype}")
+        if y.shape[1] < 1:
+            raise ValueError(f"tripletops: {name} as multi-hot labels needs L >= 1 columns, got shape {tuple(y.shape)}")
+        if y.dtype == torch.uint8 and y.numel() and bool((y > 1).any()):
+            raise ValueError(f"tripletops: {name} as uint8 multi-hot labels must hold only 0 and 1, "
+                             f"got a value {int(y.max())}")
+    elif y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"tripletops: {name} must be integer class ids (int32 or int64) of shape (B,), or (B, L) "
+                        f"multi-hot bool/uint8 labels, got {y.dtype} of shape {tuple(y.shape)}")
     if y.shape[0] != n:
         raise ValueError(f"tripletops: {name} must have {n} entries, one per row of {rows_name}, got {y.shape[0]}")
     device(y, name, x, rows_name)
+
+
+def same_kind(y: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """Class ids with class ids, multi-hot with multi-hot of the same L."""
+    if y.dim() != ref.dim() or (y.dim() == 2 and y.shape[1] != ref.shape[1]):
+        kind = lambda t: "(B,) class ids" if t.dim() == 1 else f"multi-hot with L = {t.shape[1]}"  # noqa: E731
+        raise ValueError(f"tripletops: {ref_name} must be labels of the same kind as {name}: {name} are "
+                         f"{kind(y)}, {ref_name} are {kind(ref)}")
 
 
 def metric(m: str) -> None:
@@ -105,6 +124,8 @@ def mining(embeddings, labels_, metric_, ref_embeddings, ref_labels) -> None:
     labels(labels_, "labels", embeddings.shape[0], "embeddings", embeddings)
     metric(metric_)
     reference_set(embeddings, ref_embeddings, ref_labels)
+    if ref_labels is not None:
+        same_kind(labels_, ref_labels, "labels", "ref_labels")
 
 
 def family(embeddings, labels_, metric_, reduction_, margin_, batch_all: bool = False) -> None:

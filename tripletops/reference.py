@@ -51,6 +51,27 @@ def _pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.T
     return d.square() if metric == "sqeuclidean" else d
 
 
+def shared_labels(labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: whether row i and reference row j are of a class. Class ids: equal
+    ids. Multi-hot (B, L) labels: at least one label in common (the definition of DPSH
+    and the deep-hashing literature), so a row with no label is a positive of nobody and
+    a negative of everyone.
+
+    Example::
+
+        >>> y = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+        >>> shared_labels(y, y).int()
+        tensor([[1, 1, 1, 0],
+                [1, 1, 0, 0],
+                [1, 0, 1, 0],
+                [0, 0, 0, 0]], dtype=torch.int32)
+    """
+    if labels.dim() == 1:
+        return labels[:, None] == ref_labels[None, :]
+    # Counts of common labels, exact in float64 (L < 2^53).
+    return (labels.double() @ ref_labels.double().T) > 0
+
+
 def _mine(embeddings, labels, ref_embeddings, ref_labels, metric) -> Mined:
     self_mining = ref_embeddings is None
     ref = embeddings if self_mining else ref_embeddings
@@ -61,11 +82,11 @@ def _mine(embeddings, labels, ref_embeddings, ref_labels, metric) -> Mined:
     finite = torch.isfinite(embeddings).all(1)[:, None] & torch.isfinite(ref).all(1)[None, :]
     d = d.masked_fill(~finite, float("nan"))
 
-    same = labels[:, None] == ref_lab[None, :]
-    is_pos = same
-    if self_mining:
-        is_pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    is_neg = ~same
+    same = shared_labels(labels, ref_lab)
+    is_pos, is_neg = same, ~same
+    if self_mining:  # an anchor is neither its own positive nor (with no label) its own negative
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        is_pos, is_neg = same & ~eye, ~same & ~eye
     # torch.max / torch.min return the first (smallest) index among ties and propagate NaN.
     pos_dist, pos_idx = d.masked_fill(~is_pos, float("-inf")).max(dim=1)
     neg_dist, neg_idx = d.masked_fill(~is_neg, float("inf")).min(dim=1)
@@ -203,9 +224,9 @@ def _masked_distances(embeddings: torch.Tensor, labels: torch.Tensor, metric: st
     d = _pairwise_distance(embeddings, embeddings, metric)
     finite = torch.isfinite(embeddings).all(1)
     d = d.masked_fill(~(finite[:, None] & finite[None, :]), float("nan"))
-    same = labels[:, None] == labels[None, :]
-    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return d, pos, ~same
+    same = shared_labels(labels, labels)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return d, same & ~eye, ~same & ~eye
 
 
 def _compute(x: torch.Tensor) -> torch.Tensor:
@@ -288,6 +309,6 @@ def _contrastive(d, embeddings, labels, pos_margin, neg_margin, reduction):
     dij = d[i, j]
     finite = torch.isfinite(embeddings).all(1)
     dij = torch.where(finite[i] & finite[j], dij, torch.full_like(dij, float("nan")))
-    same = labels[i] == labels[j]
+    same = shared_labels(labels, labels)[i, j]
     loss = torch.where(same, torch.clamp(dij - pos_margin, min=0), torch.clamp(neg_margin - dij, min=0))
     return _reduce(loss, torch.ones_like(same), reduction).to(embeddings.dtype)

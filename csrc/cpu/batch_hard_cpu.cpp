@@ -325,6 +325,19 @@ inline std::vector<int32_t> class_ids(const int64_t* lab, int64_t n, const int64
   return ids;
 }
 
+// Multi-hot labels on the fast scans: for anchor i and candidates c0..c0+n, out[j - c0]
+// is 0 where they share a label and 1 where not, so the scans' "same id as 0" test is the
+// shared-label test. One AND per word; for L <= 64 a single vectorizable pass.
+inline void shared_label_ids(const Labels& lab, int64_t i, const Labels& ref, int64_t c0, int64_t n, int32_t* out) {
+  if (lab.words == 1) {
+    const int64_t a = lab.data[i];
+    const int64_t* r = ref.data + c0;
+    for (int64_t j = 0; j < n; ++j) out[j] = (a & r[j]) == 0;
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = !lab.shares(i, ref, c0 + j);
+}
+
 // True when no mining key can be NaN or inf: all rows finite, norms far from overflow.
 template <typename T>
 bool keys_all_finite(const PreparedRows& R) {
@@ -381,8 +394,8 @@ inline double inverse_norm(const T* a, int64_t D) {
 // On random fp32 unit rows about 0.3% of anchors need it at B = 1024, D = 256 (1.2% at
 // B = 4096, D = 512); the rest pay only the runner-up keys and the check.
 template <typename T>
-void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x, const T* y, const int64_t* lab,
-                      const int64_t* ref_lab, bool self, Metric metric, const T* pk, const T* pk2, const T* nk,
+void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x, const T* y, const Labels& lab,
+                      const Labels& ref_lab, bool self, Metric metric, const T* pk, const T* pk2, const T* nk,
                       const T* nk2, int64_t* pos, int64_t* neg) {
   const int64_t B = Em.rows.size(0), M = Rm.rows.size(0), D = Em.rows.size(1);
   const bool cosine = metric == Metric::Cosine;
@@ -426,7 +439,7 @@ void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x
         const Todo& w = todo[t];
         for (int64_t j = c0; j < c1; ++j) {
           if ((self && j == w.i) || !fr[j]) continue;
-          const bool same = ref_lab[j] == lab[w.i];
+          const bool same = lab.shares(w.i, ref_lab, j);
           if (same ? !w.sp : !w.sn) continue;
           const T gj = g[t * cols + (j - c0)];
           const double k = cosine ? double(T(1) - gj) : double(relu_nan(sa[w.i] + sr[j] - T(2) * gj));
@@ -443,7 +456,7 @@ void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x
       double bp = -1, bn = 0;
       int64_t ip = -1, in = -1;
       for (const int64_t j : cand[t]) {
-        const bool same = ref_lab[j] == lab[i];
+        const bool same = lab.shares(i, ref_lab, j);
         const double k = exact_key(x + i * D, y + j * D, D, ia, cosine ? inverse_norm(y + j * D, D) : 1.0);
         if (same && (ip < 0 || k > bp)) bp = k, ip = j;
         if (!same && (in < 0 || k < bn)) bn = k, in = j;
@@ -459,7 +472,7 @@ void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x
 // closest negative in R. `self`: R is E, and an anchor is not its own positive. E and R
 // are the rows mined on (shifted, or unit rows); x and y the input rows, for settling.
 template <typename T>
-void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R, const int64_t* ref_lab,
+void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R, const Labels& ref_lab,
                 const T* x, const T* y, bool self, Metric metric, int64_t* pos, int64_t* neg) {
   const int64_t B = E.rows.size(0), M = R.rows.size(0);
   const bool fast = keys_all_finite<T>(E) && (self || keys_all_finite<T>(R));
@@ -469,7 +482,11 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
   std::vector<T> pos_key(B, -inf), neg_key(B, inf), pos_key2(B, -inf), neg_key2(B, inf);
   const T* sq_e = E.sq_norm.data_ptr<T>();
   const T* sq_r = R.sq_norm.data_ptr<T>();
-  const std::vector<int32_t> ids = fast ? class_ids(lab, B, ref_lab, self ? 0 : M) : std::vector<int32_t>();
+  // Class ids go to the fast scans as int32 ids; multi-hot labels as shared_label_ids,
+  // built per anchor (or per candidate, for the symmetric tiles' columns) and chunk.
+  const bool multi_hot = lab.words > 0;
+  const std::vector<int32_t> ids =
+      fast && !multi_hot ? class_ids(lab.data, B, ref_lab.data, self ? 0 : M) : std::vector<int32_t>();
   const int32_t* id_e = ids.data();
   const int32_t* id_r = self ? ids.data() : ids.data() + B;
   const KeyFn<T> key{metric, E.sq_norm.data_ptr<T>(), R.sq_norm.data_ptr<T>(), E.finite.data_ptr<uint8_t>(),
@@ -479,24 +496,28 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
   auto reduce_rows = [&](const T* tile, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c1 - c0));
     at::parallel_for(r0, r1, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> shared(multi_hot && fast ? c1 - c0 : 0);
       for (int64_t i = begin; i < end; ++i) {
         const T* g = tile + (i - r0) * ld;
-        const int64_t li = lab[i];
         T pk = pos_key[i], nk = neg_key[i], pk2 = pos_key2[i], nk2 = neg_key2[i];
         int64_t pi = pos[i], ni = neg[i];
         if (fast) {
+          // Candidates' ids relative to c0, and the anchor's id.
+          const int32_t* ids_c = id_r + c0;
+          int32_t id_i = multi_hot ? 0 : id_e[i];
+          if (multi_hot) shared_label_ids(lab, i, ref_lab, c0, c1 - c0, shared.data()), ids_c = shared.data();
           // An anchor is not its own positive: scan around it (keeps ascending order).
           const int64_t cut = (self && i >= c0 && i < c1) ? i : c1;
-          scan_row_fast_any(g, sq_r + c0, id_r + c0, sq_e[i], id_e[i], c0, int32_t(cut - c0), cosine, pk, pi, nk, ni,
-                            pk2, nk2);
+          scan_row_fast_any(g, sq_r + c0, ids_c, sq_e[i], id_i, c0, int32_t(cut - c0), cosine, pk, pi, nk, ni, pk2,
+                            nk2);
           if (cut < c1)
-            scan_row_fast_any(g + (cut + 1 - c0), sq_r + cut + 1, id_r + cut + 1, sq_e[i], id_e[i], cut + 1,
+            scan_row_fast_any(g + (cut + 1 - c0), sq_r + cut + 1, ids_c + (cut + 1 - c0), sq_e[i], id_i, cut + 1,
                               int32_t(c1 - cut - 1), cosine, pk, pi, nk, ni, pk2, nk2);
         } else {
           for (int64_t j = c0; j < c1; ++j) {
             if (self && j == i) continue;
             const T k = key(i, j, g[j - c0]);
-            if (ref_lab[j] == li) offer_farther(k, j, pk, pi, pk2);
+            if (lab.shares(i, ref_lab, j)) offer_farther(k, j, pk, pi, pk2);
             else offer_closer(k, j, nk, ni, nk2);
           }
         }
@@ -508,7 +529,8 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
   // columns (tile column j - col0), walking rows so the reads stay contiguous.
   auto reduce_cols = [&](const T* tile, int64_t ld, int64_t col0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     at::parallel_for(c0, c1, 64, [&](int64_t begin, int64_t end) {
-      if (fast) {  // whole vectors of anchors first, then the rest anchor array by array
+      std::vector<int32_t> shared(multi_hot && fast ? end - begin : 0);
+      if (fast && !multi_hot) {  // whole vectors of anchors first, then the rest anchor array by array
         constexpr int64_t N = Lanes<T>::N;
         for (; begin + N <= end; begin += N)
           scan_cols_chunk_any(tile + begin - col0, ld, sq_e, id_e, r0, r1, sq_e + begin, id_e + begin, cosine,
@@ -517,16 +539,18 @@ void mine_tiles(const PreparedRows& E, const int64_t* lab, const PreparedRows& R
       }
       for (int64_t i = r0; i < r1 && begin < end; ++i) {
         const T* g = tile + (i - r0) * ld - col0;
-        const int64_t li = lab[i];
         if (fast) {
-          scan_col_fast_any(g + begin, sq_e + begin, id_e + begin, sq_e[i], id_e[i], i, end - begin, cosine,
+          const int32_t* ids_a = id_e + begin;  // the anchors' ids, and the candidate's
+          int32_t id_i = multi_hot ? 0 : id_e[i];
+          if (multi_hot) shared_label_ids(lab, i, lab, begin, end - begin, shared.data()), ids_a = shared.data();
+          scan_col_fast_any(g + begin, sq_e + begin, ids_a, sq_e[i], id_i, i, end - begin, cosine,
                             pos_key.data() + begin, pos + begin, neg_key.data() + begin, neg + begin,
                             pos_key2.data() + begin, neg_key2.data() + begin);
           continue;
         }
         for (int64_t j = begin; j < end; ++j) {
           const T k = key(j, i, g[j]);
-          if (lab[j] == li) offer_farther(k, i, pos_key[j], pos[j], pos_key2[j]);
+          if (lab.shares(j, lab, i)) offer_farther(k, i, pos_key[j], pos[j], pos_key2[j]);
           else offer_closer(k, i, neg_key[j], neg[j], neg_key2[j]);
         }
       }
@@ -615,14 +639,17 @@ bool center_for_mining(const PreparedRows& E, const PreparedRows& R, bool self, 
 
 struct Inputs {
   bool self;
-  at::Tensor labels, ref_labels;  // int64, contiguous
+  at::Tensor labels, ref_labels;  // pack_labels: int64 class ids or multi-hot bitsets, contiguous
+  Labels lab, ref;                // their views
 };
 
 Inputs check_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
                     const c10::optional<at::Tensor>& ref_embeddings, const c10::optional<at::Tensor>& ref_labels) {
   check_mining_inputs(embeddings, labels, ref_embeddings, ref_labels, c10::DeviceType::CPU);
-  Inputs in{!ref_embeddings.has_value(), labels.to(at::kLong).contiguous(), at::Tensor()};
-  in.ref_labels = in.self ? in.labels : ref_labels->to(at::kLong).contiguous();
+  Inputs in{!ref_embeddings.has_value(), pack_labels(labels), at::Tensor(), {}, {}};
+  in.ref_labels = in.self ? in.labels : pack_labels(*ref_labels);
+  in.lab = labels_view(in.labels);
+  in.ref = labels_view(in.ref_labels);
   return in;
 }
 
@@ -639,7 +666,7 @@ struct Mined {
 constexpr int64_t kDirectWork = int64_t(1) << 16;
 
 template <typename T>
-void mine_direct(const PreparedRows& E, const int64_t* lab, const PreparedRows& R, const int64_t* ref_lab, bool self,
+void mine_direct(const PreparedRows& E, const Labels& lab, const PreparedRows& R, const Labels& ref_lab, bool self,
                  Metric metric, int64_t* pos, int64_t* neg, T* pd, T* nd) {
   const int64_t B = E.rows.size(0), M = R.rows.size(0), D = E.rows.size(1);
   const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
@@ -652,7 +679,7 @@ void mine_direct(const PreparedRows& E, const int64_t* lab, const PreparedRows& 
       // A NaN key for a non-finite row, as the Gram path's KeyFn gives.
       const T d = (fe[i] && fr[j]) ? row_distance(e + i * D, r + j * D, D, metric)
                                     : std::numeric_limits<T>::quiet_NaN();
-      if (ref_lab[j] == lab[i]) offer_farther(d, j, pk, pi, pk2);
+      if (lab.shares(i, ref_lab, j)) offer_farther(d, j, pk, pi, pk2);
       else offer_closer(d, j, nk, ni, nk2);
     }
     pos[i] = pi, neg[i] = ni;
@@ -720,7 +747,7 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     AT_DISPATCH_FLOATING_TYPES(E.rows.scalar_type(), "batch_hard_mine_direct", [&] {
       int64_t *pos = m.pos_idx.data_ptr<int64_t>(), *neg = m.neg_idx.data_ptr<int64_t>();
       scalar_t *pd = m.pos_dist.data_ptr<scalar_t>(), *nd = m.neg_dist.data_ptr<scalar_t>();
-      mine_direct<scalar_t>(Es, in.labels.data_ptr<int64_t>(), Rs, in.ref_labels.data_ptr<int64_t>(), in.self,
+      mine_direct<scalar_t>(Es, in.lab, Rs, in.ref, in.self,
                             metric, pos, neg, pd, nd);
       const scalar_t *e = E.rows.data_ptr<scalar_t>(), *r = R.rows.data_ptr<scalar_t>();
       const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
@@ -750,7 +777,7 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     const at::Tensor xs = metric != Metric::Cosine ? Es.rows : (scaled ? se_in : embeddings).to(E.rows.scalar_type()).contiguous();
     const at::Tensor ys = in.self ? xs : metric != Metric::Cosine ? Rs.rows
                                        : (scaled ? sr_in : *ref_embeddings).to(E.rows.scalar_type()).contiguous();
-    mine_tiles<T>(Em, in.labels.data_ptr<int64_t>(), Rm, in.ref_labels.data_ptr<int64_t>(), xs.data_ptr<T>(),
+    mine_tiles<T>(Em, in.lab, Rm, in.ref, xs.data_ptr<T>(),
                   ys.data_ptr<T>(), in.self, metric, pos, neg);
     const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
     const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();

@@ -36,11 +36,11 @@ struct AnchorRow {
   // loss would come out finite and wrong.
   bool nan = false;
 
-  void fill(const T* d, const int64_t* lab, int64_t a, int64_t B) {
+  void fill(const T* d, const Labels& lab, int64_t a, int64_t B) {
     pos.clear(), neg.clear(), nan = false;
     for (int64_t j = 0; j < B; ++j) {
       if (j == a) continue;
-      (lab[j] == lab[a] ? pos : neg).emplace_back(d[j], j);
+      (lab.shares(a, lab, j) ? pos : neg).emplace_back(d[j], j);
       nan |= !(d[j] - d[j] == T(0));
     }
   }
@@ -58,7 +58,7 @@ template <typename T, typename Fn>
 void for_each_anchor(const at::Tensor& dist, const at::Tensor& labels, const Fn& fn) {
   const int64_t B = dist.size(0);
   const T* d = dist.data_ptr<T>();
-  const int64_t* lab = labels.data_ptr<int64_t>();
+  const Labels lab = labels_view(labels);
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     AnchorRow<T> row;
     for (int64_t a = begin; a < end; ++a) {
@@ -145,12 +145,12 @@ inline double denominator(const AllTotals& t, Reduction r) {
   return r == Reduction::Sum ? 1.0 : double(r == Reduction::Mean ? t.valid : t.nonzero);
 }
 
-// Prepared inputs: distances in the compute dtype, labels as int64.
+// Prepared inputs: distances in the compute dtype, labels packed (pack_labels).
 struct DistInputs {
   at::Tensor dist, labels;
 };
 inline DistInputs prepare(const at::Tensor& dist, const at::Tensor& labels) {
-  return {dist.to(compute_dtype(dist.scalar_type())).contiguous(), labels.to(at::kLong).contiguous()};
+  return {dist.to(compute_dtype(dist.scalar_type())).contiguous(), pack_labels(labels)};
 }
 
 double batch_all_from_dist(const at::Tensor& dist, const at::Tensor& labels, double margin, bool soft_margin,
@@ -303,13 +303,13 @@ std::vector<uint8_t> finite_rows(const at::Tensor& x) {
 
 // Sum over pairs (double, row-major i < j: the same on every run) and the denominator.
 template <typename T>
-std::pair<double, double> contrastive_total(const T* d, const int64_t* lab, const uint8_t* fin, int64_t B,
+std::pair<double, double> contrastive_total(const T* d, const Labels& lab, const uint8_t* fin, int64_t B,
                                             double pm, double nm, Reduction reduction) {
   double sum = 0;
   int64_t nonzero = 0;
   for (int64_t i = 0; i < B; ++i)
     for (int64_t j = i + 1; j < B; ++j) {
-      const T v = contrastive_term(d[i * B + j], lab[i] == lab[j], fin[i] && fin[j], pm, nm).value;
+      const T v = contrastive_term(d[i * B + j], lab.shares(i, lab, j), fin[i] && fin[j], pm, nm).value;
       sum += double(v);
       nonzero += v > T(0);
     }
@@ -373,19 +373,19 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_cpu(const at::Tensor& embedd
   const at::Tensor x = embeddings.to(compute_dtype(embeddings.scalar_type()));
   at::Tensor dist = pairwise_distance_cpu(x, c10::nullopt, metric);
   const std::vector<uint8_t> fin = finite_rows(x);
-  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const at::Tensor lab = pack_labels(labels);
   const int64_t B = x.size(0);
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_loss_cpu", [&] {
     using T = scalar_t;
     const T* d = dist.data_ptr<T>();
-    const int64_t* l = lab.data_ptr<int64_t>();
+    const Labels l = labels_view(lab);
     if (reduction == Reduction::None) {
       loss = at::empty({B * (B - 1) / 2}, dist.options());
       T* out = loss.data_ptr<T>();
       for (int64_t i = 0, k = 0; i < B; ++i)
         for (int64_t j = i + 1; j < B; ++j, ++k)
-          out[k] = contrastive_term(d[i * B + j], l[i] == l[j], fin[i] && fin[j], pos_margin, neg_margin).value;
+          out[k] = contrastive_term(d[i * B + j], l.shares(i, l, j), fin[i] && fin[j], pos_margin, neg_margin).value;
       return;
     }
     const auto [sum, den] = contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction);
@@ -404,14 +404,14 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
   check_saved("contrastive_loss", grad, reduction == Reduction::None ? B * (B - 1) / 2 : 1, dist, embeddings,
               x.scalar_type(), c10::DeviceType::CPU);
   const std::vector<uint8_t> fin = finite_rows(x);
-  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const at::Tensor lab = pack_labels(labels);
   const at::Tensor d_c = dist.contiguous();
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   at::Tensor grad_dist = at::zeros({B, B}, dist.options());
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_loss_backward_cpu", [&] {
     using T = scalar_t;
     const T* d = d_c.data_ptr<T>();
-    const int64_t* l = lab.data_ptr<int64_t>();
+    const Labels l = labels_view(lab);
     const double* gp = g.data_ptr<double>();
     T* w = grad_dist.data_ptr<T>();
     // The reduction's scale (its denominator is a count, held constant, as autograd would).
@@ -420,7 +420,7 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
       scale = gp[0] / contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction).second;
     for (int64_t i = 0, k = 0; i < B; ++i)
       for (int64_t j = i + 1; j < B; ++j, ++k) {
-        const T slope = contrastive_term(d[i * B + j], l[i] == l[j], fin[i] && fin[j], pos_margin, neg_margin).slope;
+        const T slope = contrastive_term(d[i * B + j], l.shares(i, l, j), fin[i] && fin[j], pos_margin, neg_margin).slope;
         w[i * B + j] = T(double(slope) * (reduction == Reduction::None ? gp[k] : scale));
       }
   });

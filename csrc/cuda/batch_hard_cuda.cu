@@ -71,14 +71,14 @@ constexpr int64_t kMaxGridBlocks = 4096; // the backward kernels stride over row
 
 struct Inputs {
   bool self;
-  at::Tensor labels, ref_labels;  // int64, contiguous
+  at::Tensor labels, ref_labels;  // pack_labels: int64 class ids or multi-hot bitsets, contiguous
 };
 
 Inputs check_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
                     const c10::optional<at::Tensor>& ref_embeddings, const c10::optional<at::Tensor>& ref_labels) {
   check_mining_inputs(embeddings, labels, ref_embeddings, ref_labels, kDeviceType);
-  Inputs in{!ref_embeddings.has_value(), labels.to(at::kLong).contiguous(), at::Tensor()};
-  in.ref_labels = in.self ? in.labels : ref_labels->to(at::kLong).contiguous();
+  Inputs in{!ref_embeddings.has_value(), pack_labels(labels), at::Tensor()};
+  in.ref_labels = in.self ? in.labels : pack_labels(*ref_labels);
   return in;
 }
 
@@ -141,7 +141,7 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_small_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       TRIPLETOPS_LAUNCH((batch_hard_small_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0,
-                        stream, X.data_ptr<scalar_t>(), gram.data_ptr<T>(), in.labels.data_ptr<int64_t>(), B, D,
+                        stream, X.data_ptr<scalar_t>(), gram.data_ptr<T>(), labels_view(in.labels), B, D,
                         metric, gemm_u, margin, soft_margin, reduction, want_loss, m.pos_idx.data_ptr<int64_t>(),
                         m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
                         anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), counter_ptr(),
@@ -180,8 +180,8 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
       const unsigned row_blocks = blocks_of(rows, kRowsPerBlock);
       const unsigned blocks = row_blocks + (columns ? blocks_of(cols, kColumnThreads) : 0);
       TRIPLETOPS_LAUNCH((mine_tile_kernel<T>), blocks, row_threads, 0, stream, g.data_ptr<T>(), g.stride(0), r0, rows,
-                        c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(), in.labels.data_ptr<int64_t>(),
-                        in.ref_labels.data_ptr<int64_t>(), in.self, columns, row_blocks, metric, state);
+                        c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(), labels_view(in.labels),
+                        labels_view(in.ref_labels), in.self, columns, row_blocks, metric, state);
     };
     if (in.self) {
       for (int64_t r0 = 0; r0 < B; r0 += tile_rows)
@@ -211,11 +211,11 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
     at::Tensor part_idx = at::empty({B, parts, 2}, X.options().dtype(at::kLong));
     TRIPLETOPS_LAUNCH((settle_parts_kernel<scalar_t, T>), dim3(blocks_of(B, kRowsPerBlock), unsigned(parts)),
                       row_threads, 0, stream, X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), M, D, sq_x.data_ptr<T>(),
-                      in.labels.data_ptr<int64_t>(), in.ref_labels.data_ptr<int64_t>(), in.self, metric, gemm_u, B,
+                      labels_view(in.labels), labels_view(in.ref_labels), in.self, metric, gemm_u, B,
                       state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>());
     TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream,
                       X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, M, D, sq_x.data_ptr<T>(),
-                      in.labels.data_ptr<int64_t>(), in.ref_labels.data_ptr<int64_t>(), in.self, metric, gemm_u,
+                      labels_view(in.labels), labels_view(in.ref_labels), in.self, metric, gemm_u,
                       margin, soft_margin, state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(), parts,
                       m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
                       anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), reduction, want_loss,

@@ -127,14 +127,14 @@ struct MiningState {
 // Squared norms of candidate j: sq[j * sq_stride] (a norms vector, or the Gram diagonal).
 template <typename T>
 __device__ __forceinline__ Hardest<T> scan_row(const T* g, int64_t n, int64_t c0, const T* sq, int64_t sq_stride,
-                                               const int64_t* ref_labels, T sa, int64_t label, int64_t self_index,
+                                               Labels ref_labels, T sa, Labels labels, int64_t i, int64_t self_index,
                                                Metric metric, int lane) {
   Hardest<T> h = no_candidate<T>();
   for (int64_t t = lane; t < n; t += kWarp) {
     const int64_t j = c0 + t;
     if (j == self_index) continue;  // an anchor is not its own positive
     const T sj = sq[j * sq_stride];
-    h.offer(mining_key(metric, g[t], sa, sj), j, ref_labels[j] == label, sj);
+    h.offer(mining_key(metric, g[t], sa, sj), j, labels.shares(i, ref_labels, j), sj);
   }
   return warp_merge(h);
 }
@@ -192,7 +192,7 @@ __device__ __forceinline__ double exact_key_serial(const scalar_t* a, const scal
 template <typename scalar_t, typename T>
 __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, int64_t i, const T* g, const T* sq,
                                                 int64_t sq_stride, T sa, const scalar_t* x, int64_t B, int64_t D,
-                                                const int64_t* labels, Metric metric, int lane) {
+                                                Labels labels, Metric metric, int lane) {
   if (!(w.sp || w.sn)) return;
   const bool cosine = metric == Metric::Cosine;
   const scalar_t* a = x + i * D;
@@ -200,7 +200,7 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
   Hardest<double> e = no_candidate<double>();
   for (int64_t j = lane; j < B; j += kWarp) {
     if (j == i) continue;
-    const bool same = labels[j] == labels[i];
+    const bool same = labels.shares(i, labels, j);
     if (same ? !w.sp : !w.sn) continue;
     const double key = double(mining_key(metric, g[j], sa, sq[j * sq_stride]));
     if (same ? !(key >= w.lo) : !(key <= w.hi)) continue;
@@ -360,7 +360,7 @@ __global__ void prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, i
 // block) their reduction. With the GEMM and prepare_rows_kernel, the whole forward.
 template <typename scalar_t, typename T>
 __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T* __restrict__ gram,
-                                        const int64_t* __restrict__ labels, int64_t B, int64_t D, Metric metric,
+                                        Labels labels, int64_t B, int64_t D, Metric metric,
                                         double gemm_u, double margin, bool soft_margin, Reduction reduction,
                                         bool want_loss,
                                         int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
@@ -370,7 +370,7 @@ __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T*
   const int lane = threadIdx.x % kWarp;
   if (i < B) {  // no early return: the reduction below needs every thread of the block
     const T sa = gram[i * (B + 1)];
-    Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, sa, labels[i], i, metric, lane);
+    Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, sa, labels, i, i, metric, lane);
     settle_from_row<scalar_t, T>(h, certify(h, sa, D, metric, gemm_u), i, gram + i * B, gram, B + 1, sa, x, B, D,
                                  labels, metric, lane);
     T loss;
@@ -413,14 +413,14 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int6
 template <typename T>
 __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
                                  const T* __restrict__ sq_rows, const T* __restrict__ sq_cols,
-                                 const int64_t* __restrict__ row_labels, const int64_t* __restrict__ col_labels,
+                                 Labels row_labels, Labels col_labels,
                                  bool self, bool columns, unsigned row_blocks, Metric metric, MiningState<T> state) {
   if (blockIdx.x < row_blocks) {
     const int64_t u = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (u >= R) return;
     const int64_t i = r0 + u;
-    const Hardest<T> h = scan_row(tile + u * ld, C, c0, sq_cols, 1, col_labels, sq_rows[i], row_labels[i],
+    const Hardest<T> h = scan_row(tile + u * ld, C, c0, sq_cols, 1, col_labels, sq_rows[i], row_labels, i,
                                   self ? i : int64_t(-1), metric, lane);
     if (lane != 0) return;
     Hardest<T> s = state.load(i);
@@ -433,11 +433,10 @@ __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t
   if (t >= C) return;
   const int64_t j = c0 + t;  // the column anchor; its candidates are the tile's rows
   const T sj = sq_cols[j];
-  const int64_t lj = col_labels[j];
   Hardest<T> h = no_candidate<T>();
   for (int64_t u = 0; u < R; ++u) {
     const int64_t i = r0 + u;
-    h.offer(mining_key(metric, tile[u * ld + t], sj, sq_rows[i]), i, row_labels[i] == lj, sq_rows[i]);
+    h.offer(mining_key(metric, tile[u * ld + t], sj, sq_rows[i]), i, col_labels.shares(j, row_labels, i), sq_rows[i]);
   }
   Hardest<T> s = state.load(j);
   s.merge(h);
@@ -453,8 +452,8 @@ __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t
 // rescan of a bank over many SMs.
 template <typename scalar_t, typename T>
 __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t M,
-                                    int64_t D, const T* __restrict__ sq_x, const int64_t* __restrict__ labels,
-                                    const int64_t* __restrict__ ref_labels, bool self, Metric metric, double gemm_u,
+                                    int64_t D, const T* __restrict__ sq_x, Labels labels,
+                                    Labels ref_labels, bool self, Metric metric, double gemm_u,
                                     int64_t B, MiningState<T> state, double* part_key, int64_t* part_idx) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int64_t parts = gridDim.y, s = blockIdx.y;
@@ -472,7 +471,7 @@ __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar
   const int64_t j0 = M * s / parts, j1 = M * (s + 1) / parts;
   for (int64_t j = j0; j < j1; ++j) {
     if (self && j == i) continue;
-    const bool same = ref_labels[j] == labels[i];
+    const bool same = labels.shares(i, ref_labels, j);
     if (same ? !w.sp : !w.sn) continue;
     const scalar_t* b = r + j * D;
     double ib = 1.0;
@@ -500,7 +499,7 @@ __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar
 template <typename scalar_t, typename T>
 __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t B,
                                       int64_t M, int64_t D, const T* __restrict__ sq_x,
-                                      const int64_t* __restrict__ labels, const int64_t* __restrict__ ref_labels,
+                                      Labels labels, Labels ref_labels,
                                       bool self, Metric metric, double gemm_u, double margin, bool soft_margin,
                                       MiningState<T> state, const double* part_key, const int64_t* part_idx,
                                       int64_t parts, T* pos_dist, T* neg_dist, T* anchor_loss,

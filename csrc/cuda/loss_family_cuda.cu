@@ -78,7 +78,7 @@ LabelSorted sort_by_label(const at::Tensor& dist, const at::Tensor& lab, bool pr
   const int64_t B = dist.size(0);
   at::Tensor neg_key = at::empty_like(dist), pos_key = pos ? at::empty_like(dist) : at::Tensor();
   TRIPLETOPS_LAUNCH(split_by_label_kernel, entry_blocks(B), kElementThreads, 0, current_stream(),
-                    dist.data_ptr<double>(), lab.data_ptr<int64_t>(), B, neg_key.data_ptr<double>(),
+                    dist.data_ptr<double>(), labels_view(lab), B, neg_key.data_ptr<double>(),
                     pos ? pos_key.data_ptr<double>() : nullptr);
   LabelSorted s;
   std::tie(s.neg, s.neg_column) = at::sort(neg_key, c10::optional<bool>(true), /*dim=*/1, /*descending=*/false);
@@ -92,13 +92,13 @@ LabelSorted sort_by_label(const at::Tensor& dist, const at::Tensor& lab, bool pr
   return s;
 }
 
-// The (B, B) float64 distances and int64 labels the batch-all / semi-hard kernels take.
+// The (B, B) float64 distances and packed labels the batch-all / semi-hard kernels take.
 struct Batch {
   at::Tensor dist, labels;
   int64_t B;
 };
 Batch batch_of(const at::Tensor& dist, const at::Tensor& labels) {
-  return {dist.contiguous(), labels.to(at::kLong).contiguous(), dist.size(0)};
+  return {dist.contiguous(), pack_labels(labels), dist.size(0)};
 }
 
 // ---- batch-all ------------------------------------------------------------------------
@@ -106,7 +106,7 @@ Batch batch_of(const at::Tensor& dist, const at::Tensor& labels) {
 at::Tensor batch_all_stats(const Batch& b, const LabelSorted& s, double margin, bool soft) {
   at::Tensor stats = at::empty({b.B, kStats}, b.dist.options());
   TRIPLETOPS_LAUNCH(batch_all_stats_kernel, row_blocks(b.B), kFamilyThreads, 0, current_stream(),
-                    b.dist.data_ptr<double>(), b.labels.data_ptr<int64_t>(), ptr_or_null<double>(s.neg),
+                    b.dist.data_ptr<double>(), labels_view(b.labels), ptr_or_null<double>(s.neg),
                     ptr_or_null<double>(s.neg_prefix), b.B, margin, soft, stats.data_ptr<double>());
   return stats;
 }
@@ -142,7 +142,7 @@ at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   const at::Tensor out = family_total(batch_all_stats(b, s, margin, soft_margin), denominator(reduction), false, g);
   at::Tensor grad_dist = at::zeros({b.B, b.B}, b.dist.options());
   TRIPLETOPS_LAUNCH(batch_all_grad_kernel, row_blocks(b.B), kFamilyThreads, 0, current_stream(),
-                    b.dist.data_ptr<double>(), b.labels.data_ptr<int64_t>(), ptr_or_null<double>(s.neg),
+                    b.dist.data_ptr<double>(), labels_view(b.labels), ptr_or_null<double>(s.neg),
                     ptr_or_null<double>(s.pos), b.B, margin, soft_margin, out.data_ptr<double>() + 1,
                     grad_dist.data_ptr<double>());
   auto [gx, unused] = pairwise_distance_backward_cuda(grad_dist, embeddings.to(at::kDouble), c10::nullopt, b.dist,
@@ -155,7 +155,7 @@ at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
 at::Tensor semi_hard_stats(const Batch& b, const LabelSorted& s, double margin) {
   at::Tensor stats = at::empty({b.B, kStats}, b.dist.options());
   TRIPLETOPS_LAUNCH(semi_hard_stats_kernel, row_blocks(b.B), kFamilyThreads, 0, current_stream(),
-                    b.dist.data_ptr<double>(), b.labels.data_ptr<int64_t>(), s.neg.data_ptr<double>(), b.B, margin,
+                    b.dist.data_ptr<double>(), labels_view(b.labels), s.neg.data_ptr<double>(), b.B, margin,
                     stats.data_ptr<double>());
   return stats;
 }
@@ -183,7 +183,7 @@ at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   const at::Tensor out = family_total(semi_hard_stats(b, s, margin), Denominator::Count, false, g);
   at::Tensor grad_dist = at::zeros({b.B, b.B}, b.dist.options());
   TRIPLETOPS_LAUNCH(semi_hard_grad_kernel, row_blocks(b.B), kFamilyThreads, 0, current_stream(),
-                    b.dist.data_ptr<double>(), b.labels.data_ptr<int64_t>(), s.neg.data_ptr<double>(),
+                    b.dist.data_ptr<double>(), labels_view(b.labels), s.neg.data_ptr<double>(),
                     s.neg_column.data_ptr<int64_t>(), b.B, margin, out.data_ptr<double>() + 1,
                     grad_dist.data_ptr<double>());
   auto [gx, unused] = pairwise_distance_backward_cuda(grad_dist, embeddings.to(at::kDouble), c10::nullopt, b.dist,
@@ -201,14 +201,14 @@ struct PairInputs {
 };
 PairInputs pair_inputs(const at::Tensor& embeddings, const at::Tensor& labels) {
   const at::Tensor x = embeddings.to(embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  return {x, at::isfinite(x).all(1).contiguous(), labels.to(at::kLong).contiguous(), x.size(0)};
+  return {x, at::isfinite(x).all(1).contiguous(), pack_labels(labels), x.size(0)};
 }
 
 at::Tensor contrastive_stats(const PairInputs& in, const at::Tensor& dist, double pm, double nm) {
   at::Tensor stats = at::empty({in.B, kStats}, dist.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_loss_cuda", [&] {
     TRIPLETOPS_LAUNCH((contrastive_stats_kernel<scalar_t>), row_blocks(in.B), kFamilyThreads, 0, current_stream(),
-                      dist.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(), in.finite.data_ptr<bool>(), in.B, pm,
+                      dist.data_ptr<scalar_t>(), labels_view(in.labels), in.finite.data_ptr<bool>(), in.B, pm,
                       nm, stats.data_ptr<double>());
   });
   return stats;
@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_cuda(const at::Tensor& embed
   at::Tensor terms = at::empty({in.B * (in.B - 1) / 2}, dist.options());
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_loss_cuda", [&] {
     TRIPLETOPS_LAUNCH((contrastive_pairs_kernel<scalar_t>), entry_blocks(in.B), kElementThreads, 0, current_stream(),
-                      dist.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(), in.finite.data_ptr<bool>(), in.B,
+                      dist.data_ptr<scalar_t>(), labels_view(in.labels), in.finite.data_ptr<bool>(), in.B,
                       pos_margin, neg_margin, terms.data_ptr<scalar_t>(), nullptr, nullptr, nullptr);
   });
   return {terms.to(embeddings.scalar_type()), dist};
@@ -257,7 +257,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   at::Tensor grad_dist = at::empty({in.B, in.B}, d.options());
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "contrastive_loss_backward_cuda", [&] {
     TRIPLETOPS_LAUNCH((contrastive_pairs_kernel<scalar_t>), entry_blocks(in.B), kElementThreads, 0, current_stream(),
-                      d.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(), in.finite.data_ptr<bool>(), in.B,
+                      d.data_ptr<scalar_t>(), labels_view(in.labels), in.finite.data_ptr<bool>(), in.B,
                       pos_margin, neg_margin, static_cast<scalar_t*>(nullptr),
                       reduction == Reduction::None ? ptr_or_null<double>(g) : nullptr,
                       out.defined() ? out.data_ptr<double>() + 1 : nullptr, grad_dist.data_ptr<scalar_t>());

@@ -70,11 +70,11 @@ struct RowCounts {
   bool nan;
   __device__ bool valid() const { return pos > 0 && neg > 0; }
 };
-__device__ inline RowCounts row_counts(const double* d, const int64_t* lab, int64_t a, int64_t B) {
+__device__ inline RowCounts row_counts(const double* d, Labels lab, int64_t a, int64_t B) {
   long long pos = 0, neg = 0, bad = 0;
   for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
     if (j == a) continue;
-    (lab[j] == lab[a] ? pos : neg) += 1;
+    (lab.shares(a, lab, j) ? pos : neg) += 1;
     bad += !(d[j] - d[j] == 0.0);
   }
   return {block_sum(pos), block_sum(neg), block_sum(bad) > 0};
@@ -83,14 +83,14 @@ __device__ inline RowCounts row_counts(const double* d, const int64_t* lab, int6
 // Each anchor's distances split into two rows to sort: its negatives' (+inf elsewhere)
 // and, when pos_key is given, its positives' (+inf elsewhere, the anchor itself too).
 // One thread per entry.
-__global__ void split_by_label_kernel(const double* __restrict__ dist, const int64_t* __restrict__ lab, int64_t B,
+__global__ void split_by_label_kernel(const double* __restrict__ dist, Labels lab, int64_t B,
                                       double* __restrict__ neg_key, double* __restrict__ pos_key) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= B * B) return;
   const int64_t a = idx / B, j = idx % B;
   const double inf = INFINITY;
-  const bool same = lab[a] == lab[j];
-  neg_key[idx] = same ? inf : dist[idx];
+  const bool same = lab.shares(a, lab, j);
+  neg_key[idx] = same || j == a ? inf : dist[idx];  // (a row with no label shares none, itself included)
   if (pos_key) pos_key[idx] = same && j != a ? dist[idx] : inf;
 }
 
@@ -120,7 +120,7 @@ __global__ void row_prefix_sum_kernel(const double* __restrict__ v, int64_t B, d
 // sorted negatives with prefix sums (neg_prefix[k] = sum of the k + 1 smallest), each
 // positive's sum over d_an < d_ap + m of (d_ap + m - d_an) is c (d_ap + m) - prefix[c - 1].
 // Soft margin: every (p, n), as on CPU.
-__global__ void batch_all_stats_kernel(const double* __restrict__ dist, const int64_t* __restrict__ lab,
+__global__ void batch_all_stats_kernel(const double* __restrict__ dist, Labels lab,
                                        const double* __restrict__ neg_sorted, const double* __restrict__ neg_prefix,
                                        int64_t B, double margin, bool soft, double* __restrict__ stats) {
   const int64_t a = blockIdx.x;
@@ -129,10 +129,10 @@ __global__ void batch_all_stats_kernel(const double* __restrict__ dist, const in
   double sum = 0, nonzero = 0;
   if (rc.valid() && !rc.nan) {
     for (int64_t p = threadIdx.x; p < B; p += blockDim.x) {
-      if (p == a || lab[p] != lab[a]) continue;
+      if (p == a || !lab.shares(a, lab, p)) continue;
       if (soft) {
         for (int64_t n = 0; n < B; ++n) {
-          if (lab[n] == lab[a]) continue;
+          if (n == a || lab.shares(a, lab, n)) continue;
           const double l = softplus(d[p] - d[n]);
           sum += l;
           nonzero += l > 0.0;
@@ -166,7 +166,7 @@ __device__ inline void poison_row(double* ga, int64_t a, int64_t B) {
 // d loss / d dist, anchor a's row, with s = d loss / d (sum of terms) (scale[0]).
 // Hinge: d/d d_ap = s * #(d_an <= d_ap + m); d/d d_an = -s * #(d_ap + m >= d_an), both by
 // binary search, the second over the positives sorted (d_ap + m is monotone in d_ap).
-__global__ void batch_all_grad_kernel(const double* __restrict__ dist, const int64_t* __restrict__ lab,
+__global__ void batch_all_grad_kernel(const double* __restrict__ dist, Labels lab,
                                       const double* __restrict__ neg_sorted, const double* __restrict__ pos_sorted,
                                       int64_t B, double margin, bool soft, const double* __restrict__ scale,
                                       double* __restrict__ grad_dist) {
@@ -180,11 +180,11 @@ __global__ void batch_all_grad_kernel(const double* __restrict__ dist, const int
   const double *neg = neg_sorted + a * B, *pos = pos_sorted + a * B;
   for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
     if (j == a) continue;
-    const bool positive = lab[j] == lab[a];
+    const bool positive = lab.shares(a, lab, j);
     if (soft) {  // sum over the other side of s * sigmoid(d_ap - d_an)
       double w = 0;
       for (int64_t k = 0; k < B; ++k) {
-        if (k == a || (lab[k] == lab[a]) == positive) continue;
+        if (k == a || lab.shares(a, lab, k) == positive) continue;
         w += s * (positive ? sigmoid(d[j] - d[k]) : sigmoid(d[k] - d[j]));
       }
       ga[j] = positive ? w : -w;
@@ -213,7 +213,7 @@ __device__ __forceinline__ int64_t semi_hard_pick(const double* neg, int64_t n, 
   return above < n ? above : count_below(neg, n, neg[n - 1]);
 }
 
-__global__ void semi_hard_stats_kernel(const double* __restrict__ dist, const int64_t* __restrict__ lab,
+__global__ void semi_hard_stats_kernel(const double* __restrict__ dist, Labels lab,
                                        const double* __restrict__ neg_sorted, int64_t B, double margin,
                                        double* __restrict__ stats) {
   const int64_t a = blockIdx.x;
@@ -223,7 +223,7 @@ __global__ void semi_hard_stats_kernel(const double* __restrict__ dist, const in
   if (rc.valid() && !rc.nan) {
     const double* neg = neg_sorted + a * B;
     for (int64_t p = threadIdx.x; p < B; p += blockDim.x) {
-      if (p == a || lab[p] != lab[a]) continue;
+      if (p == a || !lab.shares(a, lab, p)) continue;
       sum += relu_nan(d[p] - neg[semi_hard_pick(neg, rc.neg, d[p])] + margin);
     }
   }
@@ -240,7 +240,7 @@ __global__ void semi_hard_stats_kernel(const double* __restrict__ dist, const in
 // Each positive whose hinge passes its gradient: +s to d_ap, -s to its negative's d_an.
 // Positives have one writer each; a negative picked by several positives takes its -s by
 // atomicAdd (equal addends: the sum does not depend on their order).
-__global__ void semi_hard_grad_kernel(const double* __restrict__ dist, const int64_t* __restrict__ lab,
+__global__ void semi_hard_grad_kernel(const double* __restrict__ dist, Labels lab,
                                       const double* __restrict__ neg_sorted, const int64_t* __restrict__ neg_column,
                                       int64_t B, double margin, const double* __restrict__ scale,
                                       double* __restrict__ grad_dist) {
@@ -253,7 +253,7 @@ __global__ void semi_hard_grad_kernel(const double* __restrict__ dist, const int
   const double s = scale[0];
   const double* neg = neg_sorted + a * B;
   for (int64_t p = threadIdx.x; p < B; p += blockDim.x) {
-    if (p == a || lab[p] != lab[a]) continue;
+    if (p == a || !lab.shares(a, lab, p)) continue;
     const int64_t k = semi_hard_pick(neg, rc.neg, d[p]);
     if (triplet_term_grad(d[p] - neg[k], margin, /*soft_margin=*/false) == 0.0) continue;
     ga[p] = s;
@@ -265,13 +265,13 @@ __global__ void semi_hard_grad_kernel(const double* __restrict__ dist, const int
 
 // Row i's pairs (i, j > i): the sum of their terms and how many are nonzero.
 template <typename T>
-__global__ void contrastive_stats_kernel(const T* __restrict__ dist, const int64_t* __restrict__ lab,
+__global__ void contrastive_stats_kernel(const T* __restrict__ dist, Labels lab,
                                          const bool* __restrict__ finite, int64_t B, double pos_margin,
                                          double neg_margin, double* __restrict__ stats) {
   const int64_t i = blockIdx.x;
   double sum = 0, nonzero = 0;
   for (int64_t j = i + 1 + threadIdx.x; j < B; j += blockDim.x) {
-    const T v = contrastive_term(dist[i * B + j], lab[i] == lab[j], finite[i] && finite[j], pos_margin, neg_margin).value;
+    const T v = contrastive_term(dist[i * B + j], lab.shares(i, lab, j), finite[i] && finite[j], pos_margin, neg_margin).value;
     sum += double(v);
     nonzero += v > T(0);
   }
@@ -296,7 +296,7 @@ __device__ __forceinline__ int64_t pair_index(int64_t i, int64_t j, int64_t B) {
 // times the pair's upstream gradient (pair_grad[k], or scale[0] for a reduced loss), 0 on
 // and below the diagonal.
 template <typename T>
-__global__ void contrastive_pairs_kernel(const T* __restrict__ dist, const int64_t* __restrict__ lab,
+__global__ void contrastive_pairs_kernel(const T* __restrict__ dist, Labels lab,
                                          const bool* __restrict__ finite, int64_t B, double pos_margin,
                                          double neg_margin, T* __restrict__ terms, const double* __restrict__ pair_grad,
                                          const double* __restrict__ scale, T* __restrict__ grad_dist) {
@@ -307,7 +307,7 @@ __global__ void contrastive_pairs_kernel(const T* __restrict__ dist, const int64
     if (grad_dist) grad_dist[idx] = T(0);
     return;
   }
-  const PairTerm<T> t = contrastive_term(dist[idx], lab[i] == lab[j], finite[i] && finite[j], pos_margin, neg_margin);
+  const PairTerm<T> t = contrastive_term(dist[idx], lab.shares(i, lab, j), finite[i] && finite[j], pos_margin, neg_margin);
   const int64_t k = pair_index(i, j, B);
   if (terms) terms[k] = t.value;
   if (grad_dist) grad_dist[idx] = T(double(t.slope) * (pair_grad ? pair_grad[k] : scale[0]));
