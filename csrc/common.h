@@ -5,11 +5,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Optional.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -82,6 +84,19 @@ struct Labels {
 inline at::Tensor pack_labels(const at::Tensor& labels) {
   if (labels.dim() == 1) return labels.to(at::kLong).contiguous();
   const int64_t B = labels.size(0), L = labels.size(1), W = (L + 63) / 64;
+  if (labels.device().is_cpu()) {  // one pass over the bytes (the ATen chain below costs ~5 small ops)
+    const at::Tensor bytes = labels.contiguous();
+    at::Tensor out = at::zeros({B, W}, labels.options().dtype(at::kLong));
+    const auto* in = static_cast<const uint8_t*>(bytes.data_ptr());  // bool and uint8: one byte each
+    auto* words = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t w = 0; w < W; ++w) {
+        uint64_t word = 0;
+        for (int64_t k = w * 64; k < std::min(L, w * 64 + 64); ++k) word |= uint64_t(in[i * L + k] != 0) << (k % 64);
+        words[i * W + w] = word;
+      }
+    return out;
+  }
   at::Tensor bits = labels.ne(0).to(at::kLong);
   if (W * 64 != L) bits = at::constant_pad_nd(bits, {0, W * 64 - L});
   // Bit k of each word from column k: distinct powers of two, so the sum is the OR (the

@@ -19,6 +19,8 @@ def _cases():
     cases["no-valid-anchor-nonzero"] = {"data": "distinct", "kwargs": {"reduction": "mean_nonzero"}}
     cases["float32"] = {"data": "float32", "kwargs": {"margin": 0.3}}
     cases["nan"] = {"data": "nan", "kwargs": {}}
+    cases["multi-hot"] = {"data": "multi-hot", "kwargs": {"margin": 0.3}}
+    cases["multi-hot-batch_all"] = {"data": "multi-hot", "fn": "batch_all_loss", "kwargs": {"margin": 0.3}}
     for fn, kwargs in (("batch_all_loss", {"margin": 0.3, "reduction": "mean_nonzero"}),
                        ("batch_all_loss", {"margin": 0.3, "reduction": "mean", "soft_margin": True}),
                        ("semi_hard_loss", {"margin": 0.5, "metric": "cosine"}),
@@ -58,6 +60,10 @@ def batch(case):
         x, y = torch.randn(N, 5, generator=g, dtype=torch.float64), torch.arange(N)
     elif kind == "float32":
         x = torch.randn(N, 7, generator=g)
+    elif kind == "multi-hot":  # 70 labels (two words), about two per row; row 0 has none
+        x = torch.randn(N, 7, generator=g, dtype=torch.float64)
+        y = torch.rand(N, 70, generator=g) < 0.03
+        y[0] = False
     else:
         x = torch.randn(N, 7, generator=g, dtype=torch.float64)
         if kind == "nan":
@@ -71,4 +77,5 @@ ERROR_CASES = {
                                    torch.arange(4) // 2),
     "labels-dtype": lambda r: (torch.randn(4, 3), (torch.arange(4) // 2).to(torch.int32 if r == 0 else torch.int64)),
     "empty-rank": lambda r: (torch.randn(0 if r == 1 else 4, 3), torch.arange(0 if r == 1 else 4) // 2),
+    "labels-kind": lambda r: (torch.randn(4, 3), torch.ones(4, 5 if r == 0 else 6, dtype=torch.bool)),
 }

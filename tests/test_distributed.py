@@ -130,7 +130,7 @@ def test_needs_an_initialized_process_group():
         tripletops.distributed.batch_all_loss(x, y)
 
 
-@pytest.mark.parametrize("case", ["embeddings-dtype", "labels-dtype", "empty-rank"])
+@pytest.mark.parametrize("case", ["embeddings-dtype", "labels-dtype", "empty-rank", "labels-kind"])
 def test_inputs_that_differ_or_fail_on_one_rank_raise_on_every_rank(ranks, case):
     """Ranks with different dtypes used to abort every process inside gloo, and a rank with
     B = 0 raised alone while the others hung: now every rank raises a ValueError."""
@@ -141,5 +141,6 @@ def test_inputs_that_differ_or_fail_on_one_rank_raise_on_every_rank(ranks, case)
         if case == "empty-rank":
             assert "non-empty" in messages[1] and all("rank(s) [1]" in m for i, m in enumerate(messages) if i != 1)
         else:
-            what = "embeddings dtype" if case == "embeddings-dtype" else "labels dtype"
+            what = {"embeddings-dtype": "embeddings dtype", "labels-dtype": "labels dtype",
+                    "labels-kind": "labels of the same kind"}[case]
             assert all(what in m for m in messages), messages

@@ -146,3 +146,35 @@ def test_bad_multi_hot_input():
         torch.ops.tripletops.batch_hard_mine(x, y, x, multi_hot(8, 6, seed=1), "euclidean")
     with pytest.raises(TypeError, match="bool or uint8"):
         torch.ops.tripletops.batch_all_loss(x, y.float(), 0.2, "euclidean", False, "mean")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_batch_memory_stores_multi_hot_labels(device):
+    xbm = tripletops.CrossBatchMemory(size=50, dim=6, num_labels=70)
+    seen_x, seen_y = [], []
+    for step in range(4):  # 4 x 20 rows into 50: the FIFO wraps
+        x = embeddings(20, 6, seed=step, device=device, dtype=torch.float64)
+        y = multi_hot(20, 70, seed=step, device=device, dtype=torch.uint8)
+        if seen_x:
+            mem_x, mem_y = torch.cat(seen_x)[-50:], torch.cat(seen_y)[-50:]
+            want = tripletops.batch_hard_loss(x, y, ref_embeddings=mem_x, ref_labels=mem_y)
+        else:
+            want = tripletops.batch_hard_loss(x, y)
+        got = xbm(x, y)
+        assert_close_rel(got, want, 1e-12, f"step {step}")
+        seen_x.append(x), seen_y.append(y.bool())
+        assert torch.equal(xbm.labels, torch.cat(seen_y)[-50:]) and xbm.labels.dtype == torch.bool
+    state = {k: v.clone() for k, v in xbm.state_dict().items()}
+    with pytest.raises(ValueError, match="multi-hot labels"):
+        xbm(x, torch.arange(20, device=device))          # class ids into a multi-hot memory
+    with pytest.raises(ValueError, match=r"\(B, 70\)"):
+        xbm(x, multi_hot(20, 71, seed=0, device=device))
+    assert all(torch.equal(v, state[k]) for k, v in xbm.state_dict().items())  # a rejected call changes nothing
+    with pytest.raises(ValueError, match="num_labels=L"):
+        tripletops.CrossBatchMemory(size=8, dim=6)(x, multi_hot(20, 3, seed=0, device=device))
+
+
+def test_center_loss_refuses_multi_hot_labels():
+    center = tripletops.CenterLoss(num_classes=4, dim=6)
+    with pytest.raises(ValueError, match="class ids"):
+        center(embeddings(5, 6, seed=0), multi_hot(5, 4, seed=0))

@@ -24,7 +24,9 @@ def batch_hard_mine(
 
     Args:
         embeddings: ``(B, D)`` float tensor, the anchors.
-        labels: ``(B,)`` int32/int64 class labels; only equality counts.
+        labels: ``(B,)`` integer class ids (only equality counts), or ``(B, L)`` multi-hot
+            bool/uint8 labels: then j is a positive of i when they share a label, and a
+            row with no label is everyone's negative.
         metric: ``"euclidean"``, ``"sqeuclidean"`` or ``"cosine"``.
         ref_embeddings, ref_labels: optional ``(M, D)`` / ``(M,)`` reference set (a
             memory bank); by default the batch itself, where an anchor is not its own positive.
@@ -82,7 +84,8 @@ def batch_hard_loss(
 
     Args:
         embeddings: ``(B, D)`` float tensor (fp32, fp64, fp16, bf16; halves accumulate in fp32).
-        labels: ``(B,)`` int32/int64 class labels.
+        labels: ``(B,)`` integer class ids, or ``(B, L)`` multi-hot bool/uint8 labels
+            (positives share a label), as in `batch_hard_mine`.
         margin: the margin, >= 0 (ignored with ``soft_margin=True``).
         metric: ``"euclidean"``, ``"sqeuclidean"`` or ``"cosine"``.
         soft_margin: use softplus instead of the hinge.

@@ -98,8 +98,9 @@ def _agree(embeddings, labels, group, world: int, check) -> list[int]:
         error = exc
     shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else ()
     device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
+    label_width = labels.shape[1] if isinstance(labels, torch.Tensor) and labels.dim() == 2 else 0  # 0: class ids
     mine = _on_wire(torch.tensor([shape[0] if shape else 0, shape[1] if len(shape) > 1 else 1,
-                                  _dtype_code(embeddings), _dtype_code(labels), int(error is not None)],
+                                  _dtype_code(embeddings), _dtype_code(labels), int(error is not None), label_width],
                                  dtype=torch.int64, device=device), group)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
@@ -121,11 +122,17 @@ def _agree(embeddings, labels, group, world: int, check) -> list[int]:
         raise ValueError(f"tripletops.distributed: every rank must have the same embeddings dtype, got {names(2)}")
     if len({int(t[3]) for t in every}) != 1:
         raise ValueError(f"tripletops.distributed: every rank must have the same labels dtype, got {names(3)}")
+    if len({int(t[5]) for t in every}) != 1:
+        widths = sorted({"(B,) class ids" if int(t[5]) == 0 else f"L = {int(t[5])}" for t in every})
+        raise ValueError(f"tripletops.distributed: every rank must have labels of the same kind, got {widths}")
     return [int(t[0]) for t in every]
 
 
 def _gather_padded(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """All ranks' `x` concatenated in rank order (rows padded to the largest for the collective)."""
+    """All ranks' `x` concatenated in rank order (rows padded to the largest for the collective).
+    Bool tensors (multi-hot labels) travel as uint8."""
+    if x.dtype == torch.bool:
+        return _gather_padded(x.to(torch.uint8), counts, group).bool()
     most = max(counts)
     padded = x.new_zeros((most, *x.shape[1:]))
     padded[: x.shape[0]] = x

@@ -187,6 +187,9 @@ class CenterLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _validate.rows(embeddings, "embeddings")
         _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
+        if labels.dim() != 1:
+            raise ValueError("tripletops: CenterLoss takes (B,) class ids (one center per class), got labels of "
+                             f"shape {tuple(labels.shape)}")
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"tripletops: embeddings must have dim {self.dim}, got {embeddings.shape[1]}")
         # A data-dependent check: eager only. Under torch.compile an out-of-range label
@@ -246,8 +249,10 @@ class CrossBatchMemory(nn.Module):
     - ``enqueue(embeddings, labels)`` adds rows, overwriting the oldest once full;
       ``reset()`` empties it. ``embeddings`` / ``labels`` give the filled part, oldest
       first.
-    - Memory: ``size × dim`` floats and ``size`` int64 labels (buffers, so ``state_dict``
-      saves them), on the embeddings' device. An empty memory takes the batch's dtype; a
+    - Labels: ``(B,)`` class ids, or with ``num_labels=L`` ``(B, L)`` multi-hot labels
+      (bool/uint8; positives share a label, as in `batch_hard_loss`).
+    - Memory: ``size × dim`` floats and ``size`` int64 labels, or ``size × L`` bools
+      (buffers, so ``state_dict`` saves them), on the embeddings' device. An empty memory takes the batch's dtype; a
       filled one only widens, never narrows. A call that raises changes nothing.
 
     Example::
@@ -261,14 +266,16 @@ class CrossBatchMemory(nn.Module):
     count: torch.Tensor
     head: torch.Tensor
 
-    def __init__(self, size: int, dim: int) -> None:
+    def __init__(self, size: int, dim: int, num_labels: Optional[int] = None) -> None:
         super().__init__()
-        for name, v in (("size", size), ("dim", dim)):
+        checked = (("size", size), ("dim", dim)) + ((("num_labels", num_labels),) if num_labels is not None else ())
+        for name, v in checked:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"tripletops: {name} must be a positive int, got {v!r}")
-        self.size, self.dim = size, dim
+        self.size, self.dim, self.num_labels = size, dim, num_labels
         self.register_buffer("memory", torch.zeros(size, dim))
-        self.register_buffer("memory_labels", torch.zeros(size, dtype=torch.int64))
+        labels_shape, labels_dtype = ((size,), torch.int64) if num_labels is None else ((size, num_labels), torch.bool)
+        self.register_buffer("memory_labels", torch.zeros(labels_shape, dtype=labels_dtype))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))  # filled rows
         self.register_buffer("head", torch.zeros((), dtype=torch.int64))   # next row to write
 
@@ -295,6 +302,12 @@ class CrossBatchMemory(nn.Module):
         _validate.labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings)
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"tripletops: embeddings must have dim {self.dim}, got {embeddings.shape[1]}")
+        if self.num_labels is None and labels.dim() != 1:
+            raise ValueError("tripletops: this CrossBatchMemory stores (B,) class ids; for (B, L) multi-hot labels "
+                             f"create it with num_labels=L, got labels of shape {tuple(labels.shape)}")
+        if self.num_labels is not None and (labels.dim() != 2 or labels.shape[1] != self.num_labels):
+            raise ValueError(f"tripletops: this CrossBatchMemory stores (B, {self.num_labels}) multi-hot labels, "
+                             f"got labels of shape {tuple(labels.shape)}")
 
     def _storage_for(self, embeddings: torch.Tensor) -> tuple:
         """The memory on the batch's device, in the dtype it keeps after this batch: an empty
@@ -319,7 +332,8 @@ class CrossBatchMemory(nn.Module):
         b = embeddings.shape[0]
         idx = (int(self.head) + torch.arange(b, device=embeddings.device)) % self.size
         self.memory[idx] = embeddings.detach().to(self.memory.dtype)
-        self.memory_labels[idx] = labels.long()  # labels are stored as int64: no wrap-around
+        # Class ids are stored as int64 (no wrap-around), multi-hot labels as bool.
+        self.memory_labels[idx] = labels.long() if self.num_labels is None else labels.bool()
         self.head.fill_((int(self.head) + b) % self.size)
         self.count.fill_(min(self.size, int(self.count) + b))
 
@@ -346,4 +360,5 @@ class CrossBatchMemory(nn.Module):
         return loss.to(embeddings.dtype)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, filled={int(self.count)}"
+        labels = "" if self.num_labels is None else f", num_labels={self.num_labels}"
+        return f"size={self.size}, dim={self.dim}{labels}, filled={int(self.count)}"

@@ -39,7 +39,8 @@ def batch_all_loss(
     kink the gradient passes (``torch.clamp(min=0)``'s convention).
 
     Args:
-        embeddings: ``(B, D)`` float tensor; labels: ``(B,)`` int32/int64.
+        embeddings: ``(B, D)`` float tensor; labels: ``(B,)`` integer class ids, or ``(B, L)``
+            multi-hot bool/uint8 labels (positives share a label; see `batch_hard_mine`).
         reduction: ``"mean_nonzero"`` (over triplets with loss > 0; the default, as in
             pytorch-metric-learning's AvgNonZeroReducer), ``"mean"`` (over all valid
             triplets) or ``"sum"``. There is no ``"none"``: it would be B³ values.

@@ -102,6 +102,18 @@ struct Lanes<float> {
   typedef int32_t I __attribute__((vector_size(64)));
   static constexpr int N = 16;
   static TRIPLETOPS_INLINE void labels(const int32_t* p, I& out) { std::memcpy(&out, p, sizeof(out)); }
+  // Lanes whose bitset word shares a bit with `other`: two halves of 8 int64 (an AND-test
+  // mask each), narrowed to int32 and joined (one 128-byte vector compiled to scalar code).
+  static TRIPLETOPS_INLINE void shared(const int64_t* w, int64_t other, I& out) {
+    typedef int64_t W8 __attribute__((vector_size(64)));
+    typedef int32_t I8 __attribute__((vector_size(32)));
+    W8 lo, hi;
+    std::memcpy(&lo, w, sizeof(lo));
+    std::memcpy(&hi, w + 8, sizeof(hi));
+    const I8 mlo = __builtin_convertvector((lo & other) != 0, I8), mhi = __builtin_convertvector((hi & other) != 0, I8);
+    std::memcpy(reinterpret_cast<char*>(&out), &mlo, sizeof(mlo));
+    std::memcpy(reinterpret_cast<char*>(&out) + sizeof(mlo), &mhi, sizeof(mhi));
+  }
 };
 template <>
 struct Lanes<double> {
@@ -109,6 +121,11 @@ struct Lanes<double> {
   typedef int64_t I __attribute__((vector_size(64)));
   typedef int32_t L __attribute__((vector_size(32)));
   static constexpr int N = 8;
+  static TRIPLETOPS_INLINE void shared(const int64_t* w, int64_t other, I& out) {
+    I words;
+    std::memcpy(&words, w, sizeof(words));
+    out = (words & other) != 0;
+  }
   static TRIPLETOPS_INLINE void labels(const int32_t* p, I& out) {
     L l;
     std::memcpy(&l, p, sizeof(l));
@@ -116,9 +133,33 @@ struct Lanes<double> {
   }
 };
 
-template <typename T>
-TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0, int32_t n,
-                                     bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2, T& nk2) {
+// The label test of the fast scans, lanes j .. j + N - 1 (ids or words) against `other`:
+// class ids (kWords false: int32 ids, equal), or multi-hot labels of at most 64 labels
+// (kWords true: one int64 bitset word per row, an AND). Writes the lanes' mask (an
+// out-parameter, as LT::labels: no vector return value crosses an ABI).
+template <typename T, bool kWords>
+TRIPLETOPS_INLINE void same_lanes(const int32_t* ids, const int64_t* words, int64_t j, int64_t other,
+                                  typename Lanes<T>::I& same) {
+  using LT = Lanes<T>;
+  using I = typename LT::I;
+  if constexpr (kWords) {  // (only the pointer of the kind in use is offset: the other may be null)
+    LT::shared(words + j, other, same);
+  } else {
+    I lv;
+    LT::labels(ids + j, lv);
+    same = lv == static_cast<int32_t>(other);
+  }
+}
+template <bool kWords>
+TRIPLETOPS_INLINE bool same_one(const int32_t* ids, const int64_t* words, int64_t j, int64_t other) {
+  if constexpr (kWords) return (words[j] & other) != 0;
+  else return ids[j] == static_cast<int32_t>(other);
+}
+
+template <typename T, bool kWords>
+TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, const int64_t* words, T sa, int64_t li,
+                                     int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,
+                                     T& nk2) {
   using LT = Lanes<T>;
   using V = typename LT::V;
   using I = typename LT::I;
@@ -135,9 +176,8 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
     std::memcpy(&sv, sr + j, sizeof(V));
     V k = cosine ? (T(1) - gv) : (sa + sv - T(2) * gv);
     k = k < zero ? zero : k;
-    I lv;
-    LT::labels(lab + j, lv);
-    const I same = lv == li;
+    I same;
+    same_lanes<T, kWords>(lab, words, j, li, same);
     const V kp = same ? k : ninf;
     const V kn = same ? pinf : k;
     const I bp = kp > pv, bn = kn < nv;
@@ -154,7 +194,7 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
   for (; j < n; ++j) {
     T k = cosine ? T(1) - g[j] : sa + sr[j] - T(2) * g[j];
     k = k < T(0) ? T(0) : k;
-    if (lab[j] == li) {
+    if (same_one<kWords>(lab, words, j, li)) {
       if (k > tpv) tp2 = tpv, tpv = k, tpj = j;
       else tp2 = std::max(tp2, k);
     } else if (k < tnv) {
@@ -190,32 +230,40 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
   if (bnj >= 0 && (ni < 0 || bnv < nk)) nk = bnv, ni = c0 + bnj;
 }
 
-#define TRIPLETOPS_SCAN_ROW(T, name)                                                                          \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0,   \
-                                   int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,    \
-                                   T& nk2) {                                                                  \
-    scan_row_fast<T>(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                            \
-  }                                                                                                           \
-  inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, T sa, int32_t li, int64_t c0,    \
-                                int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,       \
-                                T& nk2) {                                                                     \
-    name(g, sr, lab, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                                        \
+// One SIMD-cloned function per (T, label kind); scan_*_any<kWords>(...) picks it.
+#define TRIPLETOPS_SCAN_ROW(T, W, name)                                                                         \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, const int64_t* words, T sa,      \
+                                   int64_t li, int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk,    \
+                                   int64_t& ni, T& pk2, T& nk2) {                                               \
+    scan_row_fast<T, W>(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                     \
   }
-TRIPLETOPS_SCAN_ROW(float, scan_row_fast_f)
-TRIPLETOPS_SCAN_ROW(double, scan_row_fast_d)
+TRIPLETOPS_SCAN_ROW(float, false, scan_row_fast_f)
+TRIPLETOPS_SCAN_ROW(double, false, scan_row_fast_d)
+TRIPLETOPS_SCAN_ROW(float, true, scan_row_fast_fw)
+TRIPLETOPS_SCAN_ROW(double, true, scan_row_fast_dw)
 #undef TRIPLETOPS_SCAN_ROW
+template <bool kWords, typename T>
+inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, const int64_t* words, T sa, int64_t li,
+                              int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,
+                              T& nk2) {
+  if constexpr (std::is_same_v<T, float>)
+    (kWords ? scan_row_fast_fw : scan_row_fast_f)(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);
+  else
+    (kWords ? scan_row_fast_dw : scan_row_fast_d)(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);
+}
 
 // Candidate row i (squared norm si, label li) offered to anchors [0, n) of a
 // symmetric tile's column range: vectorized across anchors, whose states are arrays.
 // Candidates arrive in ascending i, so strict comparisons keep the smallest index.
-template <typename T>
-TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i, int64_t n,
-                          bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2, T* nk2) {
+template <typename T, bool kWords>
+TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab, const int64_t* words, T si, int64_t li,
+                                     int64_t i, int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,
+                                     T* nk2) {
   const T inf = std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     T k = cosine ? T(1) - g[j] : sa[j] + si - T(2) * g[j];
     k = k < T(0) ? T(0) : k;
-    const bool same = lab[j] == li;
+    const bool same = same_one<kWords>(lab, words, j, li);
     const T kp = same ? k : -inf;
     const T kn = same ? inf : k;
     const bool bp = kp > pk[j], bn = kn < nk[j];
@@ -228,44 +276,52 @@ TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab
   }
 }
 
-#define TRIPLETOPS_SCAN_COL(T, name)                                                                          \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i,   \
-                                   int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,    \
-                                   T* nk2) {                                                                  \
-    scan_col_fast<T>(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);                             \
-  }                                                                                                           \
-  inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, T si, int32_t li, int64_t i,     \
-                                int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,       \
-                                T* nk2) {                                                                     \
-    name(g, sa, lab, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);                                         \
+#define TRIPLETOPS_SCAN_COL(T, W, name)                                                                         \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sa, const int32_t* lab, const int64_t* words, T si,      \
+                                   int64_t li, int64_t i, int64_t n, bool cosine, T* pk, int64_t* pi, T* nk,    \
+                                   int64_t* ni, T* pk2, T* nk2) {                                               \
+    scan_col_fast<T, W>(g, sa, lab, words, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);                      \
   }
-TRIPLETOPS_SCAN_COL(float, scan_col_fast_f)
-TRIPLETOPS_SCAN_COL(double, scan_col_fast_d)
+TRIPLETOPS_SCAN_COL(float, false, scan_col_fast_f)
+TRIPLETOPS_SCAN_COL(double, false, scan_col_fast_d)
+TRIPLETOPS_SCAN_COL(float, true, scan_col_fast_fw)
+TRIPLETOPS_SCAN_COL(double, true, scan_col_fast_dw)
 #undef TRIPLETOPS_SCAN_COL
+template <bool kWords, typename T>
+inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, const int64_t* words, T si, int64_t li,
+                              int64_t i, int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,
+                              T* nk2) {
+  if constexpr (std::is_same_v<T, float>)
+    (kWords ? scan_col_fast_fw : scan_col_fast_f)(g, sa, lab, words, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);
+  else
+    (kWords ? scan_col_fast_dw : scan_col_fast_d)(g, sa, lab, words, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);
+}
 
 // N anchors j0 .. j0+N-1 of a symmetric tile's columns (one vector of lanes, state kept in
 // registers) against its candidate rows r0 .. r1-1 (row i's Gram entries at
 // g + (i - r0) * ld). Candidates arrive in ascending i, so strict comparisons keep the
 // smallest index; runner-ups as in scan_row_fast. Walking all rows for one chunk of
 // anchors keeps the six state arrays out of the inner loop.
-template <typename T>
-TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, int64_t r0,
-                                       int64_t r1, const T* sa, const int32_t* lab, bool cosine, T* pk, int64_t* pi,
-                                       T* nk, int64_t* ni, T* pk2, T* nk2) {
+template <typename T, bool kWords>
+TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows,
+                                       const int64_t* w_rows, int64_t r0, int64_t r1, const T* sa, const int32_t* lab,
+                                       const int64_t* words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,
+                                       T* pk2, T* nk2) {
   using LT = Lanes<T>;
   using V = typename LT::V;
   using I = typename LT::I;
   constexpr int N = LT::N;
   const T inf = std::numeric_limits<T>::infinity();
   V pv, nv, p2, n2, sv;
-  I pj, nj, lv;
+  I pj, nj;
   std::memcpy(&pv, pk, sizeof(V));
   std::memcpy(&nv, nk, sizeof(V));
   std::memcpy(&p2, pk2, sizeof(V));
   std::memcpy(&n2, nk2, sizeof(V));
   std::memcpy(&sv, sa, sizeof(V));
   for (int l = 0; l < N; ++l) pj[l] = pi[l], nj[l] = ni[l];
-  LT::labels(lab, lv);
+  I lv;  // the anchors' ids (class ids; their words, multi-hot, are read per row from L1)
+  if constexpr (!kWords) LT::labels(lab, lv);
   const V zero = pv * T(0), ninf = zero - inf, pinf = zero + inf;
   for (int64_t i = r0; i < r1; ++i) {
     V gv;
@@ -273,7 +329,9 @@ TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows,
     const I iv = pj * 0 + static_cast<typename std::remove_reference_t<decltype(pj[0])>>(i);
     V k = cosine ? (T(1) - gv) : (sv + sq_rows[i] - T(2) * gv);
     k = k < zero ? zero : k;
-    const I same = lv == id_rows[i];
+    I same;
+    if constexpr (kWords) LT::shared(words, w_rows[i], same);
+    else same = lv == id_rows[i];
     const V kp = same ? k : ninf;
     const V kn = same ? pinf : k;
     const I bp = kp > pv, bn = kn < nv;
@@ -291,20 +349,30 @@ TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows,
   for (int l = 0; l < N; ++l) pi[l] = pj[l], ni[l] = nj[l];
 }
 
-#define TRIPLETOPS_SCAN_COLS(T, name)                                                                               \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, int64_t r0,   \
-                                   int64_t r1, const T* sa, const int32_t* lab, bool cosine, T* pk, int64_t* pi,  \
-                                   T* nk, int64_t* ni, T* pk2, T* nk2) {                                          \
-    scan_cols_chunk<T>(g, ld, sq_rows, id_rows, r0, r1, sa, lab, cosine, pk, pi, nk, ni, pk2, nk2);                \
-  }                                                                                                                 \
-  inline void scan_cols_chunk_any(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, int64_t r0,     \
-                                  int64_t r1, const T* sa, const int32_t* lab, bool cosine, T* pk, int64_t* pi,   \
-                                  T* nk, int64_t* ni, T* pk2, T* nk2) {                                           \
-    name(g, ld, sq_rows, id_rows, r0, r1, sa, lab, cosine, pk, pi, nk, ni, pk2, nk2);                              \
+#define TRIPLETOPS_SCAN_COLS(T, W, name)                                                                            \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows,                \
+                                   const int64_t* w_rows, int64_t r0, int64_t r1, const T* sa, const int32_t* lab, \
+                                   const int64_t* words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,      \
+                                   T* pk2, T* nk2) {                                                               \
+    scan_cols_chunk<T, W>(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine, pk, pi, nk, ni, pk2,    \
+                          nk2);                                                                                     \
   }
-TRIPLETOPS_SCAN_COLS(float, scan_cols_chunk_f)
-TRIPLETOPS_SCAN_COLS(double, scan_cols_chunk_d)
+TRIPLETOPS_SCAN_COLS(float, false, scan_cols_chunk_f)
+TRIPLETOPS_SCAN_COLS(double, false, scan_cols_chunk_d)
+TRIPLETOPS_SCAN_COLS(float, true, scan_cols_chunk_fw)
+TRIPLETOPS_SCAN_COLS(double, true, scan_cols_chunk_dw)
 #undef TRIPLETOPS_SCAN_COLS
+template <bool kWords, typename T>
+inline void scan_cols_chunk_any(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, const int64_t* w_rows,
+                                int64_t r0, int64_t r1, const T* sa, const int32_t* lab, const int64_t* words,
+                                bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2, T* nk2) {
+  if constexpr (std::is_same_v<T, float>)
+    (kWords ? scan_cols_chunk_fw : scan_cols_chunk_f)(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine,
+                                                      pk, pi, nk, ni, pk2, nk2);
+  else
+    (kWords ? scan_cols_chunk_dw : scan_cols_chunk_d)(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine,
+                                                      pk, pi, nk, ni, pk2, nk2);
+}
 
 // Labels as dense int32 class ids (equality is all that counts), so they fit the
 // fast scans' lanes. `ids` covers `lab` then `ref_lab` (when not the same array).
@@ -482,11 +550,12 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
   std::vector<T> pos_key(B, -inf), neg_key(B, inf), pos_key2(B, -inf), neg_key2(B, inf);
   const T* sq_e = E.sq_norm.data_ptr<T>();
   const T* sq_r = R.sq_norm.data_ptr<T>();
-  // Class ids go to the fast scans as int32 ids; multi-hot labels as shared_label_ids,
+  // Labels on the fast scans: class ids as int32 ids; multi-hot labels of at most 64
+  // labels as their bitset words (an AND per lane); more labels as shared_label_ids,
   // built per anchor (or per candidate, for the symmetric tiles' columns) and chunk.
-  const bool multi_hot = lab.words > 0;
+  const bool words1 = lab.words == 1, multi_ids = lab.words > 1;
   const std::vector<int32_t> ids =
-      fast && !multi_hot ? class_ids(lab.data, B, ref_lab.data, self ? 0 : M) : std::vector<int32_t>();
+      fast && lab.words == 0 ? class_ids(lab.data, B, ref_lab.data, self ? 0 : M) : std::vector<int32_t>();
   const int32_t* id_e = ids.data();
   const int32_t* id_r = self ? ids.data() : ids.data() + B;
   const KeyFn<T> key{metric, E.sq_norm.data_ptr<T>(), R.sq_norm.data_ptr<T>(), E.finite.data_ptr<uint8_t>(),
@@ -496,23 +565,28 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
   auto reduce_rows = [&](const T* tile, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c1 - c0));
     at::parallel_for(r0, r1, grain, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> shared(multi_hot && fast ? c1 - c0 : 0);
+      std::vector<int32_t> shared(multi_ids && fast ? c1 - c0 : 0);
       for (int64_t i = begin; i < end; ++i) {
         const T* g = tile + (i - r0) * ld;
         T pk = pos_key[i], nk = neg_key[i], pk2 = pos_key2[i], nk2 = neg_key2[i];
         int64_t pi = pos[i], ni = neg[i];
         if (fast) {
-          // Candidates' ids relative to c0, and the anchor's id.
-          const int32_t* ids_c = id_r + c0;
-          int32_t id_i = multi_hot ? 0 : id_e[i];
-          if (multi_hot) shared_label_ids(lab, i, ref_lab, c0, c1 - c0, shared.data()), ids_c = shared.data();
+          // Candidates c0 + [from, from + count) of the tile row.
+          auto scan = [&](int64_t from, int64_t count) {
+            if (words1) {
+              scan_row_fast_any<true>(g + from, sq_r + c0 + from, nullptr, ref_lab.data + c0 + from, sq_e[i],
+                                      lab.data[i], c0 + from, int32_t(count), cosine, pk, pi, nk, ni, pk2, nk2);
+            } else {
+              const int32_t* ids_c = multi_ids ? shared.data() + from : id_r + c0 + from;
+              scan_row_fast_any<false>(g + from, sq_r + c0 + from, ids_c, nullptr, sq_e[i], multi_ids ? 0 : id_e[i],
+                                       c0 + from, int32_t(count), cosine, pk, pi, nk, ni, pk2, nk2);
+            }
+          };
+          if (multi_ids) shared_label_ids(lab, i, ref_lab, c0, c1 - c0, shared.data());
           // An anchor is not its own positive: scan around it (keeps ascending order).
           const int64_t cut = (self && i >= c0 && i < c1) ? i : c1;
-          scan_row_fast_any(g, sq_r + c0, ids_c, sq_e[i], id_i, c0, int32_t(cut - c0), cosine, pk, pi, nk, ni, pk2,
-                            nk2);
-          if (cut < c1)
-            scan_row_fast_any(g + (cut + 1 - c0), sq_r + cut + 1, ids_c + (cut + 1 - c0), sq_e[i], id_i, cut + 1,
-                              int32_t(c1 - cut - 1), cosine, pk, pi, nk, ni, pk2, nk2);
+          scan(0, cut - c0);
+          if (cut < c1) scan(cut + 1 - c0, c1 - cut - 1);
         } else {
           for (int64_t j = c0; j < c1; ++j) {
             if (self && j == i) continue;
@@ -529,23 +603,34 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
   // columns (tile column j - col0), walking rows so the reads stay contiguous.
   auto reduce_cols = [&](const T* tile, int64_t ld, int64_t col0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     at::parallel_for(c0, c1, 64, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> shared(multi_hot && fast ? end - begin : 0);
-      if (fast && !multi_hot) {  // whole vectors of anchors first, then the rest anchor array by array
+      std::vector<int32_t> shared(multi_ids && fast ? end - begin : 0);
+      if (fast && !multi_ids) {  // whole vectors of anchors first, then the rest anchor array by array
         constexpr int64_t N = Lanes<T>::N;
-        for (; begin + N <= end; begin += N)
-          scan_cols_chunk_any(tile + begin - col0, ld, sq_e, id_e, r0, r1, sq_e + begin, id_e + begin, cosine,
-                              pos_key.data() + begin, pos + begin, neg_key.data() + begin, neg + begin,
-                              pos_key2.data() + begin, neg_key2.data() + begin);
+        for (; begin + N <= end; begin += N) {
+          T *pk = pos_key.data() + begin, *nk = neg_key.data() + begin;
+          T *pk2 = pos_key2.data() + begin, *nk2 = neg_key2.data() + begin;
+          if (words1)
+            scan_cols_chunk_any<true>(tile + begin - col0, ld, sq_e, nullptr, lab.data, r0, r1, sq_e + begin, nullptr,
+                                      lab.data + begin, cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
+          else
+            scan_cols_chunk_any<false>(tile + begin - col0, ld, sq_e, id_e, nullptr, r0, r1, sq_e + begin,
+                                       id_e + begin, nullptr, cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
+        }
       }
       for (int64_t i = r0; i < r1 && begin < end; ++i) {
         const T* g = tile + (i - r0) * ld - col0;
         if (fast) {
-          const int32_t* ids_a = id_e + begin;  // the anchors' ids, and the candidate's
-          int32_t id_i = multi_hot ? 0 : id_e[i];
-          if (multi_hot) shared_label_ids(lab, i, lab, begin, end - begin, shared.data()), ids_a = shared.data();
-          scan_col_fast_any(g + begin, sq_e + begin, ids_a, sq_e[i], id_i, i, end - begin, cosine,
-                            pos_key.data() + begin, pos + begin, neg_key.data() + begin, neg + begin,
-                            pos_key2.data() + begin, neg_key2.data() + begin);
+          T *pk = pos_key.data() + begin, *nk = neg_key.data() + begin;
+          T *pk2 = pos_key2.data() + begin, *nk2 = neg_key2.data() + begin;
+          if (words1) {  // the anchors' words against the candidate's
+            scan_col_fast_any<true>(g + begin, sq_e + begin, nullptr, lab.data + begin, sq_e[i], lab.data[i], i,
+                                    end - begin, cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
+            continue;
+          }
+          if (multi_ids) shared_label_ids(lab, i, lab, begin, end - begin, shared.data());
+          scan_col_fast_any<false>(g + begin, sq_e + begin, multi_ids ? shared.data() : id_e + begin, nullptr,
+                                   sq_e[i], multi_ids ? 0 : id_e[i], i, end - begin, cosine, pk, pos + begin, nk,
+                                   neg + begin, pk2, nk2);
           continue;
         }
         for (int64_t j = begin; j < end; ++j) {
