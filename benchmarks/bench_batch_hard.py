@@ -127,3 +127,25 @@ def test_memory_bank_2pow20(benchmark, impl, device, d):
         fn = harness.fwd_bwd(lambda x, y: tripletops.batch_hard_loss(x, y, ref_embeddings=bank, ref_labels=bank_y),
                              x, y, mode="fwd+bwd")
     harness.run(benchmark, fn, device=device, family="bank", impl=impl, mode="fwd+bwd", B=b, M=m, D=d)
+
+
+# Multi-label mining (issue 15): (B, 64) multi-hot labels, about two labels per row, against
+# class ids (about 4 rows per class), side by side in one run; the target is <= 1.2x.
+ML_CASES = [(dev, 1024, 128) for dev in harness.DEVICES]
+
+
+@pytest.mark.parametrize("device,b,d", ML_CASES, ids=[f"{dev}-B{b}-D{d}" for dev, b, d in ML_CASES])
+@pytest.mark.parametrize("mode", ["mine", "fwd+bwd"])
+@pytest.mark.parametrize("impl", ["tripletops", "single-label"])
+def test_multilabel(benchmark, impl, mode, device, b, d):
+    x, y = harness.inputs(b, d, device)
+    if impl == "tripletops":
+        g = torch.Generator().manual_seed(2)
+        y = (torch.rand(b, 64, generator=g) < 2 / 64).to(device)
+    benchmark.group = f"multilabel {device} {mode} B={b} D={d}"
+    if mode == "mine":
+        xd = x.detach()
+        fn = lambda: tripletops.batch_hard_mine(xd, y)  # noqa: E731
+    else:
+        fn = harness.fwd_bwd(lambda x, y: tripletops.batch_hard_loss(x, y, margin=MARGIN), x, y, mode="fwd+bwd")
+    harness.run(benchmark, fn, device=device, family="multilabel", impl=impl, mode=mode, B=b, D=d)
