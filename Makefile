@@ -27,7 +27,7 @@ test-fast: install
 
 # The reference training script, twice: digits with tripletops and with the eager
 # reference in lockstep (identical trajectories, retrieval, speedup), then the
-# cross-batch-memory mode where the loss dominates the step.
+# cross-batch-memory mode where the loss dominates the step, then the multi-label mode.
 # Results go to runs/demo (ignored): a checkout stays clean. `make demo-results` rewrites
 # the committed ones (benchmarks/results/train_digits*/ and README.md's two sections).
 DEMO_OUT ?= runs/demo
@@ -36,6 +36,7 @@ demo: install
 	$(PYTHON) benchmarks/train_reference.py --out $(DEMO_OUT)/train_digits $(DEMO_README)
 	$(PYTHON) benchmarks/train_reference.py --bank-size 262144 --steps 30 --dtype float32 \
 		--out $(DEMO_OUT)/train_digits_bank $(DEMO_README)
+	$(PYTHON) benchmarks/train_reference.py --multi-label --out $(DEMO_OUT)/train_digits_multilabel $(DEMO_README)
 
 demo-results:
 	$(MAKE) demo DEMO_OUT=benchmarks/results DEMO_README="--readme README.md"

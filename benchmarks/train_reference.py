@@ -33,6 +33,16 @@ step's batch after its update. The
 eager loss builds a B×M distance matrix; the fused one never does. Peak memory of the
 loss (forward + backward) is measured once for each.
 
+With --multi-label every image carries several labels, as a (B, L) multi-hot tensor: its
+class and the groups the class belongs to. On digits the groups are "even", "≥ 5" and
+"prime" beside the digit itself (L = 13), so 2 and 8 share "even", 5 and 7 share "≥ 5"
+and "prime", and 1 and 9 share nothing. Positives are the images that share at least one
+label (the losses' multi-label semantics), and retrieval counts a neighbour as relevant
+when it shares a label with the query. For other data (--data) the groups are
+contiguous runs of classes (classes 0-1, 2-3, ...). Held out are then a random
+`1 - --train-classes` of the images of every class (held-out digit classes 7-9 would all
+share "≥ 5", and every neighbour would be relevant).
+
 Under torchrun (WORLD_SIZE > 1; gloo on CPU, NCCL on CUDA) the first run is
 `tripletops.distributed.batch_hard_loss` under DistributedDataParallel: every process
 embeds its slice of the same P×K batch and mines it against the whole batch gathered
@@ -118,6 +128,27 @@ def load_data(source: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor,
     raise ValueError(f"--data: expected 'digits', a .npz file or a folder of class subfolders, got {source!r}")
 
 
+DIGIT_GROUPS = {"even": (0, 2, 4, 6, 8), "≥ 5": (5, 6, 7, 8, 9), "prime": (2, 3, 5, 7)}
+
+
+def multi_label_table(names: list[str], source: str) -> tuple[torch.Tensor, list[str]]:
+    """(classes, L) bool: each class's own label and the groups it belongs to, and the
+    labels' names. Digits: the digit, then "even", "≥ 5", "prime". Other data: the
+    class, then groups of two consecutive classes."""
+    c = len(names)
+    if source == "digits":
+        groups = {g: members for g, members in DIGIT_GROUPS.items()}
+    else:
+        groups = {f"{names[i]}+{names[min(i + 1, c - 1)]}": (i, i + 1) for i in range(0, c, 2)}
+    table = torch.zeros(c, c + len(groups), dtype=torch.bool)
+    table[torch.arange(c), torch.arange(c)] = True
+    for g, members in enumerate(groups.values()):
+        for m in members:
+            if m < c:
+                table[m, c + g] = True
+    return table, list(names) + list(groups)
+
+
 def split_classes(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks of the training rows (first `fraction` of the classes) and held-out rows."""
     classes = torch.unique(labels)
@@ -192,18 +223,23 @@ class EmbeddingNet(nn.Module):
 
 
 @torch.no_grad()
-def retrieval_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+def retrieval_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str,
+                      table: Optional[torch.Tensor] = None) -> dict:
     """Recall@1 and mAP@R (Musgrave et al. 2020) over the held-out rows, each row a query
-    against all the others."""
+    against all the others. With a multi-label `table`, a neighbour is relevant when it
+    shares a label with the query (tripletops.reference.shared_labels)."""
     model.eval()
     emb = torch.cat([model(images[i:i + 1024].to(device)) for i in range(0, len(images), 1024)]).double()
     model.train()
     labels = labels.to(device)
+    y = labels if table is None else table.to(device)[labels]
+    relevant = tripletops.reference.shared_labels(y, y)
+    relevant.fill_diagonal_(False)
     d = tripletops.reference.pairwise_distance(emb, emb)
     d.fill_diagonal_(float("inf"))
     order = d.argsort(dim=1)
-    same = labels[order] == labels[:, None]          # neighbours ranked, self last
-    r = (labels[:, None] == labels[None, :]).sum(1) - 1  # positives per query
+    same = relevant.gather(1, order)                 # neighbours ranked, self last
+    r = relevant.sum(1)                              # positives per query
     recall1 = same[:, 0].double().mean().item()
     ranks = torch.arange(1, len(labels) + 1, device=device)
     within_r = ranks[None, :] <= r[:, None]
@@ -243,6 +279,11 @@ class Run:
     step_times: list = field(default_factory=list)
     last_batch: Optional[tuple] = None
     shard: Optional[tuple[int, int]] = None  # (rank, world): this process trains on its slice of each batch
+    label_table: Optional[torch.Tensor] = None  # --multi-label: class -> (L,) multi-hot labels
+
+    def labels_of(self, y: torch.Tensor) -> torch.Tensor:
+        """The loss's labels for class ids y: the ids, or their multi-hot rows."""
+        return y if self.label_table is None else self.label_table.to(y.device)[y]
 
     def loss_kwargs(self, margin: float) -> dict:
         kw = {"margin": margin}
@@ -258,7 +299,7 @@ class Run:
         if self.shard is not None:
             lo, hi = shard_bounds(len(y), *self.shard)
             x, y = x[lo:hi], y[lo:hi]
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device), self.labels_of(y.to(device))
         emb = self.model(x)
         leaf = emb.detach().requires_grad_(True)
         harness.synchronize(device)
@@ -296,11 +337,12 @@ class Run:
 
 @torch.no_grad()
 def fill_bank(run: Run, size: int, device: str, dim: int) -> None:
-    run.memory = tripletops.CrossBatchMemory(size, dim)
+    n_labels = None if run.label_table is None else run.label_table.shape[1]
+    run.memory = tripletops.CrossBatchMemory(size, dim, num_labels=n_labels)
     for start in range(0, size, 4096):
         n = min(4096, size - start)
         x, y = run.sampler.draw(n_batch=n)
-        run.memory.enqueue(run.model(x.to(device)), y.to(device))
+        run.memory.enqueue(run.model(x.to(device)), run.labels_of(y.to(device)))
 
 
 def loss_peak_memory(run: Run, device: str, margin: float) -> int:
@@ -358,6 +400,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                     help="model, data and loss precision (see the module docstring for why float64 is the default)")
     ap.add_argument("--rtol", type=float, default=1e-5, help="relative loss agreement required at every step")
+    ap.add_argument("--multi-label", action="store_true",
+                    help="train on (B, L) multi-hot labels: each class plus the groups it belongs to")
     ap.add_argument("--out", default="runs/train_reference")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     ap.add_argument("--readme", help="also write the summary into this file, between "
@@ -372,11 +416,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_run(name: str, args, images, labels, in_channels: int) -> Run:
+def make_run(name: str, args, images, labels, in_channels: int, table: Optional[torch.Tensor] = None) -> Run:
     torch.manual_seed(args.seed)  # identical initial weights for both runs
     model = EmbeddingNet(in_channels, args.dim).to(args.device, getattr(torch, args.dtype))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    return Run(name, model, opt, PKSampler(images, labels, args.batch_size, args.k, args.seed))
+    return Run(name, model, opt, PKSampler(images, labels, args.batch_size, args.k, args.seed), label_table=table)
 
 
 def median(xs):
@@ -446,21 +490,28 @@ def main(argv=None) -> dict:
     device = args.device
     images, labels, names = load_data(args.data, args.image_size)
     images = images.to(getattr(torch, args.dtype))
-    train_mask, test_mask = split_classes(labels, args.train_classes)
+    if args.multi_label:  # held-out classes would share "≥ 5" (digits 7-9): hold out images of every class instead
+        test_mask = torch.rand(len(labels), generator=torch.Generator().manual_seed(args.seed)) < 1 - args.train_classes
+        train_mask = ~test_mask
+    else:
+        train_mask, test_mask = split_classes(labels, args.train_classes)
     tr_x, tr_y, te_x, te_y = images[train_mask], labels[train_mask], images[test_mask], labels[test_mask]
+    table, label_names = multi_label_table(names, args.data) if args.multi_label else (None, names)
     if shard is None:
-        runs = [make_run(name, args, tr_x, tr_y, images.shape[1]) for name in ("tripletops", "eager reference")]
+        runs = [make_run(name, args, tr_x, tr_y, images.shape[1], table) for name in ("tripletops", "eager reference")]
     else:
         # tripletops.distributed under DDP in every process; the eager reference trains
         # in process 0 alone on the whole batch: what the split training must reproduce.
-        ddp = make_run(DISTRIBUTED, args, tr_x, tr_y, images.shape[1])
+        ddp = make_run(DISTRIBUTED, args, tr_x, tr_y, images.shape[1], table)
         ddp.model = nn.parallel.DistributedDataParallel(ddp.model)
         ddp.shard = shard
-        runs = [ddp] + ([make_run("eager reference", args, tr_x, tr_y, images.shape[1])] if lead else [])
+        runs = [ddp] + ([make_run("eager reference", args, tr_x, tr_y, images.shape[1], table)] if lead else [])
     batch = runs[0].sampler.batch_size
     log(f"data: {args.data} — {len(images)} images {tuple(images.shape[1:])}, {len(names)} classes; "
         f"training on {len(torch.unique(tr_y))} classes ({len(tr_y)} images), held out {len(torch.unique(te_y))} "
         f"({len(te_y)} images)")
+    if table is not None:
+        log(f"multi-label: L = {len(label_names)} labels per image ({', '.join(label_names)}); positives share one")
     log(f"device: {harness.describe_device(device)}; torch {torch.__version__}; "
         f"kernels: {tripletops.extension_available()}")
     log(f"batch: P={runs[0].sampler.p} classes × K={runs[0].sampler.k} = {batch}; steps {args.steps}; "
@@ -469,7 +520,7 @@ def main(argv=None) -> dict:
            " rows each" if shard else ""))
 
     net = lambda run: getattr(run.model, "module", run.model)  # unwrap DDP
-    before = retrieval_metrics(net(runs[0]), te_x, te_y, device)
+    before = retrieval_metrics(net(runs[0]), te_x, te_y, device, table)
     if args.bank_size:
         for run in runs:
             fill_bank(run, args.bank_size, device, args.dim)
@@ -508,13 +559,14 @@ def main(argv=None) -> dict:
     if not lead:
         dist.destroy_process_group()
         return {}
-    after = {run.name: retrieval_metrics(net(run), te_x, te_y, device) for run in runs}
+    after = {run.name: retrieval_metrics(net(run), te_x, te_y, device, table) for run in runs}
     skip = min(5, args.steps - 1)
     rows, table = speedup_table(runs, skip)
     max_rel = max(abs(a - b) / max(abs(a), abs(b), 1e-30) for a, b in zip(runs[0].losses, runs[1].losses))
 
     lines = [f"{args.data}, {args.steps} steps, batch {batch} (P={runs[0].sampler.p} × K={runs[0].sampler.k})"
              f"{f', bank {args.bank_size}' if args.bank_size else ''}, {args.dtype}, seed {args.seed}"
+             f"{f', multi-label (L = {len(label_names)})' if table is not None else ''}"
              f"{f', {shard[1]} processes (torchrun; rank 0 shown)' if shard else ''}; "
              f"{harness.describe_device(device)}, torch {torch.__version__}.", ""]
     if first_divergence is None:
@@ -527,7 +579,9 @@ def main(argv=None) -> dict:
         d = first_divergence
         lines.append(f"TRAJECTORIES DIVERGED at step {d['step']}: same triplets: {d['same_triplets']}, losses "
                      f"{d['losses'][0]:.8g} vs {d['losses'][1]:.8g} (relative difference {d['rel_diff']:.2e}).")
-    lines += ["", f"Retrieval on the {len(torch.unique(te_y))} held-out classes ({len(te_y)} images):", "",
+    held_out = (f"{len(te_y)} held-out images of all {len(torch.unique(te_y))} classes (relevant: shares a label with "
+                f"the query)" if table is not None else f"the {len(torch.unique(te_y))} held-out classes ({len(te_y)} images)")
+    lines += ["", f"Retrieval on {held_out}:", "",
               "| model | Recall@1 | mAP@R |", "| --- | --- | --- |",
               f"| before training | {before['recall@1']:.4f} | {before['map@r']:.4f} |"]
     lines += [f"| after, {name} | {m['recall@1']:.4f} | {m['map@r']:.4f} |" for name, m in after.items()]

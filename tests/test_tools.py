@@ -85,6 +85,19 @@ def test_training_script_on_digits_is_identical_and_writes_results(tmp_path, cap
     assert saved["identical"] and (tmp_path / "out" / "curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("bank", [False, True])
+def test_training_script_multi_label_mode(tmp_path, capsys, bank):
+    """Digits with overlapping label groups ("even", "≥ 5", "prime" beside the digit):
+    multi-hot labels in both runs, identical trajectories, retrieval scored by shared
+    labels (and with a bank: a CrossBatchMemory of multi-hot labels)."""
+    res = _train(tmp_path, "--multi-label", *(("--bank-size", "300") if bank else ()))
+    out = capsys.readouterr().out
+    assert res["identical"] and res["config"]["multi_label"]
+    assert "multi-label: L = 13 labels" in out and "relevant: shares a label" in out
+    r = res["retrieval"]["before"]
+    assert 0 < r["map@r"] < 1  # held-out images of every class: relevance is not all-or-nothing
+
+
 def test_training_script_bank_mode(tmp_path):
     res = _train(tmp_path, "--bank-size", "300", "--dtype", "float32")
     assert res["identical"] and res["config"]["bank_size"] == 300
