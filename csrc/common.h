@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <string_view>
@@ -89,10 +90,21 @@ inline at::Tensor pack_labels(const at::Tensor& labels) {
     at::Tensor out = at::zeros({B, W}, labels.options().dtype(at::kLong));
     const auto* in = static_cast<const uint8_t*>(bytes.data_ptr());  // bool and uint8: one byte each
     auto* words = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+    // Eight bytes at a time: each nonzero byte to 0x01, then one multiply gathers the
+    // eight low bits into the top byte, byte k to bit k (little-endian loads).
+    constexpr uint64_t kLow7 = 0x7f7f7f7f7f7f7f7full, kOnes = 0x0101010101010101ull, kGather = 0x0102040810204080ull;
     for (int64_t i = 0; i < B; ++i)
       for (int64_t w = 0; w < W; ++w) {
+        const int64_t end = std::min(L, w * 64 + 64);
         uint64_t word = 0;
-        for (int64_t k = w * 64; k < std::min(L, w * 64 + 64); ++k) word |= uint64_t(in[i * L + k] != 0) << (k % 64);
+        int64_t k = w * 64;
+        for (; k + 8 <= end; k += 8) {
+          uint64_t v;
+          std::memcpy(&v, in + i * L + k, 8);
+          v = ((((v & kLow7) + kLow7) | v) >> 7) & kOnes;
+          word |= ((v * kGather) >> 56) << (k % 64);
+        }
+        for (; k < end; ++k) word |= uint64_t(in[i * L + k] != 0) << (k % 64);
         words[i * W + w] = word;
       }
     return out;

@@ -78,6 +78,8 @@ FAMILY = {
     "semi_hard": (tripletops.semi_hard_loss, reference.semi_hard_loss, dict(margin=0.5)),
     "contrastive": (tripletops.contrastive_loss, reference.contrastive_loss, dict(pos_margin=0.1, neg_margin=1.2)),
     "contrastive_none": (tripletops.contrastive_loss, reference.contrastive_loss, dict(reduction="none")),
+    "batch_all_mean": (tripletops.batch_all_loss, reference.batch_all_loss, dict(reduction="mean")),
+    "contrastive_sum": (tripletops.contrastive_loss, reference.contrastive_loss, dict(reduction="sum")),
 }
 
 
@@ -94,6 +96,22 @@ def test_pair_losses_match_the_definition(device, dtype, metric, n_labels, name,
     ref_loss, ref_grad = _run(ref_fn, x.cpu().double(), y.cpu(), metric=metric, **kw)
     assert_close_rel(loss, ref_loss, LOSS_RTOL[dtype], "loss")
     assert_grad_close(grad, ref_grad, GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_labels", [3, 65])
+def test_halves(device, dtype, n_labels):
+    """fp16 / bf16 embeddings (fp32 accumulation) with multi-hot labels, against float64."""
+    x = embeddings(60, 9, seed=n_labels, device=device, dtype=dtype)
+    y = multi_hot(60, n_labels, seed=n_labels, device=device)
+    for fn, ref_fn in ((tripletops.batch_hard_loss, reference.batch_hard_loss),
+                       (tripletops.batch_all_loss, reference.batch_all_loss),
+                       (tripletops.contrastive_loss, reference.contrastive_loss)):
+        loss, grad = _run(fn, x, y)
+        ref_loss, _ = _run(ref_fn, x.cpu().double(), y.cpu())
+        assert loss.dtype == dtype and torch.isfinite(grad).all()
+        assert_close_rel(loss, ref_loss, LOSS_RTOL[dtype], fn.__name__)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -102,17 +102,14 @@ struct Lanes<float> {
   typedef int32_t I __attribute__((vector_size(64)));
   static constexpr int N = 16;
   static TRIPLETOPS_INLINE void labels(const int32_t* p, I& out) { std::memcpy(&out, p, sizeof(out)); }
-  // Lanes whose bitset word shares a bit with `other`: two halves of 8 int64 (an AND-test
-  // mask each), narrowed to int32 and joined (one 128-byte vector compiled to scalar code).
-  static TRIPLETOPS_INLINE void shared(const int64_t* w, int64_t other, I& out) {
-    typedef int64_t W8 __attribute__((vector_size(64)));
-    typedef int32_t I8 __attribute__((vector_size(32)));
-    W8 lo, hi;
-    std::memcpy(&lo, w, sizeof(lo));
-    std::memcpy(&hi, w + 8, sizeof(hi));
-    const I8 mlo = __builtin_convertvector((lo & other) != 0, I8), mhi = __builtin_convertvector((hi & other) != 0, I8);
-    std::memcpy(reinterpret_cast<char*>(&out), &mlo, sizeof(mlo));
-    std::memcpy(reinterpret_cast<char*>(&out) + sizeof(mlo), &mhi, sizeof(mhi));
+  // Lanes whose bitset word shares a bit with `other`, from the words' 32-bit halves: an
+  // AND, an OR and a compare on int32 lanes, as cheap as the class ids' compare (int64
+  // lanes would need a mask conversion per vector).
+  static TRIPLETOPS_INLINE void shared(const int32_t* lo, const int32_t* hi, int64_t other, I& out) {
+    I l, h;
+    std::memcpy(&l, lo, sizeof(l));
+    std::memcpy(&h, hi, sizeof(h));
+    out = ((l & static_cast<int32_t>(other)) | (h & static_cast<int32_t>(other >> 32))) != 0;
   }
 };
 template <>
@@ -121,10 +118,11 @@ struct Lanes<double> {
   typedef int64_t I __attribute__((vector_size(64)));
   typedef int32_t L __attribute__((vector_size(32)));
   static constexpr int N = 8;
-  static TRIPLETOPS_INLINE void shared(const int64_t* w, int64_t other, I& out) {
-    I words;
-    std::memcpy(&words, w, sizeof(words));
-    out = (words & other) != 0;
+  static TRIPLETOPS_INLINE void shared(const int32_t* lo, const int32_t* hi, int64_t other, I& out) {
+    L l, h;
+    std::memcpy(&l, lo, sizeof(l));
+    std::memcpy(&h, hi, sizeof(h));
+    out = __builtin_convertvector(((l & static_cast<int32_t>(other)) | (h & static_cast<int32_t>(other >> 32))) != 0, I);
   }
   static TRIPLETOPS_INLINE void labels(const int32_t* p, I& out) {
     L l;
@@ -133,17 +131,24 @@ struct Lanes<double> {
   }
 };
 
+// Multi-hot labels of at most 64 labels on the fast scans: each row's bitset word as its
+// low and high 32-bit halves, in two arrays (int32 lanes, as the class ids').
+struct HalfWords {
+  const int32_t* lo = nullptr;
+  const int32_t* hi = nullptr;
+};
+
 // The label test of the fast scans, lanes j .. j + N - 1 (ids or words) against `other`:
 // class ids (kWords false: int32 ids, equal), or multi-hot labels of at most 64 labels
-// (kWords true: one int64 bitset word per row, an AND). Writes the lanes' mask (an
-// out-parameter, as LT::labels: no vector return value crosses an ABI).
+// (kWords true: the rows' words, `other` a whole word, an AND). Writes the lanes' mask
+// (an out-parameter, as LT::labels: no vector return value crosses an ABI).
 template <typename T, bool kWords>
-TRIPLETOPS_INLINE void same_lanes(const int32_t* ids, const int64_t* words, int64_t j, int64_t other,
+TRIPLETOPS_INLINE void same_lanes(const int32_t* ids, HalfWords words, int64_t j, int64_t other,
                                   typename Lanes<T>::I& same) {
   using LT = Lanes<T>;
   using I = typename LT::I;
   if constexpr (kWords) {  // (only the pointer of the kind in use is offset: the other may be null)
-    LT::shared(words + j, other, same);
+    LT::shared(words.lo + j, words.hi + j, other, same);
   } else {
     I lv;
     LT::labels(ids + j, lv);
@@ -151,13 +156,14 @@ TRIPLETOPS_INLINE void same_lanes(const int32_t* ids, const int64_t* words, int6
   }
 }
 template <bool kWords>
-TRIPLETOPS_INLINE bool same_one(const int32_t* ids, const int64_t* words, int64_t j, int64_t other) {
-  if constexpr (kWords) return (words[j] & other) != 0;
+TRIPLETOPS_INLINE bool same_one(const int32_t* ids, HalfWords words, int64_t j, int64_t other) {
+  if constexpr (kWords)
+    return ((words.lo[j] & static_cast<int32_t>(other)) | (words.hi[j] & static_cast<int32_t>(other >> 32))) != 0;
   else return ids[j] == static_cast<int32_t>(other);
 }
 
 template <typename T, bool kWords>
-TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, const int64_t* words, T sa, int64_t li,
+TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa, int64_t li,
                                      int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,
                                      T& nk2) {
   using LT = Lanes<T>;
@@ -232,7 +238,7 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
 
 // One SIMD-cloned function per (T, label kind); scan_*_any<kWords>(...) picks it.
 #define TRIPLETOPS_SCAN_ROW(T, W, name)                                                                         \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, const int64_t* words, T sa,      \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa,      \
                                    int64_t li, int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk,    \
                                    int64_t& ni, T& pk2, T& nk2) {                                               \
     scan_row_fast<T, W>(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                     \
@@ -243,7 +249,7 @@ TRIPLETOPS_SCAN_ROW(float, true, scan_row_fast_fw)
 TRIPLETOPS_SCAN_ROW(double, true, scan_row_fast_dw)
 #undef TRIPLETOPS_SCAN_ROW
 template <bool kWords, typename T>
-inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, const int64_t* words, T sa, int64_t li,
+inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa, int64_t li,
                               int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,
                               T& nk2) {
   if constexpr (std::is_same_v<T, float>)
@@ -256,7 +262,7 @@ inline void scan_row_fast_any(const T* g, const T* sr, const int32_t* lab, const
 // symmetric tile's column range: vectorized across anchors, whose states are arrays.
 // Candidates arrive in ascending i, so strict comparisons keep the smallest index.
 template <typename T, bool kWords>
-TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab, const int64_t* words, T si, int64_t li,
+TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab, HalfWords words, T si, int64_t li,
                                      int64_t i, int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,
                                      T* nk2) {
   const T inf = std::numeric_limits<T>::infinity();
@@ -277,7 +283,7 @@ TRIPLETOPS_INLINE void scan_col_fast(const T* g, const T* sa, const int32_t* lab
 }
 
 #define TRIPLETOPS_SCAN_COL(T, W, name)                                                                         \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sa, const int32_t* lab, const int64_t* words, T si,      \
+  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sa, const int32_t* lab, HalfWords words, T si,      \
                                    int64_t li, int64_t i, int64_t n, bool cosine, T* pk, int64_t* pi, T* nk,    \
                                    int64_t* ni, T* pk2, T* nk2) {                                               \
     scan_col_fast<T, W>(g, sa, lab, words, si, li, i, n, cosine, pk, pi, nk, ni, pk2, nk2);                      \
@@ -288,7 +294,7 @@ TRIPLETOPS_SCAN_COL(float, true, scan_col_fast_fw)
 TRIPLETOPS_SCAN_COL(double, true, scan_col_fast_dw)
 #undef TRIPLETOPS_SCAN_COL
 template <bool kWords, typename T>
-inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, const int64_t* words, T si, int64_t li,
+inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, HalfWords words, T si, int64_t li,
                               int64_t i, int64_t n, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2,
                               T* nk2) {
   if constexpr (std::is_same_v<T, float>)
@@ -305,7 +311,7 @@ inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, const
 template <typename T, bool kWords>
 TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows,
                                        const int64_t* w_rows, int64_t r0, int64_t r1, const T* sa, const int32_t* lab,
-                                       const int64_t* words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,
+                                       HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,
                                        T* pk2, T* nk2) {
   using LT = Lanes<T>;
   using V = typename LT::V;
@@ -330,7 +336,7 @@ TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows,
     V k = cosine ? (T(1) - gv) : (sv + sq_rows[i] - T(2) * gv);
     k = k < zero ? zero : k;
     I same;
-    if constexpr (kWords) LT::shared(words, w_rows[i], same);
+    if constexpr (kWords) LT::shared(words.lo, words.hi, w_rows[i], same);
     else same = lv == id_rows[i];
     const V kp = same ? k : ninf;
     const V kn = same ? pinf : k;
@@ -352,7 +358,7 @@ TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows,
 #define TRIPLETOPS_SCAN_COLS(T, W, name)                                                                            \
   TRIPLETOPS_SIMD_CLONES void name(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows,                \
                                    const int64_t* w_rows, int64_t r0, int64_t r1, const T* sa, const int32_t* lab, \
-                                   const int64_t* words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,      \
+                                   HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,      \
                                    T* pk2, T* nk2) {                                                               \
     scan_cols_chunk<T, W>(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine, pk, pi, nk, ni, pk2,    \
                           nk2);                                                                                     \
@@ -364,7 +370,7 @@ TRIPLETOPS_SCAN_COLS(double, true, scan_cols_chunk_dw)
 #undef TRIPLETOPS_SCAN_COLS
 template <bool kWords, typename T>
 inline void scan_cols_chunk_any(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, const int64_t* w_rows,
-                                int64_t r0, int64_t r1, const T* sa, const int32_t* lab, const int64_t* words,
+                                int64_t r0, int64_t r1, const T* sa, const int32_t* lab, HalfWords words,
                                 bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni, T* pk2, T* nk2) {
   if constexpr (std::is_same_v<T, float>)
     (kWords ? scan_cols_chunk_fw : scan_cols_chunk_f)(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine,
@@ -556,6 +562,18 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
   const bool words1 = lab.words == 1, multi_ids = lab.words > 1;
   const std::vector<int32_t> ids =
       fast && lab.words == 0 ? class_ids(lab.data, B, ref_lab.data, self ? 0 : M) : std::vector<int32_t>();
+  // One-word labels as 32-bit halves: [lo of the anchors, lo of the reference rows (not
+  // for self), hi of the anchors, hi of the reference rows].
+  const int64_t n_halves = fast && words1 ? B + (self ? 0 : M) : 0;
+  std::vector<int32_t> halves(2 * n_halves);
+  for (int64_t k = 0; k < n_halves; ++k) {
+    const uint64_t w = static_cast<uint64_t>(k < B ? lab.data[k] : ref_lab.data[k - B]);
+    halves[k] = static_cast<int32_t>(w), halves[n_halves + k] = static_cast<int32_t>(w >> 32);
+  }
+  auto words_at = [&](bool anchors, int64_t j) {  // rows j, j + 1, ... of the anchors or the reference set
+    const int64_t k = (anchors || self) ? j : B + j;
+    return HalfWords{halves.data() + k, halves.data() + n_halves + k};
+  };
   const int32_t* id_e = ids.data();
   const int32_t* id_r = self ? ids.data() : ids.data() + B;
   const KeyFn<T> key{metric, E.sq_norm.data_ptr<T>(), R.sq_norm.data_ptr<T>(), E.finite.data_ptr<uint8_t>(),
@@ -574,11 +592,11 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
           // Candidates c0 + [from, from + count) of the tile row.
           auto scan = [&](int64_t from, int64_t count) {
             if (words1) {
-              scan_row_fast_any<true>(g + from, sq_r + c0 + from, nullptr, ref_lab.data + c0 + from, sq_e[i],
+              scan_row_fast_any<true>(g + from, sq_r + c0 + from, nullptr, words_at(false, c0 + from), sq_e[i],
                                       lab.data[i], c0 + from, int32_t(count), cosine, pk, pi, nk, ni, pk2, nk2);
             } else {
               const int32_t* ids_c = multi_ids ? shared.data() + from : id_r + c0 + from;
-              scan_row_fast_any<false>(g + from, sq_r + c0 + from, ids_c, nullptr, sq_e[i], multi_ids ? 0 : id_e[i],
+              scan_row_fast_any<false>(g + from, sq_r + c0 + from, ids_c, HalfWords{}, sq_e[i], multi_ids ? 0 : id_e[i],
                                        c0 + from, int32_t(count), cosine, pk, pi, nk, ni, pk2, nk2);
             }
           };
@@ -611,10 +629,10 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
           T *pk2 = pos_key2.data() + begin, *nk2 = neg_key2.data() + begin;
           if (words1)
             scan_cols_chunk_any<true>(tile + begin - col0, ld, sq_e, nullptr, lab.data, r0, r1, sq_e + begin, nullptr,
-                                      lab.data + begin, cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
+                                      words_at(true, begin), cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
           else
             scan_cols_chunk_any<false>(tile + begin - col0, ld, sq_e, id_e, nullptr, r0, r1, sq_e + begin,
-                                       id_e + begin, nullptr, cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
+                                       id_e + begin, HalfWords{}, cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
         }
       }
       for (int64_t i = r0; i < r1 && begin < end; ++i) {
@@ -623,12 +641,12 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
           T *pk = pos_key.data() + begin, *nk = neg_key.data() + begin;
           T *pk2 = pos_key2.data() + begin, *nk2 = neg_key2.data() + begin;
           if (words1) {  // the anchors' words against the candidate's
-            scan_col_fast_any<true>(g + begin, sq_e + begin, nullptr, lab.data + begin, sq_e[i], lab.data[i], i,
+            scan_col_fast_any<true>(g + begin, sq_e + begin, nullptr, words_at(true, begin), sq_e[i], lab.data[i], i,
                                     end - begin, cosine, pk, pos + begin, nk, neg + begin, pk2, nk2);
             continue;
           }
           if (multi_ids) shared_label_ids(lab, i, lab, begin, end - begin, shared.data());
-          scan_col_fast_any<false>(g + begin, sq_e + begin, multi_ids ? shared.data() : id_e + begin, nullptr,
+          scan_col_fast_any<false>(g + begin, sq_e + begin, multi_ids ? shared.data() : id_e + begin, HalfWords{},
                                    sq_e[i], multi_ids ? 0 : id_e[i], i, end - begin, cosine, pk, pos + begin, nk,
                                    neg + begin, pk2, nk2);
           continue;
