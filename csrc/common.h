@@ -85,6 +85,7 @@ struct Labels {
 inline at::Tensor pack_labels(const at::Tensor& labels) {
   if (labels.dim() == 1) return labels.to(at::kLong).contiguous();
   const int64_t B = labels.size(0), L = labels.size(1), W = (L + 63) / 64;
+#ifndef TRIPLETOPS_EMU  // (the emulated CUDA kernels take CPU tensors: they run the ATen chain, as on a GPU)
   if (labels.device().is_cpu()) {  // one pass over the bytes (the ATen chain below costs ~5 small ops)
     const at::Tensor bytes = labels.contiguous();
     at::Tensor out = at::zeros({B, W}, labels.options().dtype(at::kLong));
@@ -109,6 +110,7 @@ inline at::Tensor pack_labels(const at::Tensor& labels) {
       }
     return out;
   }
+#endif
   at::Tensor bits = labels.ne(0).to(at::kLong);
   if (W * 64 != L) bits = at::constant_pad_nd(bits, {0, W * 64 - L});
   // Bit k of each word from column k: distinct powers of two, so the sum is the OR (the
