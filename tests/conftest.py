@@ -96,8 +96,8 @@ def _seeded():
 def make_batch(b, d, n_classes, *, dtype=torch.float32, device="cpu", label_dtype=torch.int64, seed=None):
     """Random (B, D) embeddings (made in float64, then cast) and labels in [0, n_classes)."""
     g = torch.Generator().manual_seed(seed if seed is not None else b * 1000 + d)
-    x = torch.randn(b, d, dtype=torch.float64, generator=g)
-    y = torch.randint(0, max(1, n_classes), (b,), generator=g)
+    x = torch.randn(b, d, dtype=torch.float64, generator=g)  # host tensor
+    y = torch.randint(0, max(1, n_classes), (b,), generator=g)  # host tensor
     return x.to(device=device, dtype=dtype), y.to(device=device, dtype=label_dtype)
 
 

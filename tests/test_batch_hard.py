@@ -44,7 +44,7 @@ def test_mine_matches_reference(device, dtype, metric, b, d, c, poisoned):
     assert torch.equal(m.valid.cpu(), r.valid.cpu())
     assert m.pos_dist.dtype == x.dtype and m.pos_idx.dtype == torch.int64
     # Distances of the pairs actually chosen, exact up to the output dtype's rounding.
-    rows = torch.arange(b)
+    rows = torch.arange(b)  # host tensor
     exp_pos = torch.where(m.pos_idx.cpu() >= 0, dist64[rows, m.pos_idx.cpu().clamp(min=0)], 0.0)
     exp_neg = torch.where(m.neg_idx.cpu() >= 0, dist64[rows, m.neg_idx.cpu().clamp(min=0)], 0.0)
     assert_close_rel(m.pos_dist, exp_pos, LOSS_RTOL[dtype], "pos_dist")
@@ -84,7 +84,7 @@ def test_reductions_and_soft_margin(device, reduction, soft_margin, metric, pois
     ref = reference.batch_hard_loss(x64, y, **kw)
     assert loss.shape == ref.shape == ((45,) if reduction == "none" else ())
     assert_close_rel(loss, ref, 1e-5, "loss")
-    w = torch.randn(loss.shape, dtype=torch.float64)  # a non-trivial upstream gradient
+    w = torch.randn(loss.shape, dtype=torch.float64, device=device)  # a non-trivial upstream gradient
     (loss * w.to(loss)).sum().backward()
     (ref * w).sum().backward()
     assert_grad_close(x.grad, x64.grad, 1e-4)
@@ -161,8 +161,8 @@ def test_label_dtypes_and_large_values(label_dtype):
 def test_ties_go_to_smallest_index(device, metric, dtype, b):
     """Small-integer embeddings: every distance is exact in both paths, with many exact ties."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(-1, 2, (b, 3), generator=g).to(dtype)
-    y = torch.randint(0, 4, (b,), generator=g)
+    x = torch.randint(-1, 2, (b, 3), generator=g).to(dtype)  # host tensor
+    y = torch.randint(0, 4, (b,), generator=g)  # host tensor
     if metric == "cosine":
         x[x.abs().sum(1) == 0] = 1.0  # zero rows have no direction
     x, y = x.to(device), y.to(device)
@@ -201,8 +201,8 @@ def test_mean_nonzero_with_all_zero_losses(device, metric):
     "mean_nonzero" has an empty denominator: exactly 0 with zero gradients, while "mean"
     is a plain 0 over valid anchors."""
     g = torch.Generator().manual_seed(2)
-    centers = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    y = torch.arange(10) % 2
+    centers = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # host tensor
+    y = torch.arange(10) % 2  # host tensor
     x = (centers[y] * 10 + 0.01 * torch.randn(10, 3, generator=g)).to(device).requires_grad_(True)
     y = y.to(device)
     for reduction in ("mean_nonzero", "mean"):

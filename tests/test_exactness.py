@@ -37,7 +37,7 @@ def test_triplet_margin_gradient_passes_at_the_kink(device, reduction):
     a = torch.tensor([[0.0, 0], [0, 0]], dtype=torch.float64, device=device)
     p = torch.tensor([[1.0, 0], [2, 0]], dtype=torch.float64, device=device)
     n = torch.tensor([[2.0, 0], [3, 0]], dtype=torch.float64, device=device)
-    assert _has_kink(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 3.0]), 1.0)
+    assert _has_kink(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 3.0]), 1.0)  # host tensor
     grads = []
     for fn in (tripletops.triplet_margin_loss, reference.triplet_margin_loss):
         leaves = [t.clone().requires_grad_(True) for t in (a, p, n)]
@@ -95,14 +95,14 @@ def test_semi_hard_on_duplicated_rows_matches_its_definition(device, dtype, metr
     mismatches = 0
     for seed in range(10):
         g = torch.Generator().manual_seed(seed)
-        base = torch.randn(40, 16, generator=g, dtype=torch.float64)
+        base = torch.randn(40, 16, generator=g, dtype=torch.float64)  # host tensor
         if metric == "cosine":  # unit rows made as x * (1/|x|): same-direction distances must be 0
             base = base * (1 / base.norm(dim=1, keepdim=True))
         x = base.repeat(3, 1).to(device, dtype)
         y = torch.randint(0, 8, (40,), generator=g).repeat(3).to(device)
         d = tripletops.pairwise_distance(x, metric=metric)
         assert torch.equal(d[:40], d[40:80]) and torch.equal(d[:, :40], d[:, 40:80])
-        assert bool((d[torch.arange(40), torch.arange(40) + 40] == 0).all()) and bool((d.diagonal() == 0).all())
+        assert bool((d[torch.arange(40, device=device), torch.arange(40, device=device) + 40] == 0).all()) and bool((d.diagonal() == 0).all())
         loss, grad = _grad(tripletops.semi_hard_loss, x, y, margin=0.5, metric=metric)
         ref_loss, ref_grad = _grad(reference.semi_hard_loss, x.cpu().double(), y.cpu(), margin=0.5, metric=metric)
         rtol = 1e-9 if dtype == torch.float64 else 1e-5
@@ -118,7 +118,7 @@ def test_identical_rows_across_x_and_y_are_at_distance_zero(device):
     y = torch.cat([x[:50], torch.randn(250, 20, generator=g).to(device), x[:50]])
     for metric in ("euclidean", "sqeuclidean", "cosine"):
         d = tripletops.pairwise_distance(x, y, metric=metric)
-        assert bool((d[torch.arange(50), torch.arange(50)] == 0).all())
+        assert bool((d[torch.arange(50, device=device), torch.arange(50, device=device)] == 0).all())
         assert torch.equal(d[:, :50], d[:, 300:])
     x[3, 1] = float("nan")  # a NaN row keeps NaN distances, to its copy as well
     d = tripletops.pairwise_distance(torch.cat([x, x[3:4]]))
@@ -261,11 +261,11 @@ def test_exact_ties_far_from_the_origin_go_to_the_smallest_index(device, dtype, 
     a power of two below the spread keeps the rows, keys and ties exact."""
     for seed in range(8):
         g = torch.Generator().manual_seed(seed)
-        x = (torch.randint(-3, 4, (300, 6), generator=g) + 100).to(dtype)
-        y = torch.randint(0, 5, (300,), generator=g)
+        x = (torch.randint(-3, 4, (300, 6), generator=g) + 100).to(dtype)  # host tensor
+        y = torch.randint(0, 5, (300,), generator=g)  # host tensor
         kw = {}
         if bank:
-            r = (torch.randint(-3, 4, (500, 6), generator=g) + 100).to(dtype)
+            r = (torch.randint(-3, 4, (500, 6), generator=g) + 100).to(dtype)  # host tensor
             kw = dict(ref_embeddings=r.to(device), ref_labels=torch.randint(0, 5, (500,), generator=g).to(device))
         m = tripletops.batch_hard_mine(x.to(device), y.to(device), **kw)
         want = reference.batch_hard_mine(x.double(), y, **{k: (v.cpu().double() if v.is_floating_point() else v.cpu())
@@ -313,7 +313,7 @@ def test_candidates_below_the_gram_rounding_floor_are_settled_exactly(device, me
             g = torch.Generator().manual_seed(100 + seed)
             extra = torch.randn(400, x.shape[1], generator=g).to(x.dtype) + offset
             r = torch.cat([extra, x])
-            kw = dict(ref_embeddings=r.to(device), ref_labels=torch.cat([torch.full((400,), -1), y]).to(device))
+            kw = dict(ref_embeddings=r.to(device), ref_labels=torch.cat([torch.full((400,), -1), y]).to(device))  # host tensor
             x = x[::3].contiguous()
             y = y[::3].contiguous()
         m = tripletops.batch_hard_mine(x.to(device), y.to(device), metric=metric, **kw)
@@ -332,13 +332,13 @@ def test_duplicated_rows_tie_to_the_smallest_index_on_the_gram_path(device, bank
     in the definition, so the smallest index must win, whatever the GEMM's rounding does to
     each copy's Gram entry."""
     g = torch.Generator().manual_seed(7)
-    base = torch.randn(40, 48, generator=g)
-    idx = torch.randint(0, 40, (240,), generator=g)
+    base = torch.randn(40, 48, generator=g)  # host tensor
+    idx = torch.randint(0, 40, (240,), generator=g)  # host tensor
     x = base[idx] * 3
-    y = torch.randint(0, 6, (240,), generator=g)
+    y = torch.randint(0, 6, (240,), generator=g)  # host tensor
     kw = {}
     if bank:
-        ridx = torch.randint(0, 40, (400,), generator=g)
+        ridx = torch.randint(0, 40, (400,), generator=g)  # host tensor
         kw = dict(ref_embeddings=(base[ridx] * 3).to(device), ref_labels=torch.randint(0, 6, (400,), generator=g).to(device))
     m = tripletops.batch_hard_mine(x.to(device), y.to(device), **kw)
     want = reference.batch_hard_mine(x.double(), y, **{k: (v.cpu().double() if v.is_floating_point() else v.cpu())
@@ -355,7 +355,7 @@ def test_cosine_same_direction_rows_meet_at_zero_and_zero_rows_stay_at_one(devic
     leaves at 0 (distance 1 to everything, themselves included), used to be set to 0 when
     they were copies of each other."""
     g = torch.Generator().manual_seed(n)
-    x = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)  # host tensor
     x[1] = 2 * x[0]
     x[2] = 0.25 * x[0]
     x[3] = 0

@@ -17,7 +17,7 @@ LS = [1, 3, 64, 65, 200]
 def multi_hot(b: int, n_labels: int, *, seed: int, dtype=torch.bool, device="cpu", empty_rows=(0, 5)):
     """About two labels per row (at least one for L = 1), some rows with none."""
     g = torch.Generator().manual_seed(seed)
-    y = torch.rand(b, n_labels, generator=g) < min(0.5, 2.0 / n_labels)
+    y = torch.rand(b, n_labels, generator=g) < min(0.5, 2.0 / n_labels)  # host tensor
     for r in empty_rows:
         if r < b:
             y[r] = False

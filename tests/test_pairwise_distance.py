@@ -29,7 +29,7 @@ def test_forward_backward_match_reference(device, dtype, metric, n, m, d, with_y
     ref = reference.pairwise_distance(x64, y64, metric=metric)
     assert out.dtype == dtype and out.shape == (n, m if with_y else n)
     assert_close_rel(out, ref, TOL[dtype], "distances")
-    w = torch.randn(ref.shape, dtype=torch.float64)
+    w = torch.randn(ref.shape, dtype=torch.float64, device=device)
     (out * w.to(out)).sum().backward()
     (ref * w).sum().backward()
     if dtype in (torch.float16, torch.bfloat16):
