@@ -7,6 +7,7 @@ torch that is already installed (an isolated build stops at once and says so).
 """
 import glob
 import os
+import sys
 import warnings
 
 from setuptools import find_packages, setup
@@ -25,7 +26,12 @@ except ImportError as exc:  # an isolated build environment (plain `pip install 
     ) from None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+import setup_support  # noqa: E402  (beside this file: the arch choice and the libstdc++ check)
+
 TORCH_VERSION_FILE = "_C.torch_version"  # beside the built extension: tripletops/_ext.py checks it at import
+CUDA_ARCHS_FILE = "_C.cuda_archs"  # the GPU code the extension carries: tripletops/_ext.py checks it on first use
+CUDA_ARCHS = None  # [(number, with_ptx)] when the CUDA kernels are built
 
 
 def _flag(name: str) -> bool:
@@ -53,10 +59,16 @@ def get_extensions():
     extension = CppExtension
     if use_cuda:
         extension = CUDAExtension
-        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
-        for arch in os.getenv("TRIPLETOPS_CUDA_ARCHS", "80;90").split(";"):
-            nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        extra_compile_args["nvcc"] = nvcc
+        global CUDA_ARCHS
+        CUDA_ARCHS, source = setup_support.resolve_cuda_archs(
+            dict(os.environ), _visible_capabilities(),
+            setup_support.nvcc_gpu_codes(os.path.join(CUDA_HOME, "bin", "nvcc")) if CUDA_HOME else None)
+        if not CUDA_ARCHS:
+            raise SystemExit("tripletops: the installed nvcc supports none of the default GPU architectures; "
+                             "set TRIPLETOPS_CUDA_ARCHS (e.g. 8.0;9.0+PTX)")
+        print(f"tripletops: CUDA code for {setup_support.arch_record(CUDA_ARCHS)} (from {source})", flush=True)
+        extra_compile_args["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"] + setup_support.gencode_flags(
+            CUDA_ARCHS)
 
     return [
         extension(
@@ -70,18 +82,68 @@ def get_extensions():
     ]
 
 
+def _visible_capabilities():
+    """The compute capabilities of this machine's GPUs (none when torch sees no GPU)."""
+    try:
+        if not torch.cuda.is_available():
+            return []
+        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # a driver problem: build the default list instead
+        return []
+
+
 class BuildExtensionRecordingTorch(BuildExtension):
-    """Also writes the torch version the extension was compiled against beside it, so that
-    importing tripletops with another torch says so instead of failing on a symbol."""
+    """Also writes the torch version the extension was compiled against beside it (so that
+    importing tripletops with another torch says so instead of failing on a symbol) and the
+    GPU code it carries. Links against the shared libstdc++ only, and verifies it."""
 
     @staticmethod
     def _record(folder):
         with open(os.path.join(folder, TORCH_VERSION_FILE), "w") as f:
             f.write(torch.__version__ + "\n")
+        archs_file = os.path.join(folder, CUDA_ARCHS_FILE)
+        if CUDA_ARCHS:
+            with open(archs_file, "w") as f:
+                f.write(setup_support.arch_record(CUDA_ARCHS) + "\n")
+        elif os.path.exists(archs_file):  # a CPU build over an old CUDA one
+            os.remove(archs_file)
+
+    def build_extensions(self):
+        # A copy of libstdc++ inside _C has locale state of its own: formatting a number in
+        # a C++ error message crashed the process on the first GPU machine. Drop any
+        # -static-libstdc++ that the environment's link line brings (LDSHARED, LDFLAGS), and
+        # log the link line.
+        for attr in ("linker_so", "linker_so_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if cmd:
+                setattr(self.compiler, attr, [a for a in cmd if a != "-static-libstdc++"])
+        run_name = "call" if hasattr(self.compiler, "call") else "spawn"  # setuptools >= 80 links through call()
+        run = getattr(self.compiler, run_name)
+
+        def logged_run(cmd, *args, **kwargs):
+            if "-shared" in cmd:
+                print("tripletops: link line: " + " ".join(cmd), flush=True)
+            return run(cmd, *args, **kwargs)
+
+        setattr(self.compiler, run_name, logged_run)
+        super().build_extensions()
 
     def build_extension(self, ext):
+        ext.extra_link_args = [a for a in ext.extra_link_args if a != "-static-libstdc++"]
         super().build_extension(ext)
-        self._record(os.path.dirname(self.get_ext_fullpath(ext.name)))
+        built = self.get_ext_fullpath(ext.name)
+        try:
+            found = setup_support.libstdcxx_code_in(built)
+        except RuntimeError as exc:  # no nm: say so, do not fail the build on it
+            print(f"tripletops: could not check {built} for a copy of libstdc++ ({exc})", flush=True)
+            found = []
+        if found:
+            raise SystemExit(
+                f"tripletops: {built} defines libstdc++'s own functions ({', '.join(found[:5])}, ...): a static "
+                "copy of libstdc++ was linked in, and C++ error messages with numbers would crash the process. "
+                "Check the link line above (LDFLAGS, LDSHARED, CXX) for -static-libstdc++ or a static archive "
+                "that carries libstdc++.")
+        self._record(os.path.dirname(built))
 
     def copy_extensions_to_source(self):  # editable installs: the extension goes into the checkout
         super().copy_extensions_to_source()
@@ -89,9 +151,10 @@ class BuildExtensionRecordingTorch(BuildExtension):
         for ext in self.extensions:
             self._record(build_py.get_package_dir(ext.name.rpartition(".")[0]))
 
-    def get_outputs(self):  # the file goes into the wheel with the extension
+    def get_outputs(self):  # the files go into the wheel with the extension
         outputs = super().get_outputs()
-        return outputs + [os.path.join(os.path.dirname(o), TORCH_VERSION_FILE) for o in outputs[:1]]
+        extra = [TORCH_VERSION_FILE] + ([CUDA_ARCHS_FILE] if CUDA_ARCHS else [])
+        return outputs + [os.path.join(os.path.dirname(o), name) for o in outputs[:1] for name in extra]
 
 
 setup(

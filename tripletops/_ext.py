@@ -10,6 +10,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 _TORCH_VERSION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.torch_version")
+# The GPU code the extension carries ("sm_80 sm_90 compute_90"), written by setup.py.
+_CUDA_ARCHS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.cuda_archs")
 
 
 def _torch_mismatch(version_file: str = _TORCH_VERSION_FILE, running: str = torch.__version__) -> Optional[str]:
@@ -80,14 +82,18 @@ class ExtensionInfo:
     loaded: bool
     devices: Tuple[str, ...]
     error: Optional[str] = None
+    cuda_code: Tuple[str, ...] = ()  # the GPU code of a CUDA build: ("sm_90", "compute_90"), ...
 
     def __bool__(self) -> bool:
         return self.loaded
 
 
 def extension_available() -> ExtensionInfo:
-    """Whether `tripletops._C` is loaded, and the device types on which every op has a
-    kernel (a device where only some ops do is not listed; those ops still use it).
+    """Whether `tripletops._C` is loaded, the device types on which every op has a kernel
+    (a device where only some ops do is not listed; those ops still use it), and for a
+    CUDA build the GPU architectures it carries code for (`cuda_code`: "sm_XY" machine
+    code, "compute_XY" PTX). A GPU that none of them serves gets the reference, with a
+    ReferenceFallbackWarning that says so (an error under TRIPLETOPS_STRICT=1).
 
     Example::
 
@@ -95,7 +101,61 @@ def extension_available() -> ExtensionInfo:
         >>> bool(info), info.devices
         (True, ('cpu',))
     """
-    return ExtensionInfo(loaded=_LOAD_ERROR is None, devices=_DEVICES, error=_LOAD_ERROR)
+    return ExtensionInfo(loaded=_LOAD_ERROR is None, devices=_DEVICES, error=_LOAD_ERROR,
+                         cuda_code=_CUDA_CODE or ())
+
+
+def _read_cuda_code(path: str = _CUDA_ARCHS_FILE) -> Optional[Tuple[str, ...]]:
+    try:
+        with open(path) as f:
+            return tuple(f.read().split())
+    except OSError:
+        return None  # a CPU build, or one made by an older setup.py: nothing to check
+
+
+_CUDA_CODE = _read_cuda_code()
+
+
+def cuda_code_runs_on(codes: Tuple[str, ...], capability: Tuple[int, int]) -> bool:
+    """Whether GPU code built as `codes` ("sm_86", "compute_90", "sm_90a") runs on a GPU of
+    compute capability `capability`: machine code runs on its own major version at an equal
+    or higher minor (an "a"/"f" variant on its exact version only), PTX on any GPU at or
+    above its version (the driver compiles it)."""
+    for code in codes:
+        kind, _, number = code.partition("_")
+        digits = number.rstrip("af")
+        if not digits.isdigit():
+            continue
+        arch = divmod(int(digits), 10)
+        specific = digits != number
+        if kind == "sm" and arch[0] == capability[0] and (
+                arch[1] == capability[1] if specific else arch[1] <= capability[1]):
+            return True
+        if kind == "compute" and not specific and arch <= tuple(capability):
+            return True
+    return False
+
+
+_cuda_problems: dict = {}
+
+
+def _cuda_device_problem(device: torch.device) -> Optional[str]:
+    """Why the compiled CUDA kernels cannot run on `device` (None when they can): checked
+    before the first launch on each GPU, so that a build without code for it says so
+    instead of failing with "no kernel image is available"."""
+    if _CUDA_CODE is None or torch.compiler.is_compiling():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cuda_problems:
+        capability = torch.cuda.get_device_capability(index)
+        problem = None
+        if not cuda_code_runs_on(_CUDA_CODE, capability):
+            number = f"{capability[0]}{capability[1]}"
+            problem = (f"tripletops._C has no GPU code for {torch.cuda.get_device_name(index)} (sm_{number}): it was "
+                       f"built for {' '.join(_CUDA_CODE)}; rebuild it on this machine (it builds for the visible GPUs "
+                       f"by default) or with TRIPLETOPS_CUDA_ARCHS={capability[0]}.{capability[1]}")
+        _cuda_problems[index] = problem
+    return _cuda_problems[index]
 
 
 _warned: set = set()
@@ -108,9 +168,10 @@ def use_extension(op: str, tensor: torch.Tensor) -> bool:
     reference, or raises under TRIPLETOPS_STRICT=1.
     """
     device = tensor.device.type
-    if _op_covers(op, device):
+    problem = _cuda_device_problem(tensor.device) if device == "cuda" and _op_covers(op, device) else None
+    if _op_covers(op, device) and problem is None:
         return True
-    reason = _LOAD_ERROR or f"no compiled {op} kernel for {device!r}"
+    reason = _LOAD_ERROR or problem or f"no compiled {op} kernel for {device!r}"
     message = f"tripletops.{op}: compiled kernels unavailable ({reason}); running tripletops.reference instead"
     if os.environ.get("TRIPLETOPS_STRICT", "0") == "1":
         raise RuntimeError(message + " is forbidden by TRIPLETOPS_STRICT=1")
