@@ -78,24 +78,18 @@ cuda-emu: install
 package-check:
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash tools/package_check.sh
 
-# On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest preinstalled;
-# pytorch-metric-learning and other missing packages as wheels in $(WHEELS)): build with the
-# CUDA kernels, run the suite (CUDA cases, CUDA-graph capture and launch count included),
-# compute-sanitizer's memcheck, racecheck, synccheck and initcheck over the CUDA kernel
-# tests, then the benchmarks and their report (benchmarks/results/cuda.{json,md,png}).
+# On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest, pytest-xdist and
+# pytest-timeout preinstalled): what a GPU lease should tell us, in one unattended run of at
+# most 8 minutes (tools/gpu_check.py): the build (compiler versions, link line, GPU code,
+# nm of _C), the suite's CUDA cases in parallel, compute-sanitizer's memcheck, racecheck,
+# synccheck and initcheck over tools/gpu_sanitize_driver.py, the issues' target rows with
+# their peers, a per-kernel profile and a short CUDA training run -> $(GPU_CHECK_OUT)/, the
+# summary last (and in summary.md). Missing packages (pytorch-metric-learning) come as
+# wheels from $(WHEELS): `pip download --no-deps -d .whl pytorch-metric-learning` beforehand.
 WHEELS ?= .whl
-SANITIZED_TESTS := tests/test_batch_hard.py tests/test_pairwise_distance.py tests/test_triplet_margin_loss.py \
-	tests/test_loss_family.py tests/test_exactness.py
-SANITIZER_SELECT := -q -x -p no:cacheprovider -m "not cuda_emu and not slow" -k cuda
+GPU_CHECK_OUT ?= benchmarks/results/gpu-check
 gpu-check:
-	@if ls $(WHEELS)/*.whl >/dev/null 2>&1; then $(PIP) install -q --no-index --no-deps $(WHEELS)/*.whl; fi
-	$(PIP) install --no-build-isolation --no-deps -e .
-	$(PYTHON) -c "import torch, tripletops; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), tripletops.extension_available())"
-	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest tests -q -rs -m "not cuda_emu"
-	for tool in memcheck racecheck synccheck initcheck; do \
-	  compute-sanitizer --tool $$tool --error-exitcode 1 $(PYTHON) -m pytest $(SANITIZED_TESTS) $(SANITIZER_SELECT) || exit 1; \
-	done
-	$(MAKE) bench-run BENCH_NAME=cuda BENCH_SELECT="-k cuda"
+	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT) --wheels $(WHEELS)
 
 clean:
 	rm -rf build *.egg-info tripletops/*.so .pytest_cache .benchmarks runs
