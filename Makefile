@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead cuda-check cuda-emu package-check gpu-check clean
+.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead cuda-check torch-range cuda-emu package-check gpu-check clean
 
 # Builds only when the extension is missing, built against another torch, or older than a
 # source (tools/build_is_current.py).
@@ -66,6 +66,14 @@ bench-overhead: install
 # headers and print ptxas' register/spill report. No GPU needed; .ci/run runs it when nvcc exists.
 cuda-check: install
 	$(PYTHON) tools/cuda_check.py
+
+# The supported torch range (pyproject.toml: torch>=2.6): every C++ and CUDA source compiled
+# against the headers of the oldest and the newest release, fetched without installing them
+# (tools/torch_headers.py: ~50 MB of a wheel by HTTP range requests, or a local wheel; cached
+# in ~/.cache/tripletops). The installed torch (2.13) builds and runs the suite (make test).
+TORCH_RANGE ?= 2.6.0 2.14.1
+torch-range: install
+	$(PYTHON) tools/cuda_check.py $(addprefix --torch ,$(TORCH_RANGE))
 
 # The CUDA kernels executed on the CPU: csrc/cuda/*.cu compiled by g++ against the SIMT
 # emulator in tools/cuda_emu (ASan + UBSan), its self-test, then the suite's cuda-emu cases

@@ -25,6 +25,12 @@ except ImportError as exc:  # an isolated build environment (plain `pip install 
         f"({type(exc).__name__}: {exc})"
     ) from None
 
+# The oldest torch whose headers compile every source (make torch-range checks 2.6 and the
+# newest; 2.5 and older lack the string_view the ops take, and CppExtension's py_limited_api).
+MIN_TORCH = (2, 6)
+if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+    raise SystemExit(f"tripletops needs torch >= {'.'.join(map(str, MIN_TORCH))}; torch {torch.__version__} is installed")
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 import setup_support  # noqa: E402  (beside this file: the arch choice and the libstdc++ check)
