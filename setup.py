@@ -26,7 +26,7 @@ except ImportError as exc:  # an isolated build environment (plain `pip install 
     ) from None
 
 # The oldest torch whose headers compile every source (make torch-range checks 2.6 and the
-# newest; 2.5 and older lack the string_view the ops take, and CppExtension's py_limited_api).
+# newest; in 2.5 and older c10::string_view, which the ops take, is not std::string_view).
 MIN_TORCH = (2, 6)
 if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
     raise SystemExit(f"tripletops needs torch >= {'.'.join(map(str, MIN_TORCH))}; torch {torch.__version__} is installed")

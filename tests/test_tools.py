@@ -156,3 +156,27 @@ def test_training_script_under_torchrun_equals_one_process(tmp_path):
     assert "IDENTICAL TRAJECTORIES: all 3 steps" in res.stdout and "2 processes" in res.stdout
     saved = json.loads((out / "results.json").read_text())
     assert saved["identical"] and set(saved["runs"]) == {"tripletops.distributed", "eager reference"}
+
+
+def test_the_gpu_sanitizer_driver_runs_every_case_on_the_cpu():
+    """tools/gpu_sanitize_driver.py is what compute-sanitizer runs on a GPU: keep it in step
+    with the API by running its cases here, on CPU tensors."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import gpu_sanitize_driver
+
+    done = gpu_sanitize_driver.run_cases("cpu")
+    assert len(done) == 17 and len(set(done)) == len(done)
+
+
+def test_gpu_check_reports_every_stage_and_keeps_to_its_total(tmp_path):
+    """A stage with no time left is reported as skipped, the summary names the commit."""
+    import subprocess
+
+    out = tmp_path / "gc"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--out", str(out),
+                          "--stages", "profile,training", "--total", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    summary = (out / "summary.md").read_text()
+    assert "| profile | SKIPPED |" in summary and "| training | SKIPPED |" in summary
+    assert "- commit " in summary and "torch " in summary
+    assert res.stdout.strip().splitlines()[-1].startswith("| training | SKIPPED")
