@@ -203,6 +203,7 @@ def _mine_global(emb, labels, all_emb, all_labels, offset: int, metric: str) -> 
 
 
 def _setup(embeddings, labels, metric, normalize, group):
+    _validate.flag(normalize, "normalize")  # a Python argument, the same on every rank: checked before any collective
     world, rank = _group_info(group)
     counts = _agree(embeddings, labels, group, world, lambda: _validate.mining(embeddings, labels, metric, None, None))
     embeddings, _ = _maybe_normalize(normalize, embeddings, None)

@@ -12,6 +12,16 @@ from .pair_losses import batch_all_loss, contrastive_loss, semi_hard_loss
 from .triplet_margin import triplet_margin_loss
 
 
+def _outside_inference(t: torch.Tensor) -> torch.Tensor:
+    """A buffer made inside ``torch.inference_mode()`` (a call there that moved or created
+    it) is an inference tensor: outside that mode it can be neither updated in place nor
+    saved for backward. Such a buffer is replaced by an ordinary copy of it, once, at the
+    next call outside inference mode."""
+    if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
+
+
 class BatchHardTripletLoss(nn.Module):
     """Module form of `tripletops.batch_hard_loss`.
 
@@ -29,6 +39,7 @@ class BatchHardTripletLoss(nn.Module):
         _validate.metric(metric)
         _validate.reduction(reduction)
         _validate.flag(soft_margin, "soft_margin")
+        _validate.flag(normalize, "normalize")
         self.margin, self.metric, self.soft_margin = margin, metric, soft_margin
         self.reduction, self.normalize = reduction, normalize
 
@@ -58,6 +69,8 @@ class TripletMarginLoss(nn.Module):
         _validate.margin(margin)
         _validate.metric(metric)
         _validate.reduction(reduction)
+        _validate.flag(swap, "swap")
+        _validate.flag(normalize, "normalize")
         self.margin, self.metric, self.swap, self.reduction, self.normalize = margin, metric, swap, reduction, normalize
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -88,6 +101,7 @@ class BatchAllTripletLoss(nn.Module):
             raise ValueError("tripletops: BatchAllTripletLoss reduction must be 'mean', 'mean_nonzero' or 'sum', "
                              "got 'none'")
         _validate.flag(soft_margin, "soft_margin")
+        _validate.flag(normalize, "normalize")
         self.margin, self.metric, self.soft_margin = margin, metric, soft_margin
         self.reduction, self.normalize = reduction, normalize
 
@@ -113,6 +127,7 @@ class SemiHardTripletLoss(nn.Module):
         super().__init__()
         _validate.margin(margin)
         _validate.metric(metric)
+        _validate.flag(normalize, "normalize")
         self.margin, self.metric, self.normalize = margin, metric, normalize
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,6 +153,7 @@ class ContrastiveLoss(nn.Module):
         _validate.margin(neg_margin, "neg_margin")
         _validate.metric(metric)
         _validate.reduction(reduction)
+        _validate.flag(normalize, "normalize")
         self.pos_margin, self.neg_margin, self.metric = pos_margin, neg_margin, metric
         self.reduction, self.normalize = reduction, normalize
 
@@ -197,6 +213,7 @@ class CenterLoss(nn.Module):
         if not torch.compiler.is_compiling() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f"tripletops: labels must be in [0, {self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
+        self._leave_inference()
         self._follow(embeddings)
         labels = labels.long()
         compute = embeddings.dtype if embeddings.dtype == torch.float64 else torch.float32
@@ -206,6 +223,10 @@ class CenterLoss(nn.Module):
             self._update(embeddings.detach(), labels)
         out = per_row if self.reduction == "none" else per_row.sum() if self.reduction == "sum" else per_row.mean()
         return out.to(embeddings.dtype)
+
+    def _leave_inference(self) -> None:
+        self.centers = _outside_inference(self.centers)
+        self.initialized = _outside_inference(self.initialized)
 
     def _follow(self, embeddings: torch.Tensor) -> None:
         """Keep the centers on the embeddings' device (fp32 for halves, fp64 for fp64)."""
@@ -225,8 +246,16 @@ class CenterLoss(nn.Module):
         present = count > 0
         means = sums / count.clamp(min=1).to(sums.dtype)[:, None]
         moved = torch.where(self.initialized[:, None], self.momentum * self.centers + (1 - self.momentum) * means, means)
-        self.centers.copy_(torch.where(present[:, None], moved, self.centers))
-        self.initialized.logical_or_(present)
+        updated = torch.where(present[:, None], moved, self.centers)
+        if torch.compiler.is_compiling():
+            # New buffers, not writes into the old ones: the compiled backward may recompute
+            # centers[labels] from the buffer it was given (the partitioner's choice), which
+            # must then still hold the centers this loss was computed with.
+            self.centers = updated
+            self.initialized = self.initialized | present
+        else:
+            self.centers.copy_(updated)
+            self.initialized.logical_or_(present)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, reduction={self.reduction!r}"
@@ -294,8 +323,13 @@ class CrossBatchMemory(nn.Module):
         return self.memory_labels[:n] if n < self.size else torch.roll(self.memory_labels, -int(self.head), 0)
 
     def reset(self) -> None:
+        self._leave_inference()
         self.count.zero_()
         self.head.zero_()
+
+    def _leave_inference(self) -> None:
+        for name in ("memory", "memory_labels", "count", "head"):
+            setattr(self, name, _outside_inference(getattr(self, name)))
 
     def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         _validate.rows(embeddings, "embeddings")
@@ -326,37 +360,64 @@ class CrossBatchMemory(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add rows (detached), overwriting the oldest once the memory is full."""
         self._check(embeddings, labels)  # before any state change: a rejected call changes nothing
+        self._leave_inference()
         self._adopt(*self._storage_for(embeddings))
+        self._write(embeddings, labels, rebind=False)
+
+    @torch.no_grad()
+    def _write(self, embeddings: torch.Tensor, labels: torch.Tensor, rebind: bool) -> None:
         embeddings, labels = embeddings[-self.size:], labels[-self.size:]  # more rows than fit: keep the newest
         b = embeddings.shape[0]
         idx = (int(self.head) + torch.arange(b, device=embeddings.device)) % self.size
-        self.memory[idx] = embeddings.detach().to(self.memory.dtype)
+        rows = embeddings.detach().to(self.memory.dtype)
         # Class ids are stored as int64 (no wrap-around), multi-hot labels as bool.
-        self.memory_labels[idx] = labels.long() if self.num_labels is None else labels.bool()
+        row_labels = labels.long() if self.num_labels is None else labels.bool()
+        if rebind:  # new buffers: the old ones stay as the pending backward saw them
+            self.memory = self.memory.index_put((idx,), rows)
+            self.memory_labels = self.memory_labels.index_put((idx,), row_labels)
+        else:
+            self.memory[idx] = rows
+            self.memory_labels[idx] = row_labels
         self.head.fill_((int(self.head) + b) % self.size)
         self.count.fill_(min(self.size, int(self.count) + b))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, enqueue: bool = True,
                 **loss_kwargs) -> torch.Tensor:
+        """`batch_hard_loss` of the batch against the memory as it was before it, then (in
+        training mode, with ``enqueue=True``) the batch is enqueued. ``loss_kwargs`` are
+        `batch_hard_loss`'s (margin, metric, soft_margin, reduction, normalize); the
+        reference set is the memory, so ``ref_embeddings`` / ``ref_labels`` are refused."""
+        _validate.flag(enqueue, "enqueue")
+        taken = sorted(k for k in ("ref_embeddings", "ref_labels") if k in loss_kwargs)
+        if taken:
+            raise TypeError(f"tripletops: CrossBatchMemory's reference set is its memory; it takes no {', '.join(taken)}"
+                            " (call tripletops.batch_hard_loss for another reference set)")
         self._check(embeddings, labels)
+        self._leave_inference()
         memory, memory_labels = self._storage_for(embeddings)
         n = int(self.count)
         will_enqueue = enqueue and self.training
+        # The backward reads the memory rows that the enqueue below overwrites. Eager: they
+        # are copied for it. Compiled: the copy would not survive (the compiled backward may
+        # read the buffer it was given), so the enqueue writes new buffers instead.
+        protect = will_enqueue and n > 0 and torch.is_grad_enabled() and embeddings.requires_grad
+        rebind = protect and torch.compiler.is_compiling()
         x = embeddings.to(memory.dtype)  # differentiable; a no-op unless the memory is wider
         if n == 0:
             loss = batch_hard_loss(x, labels, **loss_kwargs)
         else:
             ref = memory[:n]
-            if will_enqueue and torch.is_grad_enabled() and embeddings.requires_grad:
-                ref = ref.clone()  # the backward reads these rows; the enqueue below overwrites some
+            if protect and not rebind:
+                ref = ref.clone()
             # The stored labels as they are (int64): the kernels compare labels of any
             # integer dtypes exactly, with no cast to the batch's dtype.
             loss = batch_hard_loss(x, labels, ref_embeddings=ref, ref_labels=memory_labels[:n], **loss_kwargs)
         # The loss succeeded (every argument is valid): only now does the state change.
         self._adopt(memory, memory_labels)
         if will_enqueue:
-            self.enqueue(embeddings.detach(), labels)
+            self._write(embeddings.detach(), labels, rebind=rebind)
         return loss.to(embeddings.dtype)
 
     def extra_repr(self) -> str:
