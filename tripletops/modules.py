@@ -13,13 +13,44 @@ from .triplet_margin import triplet_margin_loss
 
 
 def _outside_inference(t: torch.Tensor) -> torch.Tensor:
-    """A buffer made inside ``torch.inference_mode()`` (a call there that moved or created
-    it) is an inference tensor: outside that mode it can be neither updated in place nor
-    saved for backward. Such a buffer is replaced by an ordinary copy of it, once, at the
-    next call outside inference mode."""
+    """A buffer made inside ``torch.inference_mode()`` is an inference tensor: outside that
+    mode it can be neither updated in place nor saved for backward. The modules make their
+    buffers under ``inference_mode(False)``, so that their own calls never leave one; a
+    buffer that became one otherwise (``module.to(...)`` inside inference_mode) is
+    replaced by an ordinary copy at the next eager call outside inference mode."""
     if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
         return t.clone()
     return t
+
+
+def _load_all_or_nothing(module: nn.Module, state_dict, prefix: str, strict: bool, missing_keys, unexpected_keys,
+                         error_msgs, names, validate) -> None:
+    """`load_state_dict` for a module whose buffers only make sense together: every buffer
+    is validated first (`validate` returns a problem or None), then all are applied, or
+    none. The loaded tensors are taken as they are (dtype included: a float64 memory stays
+    float64), on the device the module's buffers are on."""
+    got = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+    if strict:
+        missing_keys.extend(prefix + n for n in names if n not in got)
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in names
+                               and "." not in k[len(prefix):])
+    if not got:
+        return
+    if len(got) < len(names):
+        error_msgs.append(f"{type(module).__name__}: the state must hold all of {', '.join(names)}, got "
+                          f"{', '.join(sorted(got))}; nothing was loaded")
+        return
+    if not all(isinstance(t, torch.Tensor) for t in got.values()):
+        error_msgs.append(f"{type(module).__name__}: every entry of the state must be a tensor; nothing was loaded")
+        return
+    problem = validate(got)
+    if problem is not None:
+        error_msgs.append(f"{type(module).__name__}: {problem}; nothing was loaded")
+        return
+    with torch.inference_mode(False):  # ordinary tensors, even when loaded inside inference_mode
+        for n in names:
+            current = getattr(module, n)
+            setattr(module, n, got[n].detach().to(current.device).clone())
 
 
 class BatchHardTripletLoss(nn.Module):
@@ -232,8 +263,9 @@ class CenterLoss(nn.Module):
         """Keep the centers on the embeddings' device (fp32 for halves, fp64 for fp64)."""
         want = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         if self.centers.device != embeddings.device or self.centers.dtype != want:
-            self.centers = self.centers.to(embeddings.device, want)
-            self.initialized = self.initialized.to(embeddings.device)
+            with torch.inference_mode(False):  # ordinary tensors, even when called inside inference_mode
+                self.centers = self.centers.to(embeddings.device, want)
+                self.initialized = self.initialized.to(embeddings.device)
 
     @torch.no_grad()
     def _update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
@@ -256,6 +288,19 @@ class CenterLoss(nn.Module):
         else:
             self.centers.copy_(updated)
             self.initialized.logical_or_(present)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        def validate(got):
+            c, init = got["centers"], got["initialized"]
+            if tuple(c.shape) != (self.num_classes, self.dim) or c.dtype not in (torch.float32, torch.float64):
+                return (f"centers must be a ({self.num_classes}, {self.dim}) float32 or float64 tensor, got "
+                        f"{tuple(c.shape)} {c.dtype}")
+            if tuple(init.shape) != (self.num_classes,) or init.dtype != torch.bool:
+                return f"initialized must be a ({self.num_classes},) bool tensor, got {tuple(init.shape)} {init.dtype}"
+            return None
+        _load_all_or_nothing(self, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs,
+                             ("centers", "initialized"), validate)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, reduction={self.reduction!r}"
@@ -348,15 +393,16 @@ class CrossBatchMemory(nn.Module):
         memory takes the batch's dtype; a filled one only widens (fp16 into fp32 stays fp32;
         fp64 into fp32 widens losslessly), never narrows. No state changes here."""
         dtype = embeddings.dtype if int(self.count) == 0 else torch.promote_types(self.memory.dtype, embeddings.dtype)
-        memory = self.memory.to(embeddings.device, dtype)
-        return memory, self.memory_labels.to(embeddings.device)
+        with torch.inference_mode(False):  # ordinary tensors, even when called inside inference_mode
+            return self.memory.to(embeddings.device, dtype), self.memory_labels.to(embeddings.device)
 
     def _adopt(self, memory: torch.Tensor, memory_labels: torch.Tensor) -> None:
         if memory is not self.memory:
             self.memory = memory
         if memory_labels is not self.memory_labels:
             self.memory_labels = memory_labels
-            self.count, self.head = self.count.to(memory.device), self.head.to(memory.device)
+            with torch.inference_mode(False):
+                self.count, self.head = self.count.to(memory.device), self.head.to(memory.device)
 
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
@@ -370,7 +416,8 @@ class CrossBatchMemory(nn.Module):
     def _write(self, embeddings: torch.Tensor, labels: torch.Tensor, rebind: bool) -> None:
         embeddings, labels = embeddings[-self.size:], labels[-self.size:]  # more rows than fit: keep the newest
         b = embeddings.shape[0]
-        idx = (int(self.head) + torch.arange(b, device=embeddings.device)) % self.size
+        # Tensor arithmetic on head / count, no int(): nothing data-dependent for torch.compile.
+        idx = (self.head + torch.arange(b, device=embeddings.device)) % self.size
         rows = embeddings.detach().to(self.memory.dtype)
         # Class ids are stored as int64 (no wrap-around), multi-hot labels as bool.
         row_labels = labels.long() if self.num_labels is None else labels.bool()
@@ -380,8 +427,8 @@ class CrossBatchMemory(nn.Module):
         else:
             self.memory[idx] = rows
             self.memory_labels[idx] = row_labels
-        self.head.fill_((int(self.head) + b) % self.size)
-        self.count.fill_(min(self.size, int(self.count) + b))
+        self.head.copy_((self.head + b) % self.size)
+        self.count.copy_((self.count + b).clamp(max=self.size))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, enqueue: bool = True,
                 **loss_kwargs) -> torch.Tensor:
@@ -419,6 +466,24 @@ class CrossBatchMemory(nn.Module):
         if will_enqueue:
             self._write(embeddings.detach(), labels, rebind=rebind)
         return loss.to(embeddings.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        def validate(got):
+            m, lab, count, head = got["memory"], got["memory_labels"], got["count"], got["head"]
+            if tuple(m.shape) != (self.size, self.dim) or not m.is_floating_point():
+                return f"memory must be a ({self.size}, {self.dim}) float tensor, got {tuple(m.shape)} {m.dtype}"
+            want = ((self.size,), torch.int64) if self.num_labels is None else ((self.size, self.num_labels), torch.bool)
+            if tuple(lab.shape) != want[0] or lab.dtype != want[1]:
+                return f"memory_labels must be a {want[0]} {want[1]} tensor, got {tuple(lab.shape)} {lab.dtype}"
+            if count.dim() != 0 or head.dim() != 0 or count.dtype != torch.int64 or head.dtype != torch.int64:
+                return "count and head must be int64 scalars"
+            n, h = int(count), int(head)
+            if not (0 <= n <= self.size and 0 <= h < self.size and (n == self.size or h == n)):
+                return f"count {n} and head {h} do not describe a memory of size {self.size}"
+            return None
+        _load_all_or_nothing(self, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs,
+                             ("memory", "memory_labels", "count", "head"), validate)
 
     def extra_repr(self) -> str:
         labels = "" if self.num_labels is None else f", num_labels={self.num_labels}"
