@@ -20,7 +20,7 @@ def main() -> int:
     if package != os.path.join(ROOT, "tripletops") or not tripletops.extension_available():
         return 1
     built = glob.glob(os.path.join(package, "_C*.so"))
-    sources = [os.path.join(ROOT, f) for f in ("setup.py", "pyproject.toml")]
+    sources = [os.path.join(ROOT, f) for f in ("setup.py", "setup_support.py", "pyproject.toml")]
     sources += glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True)
     if not built or min(os.path.getmtime(b) for b in built) < max(os.path.getmtime(s) for s in sources):
         return 1

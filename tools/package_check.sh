@@ -17,7 +17,7 @@ echo "package-check: sdist from the checkout"
   || { cat "$WORK/sdist.log"; exit 1; }
 SDIST="$(ls "$WORK"/dist/tripletops-*.tar.gz)"
 tar -tzf "$SDIST" >"$WORK/sdist.txt"
-for f in csrc/common.h csrc/cpu/rows_cpu.h csrc/cuda/device.h csrc/cuda/batch_hard_cuda.cu LICENSE; do
+for f in csrc/common.h csrc/cpu/rows_cpu.h csrc/cuda/device.h csrc/cuda/batch_hard_cuda.cu setup_support.py LICENSE; do
   grep -q "/$f\$" "$WORK/sdist.txt" || { echo "package-check: the sdist lacks $f"; exit 1; }
 done
 
