@@ -272,7 +272,10 @@ class CenterLoss(nn.Module):
         # Per class over all num_classes rows (fixed shapes, no torch.unique: a compiled
         # training step has no data-dependent shape); classes absent from the batch keep
         # their centers exactly.
-        count = torch.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        # index_add, not bincount: bincount's output shape depends on the data, which torch
+        # 2.6's compiler refuses.
+        count = torch.zeros(self.num_classes, dtype=torch.int64, device=labels.device).index_add_(
+            0, labels, torch.ones_like(labels))
         sums = torch.zeros(self.num_classes, self.dim, device=embeddings.device, dtype=self.centers.dtype)
         sums.index_add_(0, labels, embeddings.to(self.centers.dtype))
         present = count > 0
