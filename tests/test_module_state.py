@@ -20,6 +20,21 @@ def _batches(steps, b, d, dtype, classes, seed):
              torch.randint(0, classes, (b,), generator=g)) for _ in range(steps)]  # host tensor
 
 
+def _compiler_traces_int_of_a_tensor() -> bool:
+    """CrossBatchMemory slices its memory to `int(count)` rows: torch 2.13's compiler traces
+    that (an unbacked size), torch 2.6's graph-breaks on it."""
+    try:
+        torch._dynamo.reset()
+        return bool(torch.compile(lambda m, n: m[:int(n)].sum(), fullgraph=True)(torch.ones(4), torch.tensor(2)) == 2)
+    except Exception:
+        return False
+
+
+needs_traced_int = pytest.mark.skipif(not _compiler_traces_int_of_a_tensor(),
+                                      reason=f"torch {torch.__version__}'s compiler does not trace int() of a tensor, "
+                                             "which CrossBatchMemory needs under fullgraph=True")
+
+
 def _stateful(name):
     if name == "CrossBatchMemory":
         m = tripletops.CrossBatchMemory(10, 3)
@@ -30,7 +45,7 @@ def _stateful(name):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["CrossBatchMemory", "CenterLoss"])
+@pytest.mark.parametrize("name", [pytest.param("CrossBatchMemory", marks=needs_traced_int), "CenterLoss"])
 def test_compiled_gradients_equal_eager_step_after_step(name, dtype, dynamic):
     """Three steps in a row, the state changing between them (the memory overwritten, the
     centers moved): the compiled loss, gradient and state equal eager's at every step.
@@ -68,6 +83,8 @@ def test_compiled_gradients_of_the_stateless_modules(name):
 @pytest.mark.parametrize("name", ["CrossBatchMemory", "CenterLoss"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_a_call_under_inference_mode_breaks_nothing(name, compiled):
+    if compiled and name == "CrossBatchMemory" and not _compiler_traces_int_of_a_tensor():
+        pytest.skip(f"torch {torch.__version__}'s compiler does not trace int() of a tensor")
     """A sanity evaluation before training (the buffers change dtype, so they are made anew
     inside inference_mode, as inference tensors); then training, reset and state_dict."""
     torch._dynamo.reset()

@@ -21,6 +21,13 @@ namespace tripletops {
 namespace cpu {
 namespace {
 
+// A loss value as a 0-d tensor of `dtype`, through a float64 tensor: a value past the
+// dtype's range (an fp16 "sum" above 65504) becomes inf, where a Scalar fill raises on
+// torch 2.6 ("value cannot be converted to type at::Half without overflow").
+inline at::Tensor loss_scalar(double value, at::ScalarType dtype) {
+  return at::empty({}, at::TensorOptions().dtype(at::kDouble)).fill_(value).to(dtype);
+}
+
 // The ops' prologue: embeddings and labels as the mining ops take them (the margins and
 // a backward op's saved arguments: check_margin and check_saved in common.h).
 void check_batch(const at::Tensor& embeddings, const at::Tensor& labels) {
@@ -332,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> batch_all_loss_cpu(const at::Tensor& embeddin
                     "tripletops: batch_all_loss has no reduction 'none' (B^3 triplets); use mean, mean_nonzero or sum");
   at::Tensor dist = pairwise_distance_cpu(embeddings.to(at::kDouble), c10::nullopt, metric);
   const double value = batch_all_from_dist(dist, labels, margin, soft_margin, reduction);
-  return {at::empty({}, embeddings.options()).fill_(value), dist};
+  return {loss_scalar(value, embeddings.scalar_type()), dist};
 }
 
 at::Tensor batch_all_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& labels,
@@ -351,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_loss_cpu(const at::Tensor& embeddin
   check_batch(embeddings, labels);
   check_margin(margin, "margin");
   at::Tensor dist = pairwise_distance_cpu(embeddings.to(at::kDouble), c10::nullopt, metric);
-  return {at::empty({}, embeddings.options()).fill_(semi_hard_from_dist(dist, labels, margin)), dist};
+  return {loss_scalar(semi_hard_from_dist(dist, labels, margin), embeddings.scalar_type()), dist};
 }
 
 at::Tensor semi_hard_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& labels,
@@ -389,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_cpu(const at::Tensor& embedd
       return;
     }
     const auto [sum, den] = contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction);
-    loss = at::empty({}, dist.options()).fill_(sum / den);
+    loss = loss_scalar(sum / den, dist.scalar_type());
   });
   return {loss.to(embeddings.scalar_type()), dist};
 }
