@@ -561,7 +561,7 @@ def main(argv=None) -> dict:
         return {}
     after = {run.name: retrieval_metrics(net(run), te_x, te_y, device, table) for run in runs}
     skip = min(5, args.steps - 1)
-    rows, table = speedup_table(runs, skip)
+    rows, speed_table = speedup_table(runs, skip)  # not `table`: that is the label table
     max_rel = max(abs(a - b) / max(abs(a), abs(b), 1e-30) for a, b in zip(runs[0].losses, runs[1].losses))
 
     lines = [f"{args.data}, {args.steps} steps, batch {batch} (P={runs[0].sampler.p} × K={runs[0].sampler.k})"
@@ -585,7 +585,7 @@ def main(argv=None) -> dict:
               "| model | Recall@1 | mAP@R |", "| --- | --- | --- |",
               f"| before training | {before['recall@1']:.4f} | {before['map@r']:.4f} |"]
     lines += [f"| after, {name} | {m['recall@1']:.4f} | {m['map@r']:.4f} |" for name, m in after.items()]
-    lines += ["", "Time per step:", "", table, ""]
+    lines += ["", "Time per step:", "", speed_table, ""]
     if shard:
         lines += ["Under torchrun these times are not a speed comparison: process 0 also trains the one-process "
                   "reference, and the other processes wait for it at every collective, inside the timed loss.", ""]

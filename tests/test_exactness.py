@@ -366,3 +366,36 @@ def test_cosine_same_direction_rows_meet_at_zero_and_zero_rows_stay_at_one(devic
     assert bool((d[same][:, same] == 0).all()), d[same][:, same]
     assert bool((d[3:5] == 1).all()) and bool((d[:, 3:5] == 1).all()), d[:5, :5]
     assert torch.allclose(d.double(), want, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_zero_dim_tensor_margins_are_taken_like_numbers():
+    """As PyTorch's own losses: a 0-d real tensor margin equals the Python number, in every
+    entry point and in the reference; other tensors, bools and NaN are refused."""
+    x, y = GRID_X.float(), GRID_Y
+    for m in (torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64)):
+        assert tripletops.batch_hard_loss(x, y, margin=m) == tripletops.batch_hard_loss(x, y, margin=0.25)
+        assert tripletops.batch_all_loss(x, y, margin=m) == tripletops.batch_all_loss(x, y, margin=0.25)
+        assert tripletops.semi_hard_loss(x, y, margin=m) == tripletops.semi_hard_loss(x, y, margin=0.25)
+        assert tripletops.contrastive_loss(x, y, neg_margin=m) == tripletops.contrastive_loss(x, y, neg_margin=0.25)
+        assert tripletops.triplet_margin_loss(x, x.flip(0), x, margin=m) == tripletops.triplet_margin_loss(
+            x, x.flip(0), x, margin=0.25)
+        assert torch.equal(tripletops.reference.batch_hard_loss(x, y, margin=m),
+                           tripletops.reference.batch_hard_loss(x, y, margin=0.25))
+        assert tripletops.BatchHardTripletLoss(margin=m)(x, y) == tripletops.batch_hard_loss(x, y, margin=0.25)
+    assert tripletops.batch_hard_loss(x, y, margin=torch.tensor(1)) == tripletops.batch_hard_loss(x, y, margin=1.0)
+    for bad in (torch.tensor([0.25]), torch.tensor(True), torch.tensor(1 + 0j)):
+        with pytest.raises(TypeError, match="margin must be a real number or a 0-d real tensor"):
+            tripletops.batch_hard_loss(x, y, margin=bad)
+    for bad in (torch.tensor(-0.5), torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+            tripletops.batch_hard_loss(x, y, margin=bad)
+
+
+def test_label_messages_say_what_was_probably_meant():
+    x = torch.randn(6, 3)
+    with pytest.raises(TypeError, match=r"look like class ids: class ids are \(B,\), so squeeze the last dimension"):
+        tripletops.batch_hard_loss(x, torch.arange(6)[:, None])
+    with pytest.raises(TypeError, match="any integer dtype: int8, int16, int32, int64, uint8"):
+        tripletops.batch_hard_loss(x, torch.arange(6).float())
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):  # what the message promises
+        assert torch.isfinite(tripletops.batch_hard_loss(x, (torch.arange(6) % 3).to(dtype)))

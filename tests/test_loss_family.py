@@ -488,3 +488,24 @@ def test_inf_in_a_singleton_class_gives_nan(dtype, metric, bad, loss, device):
         reduction = "mean_nonzero" if loss.endswith("soft") else loss.split()[1]
         out = tripletops.batch_all_loss(x, y, metric=metric, reduction=reduction, soft_margin=loss.endswith("soft"))
     assert torch.isnan(out), out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["batch_all_loss", "semi_hard_loss", "contrastive_loss"])
+def test_a_loss_past_the_dtypes_range_is_inf_not_an_error(device, name):
+    """fp32 rows whose squared distances pass 3.4e38: the loss's float64 value does not fit, so
+    the promise of docs/numerics.md is +inf or NaN, never a finite wrong value and never a
+    crash ("value cannot be converted to type float without overflow", which batch_all
+    raised). batch_all and semi_hard give +inf; contrastive, whose fp32 terms meet inf - inf,
+    gives NaN."""
+    x = (torch.tensor([[0.0], [3.0], [1.0], [4.0]], dtype=torch.float64) * 1e19).float().to(device)
+    y = torch.tensor([0, 0, 1, 1], device=device)
+    kw = {"metric": "sqeuclidean"} if name != "contrastive_loss" else {"metric": "sqeuclidean", "neg_margin": 1e38}
+    loss = getattr(tripletops, name)(x, y, **kw)
+    want = getattr(reference, name)(x.double().cpu(), y.cpu(), **kw)
+    assert loss.dtype == torch.float32
+    if want.abs() > torch.finfo(torch.float32).max:
+        assert bool(torch.isnan(loss)) if name == "contrastive_loss" else bool(torch.isinf(loss) and loss > 0), (loss,
+                                                                                                               want)
+    else:
+        assert_close_rel(loss, want, 1e-5, name)

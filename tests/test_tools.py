@@ -83,6 +83,9 @@ def test_training_script_on_digits_is_identical_and_writes_results(tmp_path, cap
     assert 0 < r["recall@1"] <= 1 and 0 < r["map@r"] <= 1
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["identical"] and (tmp_path / "out" / "curves.png").stat().st_size > 10_000
+    summary = (tmp_path / "out" / "summary.md").read_text()  # what make demo-results copies into the README
+    assert "multi-label" not in summary and "shares a label" not in summary
+    assert "Retrieval on the 3 held-out classes" in summary
 
 
 @pytest.mark.parametrize("bank", [False, True])
@@ -94,6 +97,9 @@ def test_training_script_multi_label_mode(tmp_path, capsys, bank):
     out = capsys.readouterr().out
     assert res["identical"] and res["config"]["multi_label"]
     assert "multi-label: L = 13 labels" in out and "relevant: shares a label" in out
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "multi-label (L = 13)" in summary and "relevant: shares a label with the query" in summary
+    assert ("bank 300" in summary) is bank
     r = res["retrieval"]["before"]
     assert 0 < r["map@r"] < 1  # held-out images of every class: relevance is not all-or-nothing
 
@@ -101,6 +107,8 @@ def test_training_script_multi_label_mode(tmp_path, capsys, bank):
 def test_training_script_bank_mode(tmp_path):
     res = _train(tmp_path, "--bank-size", "300", "--dtype", "float32")
     assert res["identical"] and res["config"]["bank_size"] == 300
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "bank 300" in summary and "multi-label" not in summary and "shares a label" not in summary
     assert all(v > 0 for v in res["loss_peak_bytes"].values())
 
 

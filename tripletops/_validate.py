@@ -53,6 +53,11 @@ def labels(y: torch.Tensor, name: str, n: int, rows_name: str, x: torch.Tensor) 
         raise ValueError(f"tripletops: {name} must be (B,) class ids or (B, L) multi-hot labels, got shape "
                          f"{tuple(y.shape)}")
     if y.dim() == 2:
+        if y.dtype not in (torch.bool, torch.uint8) and y.shape[1] == 1 and not y.dtype.is_floating_point \
+                and not y.dtype.is_complex:
+            raise TypeError(f"tripletops: {name} of shape {tuple(y.shape)} and dtype {y.dtype} look like class ids: "
+                            f"class ids are (B,), so squeeze the last dimension ({name}.squeeze(1)); (B, L) "
+                            "multi-hot labels are bool or uint8")
         if y.dtype not in (torch.bool, torch.uint8):
             raise TypeError(f"tripletops: {name} as (B, L) multi-hot labels must be bool or uint8, got {y.dtype}")
         if y.shape[1] < 1:
@@ -61,8 +66,9 @@ def labels(y: torch.Tensor, name: str, n: int, rows_name: str, x: torch.Tensor) 
             raise ValueError(f"tripletops: {name} as uint8 multi-hot labels must hold only 0 and 1, "
                              f"got a value {int(y.max())}")
     elif y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"tripletops: {name} must be integer class ids (int32 or int64) of shape (B,), or (B, L) "
-                        f"multi-hot bool/uint8 labels, got {y.dtype} of shape {tuple(y.shape)}")
+        raise TypeError(f"tripletops: {name} must be integer class ids of shape (B,) (any integer dtype: int8, "
+                        f"int16, int32, int64, uint8), or (B, L) multi-hot bool/uint8 labels, got {y.dtype} of shape "
+                        f"{tuple(y.shape)}")
     if y.shape[0] != n:
         raise ValueError(f"tripletops: {name} must have {n} entries, one per row of {rows_name}, got {y.shape[0]}")
     device(y, name, x, rows_name)
@@ -91,8 +97,15 @@ def _numpy_bool(v) -> bool:
 
 
 def margin(m: float, name: str = "margin") -> None:
-    """A finite real >= 0: Python int/float, or any numbers.Real such as numpy's float32
-    and float64 scalars alike (the kernels take float(m)); not a bool, not a tensor."""
+    """A finite real >= 0: Python int/float, any numbers.Real such as numpy's float32 and
+    float64 scalars, or a 0-d real tensor, as PyTorch's own losses take (the kernels take
+    float(m): for a CUDA tensor, a device sync; under torch.compile, a graph break); not a
+    bool."""
+    if isinstance(m, torch.Tensor):
+        if m.dim() != 0 or m.dtype == torch.bool or m.dtype.is_complex:
+            raise TypeError(f"tripletops: {name} must be a real number or a 0-d real tensor, got a {m.dtype} tensor "
+                            f"of shape {tuple(m.shape)}")
+        m = float(m)
     if isinstance(m, bool) or _numpy_bool(m) or not isinstance(m, (int, float, numbers.Real)):
         raise TypeError(f"tripletops: {name} must be a real number, got {type(m).__name__}")
     # Comparisons, not math.isfinite: torch.compile(dynamic=True) traces a symbolic float
