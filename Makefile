@@ -1,5 +1,6 @@
-# tripletops — the commands a newcomer needs: `make demo` (the main job: train twice, show
-# the speedup), `make test` (what CI runs) and `make bench` (the benchmark report).
+# tripletops — the commands a newcomer needs: `make demo` (the main job: three trainings, each
+# tripletops against the eager reference, with the speedups), `make test` (what CI runs) and
+# `make bench` (the benchmark report).
 # Each installs what it needs into the current Python (PYTHON=... to pick another).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -25,11 +26,11 @@ test: install
 test-fast: install
 	TRIPLETOPS_STRICT=1 $(PYTHON) -m pytest tests -m "not slow"
 
-# The reference training script, twice: digits with tripletops and with the eager
+# The reference training script, three times: digits with tripletops and with the eager
 # reference in lockstep (identical trajectories, retrieval, speedup), then the
 # cross-batch-memory mode where the loss dominates the step, then the multi-label mode.
 # Results go to runs/demo (ignored): a checkout stays clean. `make demo-results` rewrites
-# the committed ones (benchmarks/results/train_digits*/ and README.md's two sections).
+# the committed ones (benchmarks/results/train_digits*/ and README.md's three sections).
 DEMO_OUT ?= runs/demo
 DEMO_README ?=
 demo: install

@@ -399,3 +399,39 @@ def test_label_messages_say_what_was_probably_meant():
         tripletops.batch_hard_loss(x, torch.arange(6).float())
     for dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):  # what the message promises
         assert torch.isfinite(tripletops.batch_hard_loss(x, (torch.arange(6) % 3).to(dtype)))
+
+
+# Four unit vectors: every pair is at distance sqrt(2), bit for bit, so with margin 0 every
+# batch-hard, batch-all and explicit triplet term sits exactly at its kink (and every
+# contrastive pair, with both margins sqrt(2)).
+SIMPLEX = torch.eye(4, dtype=torch.float64)
+SIMPLEX_Y = torch.tensor([0, 0, 1, 1])
+
+
+def _kink_loss(lib, name, x, y, margin):
+    if name == "contrastive_loss":
+        m = 2.0 ** 0.5 + margin
+        return lib.contrastive_loss(x, y, pos_margin=2.0 ** 0.5 - margin, neg_margin=m, reduction="mean_nonzero")
+    if name == "triplet_margin_loss":
+        return lib.triplet_margin_loss(x[[0, 1]], x[[1, 0]], x[[2, 3]], margin=margin, reduction="mean_nonzero")
+    return getattr(lib, name)(x, y, margin=margin, reduction="mean_nonzero")
+
+
+@pytest.mark.parametrize("device", devices_for("contrastive_loss"))
+@pytest.mark.parametrize("lib", [tripletops, reference], ids=["kernel", "reference"])
+@pytest.mark.parametrize("name", ["batch_hard_loss", "batch_all_loss", "contrastive_loss", "triplet_margin_loss"])
+def test_mean_nonzero_with_every_term_at_its_kink_is_zero_with_zero_gradients(device, lib, name):
+    """docs/semantics.md: an empty denominator gives exactly 0 and zero gradients. Every term
+    at its kink has loss 0, so "mean_nonzero" counts none of them: every kernel and the
+    reference give 0 and zero gradients (the contrastive kernel and the reference used to
+    pass the kink terms' gradient, sum / clamp(count, 1)). With a term above its kink, the
+    kink terms pass their gradient again (g / count), as docs/numerics.md says."""
+    x = SIMPLEX.to(device).clone().requires_grad_(True)
+    loss = _kink_loss(lib, name, x, SIMPLEX_Y.to(device), 0.0)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    x = SIMPLEX.to(device).clone().requires_grad_(True)  # control: above the kink, a gradient flows
+    loss = _kink_loss(lib, name, x, SIMPLEX_Y.to(device), 0.25)
+    loss.backward()
+    assert loss.item() > 0 and x.grad.abs().sum() > 0

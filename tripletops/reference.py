@@ -126,14 +126,16 @@ def _triplet_term(diff: torch.Tensor, margin: float, soft_margin: bool) -> torch
 
 
 def _reduce(per_item: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
-    """counted: the items in the "mean" denominator. An empty denominator gives 0."""
+    """counted: the items in the "mean" denominator. An empty denominator gives exactly 0
+    and zero gradients (every term at or below its kink under "mean_nonzero" included); a
+    NaN among the items still shows."""
     if reduction == "none":
         return per_item
     total = per_item.sum()
     if reduction == "sum":
         return total
     count = counted.sum() if reduction == "mean" else (per_item > 0).sum()
-    return total / count.clamp(min=1)
+    return torch.where(count > 0, total / count.clamp(min=1), total * 0)
 
 
 def _batch_hard_loss(embeddings, labels, margin, metric, soft_margin, reduction, ref_embeddings, ref_labels):

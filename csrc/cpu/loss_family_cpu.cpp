@@ -308,7 +308,9 @@ std::vector<uint8_t> finite_rows(const at::Tensor& x) {
   return out;
 }
 
-// Sum over pairs (double, row-major i < j: the same on every run) and the denominator.
+// Sum over pairs (double, row-major i < j: the same on every run) and the denominator: 0
+// when it is empty (mean_nonzero with no term > 0, or no pair), for a loss of exactly 0 and
+// zero gradients, as every loss reduces (a NaN sum still shows).
 template <typename T>
 std::pair<double, double> contrastive_total(const T* d, const Labels& lab, const uint8_t* fin, int64_t B,
                                             double pm, double nm, Reduction reduction) {
@@ -321,9 +323,7 @@ std::pair<double, double> contrastive_total(const T* d, const Labels& lab, const
       nonzero += v > T(0);
     }
   const int64_t pairs = B * (B - 1) / 2;
-  const double den = reduction == Reduction::Sum    ? 1.0
-                     : reduction == Reduction::Mean ? double(std::max<int64_t>(1, pairs))
-                                                    : double(std::max<int64_t>(1, nonzero));
+  const double den = reduction == Reduction::Sum ? 1.0 : reduction == Reduction::Mean ? double(pairs) : double(nonzero);
   return {sum, den};
 }
 
@@ -396,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_cpu(const at::Tensor& embedd
       return;
     }
     const auto [sum, den] = contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction);
-    loss = loss_scalar(sum / den, dist.scalar_type());
+    loss = loss_scalar(den > 0 ? sum / den : (sum != sum ? sum : 0.0), dist.scalar_type());
   });
   return {loss.to(embeddings.scalar_type()), dist};
 }
@@ -423,8 +423,10 @@ at::Tensor contrastive_loss_backward_cpu(const at::Tensor& grad, const at::Tenso
     T* w = grad_dist.data_ptr<T>();
     // The reduction's scale (its denominator is a count, held constant, as autograd would).
     double scale = 1.0;
-    if (reduction != Reduction::None)
-      scale = gp[0] / contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction).second;
+    if (reduction != Reduction::None) {
+      const double den = contrastive_total(d, l, fin.data(), B, pos_margin, neg_margin, reduction).second;
+      scale = den > 0 ? gp[0] / den : 0.0;
+    }
     for (int64_t i = 0, k = 0; i < B; ++i)
       for (int64_t j = i + 1; j < B; ++j, ++k) {
         const T slope = contrastive_term(d[i * B + j], l.shares(i, l, j), fin[i] && fin[j], pos_margin, neg_margin).slope;

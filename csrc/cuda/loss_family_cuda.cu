@@ -56,10 +56,10 @@ Denominator denominator(Reduction r) {
 }
 
 // out[0] = the loss, out[1] = d loss / d (each term) when grad is given; (2,) float64.
-at::Tensor family_total(const at::Tensor& stats, Denominator den, bool at_least_one, const at::Tensor& grad) {
+at::Tensor family_total(const at::Tensor& stats, Denominator den, const at::Tensor& grad) {
   at::Tensor out = at::zeros({2}, stats.options());
   TRIPLETOPS_LAUNCH(family_total_kernel, 1, kFamilyThreads, 0, current_stream(), stats.data_ptr<double>(),
-                    stats.size(0), den, at_least_one, ptr_or_null<double>(grad), out.data_ptr<double>());
+                    stats.size(0), den, ptr_or_null<double>(grad), out.data_ptr<double>());
   return out;
 }
 
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> batch_all_loss_cuda(const at::Tensor& embeddi
   const Batch b = batch_of(dist, labels);
   const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/false,
                                                                   /*column=*/false);
-  const at::Tensor out = family_total(batch_all_stats(b, s, margin, soft_margin), denominator(reduction), false, {});
+  const at::Tensor out = family_total(batch_all_stats(b, s, margin, soft_margin), denominator(reduction), {});
   return {loss_of(out, embeddings), dist};
 }
 
@@ -139,7 +139,7 @@ at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/true,
                                                                   /*column=*/false);
   const at::Tensor g = grad.to(at::kDouble).contiguous();
-  const at::Tensor out = family_total(batch_all_stats(b, s, margin, soft_margin), denominator(reduction), false, g);
+  const at::Tensor out = family_total(batch_all_stats(b, s, margin, soft_margin), denominator(reduction), g);
   at::Tensor grad_dist = at::zeros({b.B, b.B}, b.dist.options());
   TRIPLETOPS_LAUNCH(batch_all_grad_kernel, row_blocks(b.B), kFamilyThreads, 0, current_stream(),
                     b.dist.data_ptr<double>(), labels_view(b.labels), ptr_or_null<double>(s.neg),
@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_loss_cuda(const at::Tensor& embeddi
   at::Tensor dist = pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
   const Batch b = batch_of(dist, labels);
   const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false, /*column=*/false);
-  const at::Tensor out = family_total(semi_hard_stats(b, s, margin), Denominator::Count, false, {});
+  const at::Tensor out = family_total(semi_hard_stats(b, s, margin), Denominator::Count, {});
   return {loss_of(out, embeddings), dist};
 }
 
@@ -180,7 +180,7 @@ at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   const Batch b = batch_of(dist, labels);
   const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false, /*column=*/true);
   const at::Tensor g = grad.to(at::kDouble).contiguous();
-  const at::Tensor out = family_total(semi_hard_stats(b, s, margin), Denominator::Count, false, g);
+  const at::Tensor out = family_total(semi_hard_stats(b, s, margin), Denominator::Count, g);
   at::Tensor grad_dist = at::zeros({b.B, b.B}, b.dist.options());
   TRIPLETOPS_LAUNCH(semi_hard_grad_kernel, row_blocks(b.B), kFamilyThreads, 0, current_stream(),
                     b.dist.data_ptr<double>(), labels_view(b.labels), s.neg.data_ptr<double>(),
@@ -225,8 +225,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_cuda(const at::Tensor& embed
   const PairInputs in = pair_inputs(embeddings, labels);
   at::Tensor dist = pairwise_distance_cuda(in.x, c10::nullopt, metric).contiguous();
   if (reduction != Reduction::None) {
-    const at::Tensor out = family_total(contrastive_stats(in, dist, pos_margin, neg_margin), denominator(reduction),
-                                        /*at_least_one=*/true, {});
+    const at::Tensor out = family_total(contrastive_stats(in, dist, pos_margin, neg_margin), denominator(reduction), {});
     return {loss_of(out, embeddings), dist};
   }
   at::Tensor terms = at::empty({in.B * (in.B - 1) / 2}, dist.options());
@@ -253,7 +252,7 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   // The reduction's scale (its denominator is a count, held constant, as autograd would).
   at::Tensor out;
   if (reduction != Reduction::None)
-    out = family_total(contrastive_stats(in, d, pos_margin, neg_margin), denominator(reduction), true, g);
+    out = family_total(contrastive_stats(in, d, pos_margin, neg_margin), denominator(reduction), g);
   at::Tensor grad_dist = at::empty({in.B, in.B}, d.options());
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "contrastive_loss_backward_cuda", [&] {
     TRIPLETOPS_LAUNCH((contrastive_pairs_kernel<scalar_t>), entry_blocks(in.B), kElementThreads, 0, current_stream(),

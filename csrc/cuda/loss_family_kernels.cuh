@@ -321,16 +321,15 @@ enum class Denominator { One, Count, Nonzero };
 // One block: the batch's totals, in a fixed order, then out[0] = the loss (sum / den, 0
 // for an empty denominator, NaN when an anchor was NaN) and, when `grad` is given,
 // out[1] = grad / den, d loss / d (each term) for the backward (0 for an empty
-// denominator). `at_least_one`: den = max(den, 1) (contrastive's convention).
+// denominator: a loss of exactly 0 has zero gradients, kinks included, in every loss).
 __global__ void family_total_kernel(const double* __restrict__ stats, int64_t B, Denominator den_kind,
-                                    bool at_least_one, const double* __restrict__ grad, double* __restrict__ out) {
+                                    const double* __restrict__ grad, double* __restrict__ out) {
   double t[kStats] = {0, 0, 0, 0};
   for (int64_t a = threadIdx.x; a < B; a += blockDim.x)
     for (int k = 0; k < kStats; ++k) t[k] += stats[a * kStats + k];
   for (int k = 0; k < kStats; ++k) t[k] = block_sum(t[k]);
   if (threadIdx.x != 0) return;
   double den = den_kind == Denominator::One ? 1.0 : den_kind == Denominator::Count ? t[kCount] : t[kNonzero];
-  if (at_least_one && den < 1.0) den = 1.0;
   out[0] = t[kNan] > 0 ? double(NAN) : (den > 0 ? t[kSum] / den : 0.0);
   if (grad) out[1] = den > 0 ? grad[0] / den : 0.0;
 }
