@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import tripletops
 from tripletops import reference
 
-from conftest import devices_for
+from conftest import DTYPES, devices_for
 
 # Integer-valued rows: every euclidean distance below is an exact small integer, so
 # d(a,p) - d(a,n) + 1 == 0 holds exactly for some triplets (the kink).
@@ -435,3 +435,62 @@ def test_mean_nonzero_with_every_term_at_its_kink_is_zero_with_zero_gradients(de
     loss = _kink_loss(lib, name, x, SIMPLEX_Y.to(device), 0.25)
     loss.backward()
     assert loss.item() > 0 and x.grad.abs().sum() > 0
+
+
+# Scales c for which c·x is exact for small-integer rows x: powers of two and non-powers,
+# tiny and huge norms (per dtype: the result must be a normal number of that dtype, and
+# the row's norm above F.normalize's eps, 1e-12 ~ 2^-40, below which a row is no unit row).
+SAME_DIRECTION_SCALES = {
+    torch.float64: [1.0, 2.0, 3.0, 0.75, 5.0, 1.5 * 2.0 ** -35, 3.0 * 2.0 ** 500, 2.0 ** -38, 7.0 * 2.0 ** 900],
+    torch.float32: [1.0, 2.0, 3.0, 0.75, 5.0, 1.5 * 2.0 ** -35, 3.0 * 2.0 ** 100, 2.0 ** -38, 7.0 * 2.0 ** 110],
+    torch.float16: [1.0, 2.0, 3.0, 0.75, 5.0, 2.0 ** -6, 3.0 * 2.0 ** 5],
+    torch.bfloat16: [1.0, 2.0, 3.0, 0.75, 5.0, 1.5 * 2.0 ** -35, 3.0 * 2.0 ** 100, 7.0 * 2.0 ** 110],
+}
+
+
+@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 64])
+def test_rows_of_one_direction_meet_at_exactly_zero_under_cosine(device, dtype, d):
+    """docs/numerics.md: rows of one direction meet at exactly 0 under cosine, whatever their
+    scales (x and c·x, c > 0, with c·x exact), norms tiny or huge included (an fp32 norm
+    past 1.8e19 used to overflow the unit row to 0), in every dtype, on the GEMM path and
+    the direct one. Opposite rows are at 2, and every other distance stays at float64's."""
+    g = torch.Generator().manual_seed(d)
+    base = torch.randint(-7, 8, (4, d), generator=g, dtype=torch.float64)  # host tensor
+    base[base.abs().sum(1) == 0, 0] = 1.0
+    scales = SAME_DIRECTION_SCALES[dtype]
+    rows = torch.cat([base[i:i + 1] * torch.tensor(scales, dtype=torch.float64)[:, None]  # host tensor
+                      for i in range(len(base))])
+    rows = torch.cat([rows, -base[:1]])  # the opposite of direction 0
+    x = rows.to(dtype)
+    assert torch.equal(x.double(), rows)  # every c·x is exact in the dtype
+    direction = torch.arange(len(base)).repeat_interleave(len(scales))
+    for n_extra in (0, 300):  # the direct path, then the GEMM path
+        extra = torch.randn(n_extra, d, generator=g, dtype=torch.float64).to(dtype)  # host tensor
+        xs = torch.cat([x, extra]).to(device)
+        dist = tripletops.pairwise_distance(xs, metric="cosine").cpu()
+        k = len(direction)
+        same = direction[:, None] == direction[None, :]
+        assert bool((dist[:k, :k][same] == 0).all()), dist[:k, :k][same].abs().max()
+        opposite = dist[:len(scales), k]
+        assert torch.allclose(opposite.double(), torch.full_like(opposite.double(), 2.0), rtol=1e-3)
+        # The float64 definition on rows scaled to max |x_k| = 1 (the same directions; the
+        # reference's own F.normalize overflows on the 7·2^900 rows, giving them distance 1).
+        safe = xs.cpu().double() / xs.cpu().double().abs().amax(1, keepdim=True)
+        want = reference.pairwise_distance(safe, metric="cosine")
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+        assert torch.allclose(dist.double(), want, atol=tol)
+
+
+@pytest.mark.parametrize("device", devices_for("semi_hard_loss"))
+def test_semi_hard_on_one_dimensional_rows_under_cosine(device):
+    """The issue's case: D = 1, every positive row is one direction. Cosine distances of
+    1.1e-16 between them used to flip semi-hard's strict d(a,n) > d(a,p): 0.667 against
+    the definition's 0.389."""
+    torch.manual_seed(3)
+    x = torch.randn(12, 1, dtype=torch.float64)  # host tensor
+    y = torch.arange(12) % 3  # host tensor
+    got = tripletops.semi_hard_loss(x.to(device), y.to(device), metric="cosine")
+    want = reference.semi_hard_loss(x, y, metric="cosine")
+    assert abs(got.item() - want.item()) <= 1e-12, (got, want)

@@ -81,8 +81,28 @@ TRIPLETOPS_INLINE T row_sumsq(const T* r, int64_t D, bool& finite) {
   return W::sum(ss);
 }
 
+// Cosine's unit row of a finite row r of norm > eps, the same bits for every row of one
+// direction: p = r / max|r_k| first (a correctly rounded quotient of the exact value
+// r_k / max|r_k|, which is the same for r and c·r, c > 0), then p / |p|. Rows of one
+// direction therefore meet at exactly 0 (settle_identical_rows compares unit rows), and
+// no square overflows or underflows on the way (|p| is in [1, sqrt(D)]). Returns false
+// (nothing written) for a zero row or a norm <= eps, which F.normalize leaves as r / eps.
+template <typename T>
+TRIPLETOPS_INLINE bool canonical_unit_row(const T* r, int64_t D, T* o) {
+  T m = 0;
+  for (int64_t k = 0; k < D; ++k) m = std::max(m, std::abs(r[k]));
+  if (!(m > T(0))) return false;
+  for (int64_t k = 0; k < D; ++k) o[k] = r[k] / m;  // a division, not a multiply by 1/m: see above
+  bool ok = true;
+  const T sp = row_sumsq(o, D, ok);
+  if (!(double(m) * std::sqrt(double(sp)) > kNormEps)) return false;
+  const T inv = T(1) / std::sqrt(sp);
+  for (int64_t k = 0; k < D; ++k) o[k] *= inv;
+  return true;
+}
+
 // Rows [begin, end) of an (N, D) block: squared norms, finiteness, and for cosine the
-// unit rows x / max(|x|, eps) written to `unit`.
+// unit rows x / max(|x|, eps) written to `unit` (canonical_unit_row for finite rows).
 template <typename T>
 TRIPLETOPS_INLINE void prepare_block(const T* in, int64_t D, int64_t begin, int64_t end, bool cosine, T* unit, T* sq,
                                      uint8_t* finite) {
@@ -93,8 +113,9 @@ TRIPLETOPS_INLINE void prepare_block(const T* in, int64_t D, int64_t begin, int6
     finite[i] = ok;
     sq[i] = ss;
     if (cosine) {
-      const T inv = T(1) / std::max(std::sqrt(ss), T(kNormEps));
       T* o = unit + i * D;
+      if (ok && canonical_unit_row(r, D, o)) continue;
+      const T inv = T(1) / std::max(std::sqrt(ss), T(kNormEps));
       for (int64_t k = 0; k < D; ++k) o[k] = r[k] * inv;
     }
   }

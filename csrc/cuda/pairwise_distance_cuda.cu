@@ -34,6 +34,10 @@ namespace {
 
 // Rows in the compute dtype (fp32 for halves, fp64 for fp64), their squared norms, and
 // unit rows x / max(|x|, eps) for cosine: device-agnostic ATen, as csrc/cpu's prepare_rows.
+// A finite row of norm > eps gets the canonical unit row of csrc/cpu/rows_cpu.h
+// (canonical_unit_row): p = x / max|x_k| (a division: the same bits for x and c·x, c > 0),
+// then p / |p|, so rows of one direction meet at exactly 0 and no square overflows.
+// About 6 elementwise passes over N x D: O(N·D) bytes, small beside the GEMM.
 struct Rows {
   at::Tensor rows, sq_norm;
 };
@@ -42,7 +46,13 @@ Rows prepare(const at::Tensor& x, Metric metric) {
   const at::Tensor src = x.to(ct).contiguous();
   const at::Tensor sq = src.square().sum(1);
   if (metric != Metric::Cosine) return {src, sq};
-  return {(src / sq.sqrt().clamp_min(kNormEps).unsqueeze(1)).contiguous(), sq};
+  const at::Tensor plain = src / sq.sqrt().clamp_min(kNormEps).unsqueeze(1);
+  const at::Tensor m = src.abs().amax(1, /*keepdim=*/true);
+  const at::Tensor p = src / m;                 // NaN rows for a zero row: not taken below
+  const at::Tensor sp = p.square().sum(1, /*keepdim=*/true);
+  const at::Tensor canonical = (m.to(at::kDouble) * sp.to(at::kDouble).sqrt() > kNormEps) &
+                               src.isfinite().all(1, /*keepdim=*/true);
+  return {at::where(canonical, p / sp.sqrt(), plain).contiguous(), sq};
 }
 
 void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
