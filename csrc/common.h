@@ -297,6 +297,13 @@ C10_HOST_DEVICE inline PairTerm<T> contrastive_term(T d, bool same, bool finite,
 // For (sq)euclidean ea = eb = 0 exactly, so only a - b is ever formed (a/d - b/d would
 // cancel catastrophically when |a| >> |a - b|). Cosine goes through F.normalize's
 // Jacobian: d/da = -(b_hat - a_hat c) / na when |a| > eps, else -b_hat / eps.
+// Cosine's exact mining key (csrc/cpu and csrc/cuda settling) is |â - b̂|², accurate for
+// nearly parallel rows, but 2 (1 - cos) only when both are unit rows. A row of norm <= eps
+// is no unit row: F.normalize leaves â = a / eps (0 for a zero row), so a pair with such
+// a row is keyed 2 (1 - (a·b) / (max(|a|, eps) max(|b|, eps))) instead: exactly 2 for a
+// zero row (distance 1, ties exact), as everywhere else. `sq_norm`: |a|² in double.
+C10_HOST_DEVICE inline bool is_unit_row(double sq_norm) { return std::sqrt(sq_norm) > kNormEps; }
+
 struct PairGrad {
   double da, ea, db, eb;
   C10_HOST_DEVICE PairGrad scaled(double s) const { return {s * da, s * ea, s * db, s * eb}; }

@@ -494,3 +494,30 @@ def test_semi_hard_on_one_dimensional_rows_under_cosine(device):
     got = tripletops.semi_hard_loss(x.to(device), y.to(device), metric="cosine")
     want = reference.semi_hard_loss(x, y, metric="cosine")
     assert abs(got.item() - want.item()) <= 1e-12, (got, want)
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_mine"))
+@pytest.mark.parametrize("b", [64, 150])  # the whole-Gram path and, under cuda-emu, the tiled one
+def test_zero_rows_in_cosine_settling(device, b):
+    """A near tie on the Gram path is settled on exact keys |â - b̂|², which equal 2 (1 - cos)
+    only for unit rows: a zero row (F.normalize: distance 1 to everything) scored 1, as if
+    at distance 0.5, and won. Anchor e0 has a negative at distance 1 - 5e-6 and a zero row
+    at 1: the first must be its closest negative; a zero anchor, at distance 1 from every
+    row, takes the smallest index. Everything as the float64 definition picks."""
+    g = torch.Generator().manual_seed(b)
+    d = 32
+    x = -torch.eye(d, dtype=torch.float64)[0] + 0.3 * torch.randn(b, d, generator=g, dtype=torch.float64)  # host tensor
+    y = 3 + torch.arange(b) % 7  # host tensor
+    x[0] = 0.0
+    x[0, 0] = 1.0                                            # the anchor, e0
+    x[1] = torch.randn(d, generator=g, dtype=torch.float64)  # its positive
+    x[2] = 0.0
+    x[2, 0], x[2, 1] = 5e-6, (1 - 25e-12) ** 0.5             # a negative at distance 1 - 5e-6
+    x[3] = 0.0                                               # a zero row, at distance 1
+    x[5] = 0.0                                               # a zero anchor (its class: 3 + 5 % 7)
+    y[0], y[1], y[2], y[3] = 0, 0, 1, 2
+    x32 = x.float()
+    m = tripletops.batch_hard_mine(x32.to(device), y.to(device), metric="cosine")
+    want = reference.batch_hard_mine(x32.double(), y, metric="cosine")
+    assert int(m.neg_idx[0]) == 2
+    assert torch.equal(m.neg_idx.cpu(), want.neg_idx) and torch.equal(m.pos_idx.cpu(), want.pos_idx)

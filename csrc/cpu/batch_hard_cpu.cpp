@@ -454,6 +454,20 @@ inline double inverse_norm(const T* a, int64_t D) {
   for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(a[k]);
   return 1.0 / std::max(std::sqrt(s), kNormEps);
 }
+// Whether a row is a unit row under F.normalize (common.h's is_unit_row), and a·b in
+// double, for cosine's key of a pair with a row that is not.
+template <typename T>
+inline bool unit_row(const T* a, int64_t D) {
+  double s = 0;
+  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(a[k]);
+  return is_unit_row(s);
+}
+template <typename T>
+inline double dot_double(const T* a, const T* b, int64_t D) {
+  double s = 0;
+  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(b[k]);
+  return s;
+}
 
 // Certified mining (no candidate misranked because a Gram key rounds). Each anchor's
 // choice came with the runner-up's key (pk2 / nk2); every key is within
@@ -527,11 +541,15 @@ void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x
       const Todo& w = todo[t];
       const int64_t i = w.i;
       const double ia = cosine ? inverse_norm(x + i * D, D) : 1.0;
+      const bool ua = !cosine || unit_row(x + i * D, D);
       double bp = -1, bn = 0;
       int64_t ip = -1, in = -1;
       for (const int64_t j : cand[t]) {
         const bool same = lab.shares(i, ref_lab, j);
-        const double k = exact_key(x + i * D, y + j * D, D, ia, cosine ? inverse_norm(y + j * D, D) : 1.0);
+        const double ib = cosine ? inverse_norm(y + j * D, D) : 1.0;
+        const double k = ua && (!cosine || unit_row(y + j * D, D))
+                             ? exact_key(x + i * D, y + j * D, D, ia, ib)
+                             : 2.0 * (1.0 - dot_double(x + i * D, y + j * D, D) * ia * ib);  // common.h: is_unit_row
         if (same && (ip < 0 || k > bp)) bp = k, ip = j;
         if (!same && (in < 0 || k < bn)) bn = k, in = j;
       }

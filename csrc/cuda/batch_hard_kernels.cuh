@@ -164,13 +164,27 @@ __device__ __forceinline__ Settle certify(const Hardest<T>& h, T sa, int64_t D, 
   return w;
 }
 
-// 1 / max(|row|, eps) in double for cosine (1 otherwise), by one thread in a fixed order.
+// For cosine, 1 / max(|row|, eps) in double and whether the row is a unit row (common.h's
+// is_unit_row); 1 and true otherwise. One thread, a fixed order.
+struct ExactNorm {
+  double inv;
+  bool unit;
+};
 template <typename scalar_t>
-__device__ __forceinline__ double exact_inverse_norm(const scalar_t* row, int64_t D, bool cosine) {
-  if (!cosine) return 1.0;
+__device__ __forceinline__ ExactNorm exact_inverse_norm(const scalar_t* row, int64_t D, bool cosine) {
+  if (!cosine) return {1.0, true};
   double s = 0;
   for (int64_t k = 0; k < D; ++k) s += double(row[k]) * double(row[k]);
-  return 1.0 / fmax(sqrt(s), kNormEps);
+  return {1.0 / fmax(sqrt(s), kNormEps), is_unit_row(s)};
+}
+
+// Cosine's key of a pair with a row that is no unit row: 2 (1 - (a·b) ia ib) (common.h).
+template <typename scalar_t>
+__device__ __forceinline__ double non_unit_key_serial(const scalar_t* a, const scalar_t* b, int64_t D, double ia,
+                                                      double ib) {
+  double s = 0;
+  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(b[k]);
+  return 2.0 * (1.0 - s * ia * ib);
 }
 
 // The exact key of rows a and b by one thread, in double, from their difference (fixed
@@ -196,7 +210,7 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
   if (!(w.sp || w.sn)) return;
   const bool cosine = metric == Metric::Cosine;
   const scalar_t* a = x + i * D;
-  const double ia = exact_inverse_norm(a, D, cosine);
+  const ExactNorm na = exact_inverse_norm(a, D, cosine);
   Hardest<double> e = no_candidate<double>();
   for (int64_t j = lane; j < B; j += kWarp) {
     if (j == i) continue;
@@ -205,7 +219,9 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
     const double key = double(mining_key(metric, g[j], sa, sq[j * sq_stride]));
     if (same ? !(key >= w.lo) : !(key <= w.hi)) continue;
     const scalar_t* b = x + j * D;
-    e.offer(exact_key_serial(a, b, D, ia, exact_inverse_norm(b, D, cosine)), j, same, 0.0);
+    const ExactNorm nb = exact_inverse_norm(b, D, cosine);
+    e.offer(na.unit && nb.unit ? exact_key_serial(a, b, D, na.inv, nb.inv) : non_unit_key_serial(a, b, D, na.inv, nb.inv),
+            j, same, 0.0);
   }
   e = warp_merge(e);
   if (w.sp && e.pi >= 0) h.pi = e.pi;
@@ -466,7 +482,9 @@ __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar
   const scalar_t* a = x + i * D;
   double asq = 0;
   for (int64_t k = lane; k < D; k += kWarp) asq += double(a[k]) * double(a[k]);
-  const double ia = cosine ? 1.0 / fmax(sqrt(warp_sum(asq)), kNormEps) : 1.0;
+  asq = warp_sum(asq);
+  const double ia = cosine ? 1.0 / fmax(sqrt(asq), kNormEps) : 1.0;
+  const bool ua = !cosine || is_unit_row(asq);
   Hardest<double> e = no_candidate<double>();
   const int64_t j0 = M * s / parts, j1 = M * (s + 1) / parts;
   for (int64_t j = j0; j < j1; ++j) {
@@ -475,17 +493,21 @@ __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar
     if (same ? !w.sp : !w.sn) continue;
     const scalar_t* b = r + j * D;
     double ib = 1.0;
+    bool unit = ua;
     if (cosine) {
       double bsq = 0;
       for (int64_t k = lane; k < D; k += kWarp) bsq += double(b[k]) * double(b[k]);
-      ib = 1.0 / fmax(sqrt(warp_sum(bsq)), kNormEps);
+      bsq = warp_sum(bsq);
+      ib = 1.0 / fmax(sqrt(bsq), kNormEps);
+      unit = unit && is_unit_row(bsq);
     }
-    double acc = 0;
+    double acc = 0;  // |â - b̂|², or for a row that is no unit row a·b (common.h: is_unit_row)
     for (int64_t k = lane; k < D; k += kWarp) {
       const double d = double(a[k]) * ia - double(b[k]) * ib;
-      acc += d * d;
+      acc += unit ? d * d : double(a[k]) * double(b[k]);
     }
-    e.offer(warp_sum(acc), j, same, 0.0);
+    acc = warp_sum(acc);
+    e.offer(unit ? acc : 2.0 * (1.0 - acc * ia * ib), j, same, 0.0);
   }
   if (lane != 0) return;
   const int64_t at = (i * parts + s) * 2;
