@@ -465,7 +465,7 @@ def test_rows_of_one_direction_meet_at_exactly_zero_under_cosine(device, dtype, 
     rows = torch.cat([rows, -base[:1]])  # the opposite of direction 0
     x = rows.to(dtype)
     assert torch.equal(x.double(), rows)  # every c·x is exact in the dtype
-    direction = torch.arange(len(base)).repeat_interleave(len(scales))
+    direction = torch.arange(len(base)).repeat_interleave(len(scales))  # host tensor
     for n_extra in (0, 300):  # the direct path, then the GEMM path
         extra = torch.randn(n_extra, d, generator=g, dtype=torch.float64).to(dtype)  # host tensor
         xs = torch.cat([x, extra]).to(device)
@@ -510,7 +510,7 @@ def test_zero_rows_in_cosine_settling(device, b):
     y = 3 + torch.arange(b) % 7  # host tensor
     x[0] = 0.0
     x[0, 0] = 1.0                                            # the anchor, e0
-    x[1] = torch.randn(d, generator=g, dtype=torch.float64)  # its positive
+    x[1] = torch.randn(d, generator=g, dtype=torch.float64)  # host tensor: its positive
     x[2] = 0.0
     x[2, 0], x[2, 1] = 5e-6, (1 - 25e-12) ** 0.5             # a negative at distance 1 - 5e-6
     x[3] = 0.0                                               # a zero row, at distance 1
