@@ -10,7 +10,9 @@ Times are medians of CUDA events around one call (forward + backward unless a ro
 "fwd"), after a warm-up; "x" after a peer is that peer's time over tripletops' (> 1: we
 are faster); "= N x GEMM" is tripletops' time over one GEMM of the same shape (the
 floor). A row whose turn comes after the budget is spent is listed as skipped, never
-left out. Needs a CUDA GPU; pytorch-metric-learning and torch.compile peers are used
+left out. Batch-hard rows end with how many anchors settled on exact distances and how many
+rescanned the reference set (tripletops.batch_hard._settle_stats); "model" in a row's name
+is the time the kernels' comments expect on an H200 (csrc/cuda/batch_hard_cuda.cu). Needs a CUDA GPU; pytorch-metric-learning and torch.compile peers are used
 when available.
 """
 from __future__ import annotations
@@ -104,6 +106,7 @@ def rows() -> Dict[str, Callable[[], Dict[str, Callable[[], object]]]]:
             if "pml" in peers and pml is not None and dtype == torch.float32:
                 fns["pml"] = fwd_bwd(lambda e: pml(e, y), x)
             fns["gemm x@x.T"] = gemm(x)
+            fns["_note"] = lambda: settle_note(x, y)
             return fns
         return build
 
@@ -120,7 +123,8 @@ def rows() -> Dict[str, Callable[[], Dict[str, Callable[[], object]]]]:
                               - dd.masked_fill(same, float("inf")).min(1).values + MARGIN).mean()
         return {"tripletops": fwd_bwd(lambda e: tripletops.batch_hard_loss(e, y, margin=MARGIN, ref_embeddings=m,
                                                                            ref_labels=my), x),
-                "eager(cdist BxM)": fwd_bwd(eager_cdist, x), "gemm x@bank.T": gemm(x, m)}
+                "eager(cdist BxM)": fwd_bwd(eager_cdist, x), "gemm x@bank.T": gemm(x, m),
+                "_note": lambda: settle_note(x, y, ref_embeddings=m, ref_labels=my)}
 
     def multilabel():
         x, y = batch(1024, 128)
@@ -169,11 +173,12 @@ def rows() -> Dict[str, Callable[[], Dict[str, Callable[[], object]]]]:
     table = {
         "batch_hard fp32 B=256 D=128 (goal >= 10x eager, >= 20x pml)":
             batch_hard(256, 128, peers=("eager", "compile", "pml")),
-        "batch_hard fp32 B=4096 D=512 (goal >= 4x eager, >= 3x compile)":
+        "batch_hard fp32 B=4096 D=512 (goal >= 4x eager, >= 3x compile; model ~0.5 ms)":
             batch_hard(4096, 512, peers=("eager", "compile", "pml")),
-        "batch_hard fp32 B=8192 D=512 (goal <= 1.0x one GEMM)": batch_hard(8192, 512),
-        "batch_hard bf16 B=8192 D=512 (goal <= 2.5x one GEMM, >= 10x eager)": batch_hard(8192, 512, torch.bfloat16),
-        "bank fp32 B=1024 M=2^20 D=128 (goal <= 1.3x one GEMM, >= 5x eager)": bank,
+        "batch_hard fp32 B=8192 D=512 (goal <= 1.0x one GEMM; model ~1.05x)": batch_hard(8192, 512),
+        "batch_hard bf16 B=8192 D=512 (goal <= 2.5x one GEMM, >= 10x eager; model ~2x)":
+            batch_hard(8192, 512, torch.bfloat16),
+        "bank fp32 B=1024 M=2^20 D=128 (goal <= 1.3x one GEMM, >= 5x eager; model ~1.3x)": bank,
         "multi-hot L=64 vs class ids B=1024 D=128 (goal <= 1.2x)": multilabel,
     }
     for b in (128, 512):
@@ -185,6 +190,14 @@ def rows() -> Dict[str, Callable[[], Dict[str, Callable[[], object]]]]:
     table["pairwise_distance 4096x512 (goal >= 1.0x cdist)"] = pairwise(True)
     table["batch_all fp32 B=8192 D=512 fwd (goal <= 5x one GEMM)"] = batch_all_big
     return table
+
+
+def settle_note(x: torch.Tensor, y: torch.Tensor, **kw) -> str:
+    """How many anchors settled on exact distances, and how many rescanned the reference set."""
+    from tripletops.batch_hard import _settle_stats
+
+    settled, rescanned = _settle_stats(x, y, **kw)
+    return f"settled {settled} ({100 * settled / len(y):.2f}%), rescanned {rescanned} of {len(y)} anchors"
 
 
 def format_row(name: str, times: Dict[str, float]) -> str:
@@ -260,8 +273,9 @@ def main() -> int:
             continue
         try:
             fns = build()
+            note = fns.pop("_note", None)
             times = {impl: event_median_ms(fn) for impl, fn in fns.items()}
-            print(format_row(name, times), file=out)
+            print(format_row(name, times) + (f" | {note()}" if note else ""), file=out)
         except Exception as exc:  # one row's failure (out of memory, a compile error) does not stop the rest
             failures += 1
             print(f"{name}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=out)

@@ -24,6 +24,13 @@ inline void define_ops(torch::Library& m) {
       "batch_hard_loss(Tensor embeddings, Tensor labels, Tensor? ref_embeddings, "
       "Tensor? ref_labels, float margin, str metric, bool soft_margin, str reduction) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Diagnostics of certified mining (benchmarks, tests): -> int64 (2,): the anchors whose
+  // choice settles on exact distances, and those among them whose reference set is
+  // rescanned (CPU: every settled anchor's; CUDA: where the kept candidates do not cover
+  // the window). Mines as batch_hard_mine does.
+  m.def(
+      "batch_hard_settle_stats(Tensor embeddings, Tensor labels, Tensor? ref_embeddings, "
+      "Tensor? ref_labels, str metric) -> Tensor");
   // -> (grad_embeddings, grad_ref_embeddings); grad_ref is empty unless compute_ref_grad.
   m.def(
       "batch_hard_loss_backward(Tensor grad, Tensor embeddings, Tensor? ref_embeddings, "

@@ -346,6 +346,43 @@ def test_duplicated_rows_tie_to_the_smallest_index_on_the_gram_path(device, bank
     assert torch.equal(m.pos_idx.cpu(), want.pos_idx) and torch.equal(m.neg_idx.cpu(), want.neg_idx)
 
 
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
+@pytest.mark.parametrize("bank", [False, True])
+def test_settle_stats_count_the_settled_and_the_rescanned_anchors(device, bank, request):
+    """tripletops.batch_hard._settle_stats: how many anchors settle on exact distances, and
+    how many of those rescan the reference set. Here every anchor settles (its candidates
+    sit below the Gram rounding floor). Where the window holds at most the kKept = 3
+    candidates the CUDA mining state keeps (an anchor of a 3-row class: 2 positives) it
+    settles from those, with no rescan; a window of more (4 negatives within 1.6e-3, or
+    rows duplicated many times) is rescanned.
+    The CPU settles every such anchor by one more GEMM (settled == rescanned). Either way
+    the indices equal the float64 definition's."""
+    from tripletops.batch_hard import _settle_stats
+
+    cuda_kernels = device == "cuda" or request.node.get_closest_marker("cuda_emu") is not None
+    x, y = _near_pair_batch(0, torch.float32, 0.0, groups=30)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(20, 16, generator=g)  # host tensor
+    dup = base[torch.randint(0, 20, (160,), generator=g)] * 3  # host tensor
+    dup_y = torch.randint(0, 4, (160,), generator=g)  # host tensor
+    for rows, labels, rescans in ((x, y, False), (dup, dup_y, True)):
+        kw = {}
+        if bank:
+            kw = dict(ref_embeddings=rows.flip(0).contiguous().to(device), ref_labels=labels.flip(0).to(device))
+        settled, rescanned = _settle_stats(rows.to(device), labels.to(device), **kw)
+        assert 0 < settled <= len(labels) and 0 <= rescanned <= settled, (settled, rescanned)
+        if not cuda_kernels:
+            assert rescanned == settled
+        elif rescans:
+            assert rescanned > 0
+        else:
+            assert rescanned < settled, (settled, rescanned)
+        m = tripletops.batch_hard_mine(rows.to(device), labels.to(device), **kw)
+        want = reference.batch_hard_mine(rows.double(), labels, **{k: (v.cpu().double() if v.is_floating_point()
+                                                                     else v.cpu()) for k, v in kw.items()})
+        assert torch.equal(m.pos_idx.cpu(), want.pos_idx) and torch.equal(m.neg_idx.cpu(), want.neg_idx)
+
+
 @pytest.mark.parametrize("device", devices_for("pairwise_distance"))
 @pytest.mark.parametrize("n", [6, 300])  # the direct path and the GEMM path (CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -47,6 +47,10 @@ def _register(namespace: str = "tripletops") -> None:
         shape = (embeddings.shape[0],) if reduction == "none" else ()
         return (embeddings.new_empty(shape), *_mined_fake(embeddings))
 
+    @torch.library.register_fake(f"{namespace}::batch_hard_settle_stats")
+    def _(embeddings, labels, ref_embeddings, ref_labels, metric):
+        return embeddings.new_empty((2,), dtype=torch.int64)
+
     @torch.library.register_fake(f"{namespace}::batch_hard_loss_backward")
     def _(grad, embeddings, ref_embeddings, pos_idx, neg_idx, pos_dist, neg_dist, margin, metric, soft_margin,
           reduction, compute_ref_grad):

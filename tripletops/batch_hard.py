@@ -119,3 +119,28 @@ def batch_hard_loss(
     return _ext.ops.batch_hard_loss(
         embeddings, labels, ref_embeddings, ref_labels, float(margin), metric, bool(soft_margin), reduction
     )[0]
+
+
+def _settle_stats(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    metric: str = "euclidean",
+    ref_embeddings: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+) -> tuple:
+    """Diagnostics of certified mining, for benchmarks and tests (not public API).
+
+    Mines as :func:`batch_hard_mine` does and returns ``(settled, rescanned)``: how many
+    anchors' choice did not clear its rounding bound and was settled on exact distances,
+    and how many of those rescanned the reference set (CPU: all of them, by a GEMM over
+    just those anchors; CUDA: those whose window holds more candidates than the mining
+    state keeps). Needs the compiled extension for the embeddings' device.
+    """
+    _validate.mining(embeddings, labels, metric, ref_embeddings, ref_labels)
+    if not use_extension("batch_hard_mine", embeddings):
+        raise RuntimeError("tripletops._settle_stats needs the compiled extension for this device")
+    with torch.no_grad():
+        stats = _ext.ops.batch_hard_settle_stats(embeddings, labels, ref_embeddings, ref_labels, metric)
+    settled, rescanned = stats.tolist()
+    return settled, rescanned

@@ -482,7 +482,7 @@ inline double dot_double(const T* a, const T* b, int64_t D) {
 // On random fp32 unit rows about 0.3% of anchors need it at B = 1024, D = 256 (1.2% at
 // B = 4096, D = 512); the rest pay only the runner-up keys and the check.
 template <typename T>
-void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x, const T* y, const Labels& lab,
+int64_t settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x, const T* y, const Labels& lab,
                       const Labels& ref_lab, bool self, Metric metric, const T* pk, const T* pk2, const T* nk,
                       const T* nk2, int64_t* pos, int64_t* neg) {
   const int64_t B = Em.rows.size(0), M = Rm.rows.size(0), D = Em.rows.size(1);
@@ -508,7 +508,7 @@ void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x
     const bool sn = neg[i] >= 0 && nk[i] == nk[i] && nk2[i] < inf && !(double(nk2[i]) - double(nk[i]) > twice);
     if (sp || sn) todo.push_back({i, sp, sn, double(pk[i]) - twice, double(nk[i]) + twice});
   }
-  if (todo.empty()) return;
+  if (todo.empty()) return 0;
   const int64_t U = int64_t(todo.size());
   std::vector<int64_t> rows(U);
   for (int64_t t = 0; t < U; ++t) rows[t] = todo[t].i;
@@ -558,13 +558,15 @@ void settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T* x
       if (w.sn && in >= 0) neg[i] = in;
     }
   });
+  return U;
 }
 
 // Fills pos[i] / neg[i] (pre-set to -1) with each anchor's farthest positive and
 // closest negative in R. `self`: R is E, and an anchor is not its own positive. E and R
 // are the rows mined on (shifted, or unit rows); x and y the input rows, for settling.
+// Returns the number of anchors settled.
 template <typename T>
-void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R, const Labels& ref_lab,
+int64_t mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R, const Labels& ref_lab,
                 const T* x, const T* y, bool self, Metric metric, int64_t* pos, int64_t* neg) {
   const int64_t B = E.rows.size(0), M = R.rows.size(0);
   const bool fast = keys_all_finite<T>(E) && (self || keys_all_finite<T>(R));
@@ -702,8 +704,8 @@ void mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows& R,
       reduce_rows(tile.data_ptr<T>(), cols, 0, B, c0, c1);
     }
   }
-  settle_near_ties<T>(E, R, x, y, lab, ref_lab, self, metric, pos_key.data(), pos_key2.data(), neg_key.data(),
-                      neg_key2.data(), pos, neg);
+  return settle_near_ties<T>(E, R, x, y, lab, ref_lab, self, metric, pos_key.data(), pos_key2.data(),
+                             neg_key.data(), neg_key2.data(), pos, neg);
 }
 
 // |a|^2 + |b|^2 - 2ab loses precision relative to the norms, so data far from the
@@ -778,6 +780,7 @@ struct Mined {
   at::Tensor pos_idx, neg_idx;    // (B,) int64, -1 where none
   at::Tensor pos_dist, neg_dist;  // (B,) compute dtype, exact; 0 where none
   at::Tensor triplet_finite;      // (B,) uint8: anchor, positive and negative rows all finite
+  int64_t settled = 0;            // anchors settled on exact distances (settle_near_ties)
 };
 
 // Small problems (B * M * D up to kDirectWork) are mined on exact difference-form
@@ -898,8 +901,8 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     const at::Tensor xs = metric != Metric::Cosine ? Es.rows : (scaled ? se_in : embeddings).to(E.rows.scalar_type()).contiguous();
     const at::Tensor ys = in.self ? xs : metric != Metric::Cosine ? Rs.rows
                                        : (scaled ? sr_in : *ref_embeddings).to(E.rows.scalar_type()).contiguous();
-    mine_tiles<T>(Em, in.lab, Rm, in.ref, xs.data_ptr<T>(),
-                  ys.data_ptr<T>(), in.self, metric, pos, neg);
+    m.settled = mine_tiles<T>(Em, in.lab, Rm, in.ref, xs.data_ptr<T>(), ys.data_ptr<T>(), in.self, metric, pos,
+                              neg);
     const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
     const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
     T *pd = m.pos_dist.data_ptr<T>(), *nd = m.neg_dist.data_ptr<T>();
@@ -933,6 +936,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cpu(
   const Inputs in = check_inputs(embeddings, labels, ref_embeddings, ref_labels);
   const Mined m = mine_and_measure(embeddings, in, ref_embeddings, parse_metric(metric_name));
   return {m.pos_idx, m.neg_idx, m.pos_dist, m.neg_dist};
+}
+
+at::Tensor batch_hard_settle_stats_cpu(const at::Tensor& embeddings, const at::Tensor& labels,
+                                      const c10::optional<at::Tensor>& ref_embeddings,
+                                      const c10::optional<at::Tensor>& ref_labels, c10::string_view metric_name) {
+  const Inputs in = check_inputs(embeddings, labels, ref_embeddings, ref_labels);
+  const Mined m = mine_and_measure(embeddings, in, ref_embeddings, parse_metric(metric_name));
+  at::Tensor stats = at::empty({2}, embeddings.options().dtype(at::kLong));
+  stats.data_ptr<int64_t>()[0] = stats.data_ptr<int64_t>()[1] = m.settled;  // settling rescans via a GEMM
+  return stats;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_loss_cpu(
@@ -1154,6 +1167,7 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cpu(
 
 TORCH_LIBRARY_IMPL(tripletops, CPU, m) {
   m.impl("batch_hard_mine", &tripletops::cpu::batch_hard_mine_cpu);
+  m.impl("batch_hard_settle_stats", &tripletops::cpu::batch_hard_settle_stats_cpu);
   m.impl("batch_hard_loss", &tripletops::cpu::batch_hard_loss_cpu);
   m.impl("batch_hard_loss_backward", &tripletops::cpu::batch_hard_loss_backward_cpu);
 }

@@ -2,33 +2,44 @@
 // csrc/cpu/batch_hard_cpu.cpp. Device code: batch_hard_kernels.cuh.
 //
 // Forward, after FAISS's exact k = 1 search (faiss/gpu/impl/Distance.cu): the reference
-// set is walked in tiles; each tile's Gram block is one GEMM (at::mm_out, cuBLAS) into a
-// reused buffer, and a kernel adds the norms, masks by label and merges every anchor's
-// farthest positive and closest negative into its running state. The B x M matrix
-// never exists. Self-mining computes only the tiles on or above the diagonal; an
-// off-diagonal tile updates its row anchors and its column anchors. The selected pairs'
-// distances are then recomputed exactly from the rows.
-//  - First, one kernel prepares the anchors as GEMM operand (fp32 for halves) and, for
-//    (sq)euclidean, shifts the columns whose means dominate: exact far from the origin,
-//    exact ties on integer grids, and no data-dependent host decision.
+// set is walked in tiles; each tile's Gram block is one GEMM (cuBLAS; halves on tensor
+// cores, see gram_out) into a reused buffer, and a kernel adds the norms, masks by label
+// and merges every anchor's kept candidates (the best and kKept - 1 runner-ups per kind)
+// into its state. The B x M matrix never exists. Self-mining computes only the tiles on
+// or above the diagonal; an off-diagonal tile updates its row anchors and its column
+// anchors. The selected pairs' distances are then recomputed exactly from the rows.
+//  - First, one kernel prepares the anchors as GEMM operand (fp32/fp64; halves are used
+//    as they are) and, for (sq)euclidean, shifts the columns whose means dominate: exact
+//    far from the origin, exact ties on integer grids, no data-dependent host decision.
 //  - Self-mining at B <= 1024: then one GEMM (B x B) and one kernel (a warp per anchor:
 //    mining, exact distances, losses; the last block to finish reduces them). With the
 //    one-kernel backward: 4 launches for forward + backward (halves add the gradient's
 //    conversion).
-//  - Otherwise: row norms, then per tile a GEMM and a mining kernel, then the settling of
-//    the anchors that certification does not clear (settle_parts_kernel), then one kernel
-//    for the exact distances, the losses and (last block) their reduction.
+//  - Otherwise: row norms, then per tile a GEMM and a mining kernel spread over thousands
+//    of blocks (each column range of an anchor in its own state slot), then the merge of
+//    the slots with certification, the rescan of the anchors whose window the kept
+//    candidates do not cover (settle_parts_kernel: none on random data), then one kernel
+//    that settles from the kept candidates, forms the exact distances, the losses and
+//    (last block) their reduction.
 //  - Mining is certified: every Gram key's rounding is bounded, and a choice that does
 //    not beat its runner-up by twice that bound is settled on exact distances.
+// Expected H200 times (not measured; the model of issue 22): B = 8192, D = 512 fp32:
+// GEMM tiles ~0.9 ms (3 of 4096^2 x 512 at ~55 TFLOP/s), mining ~0.1 ms (192 MiB of tiles
+// at ~2 TB/s), merge/settle/finish ~30 us; bf16: GEMM ~30 us on tensor cores, the rest as
+// fp32. Bank, B = 1024 against 2^20 x 128 fp32: GEMMs ~5 ms (34 TFLOP at ~55 TFLOP/s;
+// 32 launches), mining ~2.2 ms (4 GiB of tiles at ~2 TB/s), the reference set's norms and
+// shift ~0.3 ms.
 // Backward: O(B * D) arithmetic on the 2B selected pairs, one writer per gradient row and
-// a fixed order of additions (deterministic, no atomics). Self-mining up to B = 4096: one
-// kernel; beyond, and for a reference set, the pairs sorted by row (at::sort) first.
+// a fixed order of additions (deterministic, no atomics). Self-mining up to B = 1024: one
+// kernel; beyond, and for a reference set, the denominator once (count_kernel), the
+// anchors' rows, then the pairs sorted by row (at::sort) and the reference rows.
 // No host synchronisation anywhere (no .item(), no data-dependent shape): a training step
 // can be captured in a CUDA graph. Indexing is 64-bit.
 #include "device.h"
 #include "batch_hard_kernels.cuh"
 
 #include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
@@ -42,6 +53,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 
 namespace tripletops {
@@ -54,9 +66,15 @@ namespace {
 constexpr int64_t kTileElems = int64_t(1) << 25;
 constexpr int64_t kSelfTileRows = 4096;  // square tiles of self-mining above kSmallMaxB
 constexpr int64_t kSmallMaxB = 1024;     // self-mining up to this B: one B x B GEMM, one mining kernel
-constexpr int64_t kSelfScanMaxB = 4096;  // self-mining backward up to this B: one kernel, O(B^2) index scan
+constexpr int64_t kSelfScanMaxB = 1024;  // self-mining backward up to this B: one kernel, O(B^2) index scan
 constexpr int64_t kSettleParts = 256;    // warps per settled anchor (settle_parts_kernel), at most
 constexpr int kSettlePartShift = 18;     // ... and about 2^18 reference elements per warp
+// Splits of a Gram tile (mine_tile_kernel): each warp mines about kRowChunk columns of its
+// anchor row, each column thread about kColumnChunk rows, so that a tile fills the GPU
+// many times over (a bank tile of 1024 x 32768: 2048 blocks of 256 threads; a 4096^2
+// tile: 1024 + 256 blocks).
+constexpr int64_t kRowChunk = 2048;
+constexpr int64_t kColumnChunk = 256;
 #else
 // Under the emulator, tiny tiles (not multiples of the warp) and a small whole-Gram limit,
 // so that the test suite's batches walk many tiles, partial tiles and both paths.
@@ -66,6 +84,8 @@ constexpr int64_t kSmallMaxB = 100;
 constexpr int64_t kSelfScanMaxB = 200;
 constexpr int64_t kSettleParts = 3;
 constexpr int kSettlePartShift = 10;
+constexpr int64_t kRowChunk = 128;    // bank tiles (250 columns) in 2 slots
+constexpr int64_t kColumnChunk = 20;  // 48-row tiles in 3 slots (column anchors)
 #endif
 constexpr int64_t kMaxGridBlocks = 4096; // the backward kernels stride over rows beyond this
 
@@ -93,9 +113,47 @@ struct Mined {
   at::Tensor loss;                                  // the reduced loss (input dtype), when asked
 };
 
-// Mines every anchor and, with `want_loss`, forms the loss. The whole forward.
+inline int64_t splits_of(int64_t n, int64_t chunk) { return std::max<int64_t>(1, (n + chunk - 1) / chunk); }
+
+// Halves (fp16 / bf16) are multiplied as they are, on tensor cores, into an fp32 Gram:
+// a product of two halves is exact in fp32, so only the accumulation rounds. Tensor cores
+// accumulate in fp32 with truncation rather than rounding (Fasi et al., "Numerical
+// behavior of NVIDIA tensor cores", 2021: error per addition up to 2u); the bound takes
+// 4u, twice that. The same bound covers cuBLAS's split-K and a plain fp32 GEMM of the
+// converted halves (the fallback, and the emulator's twin).
+constexpr double kHalfGemmAccU = 0x1p-22;
+
+// out (R x C, fp32 or fp64) = a · bᵀ. Halves: aten::mm.dtype_out (torch >= 2.8: cuBLAS
+// with bf16/fp16 inputs, fp32 output and fp32 compute); where that op is missing or
+// refuses, and under the emulator, the same product of the rows converted to fp32.
+void gram_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b.t());
+    return;
+  }
+#ifndef TRIPLETOPS_EMU
+  static std::atomic<bool> refused{false};
+  if (!refused.load()) {
+    static const auto op = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
+    if (op.has_value()) {
+      try {
+        op->typed<at::Tensor&(const at::Tensor&, const at::Tensor&, at::ScalarType, at::Tensor&)>().call(
+            a, b.t(), out.scalar_type(), out);
+        return;
+      } catch (const c10::Error&) {
+        refused.store(true);
+      }
+    }
+  }
+#endif
+  at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()).t());
+}
+
+// Mines every anchor and, with `want_loss`, forms the loss. The whole forward. With
+// `stats` (int64 (2,), zeroed), counts the anchors that settle and those rescanned.
 Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<at::Tensor>& ref_embeddings,
-           Metric metric, bool want_loss, double margin, bool soft_margin, Reduction reduction) {
+           Metric metric, bool want_loss, double margin, bool soft_margin, Reduction reduction,
+           const at::Tensor* stats = nullptr) {
   const DeviceGuard guard(embeddings.device());
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMMs in the compute dtype
   const at::Tensor X = embeddings.contiguous();
@@ -104,12 +162,14 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   const auto ct = compute_dtype(X.scalar_type());
   const auto opts = X.options().dtype(ct);
   const Stream stream = current_stream();
-  // The anchors as GEMM operand, in the compute dtype, by one kernel: for (sq)euclidean
-  // shifted by their column means where those dominate (distances do not change, and
-  // mining stays exact far from the origin). A reference set gets the same treatment one
-  // tile at a time, below.
-  const bool shifted = metric != Metric::Cosine;
-  at::Tensor Xc = at::empty({B, D}, opts), shift = at::empty({D}, opts);
+  const bool halves = X.scalar_type() == at::kHalf || X.scalar_type() == at::kBFloat16;
+  // The anchors as GEMM operand, by one kernel: fp32/fp64 for (sq)euclidean shifted by
+  // their column means where those dominate (distances do not change, and mining stays
+  // exact far from the origin). A reference set gets the same treatment one tile at a
+  // time, below. Halves are multiplied as they are (a shift would round them); far from
+  // the origin their bound widens, and certification settles what it no longer clears.
+  const bool shifted = metric != Metric::Cosine && !halves;
+  at::Tensor Xc = halves ? X : at::empty({B, D}, opts), shift = at::empty({D}, opts);
   at::Tensor counter = at::empty({1}, X.options().dtype(at::kInt));  // reduce_in_last_block's tickets
   Mined m;
   m.pos_idx = at::empty({B}, X.options().dtype(at::kLong));
@@ -119,10 +179,14 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   m.loss = at::empty(want_loss && reduction == Reduction::None ? at::IntArrayRef{B} : at::IntArrayRef{}, X.options());
   at::Tensor anchor_loss = at::empty({B}, opts), anchor_valid = at::empty({B}, X.options().dtype(at::kByte));
   auto counter_ptr = [&] { return reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>()); };
-  // cuBLAS rounds fp32 GEMM inputs to TF32 where torch allows it: the mining keys' rounding
-  // bound (certify) must count that (a query that fails counts as allowed).
+  unsigned long long* stats_ptr =
+      stats != nullptr ? reinterpret_cast<unsigned long long*>(stats->data_ptr<int64_t>()) : nullptr;
+  // The Gram keys' rounding (certify): the accumulation's unit roundoff, and the inputs'
+  // when cuBLAS rounds fp32 GEMM inputs to TF32 where torch allows it (a query that fails
+  // counts as allowed). Halves are exact in TF32.
+  const double acc_u = halves ? kHalfGemmAccU : ct == at::kFloat ? 0x1p-24 : 0x1p-53;
   double gemm_u = 0;
-  if (ct == at::kFloat) {
+  if (ct == at::kFloat && !halves) {
     try {
       if (at::globalContext().allowTF32CuBLAS()) gemm_u = 0x1p-11;
     } catch (...) {
@@ -132,56 +196,68 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_prepare_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     TRIPLETOPS_LAUNCH((prepare_rows_kernel<scalar_t, T>), blocks_of(D, kCenterCols), kCenterCols * kCenterRowStripes,
-                      0, stream, X.data_ptr<scalar_t>(), B, D, shifted, Xc.data_ptr<T>(), shift.data_ptr<T>(),
-                      counter_ptr());
+                      0, stream, X.data_ptr<scalar_t>(), B, D, shifted, halves ? nullptr : Xc.data_ptr<T>(),
+                      shift.data_ptr<T>(), counter_ptr());
   });
 
   if (in.self && B <= kSmallMaxB) {
-    const at::Tensor gram = at::mm(Xc, Xc.t());
+    at::Tensor gram = at::empty({B, B}, opts);
+    gram_out(gram, Xc, Xc);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_small_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       TRIPLETOPS_LAUNCH((batch_hard_small_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), kRowsPerBlock * kWarp, 0,
                         stream, X.data_ptr<scalar_t>(), gram.data_ptr<T>(), labels_view(in.labels), B, D,
-                        metric, gemm_u, margin, soft_margin, reduction, want_loss, m.pos_idx.data_ptr<int64_t>(),
-                        m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
-                        anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), counter_ptr(),
-                        want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
+                        metric, acc_u, gemm_u, margin, soft_margin, reduction, want_loss,
+                        m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(),
+                        m.neg_dist.data_ptr<T>(), anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(),
+                        counter_ptr(), want_loss ? m.loss.data_ptr<scalar_t>() : nullptr, stats_ptr);
     });
     return m;
   }
 
-  // Keys of every anchor's state: best and runner-up positive and negative, largest norm.
-  at::Tensor keys = at::empty({5, B}, opts);
   at::Tensor sq_x = at::empty({B}, opts);
   at::Tensor sq_r = in.self ? sq_x : at::empty({M}, opts);
   // Tile shapes: square tiles on and above the diagonal for self-mining; else row blocks of
   // at most kSelfTileRows anchors against as many reference rows as the budget allows.
   const int64_t tile_rows = std::min(B, kSelfTileRows);
   const int64_t tile_cols = in.self ? tile_rows : std::min(M, std::max<int64_t>(kTileElems / tile_rows, 1));
-  at::Tensor tile = at::empty({tile_rows, tile_cols}, opts);
-  // A reference tile in the compute dtype (shifted for (sq)euclidean): reused, so the
-  // reference set is never copied whole. Not needed for fp32/fp64 cosine.
-  const bool ref_buffer = !in.self && (shifted || R.scalar_type() != ct);
+  at::Tensor tile_buffer = at::empty({tile_rows * tile_cols}, opts);
+  // Every anchor's state, in as many slots as a tile has splits (mine_tile_kernel).
+  const int64_t slots =
+      std::max(splits_of(tile_cols, kRowChunk), in.self ? splits_of(tile_rows, kColumnChunk) : int64_t(1));
+  at::Tensor state_key = at::empty({kStateKeys, slots * B}, opts);
+  at::Tensor state_idx = at::empty({kStateIdx, slots * B}, X.options().dtype(at::kLong));
+  at::Tensor rescan = at::empty({B}, X.options().dtype(at::kByte));
+  // A reference tile shifted in the compute dtype: reused, so the reference set is never
+  // copied whole. Only for (sq)euclidean in fp32/fp64.
+  const bool ref_buffer = !in.self && shifted;
   at::Tensor ref_tile = ref_buffer ? at::empty({tile_cols, D}, opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_mine_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const unsigned row_threads = kRowsPerBlock * kWarp;
-    T* k = keys.data_ptr<T>();
-    const MiningState<T> state{m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), k, k + B, k + 2 * B,
-                               k + 3 * B, k + 4 * B};
-    // Squared norms of the GEMM operands; also resets every anchor's state.
-    TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream, Xc.data_ptr<T>(),
-                      B, D, sq_x.data_ptr<T>(), true, state);
+    const MiningState<T> state{state_key.data_ptr<T>(), state_idx.data_ptr<int64_t>(), slots * B};
+    // Squared norms of the GEMM operands (rows of Xc, or of a reference tile).
+    auto norms = [&](const at::Tensor& rows, int64_t n, T* out, bool reset) {
+      if (rows.scalar_type() == ct)
+        TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(n, kRowsPerBlock), row_threads, 0, stream,
+                          rows.data_ptr<T>(), n, D, out, reset, state, slots);
+      else
+        TRIPLETOPS_LAUNCH((row_norms_kernel<scalar_t, T>), blocks_of(n, kRowsPerBlock), row_threads, 0, stream,
+                          rows.data_ptr<scalar_t>(), n, D, out, reset, state, slots);
+    };
+    norms(Xc, B, sq_x.data_ptr<T>(), true);  // also resets every anchor's state
     // One GEMM tile and its mining; r0/c0 index the anchors / the reference set.
     auto mine_tile = [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols, const at::Tensor& ref_rows) {
-      at::Tensor g = tile.narrow(0, 0, rows).narrow(1, 0, cols);
-      at::mm_out(g, Xc.narrow(0, r0, rows), ref_rows.t());
+      at::Tensor g = tile_buffer.narrow(0, 0, rows * cols).view({rows, cols});
+      gram_out(g, Xc.narrow(0, r0, rows), ref_rows);
       const bool columns = in.self && c0 != r0;  // an off-diagonal tile also mines for its columns
-      const unsigned row_blocks = blocks_of(rows, kRowsPerBlock);
-      const unsigned blocks = row_blocks + (columns ? blocks_of(cols, kColumnThreads) : 0);
-      TRIPLETOPS_LAUNCH((mine_tile_kernel<T>), blocks, row_threads, 0, stream, g.data_ptr<T>(), g.stride(0), r0, rows,
-                        c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(), labels_view(in.labels),
-                        labels_view(in.ref_labels), in.self, columns, row_blocks, metric, state);
+      const unsigned row_blocks = blocks_of(rows, kRowsPerBlock), column_blocks = blocks_of(cols, kColumnThreads);
+      const int64_t row_splits = splits_of(cols, kRowChunk), column_splits = splits_of(rows, kColumnChunk);
+      const int64_t blocks = row_blocks * row_splits + (columns ? column_blocks * column_splits : 0);
+      TRIPLETOPS_LAUNCH((mine_tile_kernel<T>), unsigned(blocks), row_threads, 0, stream, g.data_ptr<T>(), cols, r0,
+                        rows, c0, cols, sq_x.data_ptr<T>(), sq_r.data_ptr<T>(), labels_view(in.labels),
+                        labels_view(in.ref_labels), in.self, columns, row_blocks, row_splits, column_blocks,
+                        column_splits, metric, state, B);
     };
     if (in.self) {
       for (int64_t r0 = 0; r0 < B; r0 += tile_rows)
@@ -194,32 +270,32 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
         at::Tensor ref_rows = R.narrow(0, c0, cols);
         if (ref_buffer) {
           at::Tensor buf = ref_tile.narrow(0, 0, cols);
-          if (shifted) at::sub_out(buf, ref_rows, shift);
-          else buf.copy_(ref_rows);
+          at::sub_out(buf, ref_rows, shift);
           ref_rows = buf;
         }
-        TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(cols, kRowsPerBlock), row_threads, 0, stream,
-                          ref_rows.data_ptr<T>(), cols, D, sq_r.data_ptr<T>() + c0, false, state);
+        norms(ref_rows, cols, sq_r.data_ptr<T>() + c0, false);
         for (int64_t r0 = 0; r0 < B; r0 += tile_rows) mine_tile(r0, std::min(tile_rows, B - r0), c0, cols, ref_rows);
       }
     }
-    // Settling of the anchors that certification does not clear (the others' blocks exit).
-    // About 2^18 reference elements per warp (8192 per lane), at most kSettleParts warps per
-    // anchor: few empty warps to retire where M * D is small, a bank spread over SMs.
+    TRIPLETOPS_LAUNCH((merge_slots_kernel<T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream, state, slots, B,
+                      sq_x.data_ptr<T>(), D, metric, acc_u, gemm_u, rescan.data_ptr<uint8_t>(), stats_ptr);
+    // Rescanning of the anchors whose window the kept candidates do not cover (the
+    // others' warps exit). About 2^18 reference elements per warp (8192 per lane), at
+    // most kSettleParts warps per anchor: few empty warps to retire where M * D is small,
+    // a bank spread over SMs.
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({kSettleParts, M, (M * D) >> kSettlePartShift}));
     at::Tensor part_key = at::empty({B, parts, 2}, X.options().dtype(at::kDouble));
     at::Tensor part_idx = at::empty({B, parts, 2}, X.options().dtype(at::kLong));
     TRIPLETOPS_LAUNCH((settle_parts_kernel<scalar_t, T>), dim3(blocks_of(B, kRowsPerBlock), unsigned(parts)),
                       row_threads, 0, stream, X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), M, D, sq_x.data_ptr<T>(),
-                      labels_view(in.labels), labels_view(in.ref_labels), in.self, metric, gemm_u, B,
-                      state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>());
+                      labels_view(in.labels), labels_view(in.ref_labels), in.self, metric, acc_u, gemm_u, B,
+                      state, rescan.data_ptr<uint8_t>(), part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>());
     TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream,
-                      X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, M, D, sq_x.data_ptr<T>(),
-                      labels_view(in.labels), labels_view(in.ref_labels), in.self, metric, gemm_u,
-                      margin, soft_margin, state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(), parts,
-                      m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(),
-                      anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(), reduction, want_loss,
-                      counter_ptr(), want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
+                      X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, sq_x.data_ptr<T>(), metric, acc_u,
+                      gemm_u, margin, soft_margin, state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(),
+                      parts, m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(),
+                      m.neg_dist.data_ptr<T>(), anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(),
+                      reduction, want_loss, counter_ptr(), want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
   });
   return m;
 }
@@ -231,6 +307,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_mine_cuda(
   const Mined m = mine(embeddings, in, ref_embeddings, parse_metric(metric_name), /*want_loss=*/false, 0.0, false,
                        Reduction::Sum);
   return {m.pos_idx, m.neg_idx, m.pos_dist, m.neg_dist};
+}
+
+at::Tensor batch_hard_settle_stats_cuda(const at::Tensor& embeddings, const at::Tensor& labels,
+                                       const c10::optional<at::Tensor>& ref_embeddings,
+                                       const c10::optional<at::Tensor>& ref_labels, c10::string_view metric_name) {
+  const Inputs in = check_inputs(embeddings, labels, ref_embeddings, ref_labels);
+  const DeviceGuard guard(embeddings.device());
+  const at::Tensor stats = at::zeros({2}, embeddings.options().dtype(at::kLong));
+  mine(embeddings, in, ref_embeddings, parse_metric(metric_name), /*want_loss=*/false, 0.0, false, Reduction::Sum,
+       &stats);
+  return stats;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_loss_cuda(
@@ -280,15 +367,19 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cuda(
   const unsigned threads = kRowsPerBlock * kWarp;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "batch_hard_loss_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    const BackwardArgs<scalar_t, T> args{g.data_ptr<scalar_t>(), g.dim() == 0 ? 0 : g.stride(0),
+    BackwardArgs<scalar_t, T> args{g.data_ptr<scalar_t>(), g.dim() == 0 ? 0 : g.stride(0),
                                          X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D,
                                          pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), pd.data_ptr<T>(),
-                                         nd.data_ptr<T>(), margin, metric, soft_margin, reduction};
+                                         nd.data_ptr<T>(), margin, metric, soft_margin, reduction, nullptr};
     if (self && B <= kSelfScanMaxB) {  // one kernel: a warp per row finds its contributors
       TRIPLETOPS_LAUNCH((self_grad_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
                         stream, args, grad_x.data_ptr<T>());
       return;
     }
+    // The denominator once, for every block of the kernels below.
+    at::Tensor count = at::empty({1}, X.options().dtype(at::kLong));
+    TRIPLETOPS_LAUNCH((count_kernel<scalar_t, T>), 1u, threads, 0, stream, args, count.data_ptr<int64_t>());
+    args.count = count.data_ptr<int64_t>();
     TRIPLETOPS_LAUNCH((anchor_grad_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
                       stream, args, grad_x.data_ptr<T>());
     if (!self && !want_ref) return;
@@ -311,6 +402,7 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cuda(
 
 TORCH_LIBRARY_IMPL(TRIPLETOPS_CUDA_LIBRARY, TRIPLETOPS_CUDA_KEY, m) {
   m.impl("batch_hard_mine", &tripletops::cuda::batch_hard_mine_cuda);
+  m.impl("batch_hard_settle_stats", &tripletops::cuda::batch_hard_settle_stats_cuda);
   m.impl("batch_hard_loss", &tripletops::cuda::batch_hard_loss_cuda);
   m.impl("batch_hard_loss_backward", &tripletops::cuda::batch_hard_loss_backward_cuda);
 }

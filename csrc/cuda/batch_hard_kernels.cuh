@@ -53,156 +53,291 @@ __device__ __forceinline__ T mining_key(Metric metric, T g, T sa, T sb) {
   return relu_nan(sa + sb - T(2) * g);  // d^2 >= 0
 }
 
-// An anchor's running farthest positive and closest negative, with the runner-ups' keys
-// (p2 / n2: the best key among the other candidates of that kind, NaN keys left out;
-// -inf / +inf for none) and the largest finite squared norm among the candidates seen:
-// they certify the choice afterwards (certify). Every field merges
-// independently of the order in which candidates arrive.
+// Candidates kept per kind in the mining state. Settling ranks the candidates whose Gram
+// keys are within the rounding window of the best on exact distances; when they are all
+// among the kept ones (on random data nearly always: the window holds the best and one
+// runner-up), no rescan of the reference set is needed.
+constexpr int kKept = 3;
+
+// One kind's kKept best candidates by `beats` (best first; index -1: empty), and
+// `beyond`, the best key among the others (NaN keys left out; -inf / +inf for none).
+// Every field merges independently of the order in which candidates arrive.
+template <typename T>
+struct Kept {
+  T key[kKept];
+  int64_t idx[kKept];
+  T beyond;
+  __device__ __forceinline__ void clear(bool farther) {
+#pragma unroll
+    for (int s = 0; s < kKept; ++s) key[s] = T(0), idx[s] = -1;
+    beyond = farther ? T(-INFINITY) : T(INFINITY);
+  }
+  __device__ __forceinline__ void push_out(T k, int64_t j, bool farther) {
+    if (j >= 0 && k == k) beyond = farther ? fmax(beyond, k) : fmin(beyond, k);
+  }
+  __device__ __forceinline__ void take(T k, int64_t j, bool farther) {
+    if (!beats(k, j, key[kKept - 1], idx[kKept - 1], farther)) {  // the common case: one compare
+      push_out(k, j, farther);
+      return;
+    }
+    push_out(key[kKept - 1], idx[kKept - 1], farther);
+#pragma unroll
+    for (int s = 0; s < kKept; ++s)  // insertion: the carried candidate swaps down the sorted list
+      if (beats(k, j, key[s], idx[s], farther)) {
+        const T tk = key[s];
+        const int64_t tj = idx[s];
+        key[s] = k, idx[s] = j, k = tk, j = tj;
+      }
+  }
+  __device__ __forceinline__ void merge(const Kept& o, bool farther) {
+#pragma unroll
+    for (int s = 0; s < kKept; ++s) take(o.key[s], o.idx[s], farther);
+    beyond = farther ? fmax(beyond, o.beyond) : fmin(beyond, o.beyond);
+  }
+  // The runner-up's key: the best key among the other candidates (NaN keys left out).
+  __device__ __forceinline__ T second() const { return idx[1] >= 0 && key[1] == key[1] ? key[1] : beyond; }
+  // The list of lane ^ offset. Under the emulator (TRIPLETOPS_EMU), the same bits in one
+  // exchange (tools/cuda_emu moves up to 64 bytes; each exchange costs 32 fiber switches).
+  __device__ __forceinline__ void shuffle_xor(int offset) {
+#ifdef TRIPLETOPS_EMU
+    *this = __shfl_xor_sync(kFullMask, *this, offset);
+    return;
+#endif
+#pragma unroll
+    for (int s = 0; s < kKept; ++s) {
+      key[s] = __shfl_xor_sync(kFullMask, key[s], offset);
+      idx[s] = __shfl_xor_sync(kFullMask, idx[s], offset);
+    }
+    beyond = __shfl_xor_sync(kFullMask, beyond, offset);
+  }
+};
+
+// An anchor's mining state: its kept positives (farthest first) and negatives (closest
+// first), and the largest finite squared norm among the candidates seen: they certify the
+// choice afterwards (certify).
 template <typename T>
 struct Hardest {
-  T pk;
-  int64_t pi;
-  T nk;
-  int64_t ni;
-  T p2, n2, sq_max;
-  // Candidate (key, j) for one kind's (best, idx, second).
-  static __device__ __forceinline__ void take(T key, int64_t j, T& best, int64_t& idx, T& second, bool farther) {
-    if (beats(key, j, best, idx, farther)) {
-      if (idx >= 0 && best == best) second = farther ? fmax(second, best) : fmin(second, best);
-      best = key, idx = j;
-    } else if (j >= 0 && key == key) {
-      second = farther ? fmax(second, key) : fmin(second, key);
-    }
-  }
+  Kept<T> pos, neg;
+  T sq_max;
   __device__ __forceinline__ void offer(T key, int64_t j, bool positive, T sq) {
     if (sq - sq == T(0)) sq_max = fmax(sq_max, sq);
-    if (positive) take(key, j, pk, pi, p2, true);
-    else take(key, j, nk, ni, n2, false);
+    if (positive) pos.take(key, j, true);
+    else neg.take(key, j, false);
   }
   __device__ __forceinline__ void merge(const Hardest& o) {
     sq_max = fmax(sq_max, o.sq_max);
-    p2 = fmax(p2, o.p2), n2 = fmin(n2, o.n2);
-    take(o.pk, o.pi, pk, pi, p2, true);
-    take(o.nk, o.ni, nk, ni, n2, false);
+    pos.merge(o.pos, true);
+    neg.merge(o.neg, false);
   }
 };
 
 template <typename T>
 __device__ __forceinline__ Hardest<T> no_candidate() {
-  return {T(0), -1, T(0), -1, T(-INFINITY), T(INFINITY), T(0)};
+  Hardest<T> h;
+  h.pos.clear(true);
+  h.neg.clear(false);
+  h.sq_max = T(0);
+  return h;
 }
 
-// The warp's best, on every lane (butterfly of shuffles; (key, index) order: exact).
+// The warp's merged state, on every lane (butterfly of shuffles; (key, index) order: exact).
 template <typename T>
 __device__ __forceinline__ Hardest<T> warp_merge(Hardest<T> h) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    Hardest<T> o;
-    o.pk = __shfl_xor_sync(kFullMask, h.pk, offset);
-    o.pi = __shfl_xor_sync(kFullMask, h.pi, offset);
-    o.nk = __shfl_xor_sync(kFullMask, h.nk, offset);
-    o.ni = __shfl_xor_sync(kFullMask, h.ni, offset);
-    o.p2 = __shfl_xor_sync(kFullMask, h.p2, offset);
-    o.n2 = __shfl_xor_sync(kFullMask, h.n2, offset);
+    Hardest<T> o = h;
+    o.pos.shuffle_xor(offset);
+    o.neg.shuffle_xor(offset);
     o.sq_max = __shfl_xor_sync(kFullMask, h.sq_max, offset);
     h.merge(o);
   }
   return h;
 }
 
-// Every anchor's mining state across the tiles of the tiled path.
-template <typename T>
-struct MiningState {
-  int64_t *pos_idx, *neg_idx;
-  T *pos_key, *neg_key, *pos_key2, *neg_key2, *sq_max;
-  __device__ __forceinline__ Hardest<T> load(int64_t i) const {
-    return {pos_key[i], pos_idx[i], neg_key[i], neg_idx[i], pos_key2[i], neg_key2[i], sq_max[i]};
+// The exact choice among candidates ranked on exact keys (double): the farthest positive
+// and the closest negative, ties to the smallest index.
+struct Choice {
+  double pk = 0, nk = 0;
+  int64_t pi = -1, ni = -1;
+  __device__ __forceinline__ void offer(double key, int64_t j, bool positive) {
+    if (positive) {
+      if (beats(key, j, pk, pi, true)) pk = key, pi = j;
+    } else if (beats(key, j, nk, ni, false)) {
+      nk = key, ni = j;
+    }
   }
-  __device__ __forceinline__ void store(int64_t i, const Hardest<T>& h) const {
-    pos_key[i] = h.pk, pos_idx[i] = h.pi, neg_key[i] = h.nk, neg_idx[i] = h.ni;
-    pos_key2[i] = h.p2, neg_key2[i] = h.n2, sq_max[i] = h.sq_max;
+  __device__ __forceinline__ void merge(const Choice& o) {
+    offer(o.pk, o.pi, true);
+    offer(o.nk, o.ni, false);
   }
 };
 
-// One warp scans anchor i's Gram row g[0, n) (candidates c0 .. c0 + n - 1), lanes strided.
-// Squared norms of candidate j: sq[j * sq_stride] (a norms vector, or the Gram diagonal).
+__device__ __forceinline__ Choice warp_merge(Choice c) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    Choice o;
+    o.pk = __shfl_xor_sync(kFullMask, c.pk, offset);
+    o.pi = __shfl_xor_sync(kFullMask, c.pi, offset);
+    o.nk = __shfl_xor_sync(kFullMask, c.nk, offset);
+    o.ni = __shfl_xor_sync(kFullMask, c.ni, offset);
+    c.merge(o);
+  }
+  return c;
+}
+
+// Every anchor's mining state on the tiled path, in `slots` partial states per anchor
+// (entry e = slot * B + anchor): the blocks that mine different column ranges of one tile
+// for one anchor write different slots, so no two writers meet; merge_slots_kernel merges
+// them. Structure of arrays: key (kStateKeys, n), idx (kStateIdx, n), n = slots * B.
+constexpr int kStateKeys = 2 * kKept + 3, kStateIdx = 2 * kKept;
+template <typename T>
+struct MiningState {
+  T* key;
+  int64_t* idx;
+  int64_t n;
+  __device__ __forceinline__ Hardest<T> load(int64_t e) const {
+    Hardest<T> h;
+#pragma unroll
+    for (int s = 0; s < kKept; ++s) {
+      h.pos.key[s] = key[s * n + e], h.neg.key[s] = key[(kKept + s) * n + e];
+      h.pos.idx[s] = idx[s * n + e], h.neg.idx[s] = idx[(kKept + s) * n + e];
+    }
+    h.pos.beyond = key[2 * kKept * n + e], h.neg.beyond = key[(2 * kKept + 1) * n + e];
+    h.sq_max = key[(2 * kKept + 2) * n + e];
+    return h;
+  }
+  __device__ __forceinline__ void store(int64_t e, const Hardest<T>& h) const {
+#pragma unroll
+    for (int s = 0; s < kKept; ++s) {
+      key[s * n + e] = h.pos.key[s], key[(kKept + s) * n + e] = h.neg.key[s];
+      idx[s * n + e] = h.pos.idx[s], idx[(kKept + s) * n + e] = h.neg.idx[s];
+    }
+    key[2 * kKept * n + e] = h.pos.beyond, key[(2 * kKept + 1) * n + e] = h.neg.beyond;
+    key[(2 * kKept + 2) * n + e] = h.sq_max;
+  }
+};
+
+// One warp scans anchor i's Gram row g[0, n) (candidates c0 .. c0 + n - 1), lanes strided,
+// four loads in flight per lane. Squared norms of candidate j: sq[j * sq_stride] (a norms
+// vector, or the Gram diagonal).
 template <typename T>
 __device__ __forceinline__ Hardest<T> scan_row(const T* g, int64_t n, int64_t c0, const T* sq, int64_t sq_stride,
                                                Labels ref_labels, T sa, Labels labels, int64_t i, int64_t self_index,
                                                Metric metric, int lane) {
+  constexpr int kUnroll = 4;
   Hardest<T> h = no_candidate<T>();
-  for (int64_t t = lane; t < n; t += kWarp) {
-    const int64_t j = c0 + t;
-    if (j == self_index) continue;  // an anchor is not its own positive
-    const T sj = sq[j * sq_stride];
-    h.offer(mining_key(metric, g[t], sa, sj), j, labels.shares(i, ref_labels, j), sj);
+  for (int64_t t0 = lane; t0 < n; t0 += kUnroll * kWarp) {
+    T gv[kUnroll], sv[kUnroll];
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      const int64_t t = t0 + q * kWarp;
+      gv[q] = t < n ? g[t] : T(0);
+      sv[q] = t < n ? sq[(c0 + t) * sq_stride] : T(0);
+    }
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      const int64_t t = t0 + q * kWarp, j = c0 + t;
+      if (t >= n || j == self_index) continue;  // an anchor is not its own positive
+      h.offer(mining_key(metric, gv[q], sa, sv[q]), j, labels.shares(i, ref_labels, j), sv[q]);
+    }
   }
   return warp_merge(h);
 }
 
 // Certified mining (SPEC: no candidate misranked because a Gram key rounds; the CPU twin
-// is settle_near_ties). Every key is within gram_key_bound(D, u, gemm_u, (|a| + max |r|)^2)
-// of the exact one (gemm_u: TF32 rounding of the GEMM's inputs, when torch allows it), so
-// a best that beats its runner-up by more than twice that is the exact best. Otherwise that
-// kind (sp: positive, sn: negative) is settled: a candidate can be at least as good as the
-// exact best only if its key is within twice the bound of the best key (the window
-// [lo, +inf) for positives, (-inf, hi] for negatives), and those are ranked on exact keys.
+// is settle_near_ties). Every key is within gram_key_bound(D, acc_u, gemm_u,
+// (|a| + max |r|)^2) of the exact one (acc_u: the GEMM's accumulation; gemm_u: TF32
+// rounding of its inputs, when torch allows it), so a best that beats its runner-up by
+// more than twice that is the exact best. Otherwise that kind (sp: positive, sn: negative)
+// is settled: a candidate can be at least as good as the exact best only if its key is
+// within twice the bound of the best key (the window [lo, +inf) for positives, (-inf, hi]
+// for negatives), and those are ranked on exact keys. The window's candidates are all
+// among the kept ones unless `beyond` falls inside it (rp / rn: the reference set must be
+// rescanned).
 struct Settle {
-  bool sp, sn;
+  bool sp, sn, rp, rn;
   double lo, hi;
 };
 template <typename T>
-__device__ __forceinline__ Settle certify(const Hardest<T>& h, T sa, int64_t D, Metric metric, double gemm_u) {
-  const double u = sizeof(T) == 4 ? 0x1p-24 : 0x1p-53;
+__device__ __forceinline__ Settle certify(const Hardest<T>& h, T sa, int64_t D, Metric metric, double acc_u,
+                                          double gemm_u) {
   const double norm_sum = sqrt(double(sa)) + sqrt(double(h.sq_max));
   const double twice =
-      2 * gram_key_bound(D, u, gemm_u, metric == Metric::Cosine ? 4.0 : norm_sum * norm_sum);
+      2 * gram_key_bound(D, acc_u, gemm_u, metric == Metric::Cosine ? 4.0 : norm_sum * norm_sum);
+  const T pk = h.pos.key[0], nk = h.neg.key[0], p2 = h.pos.second(), n2 = h.neg.second();
   Settle w;
-  w.sp = h.pi >= 0 && h.pk == h.pk && h.p2 > T(-INFINITY) && !(double(h.pk) - double(h.p2) > twice);
-  w.sn = h.ni >= 0 && h.nk == h.nk && h.n2 < T(INFINITY) && !(double(h.n2) - double(h.nk) > twice);
-  w.lo = double(h.pk) - twice;
-  w.hi = double(h.nk) + twice;
+  w.sp = h.pos.idx[0] >= 0 && pk == pk && p2 > T(-INFINITY) && !(double(pk) - double(p2) > twice);
+  w.sn = h.neg.idx[0] >= 0 && nk == nk && n2 < T(INFINITY) && !(double(n2) - double(nk) > twice);
+  w.lo = double(pk) - twice;
+  w.hi = double(nk) + twice;
+  w.rp = w.sp && double(h.pos.beyond) >= w.lo;
+  w.rn = w.sn && double(h.neg.beyond) <= w.hi;
   return w;
 }
 
-// For cosine, 1 / max(|row|, eps) in double and whether the row is a unit row (common.h's
-// is_unit_row); 1 and true otherwise. One thread, a fixed order.
+// The exact key of rows a and b (whole warp, lanes over D, the same butterfly for every
+// pair: identical rows give identical keys), in double from their difference:
+// |a - b|^2, or |a/|a| - b/|b||^2 = 2 (1 - cos); for cosine with a row that is no unit
+// row (common.h's is_unit_row), 2 (1 - (a·b) ia ib). ia / ua: the anchor's inverse norm
+// and whether it is a unit row (1 and true unless cosine).
+template <typename scalar_t>
+__device__ __forceinline__ double warp_exact_key(const scalar_t* a, double ia, bool ua, const scalar_t* b, int64_t D,
+                                                 bool cosine, int lane) {
+  double ib = 1.0;
+  bool unit = ua;
+  if (cosine) {
+    double bsq = 0;
+    for (int64_t k = lane; k < D; k += kWarp) bsq += double(b[k]) * double(b[k]);
+    bsq = warp_sum(bsq);
+    ib = 1.0 / fmax(sqrt(bsq), kNormEps);
+    unit = unit && is_unit_row(bsq);
+  }
+  double acc = 0;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const double d = double(a[k]) * ia - double(b[k]) * ib;
+    acc += unit ? d * d : double(a[k]) * double(b[k]);
+  }
+  acc = warp_sum(acc);
+  return unit ? acc : 2.0 * (1.0 - acc * ia * ib);
+}
+
+// The anchor's inverse norm and unit-row flag for warp_exact_key (whole warp).
 struct ExactNorm {
   double inv;
   bool unit;
 };
 template <typename scalar_t>
-__device__ __forceinline__ ExactNorm exact_inverse_norm(const scalar_t* row, int64_t D, bool cosine) {
+__device__ __forceinline__ ExactNorm warp_exact_norm(const scalar_t* a, int64_t D, bool cosine, int lane) {
   if (!cosine) return {1.0, true};
   double s = 0;
-  for (int64_t k = 0; k < D; ++k) s += double(row[k]) * double(row[k]);
+  for (int64_t k = lane; k < D; k += kWarp) s += double(a[k]) * double(a[k]);
+  s = warp_sum(s);
   return {1.0 / fmax(sqrt(s), kNormEps), is_unit_row(s)};
 }
 
-// Cosine's key of a pair with a row that is no unit row: 2 (1 - (a·b) ia ib) (common.h).
-template <typename scalar_t>
-__device__ __forceinline__ double non_unit_key_serial(const scalar_t* a, const scalar_t* b, int64_t D, double ia,
-                                                      double ib) {
-  double s = 0;
-  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(b[k]);
-  return 2.0 * (1.0 - s * ia * ib);
-}
-
-// The exact key of rows a and b by one thread, in double, from their difference (fixed
-// order: identical rows give identical keys): |a - b|^2, or |a/|a| - b/|b||^2 = 2 (1 - cos).
-template <typename scalar_t>
-__device__ __forceinline__ double exact_key_serial(const scalar_t* a, const scalar_t* b, int64_t D, double ia,
-                                                   double ib) {
-  double s = 0;
-  for (int64_t k = 0; k < D; ++k) {
-    const double d = double(a[k]) * ia - double(b[k]) * ib;
-    s += d * d;
+// Settling from the kept candidates (the kinds whose window they cover: sp && !rp, sn &&
+// !rn): at most 2 kKept exact keys, by the whole warp. h is the same on every lane.
+template <typename scalar_t, typename T>
+__device__ __forceinline__ void settle_from_kept(Hardest<T>& h, const Settle& w, const scalar_t* a,
+                                                 const scalar_t* r, int64_t D, Metric metric, int lane) {
+  const bool from_p = w.sp && !w.rp, from_n = w.sn && !w.rn;
+  if (!(from_p || from_n)) return;
+  const bool cosine = metric == Metric::Cosine;
+  const ExactNorm na = warp_exact_norm(a, D, cosine, lane);
+  Choice c;
+#pragma unroll
+  for (int s = 0; s < kKept; ++s) {
+    const int64_t jp = h.pos.idx[s], jn = h.neg.idx[s];
+    if (from_p && jp >= 0 && double(h.pos.key[s]) >= w.lo)
+      c.offer(warp_exact_key(a, na.inv, na.unit, r + jp * D, D, cosine, lane), jp, true);
+    if (from_n && jn >= 0 && double(h.neg.key[s]) <= w.hi)
+      c.offer(warp_exact_key(a, na.inv, na.unit, r + jn * D, D, cosine, lane), jn, false);
   }
-  return s;
+  if (from_p && c.pi >= 0) h.pos.idx[0] = c.pi;
+  if (from_n && c.ni >= 0) h.neg.idx[0] = c.ni;
 }
 
 // Settling with the anchor's whole Gram row at hand (the small self-mining kernel): the
 // candidates in the window come from the row's own keys (typically two or three), one
-// per lane. Whole warp; h is the same on every lane.
+// warp-wide exact key each. Whole warp; h is the same on every lane.
 template <typename scalar_t, typename T>
 __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, int64_t i, const T* g, const T* sq,
                                                 int64_t sq_stride, T sa, const scalar_t* x, int64_t B, int64_t D,
@@ -210,22 +345,25 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
   if (!(w.sp || w.sn)) return;
   const bool cosine = metric == Metric::Cosine;
   const scalar_t* a = x + i * D;
-  const ExactNorm na = exact_inverse_norm(a, D, cosine);
-  Hardest<double> e = no_candidate<double>();
-  for (int64_t j = lane; j < B; j += kWarp) {
-    if (j == i) continue;
-    const bool same = labels.shares(i, labels, j);
-    if (same ? !w.sp : !w.sn) continue;
-    const double key = double(mining_key(metric, g[j], sa, sq[j * sq_stride]));
-    if (same ? !(key >= w.lo) : !(key <= w.hi)) continue;
-    const scalar_t* b = x + j * D;
-    const ExactNorm nb = exact_inverse_norm(b, D, cosine);
-    e.offer(na.unit && nb.unit ? exact_key_serial(a, b, D, na.inv, nb.inv) : non_unit_key_serial(a, b, D, na.inv, nb.inv),
-            j, same, 0.0);
+  const ExactNorm na = warp_exact_norm(a, D, cosine, lane);
+  Choice c;
+  for (int64_t j0 = 0; j0 < B; j0 += kWarp) {
+    const int64_t j = j0 + lane;
+    bool in = false, same = false;
+    if (j < B && j != i) {
+      same = labels.shares(i, labels, j);
+      const double key = double(mining_key(metric, g[j], sa, sq[j * sq_stride]));
+      in = same ? w.sp && key >= w.lo : w.sn && key <= w.hi;
+    }
+    const unsigned hits = __ballot_sync(kFullMask, in);
+    const unsigned pos = __ballot_sync(kFullMask, in && same);
+    for (unsigned m = hits; m != 0; m &= m - 1) {
+      const int b = __ffs(int(m)) - 1;
+      c.offer(warp_exact_key(a, na.inv, na.unit, x + (j0 + b) * D, D, cosine, lane), j0 + b, (pos >> b) & 1u);
+    }
   }
-  e = warp_merge(e);
-  if (w.sp && e.pi >= 0) h.pi = e.pi;
-  if (w.sn && e.ni >= 0) h.ni = e.ni;
+  if (w.sp && c.pi >= 0) h.pos.idx[0] = c.pi;
+  if (w.sn && c.ni >= 0) h.neg.idx[0] = c.ni;
 }
 
 // The exact distances of anchor a to its selected rows p and n (difference form, in T),
@@ -260,17 +398,19 @@ __device__ __forceinline__ void finish_anchor(const Hardest<T>& h, int64_t i, co
                                               int64_t D, Metric metric, double margin, bool soft_margin, int lane,
                                               int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
                                               T& loss, bool& valid) {
+  const int64_t pi = h.pos.idx[0], ni = h.neg.idx[0];
   const scalar_t* a = x + i * D;
-  const scalar_t* p = h.pi >= 0 ? r + h.pi * D : a;
-  const scalar_t* n = h.ni >= 0 ? r + h.ni * D : a;
+  const scalar_t* p = pi >= 0 ? r + pi * D : a;
+  const scalar_t* n = ni >= 0 ? r + ni * D : a;
   T pd, nd;
-  exact_pair_distances<scalar_t, T>(a, p, n, D, metric, lane, h.pk != h.pk, h.nk != h.nk, pd, nd);
-  if (h.pi < 0) pd = T(0);
-  if (h.ni < 0) nd = T(0);
-  valid = h.pi >= 0 && h.ni >= 0;
+  exact_pair_distances<scalar_t, T>(a, p, n, D, metric, lane, h.pos.key[0] != h.pos.key[0],
+                                    h.neg.key[0] != h.neg.key[0], pd, nd);
+  if (pi < 0) pd = T(0);
+  if (ni < 0) nd = T(0);
+  valid = pi >= 0 && ni >= 0;
   loss = valid ? triplet_term(pd - nd, T(margin), soft_margin) : T(0);
   if (lane == 0) {
-    pos_idx[i] = h.pi, neg_idx[i] = h.ni;
+    pos_idx[i] = pi, neg_idx[i] = ni;
     pos_dist[i] = pd, neg_dist[i] = nd;
   }
 }
@@ -326,7 +466,11 @@ __device__ void reduce_in_last_block(unsigned* counter, const T* loss, const uin
 
 // ---- Forward kernels ------------------------------------------------------------------
 
-constexpr int kCenterCols = 32, kCenterRowStripes = 8;
+// A block of prepare_rows_kernel: 32 columns x 32 row stripes (1024 threads). The grid
+// has only D / 32 blocks (16 at D = 512), so each block carries many loads in flight: at
+// B = 8192, D = 512 fp32 (16 MiB read twice, 16 MiB written) ~40 us (was 0.24 ms with
+// 256-thread blocks on the H200); halves, which are not shifted, skip the pass (~3 us).
+constexpr int kCenterCols = 32, kCenterRowStripes = 32;
 
 // The anchors as GEMM operand, in T. For (sq)euclidean (`shift_columns`), rows minus a
 // translation: the Gram form's rounding then scales with the data's spread, not with its
@@ -335,10 +479,11 @@ constexpr int kCenterCols = 32, kCenterRowStripes = 8;
 // integer grids keep exact keys and exact ties), else left as it is; distances do not
 // change under any translation. Non-finite
 // entries are left out of the statistics (their rows stay non-finite, the others exact).
-// Also zeroes the ticket counter of reduce_in_last_block. A block per 32 columns, 8 row
-// stripes, fixed summation order; no host decision.
+// Also zeroes the ticket counter of reduce_in_last_block. A block per 32 columns, 32 row
+// stripes, fixed summation order; no host decision. With `out` null (halves, multiplied
+// as they are), only the counter and the shift (zeros).
 template <typename scalar_t, typename T>
-__global__ void prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, bool shift_columns,
+__global__ void __launch_bounds__(kCenterCols * kCenterRowStripes) prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, bool shift_columns,
                                     T* __restrict__ out, T* __restrict__ shift, unsigned* counter) {
   // Statistics in double: the variance (for grid_shift) is a difference of two of them.
   __shared__ double sum[kCenterRowStripes][kCenterCols];
@@ -349,6 +494,7 @@ __global__ void prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, i
   if (shift_columns) {  // uniform over the grid
     double s = 0, s2 = 0;
     if (c < D) {
+#pragma unroll 4
       for (int64_t r = ty; r < N; r += kCenterRowStripes) {
         double v = double(x[r * D + c]);
         v = v - v == 0.0 ? v : 0.0;
@@ -368,27 +514,31 @@ __global__ void prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, i
   if (c >= D) return;
   const T mu = shift_columns ? T(sum[0][tx]) : T(0);
   if (ty == 0) shift[c] = mu;
+  if (out == nullptr) return;
+#pragma unroll 4
   for (int64_t r = ty; r < N; r += kCenterRowStripes) out[r * D + c] = T(x[r * D + c]) - mu;
 }
 
 // Self-mining at B <= kSmallMaxB on the whole (B, B) Gram matrix (squared norms from its
 // diagonal), one warp per anchor: mining, exact distances, per-anchor losses, and (last
 // block) their reduction. With the GEMM and prepare_rows_kernel, the whole forward.
+// With `stats`, counts the anchors that settle ([0]; no anchor rescans here: [1] stays).
 template <typename scalar_t, typename T>
 __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T* __restrict__ gram,
-                                        Labels labels, int64_t B, int64_t D, Metric metric,
+                                        Labels labels, int64_t B, int64_t D, Metric metric, double acc_u,
                                         double gemm_u, double margin, bool soft_margin, Reduction reduction,
                                         bool want_loss,
                                         int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
                                         T* anchor_loss, uint8_t* anchor_valid, unsigned* counter,
-                                        scalar_t* loss_out) {
+                                        scalar_t* loss_out, unsigned long long* stats) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i < B) {  // no early return: the reduction below needs every thread of the block
     const T sa = gram[i * (B + 1)];
     Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, sa, labels, i, i, metric, lane);
-    settle_from_row<scalar_t, T>(h, certify(h, sa, D, metric, gemm_u), i, gram + i * B, gram, B + 1, sa, x, B, D,
-                                 labels, metric, lane);
+    const Settle w = certify(h, sa, D, metric, acc_u, gemm_u);
+    if (stats != nullptr && lane == 0 && (w.sp || w.sn)) atomicAdd(stats, 1ull);
+    settle_from_row<scalar_t, T>(h, w, i, gram + i * B, gram, B + 1, sa, x, B, D, labels, metric, lane);
     T loss;
     bool valid;
     finish_anchor<scalar_t, T>(h, i, x, x, D, metric, margin, soft_margin, lane, pos_idx, neg_idx, pos_dist, neg_dist,
@@ -402,11 +552,11 @@ __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T*
     reduce_in_last_block(counter, anchor_loss, anchor_valid, B, reduction, loss_out);
 }
 
-// Squared norms of N rows (one warp per row), in T; with `reset`, also resets the mining
-// state of these rows (as anchors) to "no candidate".
+// Squared norms of N rows (one warp per row), in T, from the rows as given to the GEMM.
+// With `reset`, also resets these rows' mining state (as anchors) in all `slots` slots.
 template <typename scalar_t, typename T>
 __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, T* sq, bool reset,
-                                 MiningState<T> state) {
+                                 MiningState<T> state, int64_t slots) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= N) return;
@@ -416,136 +566,159 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int6
     s += v * v;
   }
   s = warp_sum(s);
-  if (lane != 0) return;
-  sq[i] = s;
-  if (reset) state.store(i, no_candidate<T>());
+  if (lane == 0) sq[i] = s;
+  if (reset)
+    for (int64_t q = lane; q < slots; q += kWarp) state.store(q * N + i, no_candidate<T>());
 }
 
 // One Gram tile (rows r0 .. r0+R-1 of the anchors, columns c0 .. c0+C-1 of the reference
-// set; row stride ld) merged into the anchors' running state. Blocks [0, row_blocks)
-// mine the tile's rows for their anchors (a warp per row); with `columns` (an
-// off-diagonal tile of self-mining), the other blocks mine its columns for the column
-// anchors (a thread per column, reading the tile down: coalesced).
+// set; row stride ld) merged into the anchors' state slots, split over blocks so that a
+// tile fills the GPU many times over (launcher: kRowChunk, kColumnChunk). Blocks [0, row_blocks *
+// row_splits) mine the tile's rows (a warp per row and column range; slot = the range);
+// with `columns` (an off-diagonal tile of self-mining), the other blocks mine its columns
+// for the column anchors (a thread per column and row range, reading the tile down:
+// coalesced; slot = the range). Slots of one anchor never meet within a launch (the row
+// and column anchors of an off-diagonal tile differ), and launches follow each other.
+// Traffic: the tile once (4 R C bytes) plus norms and labels, mostly from L1/L2; at ~2
+// TB/s a 1024 x 32768 tile takes ~70 us, a 4096 x 4096 one ~35 us (the GEMM that made it:
+// ~70 us / ~140 us in fp32, 1024 x 32768 x 128 / 4096^2 x 512).
 template <typename T>
 __global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
                                  const T* __restrict__ sq_rows, const T* __restrict__ sq_cols,
-                                 Labels row_labels, Labels col_labels,
-                                 bool self, bool columns, unsigned row_blocks, Metric metric, MiningState<T> state) {
-  if (blockIdx.x < row_blocks) {
-    const int64_t u = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+                                 Labels row_labels, Labels col_labels, bool self, bool columns,
+                                 unsigned row_blocks, int64_t row_splits, unsigned column_blocks,
+                                 int64_t column_splits, Metric metric, MiningState<T> state, int64_t B) {
+  const int64_t row_part = int64_t(row_blocks) * row_splits;
+  if (int64_t(blockIdx.x) < row_part) {
+    const int64_t s = blockIdx.x / row_blocks;
+    const int64_t u = int64_t(blockIdx.x % row_blocks) * kRowsPerBlock + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (u >= R) return;
-    const int64_t i = r0 + u;
-    const Hardest<T> h = scan_row(tile + u * ld, C, c0, sq_cols, 1, col_labels, sq_rows[i], row_labels, i,
-                                  self ? i : int64_t(-1), metric, lane);
+    const int64_t i = r0 + u, t0 = C * s / row_splits, t1 = C * (s + 1) / row_splits;
+    const Hardest<T> h = scan_row(tile + u * ld + t0, t1 - t0, c0 + t0, sq_cols, 1, col_labels, sq_rows[i],
+                                  row_labels, i, self ? i : int64_t(-1), metric, lane);
     if (lane != 0) return;
-    Hardest<T> s = state.load(i);
-    s.merge(h);
-    state.store(i, s);
+    Hardest<T> st = state.load(s * B + i);
+    st.merge(h);
+    state.store(s * B + i, st);
     return;
   }
   if (!columns) return;
-  const int64_t t = int64_t(blockIdx.x - row_blocks) * kColumnThreads + threadIdx.x;
+  const int64_t b = int64_t(blockIdx.x) - row_part;
+  const int64_t s = b / column_blocks;
+  const int64_t t = (b % column_blocks) * kColumnThreads + threadIdx.x;
   if (t >= C) return;
   const int64_t j = c0 + t;  // the column anchor; its candidates are the tile's rows
+  const int64_t u0 = R * s / column_splits, u1 = R * (s + 1) / column_splits;
   const T sj = sq_cols[j];
   Hardest<T> h = no_candidate<T>();
-  for (int64_t u = 0; u < R; ++u) {
-    const int64_t i = r0 + u;
-    h.offer(mining_key(metric, tile[u * ld + t], sj, sq_rows[i]), i, col_labels.shares(j, row_labels, i), sq_rows[i]);
+  constexpr int kUnroll = 4;
+  for (int64_t u = u0; u < u1; u += kUnroll) {
+    T gv[kUnroll];
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) gv[q] = u + q < u1 ? tile[(u + q) * ld + t] : T(0);
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      if (u + q >= u1) break;
+      const int64_t i = r0 + u + q;
+      h.offer(mining_key(metric, gv[q], sj, sq_rows[i]), i, col_labels.shares(j, row_labels, i), sq_rows[i]);
+    }
   }
-  Hardest<T> s = state.load(j);
-  s.merge(h);
-  state.store(j, s);
+  Hardest<T> st = state.load(s * B + j);
+  st.merge(h);
+  state.store(s * B + j, st);
 }
 
-// Settling on the tiled path (no Gram row left to filter by): the warp for (anchor i,
-// part s = blockIdx.y) ranks part s of the reference set for anchor i on exact keys, if
-// certification did not clear anchor i (the other warps exit at once). One candidate at a
-// time, lanes over D (coalesced), the same butterfly for every candidate (identical rows
-// give identical keys). Writes the part's best positive and negative; finish_anchors_kernel
-// merges the parts. Splitting M over gridDim.y parts spreads one settled anchor's
-// rescan of a bank over many SMs.
+// After the last tile: every anchor's slots merged into slot 0 (a warp per anchor, lane q
+// taking slots q, q + 32, ...), and certification: `rescan` gets bit 0 / bit 1 when the
+// positive / negative window is not covered by the kept candidates (settle_parts_kernel
+// then rescans the reference set for that anchor). With `stats`, counts the anchors
+// that settle and those rescanned ([0] and [1]). ~B (slots * 100 + 1) bytes.
+template <typename T>
+__global__ void merge_slots_kernel(MiningState<T> state, int64_t slots, int64_t B, const T* __restrict__ sq_x,
+                                   int64_t D, Metric metric, double acc_u, double gemm_u, uint8_t* rescan,
+                                   unsigned long long* stats) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= B) return;
+  Hardest<T> h = no_candidate<T>();
+  for (int64_t q = lane; q < slots; q += kWarp) h.merge(state.load(q * B + i));
+  h = warp_merge(h);
+  if (lane != 0) return;
+  state.store(i, h);
+  const Settle w = certify(h, sq_x[i], D, metric, acc_u, gemm_u);
+  rescan[i] = uint8_t((w.rp ? 1 : 0) | (w.rn ? 2 : 0));
+  if (stats != nullptr) {
+    if (w.sp || w.sn) atomicAdd(stats, 1ull);
+    if (w.rp || w.rn) atomicAdd(stats + 1, 1ull);
+  }
+}
+
+// Rescanning for the anchors whose window the kept candidates do not cover (rescan != 0;
+// every other warp exits at once): the warp for (anchor i, part s = blockIdx.y) ranks
+// part s of the reference set on exact keys (warp_exact_key, one candidate at a time)
+// and writes the part's best positive and negative; finish_anchors_kernel merges the
+// parts. Splitting M over gridDim.y parts spreads one anchor's rescan of a bank over many
+// SMs. On random data no anchor gets here (the benchmark's stats say how many did).
 template <typename scalar_t, typename T>
 __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t M,
                                     int64_t D, const T* __restrict__ sq_x, Labels labels,
-                                    Labels ref_labels, bool self, Metric metric, double gemm_u,
-                                    int64_t B, MiningState<T> state, double* part_key, int64_t* part_idx) {
+                                    Labels ref_labels, bool self, Metric metric, double acc_u, double gemm_u,
+                                    int64_t B, MiningState<T> state, const uint8_t* __restrict__ rescan,
+                                    double* part_key, int64_t* part_idx) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int64_t parts = gridDim.y, s = blockIdx.y;
   const int lane = threadIdx.x % kWarp;
-  if (i >= B) return;
-  const Hardest<T> h = state.load(i);
-  const Settle w = certify(h, sq_x[i], D, metric, gemm_u);
-  if (!(w.sp || w.sn)) return;  // uniform over the warp
+  if (i >= B || rescan[i] == 0) return;  // uniform over the warp
+  const Settle w = certify(state.load(i), sq_x[i], D, metric, acc_u, gemm_u);
   const bool cosine = metric == Metric::Cosine;
   const scalar_t* a = x + i * D;
-  double asq = 0;
-  for (int64_t k = lane; k < D; k += kWarp) asq += double(a[k]) * double(a[k]);
-  asq = warp_sum(asq);
-  const double ia = cosine ? 1.0 / fmax(sqrt(asq), kNormEps) : 1.0;
-  const bool ua = !cosine || is_unit_row(asq);
-  Hardest<double> e = no_candidate<double>();
+  const ExactNorm na = warp_exact_norm(a, D, cosine, lane);
+  Choice c;
   const int64_t j0 = M * s / parts, j1 = M * (s + 1) / parts;
   for (int64_t j = j0; j < j1; ++j) {
     if (self && j == i) continue;
     const bool same = labels.shares(i, ref_labels, j);
-    if (same ? !w.sp : !w.sn) continue;
-    const scalar_t* b = r + j * D;
-    double ib = 1.0;
-    bool unit = ua;
-    if (cosine) {
-      double bsq = 0;
-      for (int64_t k = lane; k < D; k += kWarp) bsq += double(b[k]) * double(b[k]);
-      bsq = warp_sum(bsq);
-      ib = 1.0 / fmax(sqrt(bsq), kNormEps);
-      unit = unit && is_unit_row(bsq);
-    }
-    double acc = 0;  // |â - b̂|², or for a row that is no unit row a·b (common.h: is_unit_row)
-    for (int64_t k = lane; k < D; k += kWarp) {
-      const double d = double(a[k]) * ia - double(b[k]) * ib;
-      acc += unit ? d * d : double(a[k]) * double(b[k]);
-    }
-    acc = warp_sum(acc);
-    e.offer(unit ? acc : 2.0 * (1.0 - acc * ia * ib), j, same, 0.0);
+    if (same ? !w.rp : !w.rn) continue;
+    c.offer(warp_exact_key(a, na.inv, na.unit, r + j * D, D, cosine, lane), j, same);
   }
   if (lane != 0) return;
   const int64_t at = (i * parts + s) * 2;
-  part_key[at] = e.pk, part_idx[at] = e.pi;
-  part_key[at + 1] = e.nk, part_idx[at + 1] = e.ni;
+  part_key[at] = c.pk, part_idx[at] = c.pi;
+  part_key[at + 1] = c.nk, part_idx[at + 1] = c.ni;
 }
 
-// After the last tile: certification (merging settle_parts_kernel's parts where it did not
-// clear the anchor), exact distances and per-anchor losses (one warp per anchor), then
+// Last: settling (from the kept candidates, or merging settle_parts_kernel's parts for a
+// rescanned kind), exact distances and per-anchor losses (one warp per anchor), then
 // (last block) their reduction. sq_x: the anchors' squared norms as mined on.
 template <typename scalar_t, typename T>
 __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t B,
-                                      int64_t M, int64_t D, const T* __restrict__ sq_x,
-                                      Labels labels, Labels ref_labels,
-                                      bool self, Metric metric, double gemm_u, double margin, bool soft_margin,
-                                      MiningState<T> state, const double* part_key, const int64_t* part_idx,
-                                      int64_t parts, T* pos_dist, T* neg_dist, T* anchor_loss,
-                                      uint8_t* anchor_valid, Reduction reduction, bool want_loss, unsigned* counter,
-                                      scalar_t* loss_out) {
+                                      int64_t D, const T* __restrict__ sq_x, Metric metric, double acc_u,
+                                      double gemm_u, double margin, bool soft_margin, MiningState<T> state,
+                                      const double* part_key, const int64_t* part_idx, int64_t parts,
+                                      int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
+                                      T* anchor_loss, uint8_t* anchor_valid, Reduction reduction, bool want_loss,
+                                      unsigned* counter, scalar_t* loss_out) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i < B) {
     Hardest<T> h = state.load(i);
-    const Settle w = certify(h, sq_x[i], D, metric, gemm_u);
-    if (w.sp || w.sn) {  // uniform over the warp
-      Hardest<double> e = no_candidate<double>();
+    const Settle w = certify(h, sq_x[i], D, metric, acc_u, gemm_u);
+    settle_from_kept<scalar_t, T>(h, w, x + i * D, r, D, metric, lane);
+    if (w.rp || w.rn) {  // uniform over the warp
+      Choice c;
       for (int64_t q = lane; q < parts; q += kWarp) {
         const int64_t at = (i * parts + q) * 2;
-        e.take(part_key[at], part_idx[at], e.pk, e.pi, e.p2, true);
-        e.take(part_key[at + 1], part_idx[at + 1], e.nk, e.ni, e.n2, false);
+        c.offer(part_key[at], part_idx[at], true);
+        c.offer(part_key[at + 1], part_idx[at + 1], false);
       }
-      e = warp_merge(e);
-      if (w.sp && e.pi >= 0) h.pi = e.pi;
-      if (w.sn && e.ni >= 0) h.ni = e.ni;
+      c = warp_merge(c);
+      if (w.rp && c.pi >= 0) h.pos.idx[0] = c.pi;
+      if (w.rn && c.ni >= 0) h.neg.idx[0] = c.ni;
     }
     T loss;
     bool valid;
-    finish_anchor<scalar_t, T>(h, i, x, r, D, metric, margin, soft_margin, lane, state.pos_idx, state.neg_idx,
+    finish_anchor<scalar_t, T>(h, i, x, r, D, metric, margin, soft_margin, lane, pos_idx, neg_idx,
                                pos_dist, neg_dist, loss, valid);
     if (lane == 0) {
       anchor_loss[i] = loss, anchor_valid[i] = valid;
@@ -578,6 +751,7 @@ struct BackwardArgs {
   Metric metric;
   bool soft_margin;
   Reduction reduction;
+  const int64_t* count;  // the reduction's denominator from count_kernel, or null: each block counts
 };
 
 // The forward's per-anchor loss, recomputed from its distances in T (so the hinge and
@@ -611,6 +785,21 @@ __device__ int64_t block_count(const BackwardArgs<scalar_t, T>& a) {
   const int64_t total = counts[0];
   __syncthreads();  // counts is reused by the next call
   return total;
+}
+
+// The denominator for every block: count_kernel's, else the block's own count (O(B) per
+// block: only where the grid is small, the one-kernel self-mining backward).
+template <typename scalar_t, typename T>
+__device__ __forceinline__ int64_t denominator(const BackwardArgs<scalar_t, T>& a) {
+  return a.count != nullptr ? *a.count : block_count(a);  // uniform over the grid
+}
+
+// The denominator once, by one block, before the kernels of the sorted backward (each of
+// their blocks counting it again cost O(B^2 / 8) loads: 1 ms at B = 8192).
+template <typename scalar_t, typename T>
+__global__ void count_kernel(BackwardArgs<scalar_t, T> a, int64_t* out) {
+  const int64_t c = block_count(a);
+  if (threadIdx.x == 0) *out = c;
 }
 
 // Anchor i's coefficients (whole warp: cosine needs the pairs' dot products).
@@ -678,7 +867,7 @@ __device__ __forceinline__ void add_ref_contribution(const BackwardArgs<scalar_t
 // fixed order of additions: deterministic, no atomics. O(B^2) index compares, O(B*D) math.
 template <typename scalar_t, typename T>
 __global__ void self_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
-  const int64_t count = block_count(a);
+  const int64_t count = denominator(a);
   const int lane = threadIdx.x % kWarp;
   const int64_t rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
   for (int64_t j = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; j < a.B; j += rows_per_grid) {
@@ -703,7 +892,7 @@ __global__ void self_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
 // Anchors' own gradient rows (a reference set, or large self-mining): one warp per row.
 template <typename scalar_t, typename T>
 __global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
-  const int64_t count = block_count(a);
+  const int64_t count = denominator(a);
   const int lane = threadIdx.x % kWarp;
   const int64_t rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
   for (int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; i < a.B; i += rows_per_grid)
@@ -718,7 +907,7 @@ __global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
 template <typename scalar_t, typename T>
 __global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __restrict__ target,
                                 const int64_t* __restrict__ entry, T* out) {
-  const int64_t count = block_count(a);
+  const int64_t count = denominator(a);
   const int lane = threadIdx.x % kWarp;
   const int64_t E = 2 * a.B, rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
   for (int64_t s = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; s < E; s += rows_per_grid) {

@@ -1,4 +1,5 @@
-// The one place where the CUDA sources differ between their two builds:
+// The one place where the CUDA sources differ between their two builds (besides
+// Kept::shuffle_xor in batch_hard_kernels.cuh, which moves the same bits in one exchange):
 //  - nvcc (setup.py, make cuda-check): the real CUDA runtime; kernels register under
 //    the `tripletops` library at the CUDA dispatch key.
 //  - g++ with -DTRIPLETOPS_EMU (make cuda-emu): tools/cuda_emu/simt.h runs the device

@@ -81,7 +81,7 @@ struct Warp {
   unsigned arrived = 0;    // lanes of it that have arrived
   unsigned episode = 0;    // completed barriers: the data bank in use is episode % 2
   size_t size = 0;         // bytes per lane in the pending exchange
-  alignas(16) unsigned char bank[2][warpSize][16];
+  alignas(16) unsigned char bank[2][warpSize][kLaneBytes];
 };
 
 struct Launch {
@@ -288,7 +288,7 @@ SIMT_NO_ASAN const unsigned char* warp_exchange(unsigned mask, const void* in, s
   const unsigned lane = f.info.linear % warpSize;
   const unsigned warp_base = f.info.linear - lane;
   Warp& w = L.warps[f.info.linear / warpSize];
-  if (size > 16) fail("warp primitive on a value wider than 16 bytes");
+  if (size > kLaneBytes) fail("warp primitive on a value wider than kLaneBytes");
   if (!(mask >> lane & 1u)) fail("a warp primitive's mask does not include the calling lane");
   if (w.arrived == 0) {  // the first lane to arrive checks the mask for the others
     const unsigned n = L.block.x * L.block.y * L.block.z;

@@ -60,8 +60,11 @@ void* dynamic_shared();     // this block's dynamic shared memory (heap: ASan se
 // Block barrier: every thread that has not exited must arrive.
 void sync_block();
 // Warp barrier over the lanes in `mask` (the caller must be one of them): `in` is this
-// lane's `size` bytes (<= 16); returns the 32 lanes' values, lane l at byte 16 * l, valid
-// until this lane's next warp primitive.
+// lane's `size` bytes (<= kLaneBytes); returns the 32 lanes' values, lane l at byte
+// kLaneBytes * l, valid until this lane's next warp primitive. (A GPU shuffles 4 or 8
+// bytes; wider values let a kernel move a small record in one exchange under the
+// emulator, where each exchange is 32 fiber switches: see Kept::shuffle_xor.)
+constexpr size_t kLaneBytes = 64;
 const unsigned char* warp_exchange(unsigned mask, const void* in, size_t size);
 
 // Runs `body` as every thread of every block of the grid. Throws std::runtime_error on a
@@ -73,11 +76,11 @@ inline unsigned lane_id() { return self().linear % warpSize; }
 // The value of lane `src` (when `src` is in range and in the mask; else the caller's own).
 template <typename T>
 inline T shuffle_from(unsigned mask, T v, int src) {
-  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 16, "shuffles move small plain values");
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= kLaneBytes, "shuffles move small plain values");
   const unsigned char* all = warp_exchange(mask, &v, sizeof(T));
   if (!(src >= 0 && src < warpSize && (mask >> src & 1u))) return v;
   T out;
-  std::memcpy(&out, all + 16 * src, sizeof(T));
+  std::memcpy(&out, all + kLaneBytes * src, sizeof(T));
   return out;
 }
 
@@ -129,7 +132,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {  // bit l set when lane
   const char p = pred != 0;
   const unsigned char* all = ::simt::warp_exchange(mask, &p, 1);
   unsigned bits = 0;
-  for (int l = 0; l < warpSize; ++l) bits |= (mask >> l & 1u) && all[16 * l] ? 1u << l : 0u;
+  for (int l = 0; l < warpSize; ++l) bits |= (mask >> l & 1u) && all[::simt::kLaneBytes * l] ? 1u << l : 0u;
   return bits;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }      // some lane
