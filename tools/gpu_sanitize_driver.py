@@ -3,10 +3,13 @@ reach them: the program compute-sanitizer (memcheck, racecheck, synccheck, initc
 runs in make gpu-check, instead of the test suite (which takes minutes under a sanitizer).
 
 Paths (csrc/cuda/batch_hard_cuda.cu's constants on a GPU: kSmallMaxB 1024, kSelfTileRows
-4096, kSelfScanMaxB 4096, kTileElems 2^25): small self-mining (one GEMM + one kernel),
-tiled self-mining, the sorted backward above B = 4096, a reference set of several tiles,
-multi-hot labels, fp64 / fp32 / fp16 / bf16, data far from the origin, near ties that go
-to the settling kernels, and every other op (pairwise_distance, triplet_margin_loss with
+4096, kSelfScanMaxB 1024, kTileElems 2^25, kRowChunk 2048, kColumnChunk 256): small
+self-mining (one GEMM + one kernel), tiled self-mining (B = 4200: an off-diagonal tile
+whose columns are mined in 16 row ranges), the sorted backward above B = 1024, a
+reference set of several tiles each split over many state slots, multi-hot labels, fp64 /
+fp32 / fp16 / bf16 (halves on the tensor-core GEMM), data far from the origin, near ties
+settled from the kept candidates, duplicated rows that rescan the reference set, and
+every other op (pairwise_distance, triplet_margin_loss with
 swap, batch_all, semi_hard, contrastive). Each case checks that its results are finite
 where they must be. Exit 0 when every case ran.
 
@@ -65,9 +68,10 @@ def run_cases(device: str = "cuda", scale: int = 1) -> list:
     for metric in ("euclidean", "sqeuclidean", "cosine"):
         case(f"batch_hard tiled self-mining B=1500 {metric}",
              lambda: batch_hard(randn(1500, 16), labels(1500, 50), metric=metric))
-    case("batch_hard sorted backward B=4200", lambda: batch_hard(randn(4200, 8), labels(4200, 300)))
-    case("batch_hard bank of 3 tiles M=70000", lambda: batch_hard(randn(300, 8), labels(300, 40),
-                                                                  ref=(randn(70000, 8), labels(70000, 40))))
+    case("batch_hard tiled self-mining with column ranges B=4200",
+         lambda: batch_hard(randn(4200, 8), labels(4200, 300)))
+    case("batch_hard bank of 3 tiles M=250000", lambda: batch_hard(randn(300, 8), labels(300, 40),
+                                                                   ref=(randn(250000, 8), labels(250000, 40))))
     case("batch_hard bank bf16 M=20000", lambda: batch_hard(randn(100, 8, dtype=torch.bfloat16), labels(100, 10),
                                                            ref=(randn(20000, 8, dtype=torch.bfloat16),
                                                                 labels(20000, 10))))

@@ -2,8 +2,8 @@
 // matrix by one GEMM (ATen's, cuBLAS underneath), then an elementwise kernel that
 // turns it into distances and recomputes exactly, from the rows, every entry whose
 // Gram form would cancel (d^2 < (|x|^2 + |y|^2) / 8: near pairs, the diagonal), then
-// identical rows are settled to identical distances. The backward is two GEMMs on
-// mean-centered rows, as on CPU. Indexing is 64-bit.
+// identical rows are settled to identical distances (three small kernels, no sort). The
+// backward is two GEMMs on mean-centered rows, as on CPU. Indexing is 64-bit.
 // Device code: pairwise_distance_kernels.cuh; host code on device-agnostic ATen (device.h).
 #include "pairwise_distance_cuda.h"
 
@@ -13,14 +13,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/arange.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -78,55 +72,42 @@ int64_t blocks_for(int64_t n) {
   return blocks;
 }
 
-// Each row's group: the smallest index of the rows with its bytes (x's rows, then y's),
-// by hash, stable sort and byte comparison on the device (no host sync). Bytes, so
-// -0.0 and 0.0 differ, as in csrc/cpu's comparison.
-at::Tensor identical_row_groups(const at::Tensor& rows) {
-  const int64_t n = rows.size(0), row_bytes = rows.size(1) * rows.element_size();
-  const auto* bytes = static_cast<const unsigned char*>(rows.data_ptr());
-  at::Tensor hash = at::empty({n}, rows.options().dtype(at::kLong));
-  TRIPLETOPS_LAUNCH(row_hash_kernel, unsigned(blocks_for(n)), kThreads, 0, current_stream(), bytes, n, row_bytes,
-                    hash.data_ptr<int64_t>());
-  const auto sorted = at::sort(hash, c10::optional<bool>(true), /*dim=*/0, /*descending=*/false);
-  at::Tensor group = at::empty_like(hash);
-  TRIPLETOPS_LAUNCH(group_by_bytes_kernel, unsigned(blocks_for(n)), kThreads, 0, current_stream(), bytes, n,
-                    row_bytes, std::get<0>(sorted).data_ptr<int64_t>(), std::get<1>(sorted).data_ptr<int64_t>(),
-                    group.data_ptr<int64_t>());
-  return group;
-}
-
-// The first index of each group (groups numbered 0 .. n_groups - 1), by group.
-at::Tensor first_of_groups(const at::Tensor& group, int64_t n_groups) {
-  const int64_t n = group.numel();
-  at::Tensor first = at::full({n_groups}, n, group.options());
-  TRIPLETOPS_LAUNCH(first_of_group_kernel, unsigned(blocks_for(n)), kThreads, 0, current_stream(),
-                    group.data_ptr<int64_t>(), n, reinterpret_cast<long long*>(first.data_ptr<int64_t>()));
-  return first;
-}
-
-// What csrc/cpu's settle_identical does, on the device: bitwise-identical rows (the input
-// rows, or for cosine the unit rows, between x and y too) get bitwise-identical rows and
-// columns of distances, and 0 between them (the diagonal included) unless a row is not
-// finite or, for cosine, has norm <= eps (F.normalize leaves it at 0: distance 1). The
-// groups are numbered by their smallest row index (identical_row_groups).
+// What csrc/cpu's settle_identical does, on the device, in three launches (no sort, no
+// host sync): bitwise-identical rows (the input rows, or for cosine the unit rows, between
+// x and y too) get bitwise-identical rows and columns of distances, and 0 between them
+// (the diagonal included) unless a row is not finite or, for cosine, has norm <= eps
+// (F.normalize leaves it at 0: distance 1). Expected on the H200 at 4096 x 512 fp32: the
+// hashes ~5 us (8 MiB), the first-identical scan ~20 us (8 M hash compares), the settle
+// pass ~30 us (N·M entries read, almost none written).
 void settle_identical(at::Tensor& dist, const at::Tensor& x, const c10::optional<at::Tensor>& y, const Rows& X,
                       const Rows& Y, Metric metric) {
   const int64_t N = dist.size(0), M = dist.size(1);
   const bool cosine = metric == Metric::Cosine;
-  const at::Tensor rx = cosine ? X.rows : x, ry = cosine ? Y.rows : (y.has_value() ? *y : x);
-  const at::Tensor group = identical_row_groups(y.has_value() ? at::cat({rx, ry}).contiguous() : rx.contiguous());
-  const int64_t n_groups = group.size(0);
-  const at::Tensor group_x = group.narrow(0, 0, N), group_y = y.has_value() ? group.narrow(0, N, M) : group_x;
-  const at::Tensor first_x = first_of_groups(group_x, n_groups);
-  const at::Tensor first_y = y.has_value() ? first_of_groups(group_y, n_groups) : first_x;
-  at::Tensor zero_ok = at::isfinite(x).all(1);
-  if (cosine) zero_ok = zero_ok.logical_and(X.sq_norm.to(at::kDouble) > kNormEps * kNormEps);
-  zero_ok = zero_ok.contiguous();
-  const auto first = [](const at::Tensor& t) { return reinterpret_cast<const long long*>(t.data_ptr<int64_t>()); };
+  const at::Tensor rx = (cosine ? X.rows : x).contiguous();
+  const at::Tensor ry = y.has_value() ? (cosine ? Y.rows : *y).contiguous() : rx;
+  const int64_t D = rx.size(1), extra = y.has_value() ? M : 0;  // y's rows, hashed after x's
+  const auto opts = x.options().dtype(at::kLong);
+  at::Tensor hash = at::empty({N + extra}, opts);
+  at::Tensor fx = at::empty({N}, opts);
+  at::Tensor fy = y.has_value() ? at::empty({M}, opts) : fx;
+  at::Tensor cx = y.has_value() ? at::empty({M}, opts) : fx;
+  at::Tensor zero_ok = at::empty({N}, x.options().dtype(at::kBool));
+  constexpr int64_t kRowsPerBlock = 8;  // as in the kernels
+  const unsigned blocks = unsigned((N + extra + kRowsPerBlock - 1) / kRowsPerBlock);
+  auto* h = reinterpret_cast<uint64_t*>(hash.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rx.scalar_type(), "tripletops_identical_rows", [&] {
+    const scalar_t* px = rx.data_ptr<scalar_t>();
+    const scalar_t* py = ry.data_ptr<scalar_t>();
+    const at::Tensor sq = cosine ? X.sq_norm.to(rx.scalar_type()) : at::Tensor();
+    TRIPLETOPS_LAUNCH((row_hash_kernel<scalar_t>), blocks, kRowsPerBlock * 32, 0, current_stream(), px, N, py, extra,
+                      D, cosine ? sq.data_ptr<scalar_t>() : nullptr, h, zero_ok.data_ptr<bool>());
+    TRIPLETOPS_LAUNCH((identical_rows_kernel<scalar_t>), blocks, kRowsPerBlock * 32, 0, current_stream(), px, N, py,
+                      extra, D, h, fx.data_ptr<int64_t>(), fy.data_ptr<int64_t>(), cx.data_ptr<int64_t>());
+  });
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "tripletops_settle_identical", [&] {
     TRIPLETOPS_LAUNCH((settle_identical_kernel<scalar_t>), unsigned(blocks_for(N * M)), kThreads, 0,
-                      current_stream(), dist.data_ptr<scalar_t>(), group_x.data_ptr<int64_t>(),
-                      group_y.data_ptr<int64_t>(), first(first_x), first(first_y), zero_ok.data_ptr<bool>(), N, M);
+                      current_stream(), dist.data_ptr<scalar_t>(), fx.data_ptr<int64_t>(), fy.data_ptr<int64_t>(),
+                      cx.data_ptr<int64_t>(), zero_ok.data_ptr<bool>(), N, M);
   });
 }
 

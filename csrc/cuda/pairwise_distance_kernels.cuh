@@ -35,74 +35,120 @@ __global__ void gram_to_distance_kernel(T* g, const T* __restrict__ x, const T* 
   g[idx] = metric == Metric::Euclidean ? sqrt(d2) : d2;
 }
 
-// The identical-rows groups, without a host sync: each row's 64-bit hash of its bytes (the
-// hash of csrc/cpu's settle_identical_rows), then, after a stable sort by hash, each row's
-// group is the smallest index among the rows of its hash run with identical bytes.
-__global__ void row_hash_kernel(const unsigned char* __restrict__ rows, int64_t n, int64_t row_bytes,
-                                int64_t* __restrict__ hash) {
-  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= n) return;
-  const unsigned char* row = rows + r * row_bytes;
-  uint64_t h = 1469598103934665603ull;
-  int64_t b = 0;
-  for (; b + 8 <= row_bytes; b += 8) {
-    uint64_t word = 0;
-    for (int k = 7; k >= 0; --k) word = (word << 8) | row[b + k];  // little-endian, as memcpy on x86
-    h = (h ^ word) * 1099511628211ull;
-    h ^= h >> 29;
+// Identical rows, without a host sync and without a sort, in two kernels: a hash of each
+// row's bits (row_hash_kernel), then for each row the smallest index of a row with the
+// same bits (identical_rows_kernel: the hashes filter, the bits decide). Bits, so -0.0 and
+// 0.0 differ, as in csrc/cpu's comparison.
+
+// The raw bits of one element, widened.
+template <typename T>
+__device__ __forceinline__ uint64_t element_bits(const T* p) {
+  if constexpr (sizeof(T) == 8) {
+    return *reinterpret_cast<const uint64_t*>(p);
+  } else if constexpr (sizeof(T) == 4) {
+    return *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    return *reinterpret_cast<const uint16_t*>(p);
   }
-  for (; b < row_bytes; ++b) h = (h ^ row[b]) * 1099511628211ull;
-  hash[r] = static_cast<int64_t>(h);
 }
 
-// One thread per position p of the rows sorted by (hash, index): the first row of p's
-// hash run with p's bytes is the smallest such index (the sort is stable). O(run * D).
-__global__ void group_by_bytes_kernel(const unsigned char* __restrict__ rows, int64_t n, int64_t row_bytes,
-                                      const int64_t* __restrict__ sorted_hash, const int64_t* __restrict__ order,
-                                      int64_t* __restrict__ group) {
-  const int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= n) return;
-  int64_t start = p;
-  while (start > 0 && sorted_hash[start - 1] == sorted_hash[p]) --start;
-  const unsigned char* mine = rows + order[p] * row_bytes;
-  for (int64_t q = start; q <= p; ++q) {
-    const unsigned char* other = rows + order[q] * row_bytes;
-    int64_t b = 0;
-    while (b < row_bytes && other[b] == mine[b]) ++b;
-    if (b == row_bytes) {
-      group[order[p]] = order[q];
-      return;
+// A 64-bit mix of an element's bits and position (splitmix64's finalizer).
+__device__ __forceinline__ uint64_t mix_element(uint64_t bits, int64_t k) {
+  uint64_t z = bits + 0x9e3779b97f4a7c15ull * uint64_t(k + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Row r of the rows of x (r < N) then y: its hash (the sum of its elements' mixes, so the
+// lanes' order does not matter), and for an x row, zero_ok: every element finite and,
+// with `sq_norm` (cosine), a squared norm above eps^2 (a unit row: F.normalize leaves a
+// smaller one at distance 1 from everything). One warp per row, lanes over D: coalesced.
+template <typename T>
+__global__ void row_hash_kernel(const T* __restrict__ x, int64_t N, const T* __restrict__ y, int64_t M, int64_t D,
+                                const T* __restrict__ sq_norm, uint64_t* __restrict__ hash,
+                                bool* __restrict__ zero_ok) {
+  constexpr int kRows = 8;  // warps per block
+  const int64_t r = int64_t(blockIdx.x) * kRows + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= N + M) return;
+  const T* row = r < N ? x + r * D : y + (r - N) * D;
+  uint64_t h = 0;
+  bool finite = true;
+  for (int64_t k = lane; k < D; k += 32) {
+    h += mix_element(element_bits(row + k), k);
+    const double v = double(row[k]);
+    finite = finite && v - v == 0.0;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    h += __shfl_xor_sync(0xffffffffu, h, offset);
+    finite = __shfl_xor_sync(0xffffffffu, int(finite), offset) && finite;
+  }
+  if (lane != 0) return;
+  hash[r] = h;
+  if (r < N) zero_ok[r] = finite && (sq_norm == nullptr || double(sq_norm[r]) > kNormEps * kNormEps);
+}
+
+// The smallest index s in [0, n) of `rows` (hashes `hashes`) with the bits of `mine` (hash
+// h), or -1; whole warp, ascending chunks of 32, a bitwise comparison per hash match.
+template <typename T>
+__device__ __forceinline__ int64_t first_identical(const T* rows, const uint64_t* hashes, int64_t n, const T* mine,
+                                                   uint64_t h, int64_t D, int lane) {
+  for (int64_t s0 = 0; s0 < n; s0 += 32) {
+    const int64_t s = s0 + lane;
+    for (unsigned m = __ballot_sync(0xffffffffu, s < n && hashes[s] == h); m != 0; m &= m - 1) {
+      const int64_t c = s0 + (__ffs(int(m)) - 1);
+      const T* other = rows + c * D;
+      bool same = true;
+      for (int64_t k = lane; k < D; k += 32) same = same && element_bits(other + k) == element_bits(mine + k);
+      if (__all_sync(0xffffffffu, same)) return c;
     }
   }
+  return -1;
 }
 
-// first[group[i]] = the smallest i of each group; `first` starts at n. Integer atomicMin:
-// the result does not depend on the order the threads run in.
-__global__ void first_of_group_kernel(const int64_t* __restrict__ group, int64_t n, long long* first) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) atomicMin(first + group[i], (long long)i);
-}
-
-// Identical inputs, identical distances (as csrc/cpu's settle_identical_rows): rows of x
-// (and columns of y) in one group of bitwise-identical rows take their group's first row
-// (column) bitwise, and members of one group meet at exactly 0 where `zero_ok` (a finite
-// row; for cosine, a unit row). In place without a race: an entry is only read as the
-// source of others when its row and column are both their group's first and the two
-// groups differ, and such an entry is never written.
+// For each x row i: fx[i], the smallest x index with its bits (i itself when none is
+// smaller). For each y row j (not when y is x): fy[j], the same among y's rows, and cx[j],
+// the smallest x index with its bits, or -1. One warp per row; O((N + M)^2) hash compares
+// (cheap beside the N x M distances), a bitwise comparison only where hashes match.
 template <typename T>
-__global__ void settle_identical_kernel(T* d, const int64_t* __restrict__ group_x,
-                                        const int64_t* __restrict__ group_y, const long long* __restrict__ first_x,
-                                        const long long* __restrict__ first_y, const bool* __restrict__ zero_ok,
+__global__ void identical_rows_kernel(const T* __restrict__ x, int64_t N, const T* __restrict__ y, int64_t M,
+                                      int64_t D, const uint64_t* __restrict__ hash, int64_t* __restrict__ fx,
+                                      int64_t* __restrict__ fy, int64_t* __restrict__ cx) {
+  constexpr int kRows = 8;
+  const int64_t r = int64_t(blockIdx.x) * kRows + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= N + M) return;
+  if (r < N) {
+    const int64_t f = first_identical(x, hash, r + 1, x + r * D, hash[r], D, lane);
+    if (lane == 0) fx[r] = f;
+    return;
+  }
+  const int64_t j = r - N;
+  const T* mine = y + j * D;
+  const int64_t f = first_identical(y, hash + N, j + 1, mine, hash[r], D, lane);
+  const int64_t c = first_identical(x, hash, N, mine, hash[r], D, lane);
+  if (lane == 0) fy[j] = f, cx[j] = c;
+}
+
+// Identical inputs, identical distances (as csrc/cpu's settle_identical_rows): a row of x
+// (column of y) takes the row (column) of the first x row (y row) with its bits, bitwise,
+// and an x row and a y row with the same bits meet at exactly 0 where `zero_ok` (a finite
+// row; for cosine, a unit row). In place without a race: an entry is only read as the
+// source of others when its row and column are both the first of their bits and the two
+// rows differ, and such an entry is never written. When y is x, fy = cx = fx.
+template <typename T>
+__global__ void settle_identical_kernel(T* d, const int64_t* __restrict__ fx, const int64_t* __restrict__ fy,
+                                        const int64_t* __restrict__ cx, const bool* __restrict__ zero_ok,
                                         int64_t N, int64_t M) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= N * M) return;
   const int64_t i = idx / M, j = idx % M;
-  const int64_t gx = group_x[i], gy = group_y[j];
-  if (gx == gy) {
+  const int64_t r = fx[i], c = fy[j];
+  if (cx[j] == r) {  // x row i and y row j have the same bits
     if (zero_ok[i]) d[idx] = T(0);
     return;
   }
-  const int64_t r = first_x[gx], c = first_y[gy];
   if (r != i || c != j) d[idx] = d[r * M + c];
 }
 
