@@ -558,3 +558,65 @@ def test_zero_rows_in_cosine_settling(device, b):
     want = reference.batch_hard_mine(x32.double(), y, metric="cosine")
     assert int(m.neg_idx[0]) == 2
     assert torch.equal(m.neg_idx.cpu(), want.neg_idx) and torch.equal(m.pos_idx.cpu(), want.pos_idx)
+
+
+# Rows whose squares leave fp32's range although every value fits: the CPU kernels measure
+# them on rows times 2^-e and scale the distances back exactly (rows_cpu.h:
+# safe_scale_exponent); the CUDA kernels recompute such distances in double. CUDA batch-hard
+# still mines rows whose squared norm overflows on NaN keys (README: differences from the
+# CPU kernels): NaN there, never a finite wrong loss.
+_TINY = [[0.0], [1.0], [2.0], [5.0]]
+_HUGE = [[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [2.0, 2.0]]
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
+@pytest.mark.parametrize("rows,scale", [(_TINY, 1e-30), (_TINY, 3e-25), (_HUGE, 1e20), (_HUGE, 7e30)])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_fp32_rows_of_extreme_norm_are_measured_exactly(device, rows, scale, metric, request):
+    """fp32 rows of norm 1e-30 used to meet at distance 0 (squares underflow: batch-hard
+    picked positive 1 over 2, contrastive gave 1.0 against 0.5), and rows of norm 1e20 at
+    inf (squares overflow: the batch-hard loss was NaN) although every distance fits."""
+    cuda_kernels = device == "cuda" or request.node.get_closest_marker("cuda_emu") is not None
+    x64 = (torch.tensor(rows, dtype=torch.float64) * scale).float().double()  # host tensor
+    x = x64.float().to(device)
+    y = (torch.tensor([0, 0, 0, 1]) if len(rows[0]) == 1 else torch.tensor([0, 0, 1, 1])).to(device)  # host tensor
+    y64 = y.cpu()
+    want = reference.pairwise_distance(x64, metric=metric)
+    got = tripletops.pairwise_distance(x, metric=metric).cpu()
+    want32 = want.float().double()  # correctly rounded to fp32: inf or 0 where it leaves fp32's range
+    fits = torch.isfinite(want32)
+    assert torch.equal(torch.isfinite(got), fits), (got, want)
+    assert torch.allclose(got[fits].double(), want32[fits], rtol=2e-6, atol=0), (got, want)
+    margin = 0.37 * float(want[fits].max())  # on the data's scale, so the loss is not all margin
+    got_c = tripletops.contrastive_loss(x, y, metric=metric, neg_margin=2 * margin).double().cpu()
+    want_c = reference.contrastive_loss(x64, y64, metric=metric, neg_margin=2 * margin)
+    if bool(fits.all()) and bool((want32 > 0).sum() > len(y)):  # (sqeuclidean of 1e-30 rows: all 0 in fp32)
+        assert torch.allclose(got_c, want_c, rtol=1e-5, atol=0), (got_c, want_c)
+    if cuda_kernels and scale > 1:  # squared norms overflow: NaN keys on CUDA
+        assert not torch.isfinite(tripletops.batch_hard_loss(x, y, metric=metric, margin=margin)).item()
+        return
+    m, r = tripletops.batch_hard_mine(x, y, metric=metric), reference.batch_hard_mine(x64, y64, metric=metric)
+    assert torch.equal(m.pos_idx.cpu(), r.pos_idx) and torch.equal(m.neg_idx.cpu(), r.neg_idx), (m, r)
+    assert torch.allclose(m.pos_dist.double().cpu(), r.pos_dist.float().double(), rtol=2e-6, atol=0)
+    assert torch.allclose(m.neg_dist.double().cpu(), r.neg_dist.float().double(), rtol=2e-6, atol=0)
+    if not bool(fits.all()) or not bool((want32 > 0).sum() > len(y)):
+        return  # sqeuclidean: 1e40 overflows fp32 itself, 1e-60 underflows (inf / 0: the honest values)
+    xg, xg64 = x.clone().requires_grad_(True), x64.clone().requires_grad_(True)
+    loss = tripletops.batch_hard_loss(xg, y, metric=metric, margin=margin)
+    loss64 = reference.batch_hard_loss(xg64, y64, metric=metric, margin=margin)
+    assert torch.allclose(loss.double().cpu(), loss64, rtol=1e-5, atol=0), (loss, loss64)
+    loss.backward()
+    loss64.backward()
+    g, g64 = xg.grad.double().cpu(), xg64.grad
+    assert torch.isfinite(g).all()
+    assert torch.allclose(g, g64, rtol=1e-4, atol=1e-6 * float(g64.abs().max())), (g, g64)
+
+
+@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
+def test_cosine_rows_below_eps_keep_normalize_semantics_when_tiny(device):
+    """Scaling tiny rows up is for (sq)euclidean only: under cosine a row of norm <= 1e-12
+    is F.normalize's x / eps, at distance ~1 from everything, and stays so."""
+    x = (torch.tensor([[1.0, 0.0], [1.0, 1e-3], [0.0, 1.0]]) * 1e-30).to(device)  # host tensor
+    got = tripletops.pairwise_distance(x, metric="cosine").cpu()
+    want = reference.pairwise_distance(x.double().cpu(), metric="cosine")
+    assert torch.allclose(got.double(), want, atol=1e-6), (got, want)

@@ -814,52 +814,34 @@ void mine_direct(const PreparedRows& E, const Labels& lab, const PreparedRows& R
   }
 }
 
-// Whether a finite row's squared norm overflows (or comes within 8x of it): fp32 rows
-// beyond ~1e19, fp64 beyond ~1e154. Its Gram keys would be NaN, and cosine's unit row 0.
-inline bool norms_overflow(const PreparedRows& P) {
-  bool out = false;
-  AT_DISPATCH_FLOATING_TYPES(P.sq_norm.scalar_type(), "tripletops_norms_overflow", [&] {
-    const scalar_t* sq = P.sq_norm.data_ptr<scalar_t>();
-    const uint8_t* f = P.finite.data_ptr<uint8_t>();
-    const scalar_t limit = std::numeric_limits<scalar_t>::max() / scalar_t(8);
-    for (int64_t i = 0; i < P.sq_norm.numel() && !out; ++i) out = f[i] && !(sq[i] < limit);
-  });
-  return out;
-}
-
-// The rows times 2^-e, with 2^e just above the largest finite entry of both sets: an exact
-// scaling (barring entries 2^-1000 below the largest, which underflow), so every distance
-// scales by the same factor, the order of the keys is kept, and no norm overflows.
-std::pair<at::Tensor, at::Tensor> scaled_inputs(const at::Tensor& embeddings, const c10::optional<at::Tensor>& refs) {
-  auto largest = [](const at::Tensor& x) {
-    const at::Tensor a = x.abs();
-    return at::where(at::isfinite(a), a, at::zeros_like(a)).max().item<double>();
-  };
-  const double amax = std::max(largest(embeddings), refs.has_value() ? largest(*refs) : 0.0);
-  int e = 0;
-  std::frexp(amax, &e);
-  const double scale = std::ldexp(1.0, -e);
-  const auto ct = compute_dtype(embeddings.scalar_type());
-  return {embeddings.to(ct).mul(scale), refs.has_value() ? refs->to(ct).mul(scale) : at::Tensor()};
-}
-
 Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
                        const c10::optional<at::Tensor>& ref_embeddings, Metric metric) {
-  // E, R: the rows the distances are measured on; Es, Rs: the rows mined on (scaled by a
-  // power of two when a squared norm overflows; for cosine, whose unit rows would be
-  // wrong then, the scaled rows are measured on too).
+  // E, R: the rows mined and measured on. Rows whose squares leave the dtype's range
+  // (rows_cpu.h: safe_scale_exponent; for cosine only an overflow) are replaced by the
+  // rows times 2^-e, and the distances scaled back at the end (exact, unless they over-
+  // or underflow themselves).
   PreparedRows E = prepare_rows(embeddings, metric);
   PreparedRows R = in.self ? E : prepare_rows(*ref_embeddings, metric);
-  PreparedRows Es = E, Rs = R;
-  const bool scaled = norms_overflow(E) || (!in.self && norms_overflow(R));
+  const int scale_e = safe_scale_exponent(embeddings, ref_embeddings, E, in.self ? nullptr : &R,
+                                          /*underflow_too=*/metric != Metric::Cosine);
+  const bool scaled = scale_e != 0;
   at::Tensor se_in, sr_in;
   if (scaled) {
-    const auto [se, sr] = scaled_inputs(embeddings, ref_embeddings);
-    se_in = se, sr_in = sr;
-    Es = prepare_rows(se, metric);
-    Rs = in.self ? Es : prepare_rows(sr, metric);
-    if (metric == Metric::Cosine) E = Es, R = Rs;
+    const auto ct = compute_dtype(embeddings.scalar_type());
+    const double down = std::ldexp(1.0, -scale_e);
+    se_in = embeddings.to(ct).mul(down);
+    sr_in = in.self ? at::Tensor() : ref_embeddings->to(ct).mul(down);
+    E = prepare_rows(se_in, metric);
+    R = in.self ? E : prepare_rows(sr_in, metric);
   }
+  const PreparedRows &Es = E, &Rs = R;
+  // The measured distances back to the input's scale: 2^e (euclidean), 2^2e (sqeuclidean).
+  const auto scale_back = [&](Mined& m) {
+    if (!scaled || metric == Metric::Cosine) return;
+    const int k = metric == Metric::Euclidean ? scale_e : 2 * scale_e;
+    scale_by_power_of_two(m.pos_dist, k);
+    scale_by_power_of_two(m.neg_dist, k);
+  };
   const int64_t B = embeddings.size(0), D = embeddings.size(1);
   Mined m;
   if (B * R.rows.size(0) * D <= kDirectWork) {
@@ -873,17 +855,11 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
       scalar_t *pd = m.pos_dist.data_ptr<scalar_t>(), *nd = m.neg_dist.data_ptr<scalar_t>();
       mine_direct<scalar_t>(Es, in.lab, Rs, in.ref, in.self,
                             metric, pos, neg, pd, nd);
-      const scalar_t *e = E.rows.data_ptr<scalar_t>(), *r = R.rows.data_ptr<scalar_t>();
       const uint8_t *fe = E.finite.data_ptr<uint8_t>(), *fr = R.finite.data_ptr<uint8_t>();
       uint8_t* ft = m.triplet_finite.data_ptr<uint8_t>();
-      for (int64_t i = 0; i < B; ++i) {
-        if (scaled && metric != Metric::Cosine) {  // mined on scaled rows: measure on the rows
-          pd[i] = pos[i] >= 0 ? row_distance(e + i * D, r + pos[i] * D, D, metric) : scalar_t(0);
-          nd[i] = neg[i] >= 0 ? row_distance(e + i * D, r + neg[i] * D, D, metric) : scalar_t(0);
-        }
-        ft[i] = fe[i] && (pos[i] < 0 || fr[pos[i]]) && (neg[i] < 0 || fr[neg[i]]);
-      }
+      for (int64_t i = 0; i < B; ++i) ft[i] = fe[i] && (pos[i] < 0 || fr[pos[i]]) && (neg[i] < 0 || fr[neg[i]]);
     });
+    scale_back(m);
     return m;
   }
   m.pos_idx = at::full({B}, -1, E.rows.options().dtype(at::kLong));
@@ -915,6 +891,7 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
       }
     });
   });
+  scale_back(m);
   return m;
 }
 

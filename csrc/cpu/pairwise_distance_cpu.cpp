@@ -291,6 +291,18 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Te
   const Metric metric = parse_metric(metric_name);
   const PreparedRows X = prepare_rows(x, metric);
   const PreparedRows Y = y.has_value() ? prepare_rows(*y, metric) : X;
+  if (metric != Metric::Cosine) {  // cosine is scale-free: its unit rows never overflow
+    const int e = safe_scale_exponent(x, y, X, y.has_value() ? &Y : nullptr);
+    if (e != 0) {  // measured on rows times 2^-e (rows_cpu.h), then scaled back exactly
+      const auto ct = compute_dtype(x.scalar_type());
+      const double down = std::ldexp(1.0, -e);
+      const at::Tensor xs = x.to(ct).mul(down);
+      const c10::optional<at::Tensor> ys = y.has_value() ? c10::optional<at::Tensor>(y->to(ct).mul(down)) : c10::nullopt;
+      at::Tensor d = pairwise_distance_cpu(xs, ys, metric_name).contiguous();
+      scale_by_power_of_two(d, metric == Metric::Euclidean ? e : 2 * e);
+      return d.to(x.scalar_type());
+    }
+  }
   if (X.rows.size(0) * Y.rows.size(0) * X.rows.size(1) <= kDirectWork) {
     at::Tensor dist = at::empty({X.rows.size(0), Y.rows.size(0)}, X.rows.options());
     AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "pairwise_distance_direct", [&] {

@@ -10,7 +10,9 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -155,6 +157,61 @@ inline PreparedRows prepare_rows(const at::Tensor& x, Metric metric) {
     });
   });
   return out;
+}
+
+// Rows whose squares leave the compute dtype's range are measured on the rows times 2^-e
+// (an exact scaling of normal numbers), with 2^e just above their largest finite entry:
+// every (sq)euclidean distance scales by 2^e (2^2e), the order of the distances is kept,
+// and the result times 2^e is exact unless it over- or underflows itself (then inf / 0,
+// the honest values). Needed when a finite row's squared norm overflows (fp32 norms above
+// ~1.8e19) or when every squared norm is below min / eps^2, where squares of differences
+// lose bits or vanish (fp32 entries below ~1e-12, e.g. rows of norm 1e-30).
+// Returns e, or 0 when the rows are safe as they are. X, Y: the rows as prepared.
+// `underflow`: false for cosine, where a row of norm <= eps keeps F.normalize's x / eps
+// (scaling it up would make it a unit row).
+inline int safe_scale_exponent(const at::Tensor& x, const c10::optional<at::Tensor>& y, const PreparedRows& X,
+                               const PreparedRows* Y, bool underflow_too = true) {
+  bool overflow = false;
+  double max_sq = 0;
+  int e = 0;
+  AT_DISPATCH_FLOATING_TYPES(X.sq_norm.scalar_type(), "tripletops_safe_scale", [&] {
+    using T = scalar_t;
+    const T limit = std::numeric_limits<T>::max() / T(8);
+    for (const PreparedRows* P : {&X, Y}) {
+      if (P == nullptr) continue;
+      const T* sq = P->sq_norm.data_ptr<T>();
+      const uint8_t* f = P->finite.data_ptr<uint8_t>();
+      for (int64_t i = 0; i < P->sq_norm.numel(); ++i) {
+        if (!f[i]) continue;
+        if (!(sq[i] < limit)) overflow = true;
+        else max_sq = std::max(max_sq, double(sq[i]));
+      }
+    }
+    const double eps = std::numeric_limits<T>::epsilon();
+    const bool underflow =
+        underflow_too && max_sq < double(std::numeric_limits<T>::min()) / (eps * eps);  // 0 included
+    if (!(overflow || underflow)) return;
+    double amax = 0;  // the largest finite entry of both sets
+    for (const at::Tensor* t : {&x, y.has_value() ? &*y : nullptr}) {
+      if (t == nullptr) continue;
+      const at::Tensor a = t->to(compute_dtype(t->scalar_type())).abs().contiguous();
+      const T* v = a.data_ptr<T>();
+      for (int64_t k = 0; k < a.numel(); ++k)
+        if (v[k] - v[k] == T(0)) amax = std::max(amax, double(v[k]));
+    }
+    if (amax > 0) std::frexp(amax, &e);  // all-zero rows (amax 0) need no scaling: e stays 0
+  });
+  return e;
+}
+
+// t times 2^k in place, element by element (std::ldexp in double, then rounded to t's
+// dtype): exact where the result is representable, inf or 0 where it over- or
+// underflows, and 0 stays 0 (a tensor-times-scalar would round 2^k itself to inf first).
+inline void scale_by_power_of_two(at::Tensor& t, int k) {
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "tripletops_scale_by_power_of_two", [&] {
+    scalar_t* v = t.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) v[i] = scalar_t(std::ldexp(double(v[i]), k));
+  });
 }
 
 // The exact distance between two prepared rows, from their difference (no

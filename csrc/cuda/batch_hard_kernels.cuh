@@ -366,29 +366,30 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
   if (w.sn && c.ni >= 0) h.neg.idx[0] = c.ni;
 }
 
-// The exact distances of anchor a to its selected rows p and n (difference form, in T),
-// on every lane. A pair whose rows hold NaN/Inf, or whose mining key was NaN, gets NaN.
+// The exact distances of anchor a to its selected rows p and n (difference form,
+// accumulated in double from the rows, then rounded to T), on every lane: no square over-
+// or underflows where the distance itself fits in T (fp32 rows of norm 1e20 or 1e-30).
+// A pair whose rows hold NaN/Inf, or whose mining key was NaN, gets NaN.
 template <typename scalar_t, typename T>
 __device__ __forceinline__ void exact_pair_distances(const scalar_t* a, const scalar_t* p, const scalar_t* n, int64_t D,
                                                      Metric metric, int lane, bool nan_p, bool nan_n, T& pd, T& nd) {
   // |a-p|^2, |a-n|^2, a.p, a.n, |a|^2, |p|^2, |n|^2, sum (a+p)*0, sum (a+n)*0
-  T s[9] = {};
+  double s[9] = {};
   for (int64_t k = lane; k < D; k += kWarp) {
-    const T av = T(a[k]), pv = T(p[k]), nv = T(n[k]);
-    const T dp = av - pv, dn = av - nv;
+    const double av = double(a[k]), pv = double(p[k]), nv = double(n[k]);
+    const double dp = av - pv, dn = av - nv;
     s[0] += dp * dp, s[1] += dn * dn, s[2] += av * pv, s[3] += av * nv;
     s[4] += av * av, s[5] += pv * pv, s[6] += nv * nv;
-    s[7] += (av + pv) * T(0), s[8] += (av + nv) * T(0);
+    s[7] += (av + pv) * 0.0, s[8] += (av + nv) * 0.0;
   }
   for (int j = 0; j < 9; ++j) s[j] = warp_sum(s[j]);
-  auto dist = [&](T diff_sq, T dot, T bb) -> T {
-    if (metric == Metric::SqEuclidean) return diff_sq;
-    if (metric == Metric::Euclidean) return sqrt(diff_sq);
-    const T eps = T(kNormEps);
-    return T(1) - dot / (fmax(sqrt(s[4]), eps) * fmax(sqrt(bb), eps));
+  auto dist = [&](double diff_sq, double dot, double bb) -> T {
+    if (metric == Metric::SqEuclidean) return T(diff_sq);
+    if (metric == Metric::Euclidean) return T(sqrt(diff_sq));
+    return T(1.0 - dot / (fmax(sqrt(s[4]), kNormEps) * fmax(sqrt(bb), kNormEps)));
   };
-  pd = (nan_p || s[7] != T(0)) ? quiet_nan<T>() : dist(s[0], s[2], s[5]);
-  nd = (nan_n || s[8] != T(0)) ? quiet_nan<T>() : dist(s[1], s[3], s[6]);
+  pd = (nan_p || s[7] != 0.0) ? quiet_nan<T>() : dist(s[0], s[2], s[5]);
+  nd = (nan_n || s[8] != 0.0) ? quiet_nan<T>() : dist(s[1], s[3], s[6]);
 }
 
 // Finishes anchor i from its mining result: indices, exact distances (0 where none), and

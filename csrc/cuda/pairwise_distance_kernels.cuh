@@ -11,7 +11,17 @@ namespace cuda {
 // Below this ratio of d^2 to |x|^2 + |y|^2 the Gram form cancels: recompute from the rows.
 constexpr double kCancellationRatio = 0.125;  // as on CPU
 
-// Gram entries -> distances, in place; one thread per entry.
+// Below this sum of squared norms (min / eps^2: fp32 ~8e-25) the squares of the rows'
+// differences lose bits or vanish in T: such pairs are recomputed in double too.
+template <typename T>
+__device__ __forceinline__ T tiny_square_sum() {
+  return sizeof(T) == 4 ? T(0x1p-80) : T(0x1p-916);
+}
+
+// Gram entries -> distances, in place; one thread per entry. A pair whose Gram form
+// cancels, whose squared norms are not finite (an overflow, or a NaN/Inf row) or tiny is
+// recomputed from the rows' difference in double (fixed order), then rounded to T: fp32
+// rows of norm 1e20 or 1e-30 get their distances, where the Gram form gave inf or 0.
 template <typename T>
 __global__ void gram_to_distance_kernel(T* g, const T* __restrict__ x, const T* __restrict__ y,
                                         const T* __restrict__ sx, const T* __restrict__ sy, int64_t N, int64_t M,
@@ -23,14 +33,17 @@ __global__ void gram_to_distance_kernel(T* g, const T* __restrict__ x, const T* 
     g[idx] = T(1) - g[idx];
     return;
   }
-  T d2 = sx[i] + sy[j] - T(2) * g[idx];
-  if (!(d2 >= T(kCancellationRatio) * (sx[i] + sy[j]))) {  // cancels (or NaN): from the difference
-    d2 = T(0);
+  const T norms = sx[i] + sy[j];
+  T d2 = norms - T(2) * g[idx];
+  if (!(d2 >= T(kCancellationRatio) * norms) || !(norms >= tiny_square_sum<T>()) || !(norms - norms == T(0))) {
+    double e2 = 0;
     const T *xr = x + i * D, *yr = y + j * D;
     for (int64_t k = 0; k < D; ++k) {
-      const T d = xr[k] - yr[k];
-      d2 += d * d;
+      const double d = double(xr[k]) - double(yr[k]);
+      e2 += d * d;
     }
+    g[idx] = T(metric == Metric::Euclidean ? sqrt(e2) : e2);
+    return;
   }
   g[idx] = metric == Metric::Euclidean ? sqrt(d2) : d2;
 }
