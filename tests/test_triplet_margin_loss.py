@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import tripletops
 from tripletops import reference
 
-from conftest import (DTYPES, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel, assert_grad_close,
+from conftest import (DTYPES, EMU, GRAD_RTOL, LOSS_RTOL, METRICS, REDUCTIONS, assert_close_rel, assert_grad_close,
                       devices_for)
 
 DEVICES = devices_for("triplet_margin_loss")
@@ -128,3 +128,20 @@ def test_far_from_origin_fp32_gradients(metric, swap):
     reference.triplet_margin_loss(*t64, margin=0.02, metric=metric, swap=swap).backward()
     for a, b, name in zip(t32, t64, ("anchor", "positive", "negative")):
         assert_grad_close(a.grad, b.grad, 1e-4, name)
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not EMU, reason="needs make cuda-emu (TRIPLETOPS_EMU_LIB)")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "mean_nonzero", "none"])
+def test_emulated_cuda_launches_one_kernel_each_way(reduction, tmp_path, monkeypatch):
+    """The CUDA path reduces the losses inside the forward kernel (its last block) and the
+    reduction's backward inside the backward kernel: one kernel each way (mean_nonzero
+    counts its denominator first). The emulator records every launch."""
+    trace = tmp_path / "launches.txt"
+    monkeypatch.setenv("TRIPLETOPS_EMU_LAUNCH_TRACE", str(trace))
+    g = torch.Generator().manual_seed(0)
+    a, p, n = (torch.randn(37, 9, generator=g).requires_grad_(True) for _ in range(3))
+    tripletops.triplet_margin_loss(a, p, n, margin=0.5, reduction=reduction).sum().backward()
+    names = trace.read_text().split()
+    backward = ["triplet_count_kernel"] if reduction == "mean_nonzero" else []
+    assert names == ["triplet_forward_kernel", *backward, "triplet_backward_kernel"], names

@@ -186,7 +186,8 @@ uint64_t seed_from_env() {
   return s ? std::strtoull(s, nullptr, 10) : 1;
 }
 
-// Kernel names launched in this process, appended to $TRIPLETOPS_EMU_LAUNCH_LOG once each.
+// Kernel names launched in this process, appended to $TRIPLETOPS_EMU_LAUNCH_LOG once each,
+// and to $TRIPLETOPS_EMU_LAUNCH_TRACE at every launch (tools/count_launches.py).
 // `name` is the launch expression, e.g. "(mine_kernel<float>)": the identifier is logged.
 void log_launch(const char* expression) {
   static std::mutex mu;
@@ -195,6 +196,12 @@ void log_launch(const char* expression) {
   for (const char* c = expression; *c && *c != '<'; ++c)
     if (std::isalnum(static_cast<unsigned char>(*c)) || *c == '_' || *c == ':') name += *c;
   std::lock_guard<std::mutex> lock(mu);
+  if (const char* trace = std::getenv("TRIPLETOPS_EMU_LAUNCH_TRACE")) {
+    if (FILE* f = std::fopen(trace, "a")) {
+      std::fprintf(f, "%s\n", name.c_str());
+      std::fclose(f);
+    }
+  }
   if (!seen.insert(name).second) return;
   if (const char* path = std::getenv("TRIPLETOPS_EMU_LAUNCH_LOG")) {
     if (FILE* f = std::fopen(path, "a")) {
