@@ -557,7 +557,8 @@ def test_zero_rows_in_cosine_settling(device, b):
     m = tripletops.batch_hard_mine(x32.to(device), y.to(device), metric="cosine")
     want = reference.batch_hard_mine(x32.double(), y, metric="cosine")
     assert int(m.neg_idx[0]) == 2
-    assert torch.equal(m.neg_idx.cpu(), want.neg_idx) and torch.equal(m.pos_idx.cpu(), want.pos_idx)
+    # (tripletops.reference normalizes the plain way: its own zeros come out ~1e-17 apart.)
+    assert torch.equal(m.pos_idx.cpu(), want.pos_idx)
 
 
 # Rows whose squares leave fp32's range although every value fits: the CPU kernels measure
@@ -620,3 +621,33 @@ def test_cosine_rows_below_eps_keep_normalize_semantics_when_tiny(device):
     got = tripletops.pairwise_distance(x, metric="cosine").cpu()
     want = reference.pairwise_distance(x.double().cpu(), metric="cosine")
     assert torch.allclose(got.double(), want, atol=1e-6), (got, want)
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_mine"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b", [64, 150])  # the whole-Gram path and, under cuda-emu, the tiled one
+def test_batch_hard_rows_of_one_direction_tie_to_the_smallest_index_under_cosine(device, dtype, b):
+    """Every anchor's negatives include rows of its own direction at other scales (c·x, c
+    not a power of two): all at cosine distance exactly 0, so the closest negative is the
+    smallest index of them. Settling ranks them on canonical unit rows, bitwise the same for
+    x and c·x (the CUDA kernels used x / |x| in double: 1e-17 apart, any of them could win)."""
+    g = torch.Generator().manual_seed(b)
+    d = 12
+    n_dir = b // 6
+    base = torch.randint(-9, 10, (n_dir, d), generator=g, dtype=torch.float64)  # host tensor
+    base[base.abs().sum(1) == 0, 0] = 1.0
+    scales = torch.tensor([1.0, 3.0, 0.75, 5.0, 1.5, 7.0], dtype=torch.float64)  # host tensor
+    x = (base[:, None, :] * scales[None, :, None]).reshape(-1, d)
+    y = torch.arange(len(x)) % 5  # host tensor; rows of one direction carry several labels
+    perm = torch.randperm(len(x), generator=g)  # host tensor
+    x, y = x[perm].to(dtype), y[perm]
+    assert torch.equal(x.double(), x.double().to(dtype).double())  # every c·x is exact
+    m = tripletops.batch_hard_mine(x.to(device), y.to(device), metric="cosine")
+    want = reference.batch_hard_mine(x.double(), y, metric="cosine")
+    direction = (perm // len(scales))
+    same_dir = direction[:, None] == direction[None, :]
+    expected_neg = torch.where(same_dir & (y[:, None] != y[None, :]), torch.arange(len(x)), len(x)).min(1).values
+    has = expected_neg < len(x)
+    assert torch.equal(m.neg_idx.cpu()[has], expected_neg[has]), (m.neg_idx.cpu()[has], expected_neg[has])
+    # (tripletops.reference normalizes the plain way: its own zeros come out ~1e-17 apart.)
+    assert torch.equal(m.pos_idx.cpu(), want.pos_idx)

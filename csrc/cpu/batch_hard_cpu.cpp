@@ -454,6 +454,23 @@ inline double inverse_norm(const T* a, int64_t D) {
   for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(a[k]);
   return 1.0 / std::max(std::sqrt(s), kNormEps);
 }
+// The canonical unit row of a in double, as rows_cpu.h's canonical_unit_row: (a_k / m) / q
+// with m = max |a_k| and q = |a / m| (serial order), bitwise the same for a and c·a (c > 0:
+// each quotient a_k / m is correctly rounded from an exact value that c cancels from), so
+// rows of one direction meet at exactly 0 when settling and tie to the smallest index.
+template <typename T>
+inline void canonical_unit_double(const T* a, int64_t D, std::vector<double>& out) {
+  double m = 0;
+  for (int64_t k = 0; k < D; ++k) m = std::max(m, std::fabs(double(a[k])));
+  out.resize(D);
+  double q = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    out[k] = double(a[k]) / m;
+    q += out[k] * out[k];
+  }
+  q = std::sqrt(q);
+  for (int64_t k = 0; k < D; ++k) out[k] /= q;
+}
 // Whether a row is a unit row under F.normalize (common.h's is_unit_row), and a·b in
 // double, for cosine's key of a pair with a row that is not.
 template <typename T>
@@ -478,7 +495,8 @@ inline double dot_double(const T* a, const T* b, int64_t D) {
 //     keys with the same bound: a candidate can be at least as good as the exact best only
 //     if its key is within twice the bound of the first pass's best key;
 //  2. those candidates (typically two or three) are ranked on exact_key over the input
-//     rows x / y (unshifted, in the compute dtype), ties to the smallest index.
+//     rows x / y (unshifted, in the compute dtype; for cosine their canonical unit rows in
+//     double), ties to the smallest index.
 // On random fp32 unit rows about 0.3% of anchors need it at B = 1024, D = 256 (1.2% at
 // B = 4096, D = 512); the rest pay only the runner-up keys and the check.
 template <typename T>
@@ -542,14 +560,23 @@ int64_t settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T
       const int64_t i = w.i;
       const double ia = cosine ? inverse_norm(x + i * D, D) : 1.0;
       const bool ua = !cosine || unit_row(x + i * D, D);
+      std::vector<double> ua_row, ub_row;  // cosine: canonical unit rows in double
+      if (cosine && ua) canonical_unit_double(x + i * D, D, ua_row);
       double bp = -1, bn = 0;
       int64_t ip = -1, in = -1;
       for (const int64_t j : cand[t]) {
         const bool same = lab.shares(i, ref_lab, j);
         const double ib = cosine ? inverse_norm(y + j * D, D) : 1.0;
-        const double k = ua && (!cosine || unit_row(y + j * D, D))
-                             ? exact_key(x + i * D, y + j * D, D, ia, ib)
-                             : 2.0 * (1.0 - dot_double(x + i * D, y + j * D, D) * ia * ib);  // common.h: is_unit_row
+        const bool unit = ua && (!cosine || unit_row(y + j * D, D));
+        double k;
+        if (!unit) {
+          k = 2.0 * (1.0 - dot_double(x + i * D, y + j * D, D) * ia * ib);  // common.h: is_unit_row
+        } else if (cosine) {
+          canonical_unit_double(y + j * D, D, ub_row);
+          k = exact_key(ua_row.data(), ub_row.data(), D, 1.0, 1.0);
+        } else {
+          k = exact_key(x + i * D, y + j * D, D, ia, ib);
+        }
         if (same && (ip < 0 || k > bp)) bp = k, ip = j;
         if (!same && (in < 0 || k < bn)) bn = k, in = j;
       }

@@ -274,44 +274,58 @@ __device__ __forceinline__ Settle certify(const Hardest<T>& h, T sa, int64_t D, 
   return w;
 }
 
-// The exact key of rows a and b (whole warp, lanes over D, the same butterfly for every
-// pair: identical rows give identical keys), in double from their difference:
-// |a - b|^2, or |a/|a| - b/|b||^2 = 2 (1 - cos); for cosine with a row that is no unit
-// row (common.h's is_unit_row), 2 (1 - (a·b) ia ib). ia / ua: the anchor's inverse norm
-// and whether it is a unit row (1 and true unless cosine).
-template <typename scalar_t>
-__device__ __forceinline__ double warp_exact_key(const scalar_t* a, double ia, bool ua, const scalar_t* b, int64_t D,
-                                                 bool cosine, int lane) {
-  double ib = 1.0;
-  bool unit = ua;
-  if (cosine) {
-    double bsq = 0;
-    for (int64_t k = lane; k < D; k += kWarp) bsq += double(b[k]) * double(b[k]);
-    bsq = warp_sum(bsq);
-    ib = 1.0 / fmax(sqrt(bsq), kNormEps);
-    unit = unit && is_unit_row(bsq);
-  }
-  double acc = 0;
-  for (int64_t k = lane; k < D; k += kWarp) {
-    const double d = double(a[k]) * ia - double(b[k]) * ib;
-    acc += unit ? d * d : double(a[k]) * double(b[k]);
-  }
-  acc = warp_sum(acc);
-  return unit ? acc : 2.0 * (1.0 - acc * ia * ib);
-}
-
-// The anchor's inverse norm and unit-row flag for warp_exact_key (whole warp).
+// A row's factors for exact cosine keys (whole warp, lanes over D, fixed order): the
+// canonical unit row x̂_k = (x_k / m) / q, with m = max |x_k| and q = |x / m| in double, as
+// csrc/cpu/rows_cpu.h's canonical_unit_row: bitwise the same for x and c·x (c > 0; each
+// quotient x_k / m is correctly rounded from an exact value that c cancels from), so rows
+// of one direction meet at exactly 0 and tie to the smallest index. Also 1 / max(|x|, eps)
+// and whether the row is a unit row (common.h's is_unit_row; for the others' key). All 1
+// and true unless cosine.
 struct ExactNorm {
-  double inv;
+  double max, q, inv;
   bool unit;
 };
 template <typename scalar_t>
 __device__ __forceinline__ ExactNorm warp_exact_norm(const scalar_t* a, int64_t D, bool cosine, int lane) {
-  if (!cosine) return {1.0, true};
-  double s = 0;
-  for (int64_t k = lane; k < D; k += kWarp) s += double(a[k]) * double(a[k]);
+  if (!cosine) return {1.0, 1.0, 1.0, true};
+  double m = 0, s = 0;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const double v = double(a[k]);
+    m = fmax(m, fabs(v)), s += v * v;
+  }
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) m = fmax(m, __shfl_xor_sync(kFullMask, m, offset));
   s = warp_sum(s);
-  return {1.0 / fmax(sqrt(s), kNormEps), is_unit_row(s)};
+  double q = 0;
+  if (m > 0 && m - m == 0.0)
+    for (int64_t k = lane; k < D; k += kWarp) {
+      const double p = double(a[k]) / m;
+      q += p * p;
+    }
+  q = sqrt(warp_sum(q));
+  return {m, q, 1.0 / fmax(sqrt(s), kNormEps), is_unit_row(s)};
+}
+
+// The exact key of rows a and b (whole warp, lanes over D, the same butterfly for every
+// pair: identical rows give identical keys), in double from their difference: |a - b|^2,
+// or for cosine |â - b̂|^2 = 2 (1 - cos) on canonical unit rows (warp_exact_norm); for
+// cosine with a row that is no unit row, 2 (1 - (a·b) ia ib). na: the anchor's factors.
+template <typename scalar_t>
+__device__ __forceinline__ double warp_exact_key(const scalar_t* a, const ExactNorm& na, const scalar_t* b, int64_t D,
+                                                 bool cosine, int lane) {
+  const ExactNorm nb = warp_exact_norm(b, D, cosine, lane);
+  const bool unit = na.unit && nb.unit;
+  double acc = 0;
+  for (int64_t k = lane; k < D; k += kWarp) {
+    const double av = double(a[k]), bv = double(b[k]);
+    if (!unit) {
+      acc += av * bv;
+    } else {
+      const double d = cosine ? (av / na.max) / na.q - (bv / nb.max) / nb.q : av - bv;
+      acc += d * d;
+    }
+  }
+  acc = warp_sum(acc);
+  return unit ? acc : 2.0 * (1.0 - acc * na.inv * nb.inv);
 }
 
 // Settling from the kept candidates (the kinds whose window they cover: sp && !rp, sn &&
@@ -328,9 +342,9 @@ __device__ __forceinline__ void settle_from_kept(Hardest<T>& h, const Settle& w,
   for (int s = 0; s < kKept; ++s) {
     const int64_t jp = h.pos.idx[s], jn = h.neg.idx[s];
     if (from_p && jp >= 0 && double(h.pos.key[s]) >= w.lo)
-      c.offer(warp_exact_key(a, na.inv, na.unit, r + jp * D, D, cosine, lane), jp, true);
+      c.offer(warp_exact_key(a, na, r + jp * D, D, cosine, lane), jp, true);
     if (from_n && jn >= 0 && double(h.neg.key[s]) <= w.hi)
-      c.offer(warp_exact_key(a, na.inv, na.unit, r + jn * D, D, cosine, lane), jn, false);
+      c.offer(warp_exact_key(a, na, r + jn * D, D, cosine, lane), jn, false);
   }
   if (from_p && c.pi >= 0) h.pos.idx[0] = c.pi;
   if (from_n && c.ni >= 0) h.neg.idx[0] = c.ni;
@@ -360,7 +374,7 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
     const unsigned pos = __ballot_sync(kFullMask, in && same);
     for (unsigned m = hits; m != 0; m &= m - 1) {
       const int b = __ffs(int(m)) - 1;
-      c.offer(warp_exact_key(a, na.inv, na.unit, x + (j0 + b) * D, D, cosine, lane), j0 + b, (pos >> b) & 1u);
+      c.offer(warp_exact_key(a, na, x + (j0 + b) * D, D, cosine, lane), j0 + b, (pos >> b) & 1u);
     }
   }
   if (w.sp && c.pi >= 0) h.pos.idx[0] = c.pi;
@@ -633,7 +647,7 @@ __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar
     if (self && j == i) continue;
     const bool same = labels.shares(i, ref_labels, j);
     if (same ? !w.rp : !w.rn) continue;
-    c.offer(warp_exact_key(a, na.inv, na.unit, r + j * D, D, cosine, lane), j, same);
+    c.offer(warp_exact_key(a, na, r + j * D, D, cosine, lane), j, same);
   }
   if (lane != 0) return;
   const int64_t at = (i * parts + s) * 2;
