@@ -646,7 +646,8 @@ def test_batch_hard_rows_of_one_direction_tie_to_the_smallest_index_under_cosine
     want = reference.batch_hard_mine(x.double(), y, metric="cosine")
     direction = (perm // len(scales))
     same_dir = direction[:, None] == direction[None, :]
-    expected_neg = torch.where(same_dir & (y[:, None] != y[None, :]), torch.arange(len(x)), len(x)).min(1).values
+    column = torch.arange(len(x))  # host tensor
+    expected_neg = torch.where(same_dir & (y[:, None] != y[None, :]), column, len(x)).min(1).values
     has = expected_neg < len(x)
     assert torch.equal(m.neg_idx.cpu()[has], expected_neg[has]), (m.neg_idx.cpu()[has], expected_neg[has])
     # (tripletops.reference normalizes the plain way: its own zeros come out ~1e-17 apart.)
