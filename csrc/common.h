@@ -276,6 +276,16 @@ C10_HOST_DEVICE inline T triplet_term_grad(T diff, T margin, bool soft_margin) {
   return (z >= T(0) || z != z) ? T(1) : T(0);
 }
 
+// d loss / d (x_i - y_j) per entry of a distance matrix, from d loss / d dist: 2 g for
+// sqeuclidean, g / d for euclidean (0 at zero distance, NaN kept), and g itself for cosine
+// (on the unit rows). pairwise_distance's backward, CPU and CUDA.
+template <typename T>
+C10_HOST_DEVICE inline T pair_weight(T g, T d, Metric metric) {
+  if (metric == Metric::SqEuclidean) return T(2) * g;
+  if (metric == Metric::Euclidean) return d > T(0) ? g / d : (d == T(0) ? T(0) : d);
+  return g;
+}
+
 // Contrastive loss: a pair's term and its slope in d, max(0, d - pos_margin) for a
 // positive pair, max(0, neg_margin - d) for a negative one. At the kink the slope is the
 // active side's, as torch.clamp(min=0) passes the gradient at 0. NaN for a pair with a

@@ -509,3 +509,68 @@ def test_a_loss_past_the_dtypes_range_is_inf_not_an_error(device, name):
                                                                                                                want)
     else:
         assert_close_rel(loss, want, 1e-5, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,reduction", CASES)
+@pytest.mark.parametrize("exponent", [530, -530])
+@pytest.mark.parametrize("b", [20, 70])  # under cuda-emu: the fused path and the general one
+def test_fp64_rows_whose_squares_leave_the_range(name, reduction, exponent, b, device):
+    """Euclidean losses scale with the rows: rows times 2^530 (squares overflow float64)
+    or 2^-530 (squares underflow) give the unscaled rows' loss times 2^530 or 2^-530, with
+    the margins scaled alike, and the same gradient. Powers of two: every scaling is exact."""
+    fn, ref_fn, _ = FAMILY[name]
+    x, y = make_batch(b, 5, 3, dtype=torch.float64, device=device)
+    scale = 2.0 ** exponent
+    kw = _kwargs(name, reduction, "euclidean")
+    ref_loss, ref_grad = _run(ref_fn, x.cpu(), y.cpu(), kw)
+    for key in ("margin", "pos_margin", "neg_margin"):
+        if key in kw:
+            kw[key] *= scale
+    loss, grad = _run(fn, x * scale, y, kw)
+    assert_close_rel(loss / scale, ref_loss, 1e-12, "loss")
+    assert_grad_close(grad, ref_grad, 1e-10)
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not EMU, reason="needs make cuda-emu (TRIPLETOPS_EMU_LIB)")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name,reduction", [c for c in CASES if c[1] != "none"] + [("batch_all", "soft")])
+def test_emulated_cuda_small_batches_take_four_kernels(name, reduction, metric, tmp_path, monkeypatch):
+    """A small batch (B <= 64 under the emulator, <= 1024 on a GPU) runs the fused path:
+    the distances and the loss in two kernels, the backward's scale and the gradient to the
+    rows in two more, and under cosine the unit rows' kernel before each half. The emulator
+    records every launch."""
+    trace = tmp_path / "launches.txt"
+    monkeypatch.setenv("TRIPLETOPS_EMU_LAUNCH_TRACE", str(trace))
+    fn = FAMILY[name][0]
+    x, y = make_batch(40, 7, 5)
+    _run(fn, x, y, _kwargs(name, "mean" if reduction == "soft" else reduction, metric, soft=reduction == "soft"))
+    rows = ["family_unit_rows_kernel"] if metric == "cosine" else []
+    stats = "contrastive_fused_kernel" if name == "contrastive" else "triplet_family_fused_kernel"
+    want = [*rows, "family_distance_kernel", stats, stats, *rows, "family_embedding_grad_kernel"]
+    assert trace.read_text().split() == want
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(not EMU, reason="needs make cuda-emu (TRIPLETOPS_EMU_LIB)")
+@pytest.mark.parametrize("name", ["batch_all", "semi_hard"])
+@pytest.mark.parametrize("b,path", [(40, "fused"), (100, "shared sort"), (130, "general")])
+def test_emulated_cuda_paths_by_batch_size(name, b, path, tmp_path, monkeypatch):
+    """Which kernels each path launches (bounds under the emulator: 64 and 128; on a GPU
+    1024 and 8192): the fused path; then the rows sorted in shared memory around
+    pairwise_distance's kernels, with no at::sort; then the general path."""
+    trace = tmp_path / "launches.txt"
+    monkeypatch.setenv("TRIPLETOPS_EMU_LAUNCH_TRACE", str(trace))
+    fn, ref_fn, _ = FAMILY[name]
+    x, y = make_batch(b, 6, 9)
+    kw = _kwargs(name, None if name == "semi_hard" else "mean", "euclidean")
+    loss, grad = _run(fn, x, y, kw)
+    names = trace.read_text().split()
+    fused_stats = names.count("triplet_family_fused_kernel")
+    assert fused_stats == (0 if path == "general" else 2), names
+    assert ("family_distance_kernel" in names) == (path == "fused"), names
+    assert ("split_by_label_kernel" in names) == (path == "general"), names
+    ref_loss, ref_grad = _run(ref_fn, x.double(), y, kw)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_grad_close(grad, ref_grad, 1e-4)

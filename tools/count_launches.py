@@ -54,6 +54,8 @@ def cases():
         return run
 
     x, y = batch(256)
+    xs, ys = batch(64)  # the family's fused path (B <= 64 under the emulator, B <= 1024 on a GPU)
+    xm, ym = batch(100)  # rows sorted in shared memory (B <= 128 under the emulator, B <= 8192 on a GPU)
     xb, yb = batch(2000, 64)
     bank, bank_y = batch(5000, 64)
     a, p, n = (torch.randn(512, 128, generator=g) for _ in range(3))
@@ -62,9 +64,17 @@ def cases():
         "batch_hard_loss B=2000 D=64 (tiled)": fwd_bwd(lambda e: tripletops.batch_hard_loss(e, yb), xb),
         "batch_hard_loss B=2000 vs bank 5000": fwd_bwd(
             lambda e: tripletops.batch_hard_loss(e, yb, ref_embeddings=bank, ref_labels=bank_y), xb),
-        "batch_all_loss B=256": fwd_bwd(lambda e: tripletops.batch_all_loss(e, y), x),
-        "semi_hard_loss B=256": fwd_bwd(lambda e: tripletops.semi_hard_loss(e, y), x),
-        "contrastive_loss B=256": fwd_bwd(lambda e: tripletops.contrastive_loss(e, y), x),
+        "batch_all_loss (fused)": fwd_bwd(lambda e: tripletops.batch_all_loss(e, ys), xs),
+        "batch_all_loss cosine (fused)": fwd_bwd(lambda e: tripletops.batch_all_loss(e, ys, metric="cosine"), xs),
+        "semi_hard_loss (fused)": fwd_bwd(lambda e: tripletops.semi_hard_loss(e, ys), xs),
+        "contrastive_loss (fused)": fwd_bwd(lambda e: tripletops.contrastive_loss(e, ys), xs),
+        "batch_all_loss (shared sort)": fwd_bwd(lambda e: tripletops.batch_all_loss(e, ym), xm),
+        "semi_hard_loss (shared sort)": fwd_bwd(lambda e: tripletops.semi_hard_loss(e, ym), xm),
+        "batch_all_loss B=256 (general)": fwd_bwd(lambda e: tripletops.batch_all_loss(e, y), x),
+        "semi_hard_loss B=256 (general)": fwd_bwd(lambda e: tripletops.semi_hard_loss(e, y), x),
+        "contrastive_loss B=256 (general)": fwd_bwd(lambda e: tripletops.contrastive_loss(e, y), x),
+        "contrastive_loss none (general)": fwd_bwd(lambda e: tripletops.contrastive_loss(e, ys, reduction="none"),
+                                                   xs),
         "pairwise_distance 256x128": fwd_bwd(lambda e: tripletops.pairwise_distance(e), x),
         "triplet_margin_loss N=512": fwd_bwd(lambda *t: tripletops.triplet_margin_loss(*t), a, p, n),
     }
@@ -117,7 +127,8 @@ def main() -> int:
     asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0", TRIPLETOPS_EMU_LIB=LIB,
-                   TRIPLETOPS_EMU_LAUNCH_TRACE=os.path.join(tmp, "trace.txt"))
+                   TRIPLETOPS_EMU_LAUNCH_TRACE=os.path.join(tmp, "trace.txt"),
+                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
         return subprocess.run([sys.executable, __file__], env=env, cwd=ROOT).returncode
 
 

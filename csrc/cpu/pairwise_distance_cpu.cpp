@@ -46,15 +46,6 @@ void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
 }
 
 
-// d loss / d (x_i - y_j) per entry, from d loss / d dist: 2 g for sqeuclidean, g / d for
-// euclidean (0 at zero distance, NaN kept), and g itself for cosine (on the unit rows).
-template <typename T>
-inline T pair_weight(T g, T d, Metric metric) {
-  if (metric == Metric::SqEuclidean) return T(2) * g;
-  if (metric == Metric::Euclidean) return d > T(0) ? g / d : (d == T(0) ? T(0) : d);
-  return g;
-}
-
 // Gradients w.r.t. the (unit, for cosine) rows by the GEMM form. With W the per-entry
 // weight of (x_i - y_j): grad_x = rowsum(W) * x - W y, grad_y = colsum(W) * y - W^T x,
 // on rows shifted by their common mean: the sum is translation invariant, and far from

@@ -63,6 +63,33 @@ void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
 #endif
 }
 
+// The most dynamic shared memory one block may use on the current device once its kernel
+// opts in (allow_dynamic_shared): H100/H200 227 KiB, A100 163 KiB, sm_86/89 99 KiB; the
+// emulator's 48 KiB.
+inline size_t max_dynamic_shared_bytes() {
+#ifdef TRIPLETOPS_EMU
+  return 48 * 1024;
+#else
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return size_t(bytes);
+#endif
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory: past 48 KiB a kernel must
+// opt in.
+template <typename... Params>
+void allow_dynamic_shared(void (*kernel)(Params...), size_t bytes) {
+#ifdef TRIPLETOPS_EMU
+  (void)kernel, (void)bytes;
+#else
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+#endif
+}
+
 // TRIPLETOPS_LAUNCH((kernel<T>), grid, block, shared_bytes, stream, args...): the kernel's
 // name, without template arguments, comes from the expression itself.
 #define TRIPLETOPS_LAUNCH(kernel, ...) ::tripletops::cuda::launch_kernel(#kernel, kernel, __VA_ARGS__)

@@ -9,8 +9,16 @@
 // Memory is O(B^2), never B^3: batch-all and semi-hard sort each anchor's negatives
 // (and, for batch-all's backward, its positives) with at::sort, a segmented sort, into
 // (B, B) buffers, plus batch-all's (B, B) prefix sums.
-// Device code: loss_family_kernels.cuh; host code on device-agnostic ATen (device.h).
+//
+// That is the general path. A batch of B <= kFusedMaxB (1024) takes the fused path
+// instead, ~4 launches each way where the general one makes ~25 with its ATen glue: the
+// distances straight from the rows, the sorts in shared memory, the reduction in the last
+// block, the gradient to the rows in one kernel (loss_family_fused_kernels.cuh). The choice
+// depends on B only, so a captured CUDA graph replays the same kernels.
+// Device code: loss_family_kernels.cuh, loss_family_fused_kernels.cuh; host code on
+// device-agnostic ATen (device.h).
 #include "device.h"
+#include "loss_family_fused_kernels.cuh"
 #include "loss_family_kernels.cuh"
 #include "pairwise_distance_cuda.h"
 
@@ -101,6 +109,160 @@ Batch batch_of(const at::Tensor& dist, const at::Tensor& labels) {
   return {dist.contiguous(), pack_labels(labels), dist.size(0)};
 }
 
+// ---- small batches (B <= kFusedMaxB): the fused kernels ----------------------------------
+// Three launches each way (loss_family_fused_kernels.cuh), plus the counter's fill, and
+// the unit rows' kernel under cosine. Up to kSharedSortMaxB, batch-all and semi-hard
+// still take their statistics from triplet_family_fused_kernel (rows sorted in shared
+// memory), around pairwise_distance's GEMM-based kernels.
+
+bool fused(int64_t B) { return B <= kFusedMaxB; }
+
+enum class FamilyPath { Fused, SharedSort, General };
+FamilyPath triplet_family_path(int64_t B) {
+  if (fused(B)) return FamilyPath::Fused;
+  if (B <= kSharedSortMaxB && sorted_row_bytes(B) + kFusedStaticShared <= max_dynamic_shared_bytes())
+    return FamilyPath::SharedSort;
+  return FamilyPath::General;
+}
+
+// The rows the fused kernels read: the embeddings (contiguous), and for cosine their unit
+// rows in double.
+struct FusedRows {
+  at::Tensor x, unit, unit_ok, sq_norm;
+  Metric metric;
+};
+FusedRows fused_rows(const at::Tensor& embeddings, Metric metric) {
+  FusedRows r{embeddings.contiguous(), {}, {}, {}, metric};
+  if (metric != Metric::Cosine) return r;
+  const int64_t B = r.x.size(0), D = r.x.size(1);
+  r.unit = at::empty({B, D}, r.x.options().dtype(at::kDouble));
+  r.unit_ok = at::empty({B}, r.x.options().dtype(at::kByte));
+  r.sq_norm = at::empty({B}, r.x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.x.scalar_type(), "family_unit_rows", [&] {
+    TRIPLETOPS_LAUNCH((family_unit_rows_kernel<scalar_t>), unsigned((B + kFamilyWarps - 1) / kFamilyWarps),
+                      kFamilyThreads, 0, current_stream(), r.x.data_ptr<scalar_t>(), B, D,
+                      r.unit.data_ptr<double>(), r.unit_ok.data_ptr<uint8_t>(), r.sq_norm.data_ptr<double>());
+  });
+  return r;
+}
+
+// The (B, B) distances, in `dtype` (double, or contrastive's compute dtype).
+at::Tensor fused_distances(const FusedRows& r, at::ScalarType dtype) {
+  const int64_t B = r.x.size(0), D = r.x.size(1);
+  at::Tensor dist = at::empty({B, B}, r.x.options().dtype(dtype));
+  const unsigned tiles = unsigned((B + kDistTile - 1) / kDistTile);
+  const dim3 grid(tiles, tiles);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "family_distances", [&] {
+    using OutT = scalar_t;
+    if (r.metric == Metric::Cosine) {
+      TRIPLETOPS_LAUNCH((family_distance_kernel<double, OutT>), grid, 256, 0, current_stream(),
+                        r.unit.data_ptr<double>(), r.unit_ok.data_ptr<uint8_t>(), B, D, r.metric,
+                        dist.data_ptr<OutT>());
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.x.scalar_type(), "family_distances", [&] {
+      TRIPLETOPS_LAUNCH((family_distance_kernel<scalar_t, OutT>), grid, 256, 0, current_stream(),
+                        r.x.data_ptr<scalar_t>(), static_cast<const uint8_t*>(nullptr), B, D, r.metric,
+                        dist.data_ptr<OutT>());
+    });
+  });
+  return dist;
+}
+
+// What a fused statistics kernel writes: the loss (forward, `result` a 0-dim tensor of the
+// embeddings' dtype), or the scale and, for batch-all / semi-hard, w (backward: `result`
+// is the upstream gradient).
+struct FusedPass {
+  at::Tensor stats, counter, scale, w;
+  template <typename scalar_t>
+  FusedOut<scalar_t> out(const at::Tensor& result, bool backward) {
+    if (!backward) return {result.data_ptr<scalar_t>(), nullptr, nullptr, nullptr};
+    return {nullptr, result.data_ptr<scalar_t>(), scale.data_ptr<double>(), w.defined() ? w.data_ptr<double>() : nullptr};
+  }
+  unsigned* ticket() { return reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>()); }
+};
+FusedPass fused_pass(const at::Tensor& dist, bool backward, bool with_w) {
+  const int64_t B = dist.size(0);
+  const auto f64 = dist.options().dtype(at::kDouble);
+  FusedPass p{at::empty({B, kStats}, f64), at::zeros({1}, dist.options().dtype(at::kInt)), {}, {}};
+  if (backward) p.scale = at::empty({1}, f64);
+  if (backward && with_w) p.w = at::empty({B, B}, f64);
+  return p;
+}
+
+// The loss's 0-dim result, or the upstream gradient in the embeddings' dtype.
+at::Tensor fused_result(const at::Tensor& embeddings, const at::Tensor& grad) {
+  if (!grad.defined()) return at::empty({}, embeddings.options());
+  return grad.scalar_type() == embeddings.scalar_type() ? grad.contiguous() : grad.to(embeddings.scalar_type());
+}
+
+// Batch-all (semi_hard false) or semi-hard: the forward's loss, or the backward's scale
+// and w, from the (B, B) float64 distances.
+FusedPass fused_triplet_pass(const at::Tensor& dist, const at::Tensor& embeddings, const at::Tensor& labels,
+                             bool semi_hard, double margin, bool soft, Denominator den, const at::Tensor& result,
+                             bool backward) {
+  const int64_t B = dist.size(0);
+  const at::Tensor packed = pack_labels(labels);
+  FusedPass p = fused_pass(dist, backward, /*with_w=*/true);
+  const size_t shared = sorted_row_bytes(B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "triplet_family_fused", [&] {
+    allow_dynamic_shared(triplet_family_fused_kernel<scalar_t>, shared);
+    TRIPLETOPS_LAUNCH((triplet_family_fused_kernel<scalar_t>), row_blocks(B), kFamilyThreads, shared, current_stream(),
+                      dist.data_ptr<double>(), labels_view(packed), B, semi_hard, margin, soft, den,
+                      p.stats.data_ptr<double>(), p.ticket(), p.out<scalar_t>(result, backward));
+  });
+  return p;
+}
+
+// The gradient to the embeddings, in their dtype, from each pair's weight.
+template <typename DT>
+at::Tensor fused_embedding_grad(const FusedRows& r, const PairWeights<DT>& pw, const at::Tensor& scale) {
+  const int64_t B = r.x.size(0), D = r.x.size(1);
+  const bool cosine = r.metric == Metric::Cosine;
+  at::Tensor grad = at::empty_like(r.x);
+  at::Tensor scratch = cosine ? at::empty({B, D}, r.x.options().dtype(at::kDouble)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.x.scalar_type(), "family_embedding_grad", [&] {
+    if (cosine) {
+      TRIPLETOPS_LAUNCH((family_embedding_grad_kernel<scalar_t, double, DT>), row_blocks(B), kFamilyThreads, 0,
+                        current_stream(), r.unit.data_ptr<double>(), r.sq_norm.data_ptr<double>(), pw, B, D,
+                        r.metric, scale.data_ptr<double>(), scratch.data_ptr<double>(), grad.data_ptr<scalar_t>());
+    } else {
+      TRIPLETOPS_LAUNCH((family_embedding_grad_kernel<scalar_t, scalar_t, DT>), row_blocks(B), kFamilyThreads, 0,
+                        current_stream(), r.x.data_ptr<scalar_t>(), static_cast<const double*>(nullptr), pw, B, D,
+                        r.metric, scale.data_ptr<double>(), static_cast<double*>(nullptr),
+                        grad.data_ptr<scalar_t>());
+    }
+  });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_triplet_forward(const at::Tensor& embeddings, const at::Tensor& labels,
+                                                         bool semi_hard, double margin, c10::string_view metric,
+                                                         bool soft, Denominator den) {
+  at::Tensor dist = fused(embeddings.size(0))
+                        ? fused_distances(fused_rows(embeddings, parse_metric(metric)), at::kDouble)
+                        : pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
+  const at::Tensor loss = fused_result(embeddings, {});
+  fused_triplet_pass(dist, embeddings, labels, semi_hard, margin, soft, den, loss, /*backward=*/false);
+  return {loss, dist};
+}
+
+at::Tensor fused_triplet_backward(const at::Tensor& grad, const at::Tensor& embeddings, const at::Tensor& labels,
+                                  const at::Tensor& dist, bool semi_hard, double margin, c10::string_view metric,
+                                  bool soft, Denominator den) {
+  const at::Tensor d = dist.contiguous();
+  const FusedPass p = fused_triplet_pass(d, embeddings, labels, semi_hard, margin, soft, den,
+                                         fused_result(embeddings, grad), /*backward=*/true);
+  if (!fused(embeddings.size(0))) {  // the shared-sort path: d loss / d dist, then pairwise_distance's backward
+    auto [gx, unused] = pairwise_distance_backward_cuda(p.w.mul_(p.scale), embeddings.to(at::kDouble), c10::nullopt,
+                                                        d, metric);
+    return gx.to(embeddings.scalar_type());
+  }
+  const FusedRows r = fused_rows(embeddings, parse_metric(metric));
+  return fused_embedding_grad(r, PairWeights<double>{d.data_ptr<double>(), p.w.data_ptr<double>(), Labels{}, 0, 0},
+                              p.scale);
+}
+
 // ---- batch-all ------------------------------------------------------------------------
 
 at::Tensor batch_all_stats(const Batch& b, const LabelSorted& s, double margin, bool soft) {
@@ -120,6 +282,9 @@ std::tuple<at::Tensor, at::Tensor> batch_all_loss_cuda(const at::Tensor& embeddi
   TORCH_CHECK_VALUE(reduction != Reduction::None,
                     "tripletops: batch_all_loss has no reduction 'none' (B^3 triplets); use mean, mean_nonzero or sum");
   const DeviceGuard guard(embeddings.device());
+  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+    return fused_triplet_forward(embeddings, labels, /*semi_hard=*/false, margin, metric, soft_margin,
+                                 denominator(reduction));
   at::Tensor dist = pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
   const Batch b = batch_of(dist, labels);
   const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/false,
@@ -135,6 +300,9 @@ at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   check_saved("batch_all_loss", grad, 1, dist, embeddings, at::kDouble, kDeviceType);
   const Reduction reduction = parse_reduction(reduction_name);
   const DeviceGuard guard(embeddings.device());
+  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+    return fused_triplet_backward(grad, embeddings, labels, dist, /*semi_hard=*/false, margin, metric, soft_margin,
+                                  denominator(reduction));
   const Batch b = batch_of(dist, labels);
   const LabelSorted s = soft_margin ? LabelSorted() : sort_by_label(b.dist, b.labels, /*prefix=*/true, /*pos=*/true,
                                                                   /*column=*/false);
@@ -165,6 +333,9 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_loss_cuda(const at::Tensor& embeddi
   check_batch(embeddings, labels);
   check_margin(margin, "margin");
   const DeviceGuard guard(embeddings.device());
+  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+    return fused_triplet_forward(embeddings, labels, /*semi_hard=*/true, margin, metric, /*soft=*/false,
+                                 Denominator::Count);
   at::Tensor dist = pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
   const Batch b = batch_of(dist, labels);
   const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false, /*column=*/false);
@@ -177,6 +348,9 @@ at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   check_batch(embeddings, labels);
   check_saved("semi_hard_loss", grad, 1, dist, embeddings, at::kDouble, kDeviceType);
   const DeviceGuard guard(embeddings.device());
+  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+    return fused_triplet_backward(grad, embeddings, labels, dist, /*semi_hard=*/true, margin, metric,
+                                  /*soft=*/false, Denominator::Count);
   const Batch b = batch_of(dist, labels);
   const LabelSorted s = sort_by_label(b.dist, b.labels, /*prefix=*/false, /*pos=*/false, /*column=*/true);
   const at::Tensor g = grad.to(at::kDouble).contiguous();
@@ -193,6 +367,28 @@ at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
 
 // ---- contrastive ----------------------------------------------------------------------
 
+at::ScalarType compute_dtype(const at::Tensor& embeddings) {
+  return embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The fused path's statistics pass (B <= kFusedMaxB, a reduced loss): the forward's loss,
+// or the backward's scale.
+FusedPass fused_contrastive_pass(const at::Tensor& dist, const at::Tensor& embeddings, const at::Tensor& labels,
+                                 double pm, double nm, Denominator den, const at::Tensor& result, bool backward) {
+  const int64_t B = dist.size(0);
+  const at::Tensor packed = pack_labels(labels);
+  FusedPass p = fused_pass(dist, backward, /*with_w=*/false);
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_fused", [&] {
+    using DT = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "contrastive_fused", [&] {
+      TRIPLETOPS_LAUNCH((contrastive_fused_kernel<DT, scalar_t>), row_blocks(B), kFamilyThreads, 0, current_stream(),
+                        dist.data_ptr<DT>(), labels_view(packed), B, pm, nm, den, p.stats.data_ptr<double>(),
+                        p.ticket(), p.out<scalar_t>(result, backward));
+    });
+  });
+  return p;
+}
+
 // Rows in the compute dtype (fp32 for halves, fp64 for fp64), as the CPU op takes them,
 // and which rows are finite.
 struct PairInputs {
@@ -200,7 +396,7 @@ struct PairInputs {
   int64_t B;
 };
 PairInputs pair_inputs(const at::Tensor& embeddings, const at::Tensor& labels) {
-  const at::Tensor x = embeddings.to(embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const at::Tensor x = embeddings.to(compute_dtype(embeddings));
   return {x, at::isfinite(x).all(1).contiguous(), pack_labels(labels), x.size(0)};
 }
 
@@ -222,6 +418,13 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_cuda(const at::Tensor& embed
   check_margin(neg_margin, "neg_margin");
   const Reduction reduction = parse_reduction(reduction_name);
   const DeviceGuard guard(embeddings.device());
+  if (reduction != Reduction::None && fused(embeddings.size(0))) {
+    at::Tensor dist = fused_distances(fused_rows(embeddings, parse_metric(metric)), compute_dtype(embeddings));
+    const at::Tensor loss = fused_result(embeddings, {});
+    fused_contrastive_pass(dist, embeddings, labels, pos_margin, neg_margin, denominator(reduction), loss,
+                           /*backward=*/false);
+    return {loss, dist};
+  }
   const PairInputs in = pair_inputs(embeddings, labels);
   at::Tensor dist = pairwise_distance_cuda(in.x, c10::nullopt, metric).contiguous();
   if (reduction != Reduction::None) {
@@ -244,10 +447,23 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   check_batch(embeddings, labels);
   const Reduction reduction = parse_reduction(reduction_name);
   const DeviceGuard guard(embeddings.device());
-  const PairInputs in = pair_inputs(embeddings, labels);
-  check_saved("contrastive_loss", grad, reduction == Reduction::None ? in.B * (in.B - 1) / 2 : 1, dist, embeddings,
-              in.x.scalar_type(), kDeviceType);
+  const int64_t B = embeddings.size(0);
+  check_saved("contrastive_loss", grad, reduction == Reduction::None ? B * (B - 1) / 2 : 1, dist, embeddings,
+              compute_dtype(embeddings), kDeviceType);
   const at::Tensor d = dist.contiguous();
+  if (reduction != Reduction::None && fused(B)) {
+    const FusedPass p = fused_contrastive_pass(d, embeddings, labels, pos_margin, neg_margin, denominator(reduction),
+                                               fused_result(embeddings, grad), /*backward=*/true);
+    const FusedRows r = fused_rows(embeddings, parse_metric(metric));
+    const at::Tensor packed = pack_labels(labels);
+    at::Tensor gx;
+    AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "contrastive_fused_backward", [&] {
+      gx = fused_embedding_grad(r, PairWeights<scalar_t>{d.data_ptr<scalar_t>(), nullptr, labels_view(packed),
+                                                         pos_margin, neg_margin}, p.scale);
+    });
+    return gx;
+  }
+  const PairInputs in = pair_inputs(embeddings, labels);
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   // The reduction's scale (its denominator is a count, held constant, as autograd would).
   at::Tensor out;

@@ -70,7 +70,7 @@ struct RowCounts {
   bool nan;
   __device__ bool valid() const { return pos > 0 && neg > 0; }
 };
-__device__ inline RowCounts row_counts(const double* d, Labels lab, int64_t a, int64_t B) {
+__device__ __forceinline__ RowCounts row_counts(const double* d, Labels lab, int64_t a, int64_t B) {
   long long pos = 0, neg = 0, bad = 0;
   for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
     if (j == a) continue;
@@ -318,20 +318,31 @@ __global__ void contrastive_pairs_kernel(const T* __restrict__ dist, Labels lab,
 // What the statistics' reduction divides by.
 enum class Denominator { One, Count, Nonzero };
 
-// One block: the batch's totals, in a fixed order, then out[0] = the loss (sum / den, 0
-// for an empty denominator, NaN when an anchor was NaN) and, when `grad` is given,
-// out[1] = grad / den, d loss / d (each term) for the backward (0 for an empty
+// The batch's totals of the per-anchor statistics, in a fixed order, by one whole block:
+// on thread 0, *loss = sum / den (0 for an empty denominator, NaN when an anchor was NaN)
+// and *scale = grad / den, d loss / d (each term) for the backward (0 for an empty
 // denominator: a loss of exactly 0 has zero gradients, kinks included, in every loss).
-__global__ void family_total_kernel(const double* __restrict__ stats, int64_t B, Denominator den_kind,
-                                    const double* __restrict__ grad, double* __restrict__ out) {
+// (Volatile reads: the statistics may come from other blocks, on other SMs.)
+__device__ __forceinline__ void family_totals(const volatile double* stats, int64_t B, Denominator den_kind, double grad,
+                                     double* loss, double* scale) {
   double t[kStats] = {0, 0, 0, 0};
   for (int64_t a = threadIdx.x; a < B; a += blockDim.x)
     for (int k = 0; k < kStats; ++k) t[k] += stats[a * kStats + k];
   for (int k = 0; k < kStats; ++k) t[k] = block_sum(t[k]);
   if (threadIdx.x != 0) return;
-  double den = den_kind == Denominator::One ? 1.0 : den_kind == Denominator::Count ? t[kCount] : t[kNonzero];
-  out[0] = t[kNan] > 0 ? double(NAN) : (den > 0 ? t[kSum] / den : 0.0);
-  if (grad) out[1] = den > 0 ? grad[0] / den : 0.0;
+  const double den = den_kind == Denominator::One ? 1.0 : den_kind == Denominator::Count ? t[kCount] : t[kNonzero];
+  *loss = t[kNan] > 0 ? double(NAN) : (den > 0 ? t[kSum] / den : 0.0);
+  *scale = den > 0 ? grad / den : 0.0;
+}
+
+// One block: out[0] = the loss and, when `grad` is given, out[1] = the backward's scale.
+__global__ void family_total_kernel(const double* __restrict__ stats, int64_t B, Denominator den_kind,
+                                    const double* __restrict__ grad, double* __restrict__ out) {
+  double loss = 0, scale = 0;
+  family_totals(stats, B, den_kind, grad ? grad[0] : 0.0, &loss, &scale);
+  if (threadIdx.x != 0) return;
+  out[0] = loss;
+  if (grad) out[1] = scale;
 }
 
 }  // namespace cuda

@@ -3,7 +3,8 @@
 // turns it into distances and recomputes exactly, from the rows, every entry whose
 // Gram form would cancel (d^2 < (|x|^2 + |y|^2) / 8: near pairs, the diagonal), then
 // identical rows are settled to identical distances (three small kernels, no sort). The
-// backward is two GEMMs on mean-centered rows, as on CPU. Indexing is 64-bit.
+// backward, as on CPU, is the GEMM form on mean-centered rows: one kernel for the pair
+// weights, then one addmm per side (y = x: one in all, on W + W^T). Indexing is 64-bit.
 // Device code: pairwise_distance_kernels.cuh; host code on device-agnostic ATen (device.h).
 #include "pairwise_distance_cuda.h"
 
@@ -13,10 +14,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -35,9 +36,10 @@ namespace {
 struct Rows {
   at::Tensor rows, sq_norm;
 };
-Rows prepare(const at::Tensor& x, Metric metric) {
+Rows prepare(const at::Tensor& x, Metric metric, bool norms = true) {
   const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor src = x.to(ct).contiguous();
+  if (!norms && metric != Metric::Cosine) return {src, at::Tensor()};  // (the backward's (sq)euclidean rows)
   const at::Tensor sq = src.square().sum(1);
   if (metric != Metric::Cosine) return {src, sq};
   const at::Tensor plain = src / sq.sqrt().clamp_min(kNormEps).unsqueeze(1);
@@ -135,46 +137,81 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x, const c10::optional<at::T
 
 namespace {
 
-// F.normalize's Jacobian applied to g (rows of d/d unit-row): (g - r (r.g)) / |x| when
-// |x| > eps, else g / eps. ATen ops on the device.
-at::Tensor through_normalize(const at::Tensor& g, const Rows& R) {
-  const at::Tensor norm = R.sq_norm.sqrt().unsqueeze(1);
-  const at::Tensor proj = norm > kNormEps;
-  const at::Tensor c = (R.rows * g).sum(1, /*keepdim=*/true);
-  return at::where(proj, (g - R.rows * c) / norm, g / kNormEps);
+// d loss / d dist -> the GEMM form's weights W, (N, M) in the compute dtype; with
+// `symmetric` (y is x) W + W^T (pair_weights_kernel).
+at::Tensor pair_weights(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& like, Metric metric,
+                        bool symmetric) {
+  const int64_t N = grad.size(0), M = grad.size(1);
+  at::Tensor w = at::empty({N, M}, like.options());
+  const dim3 grid(unsigned((M + kWeightTile - 1) / kWeightTile), unsigned((N + kWeightTile - 1) / kWeightTile));
+  TORCH_CHECK(grid.y <= 65535u, "tripletops: distance matrix too large for one launch");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pairwise_distance_weights", [&] {
+    using G = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pairwise_distance_weights", [&] {
+      TRIPLETOPS_LAUNCH((pair_weights_kernel<G, scalar_t>), grid, dim3(kWeightTile, 8), 0, current_stream(),
+                        grad.data_ptr<G>(), dist.data_ptr<G>(), N, M, metric, symmetric, w.data_ptr<scalar_t>());
+    });
+  });
+  return w;
+}
+
+// F.normalize's Jacobian applied to -g row by row, in `dtype` (normalize_backward_kernel).
+at::Tensor normalize_backward(const at::Tensor& g, const Rows& R, at::ScalarType dtype) {
+  const int64_t N = g.size(0), D = g.size(1);
+  at::Tensor out = at::empty({N, D}, g.options().dtype(dtype));
+  constexpr int64_t kRowsPerBlock = 8;  // as in the kernel
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_distance_normalize_backward", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pairwise_distance_normalize_backward", [&] {
+      TRIPLETOPS_LAUNCH((normalize_backward_kernel<T, scalar_t>), unsigned((N + kRowsPerBlock - 1) / kRowsPerBlock),
+                        kRowsPerBlock * 32, 0, current_stream(), g.data_ptr<T>(), R.rows.data_ptr<T>(),
+                        R.sq_norm.data_ptr<T>(), N, D, out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+void check_backward_input(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t N, int64_t M) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == M && t.device() == x.device() &&
+                        at::isFloatingType(t.scalar_type()),
+                    "tripletops.pairwise_distance_backward: ", name, " must be a floating (", N, ", ", M,
+                    ") tensor on ", x.device(), ", got shape ", t.sizes(), ", dtype ", t.scalar_type(), " on ",
+                    t.device());
 }
 
 }  // namespace
 
+// The gradients by the GEMM form, as on CPU, in few launches: one kernel for the weights
+// W (for y = x, W + W^T, so that one GEMM covers both sides), then
+//   (sq)euclidean: g_x = X_c * rowsum(W) - W Y_c (one addmm), on rows shifted by x's mean
+//     (the sum is translation invariant; far from the origin it would cancel otherwise);
+//   cosine: F.normalize's Jacobian applied to -W U, one kernel per side.
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                                    const c10::optional<at::Tensor>& y,
                                                                    const at::Tensor& dist,
                                                                    c10::string_view metric_name) {
   check_xy(x, y);
+  const int64_t N = x.size(0), M = y.has_value() ? y->size(0) : N;
+  check_backward_input(grad, "grad", x, N, M);
+  check_backward_input(dist, "dist", x, N, M);
   const DeviceGuard guard(x.device());
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Metric metric = parse_metric(metric_name);
-  const Rows X = prepare(x, metric);
-  const Rows Y = y.has_value() ? prepare(*y, metric) : X;
-  const auto ct = X.rows.scalar_type();
-  at::Tensor W = grad.to(ct);
-  const at::Tensor d = dist.to(ct);
-  at::Tensor gx, gy;
-  if (metric == Metric::Cosine) {
-    gx = through_normalize(-W.mm(Y.rows), X);
-    gy = through_normalize(-W.t().mm(X.rows), Y);
-  } else {
-    if (metric == Metric::SqEuclidean) {
-      W = W * 2.0;
-    } else {  // d/d(x - y) of |x - y| is (x - y) / d, and 0 at zero distance; NaN stays NaN
-      W = at::where(d > 0, W / d, at::where(d == 0, at::zeros_like(d), d));
-    }
-    const at::Tensor mu = X.rows.mean(0);
-    const at::Tensor Xc = X.rows - mu, Yc = y.has_value() ? Y.rows - mu : Xc;
-    gx = Xc * W.sum(1, /*keepdim=*/true) - W.mm(Yc);
-    gy = Yc * W.sum(0).unsqueeze(1) - W.t().mm(Xc);
+  const bool self = !y.has_value(), cosine = metric == Metric::Cosine;
+  const Rows X = prepare(x, metric, /*norms=*/cosine);
+  const Rows Y = self ? X : prepare(*y, metric, /*norms=*/cosine);
+  const at::Tensor g = grad.to(x.scalar_type()).contiguous(), d = dist.to(x.scalar_type()).contiguous();
+  const at::Tensor W = pair_weights(g, d, X.rows, metric, self);
+  if (cosine) {
+    const at::Tensor gx = normalize_backward(W.mm(Y.rows), X, x.scalar_type());
+    if (self) return {gx, at::empty({0}, x.options())};
+    return {gx, normalize_backward(W.t().mm(X.rows), Y, y->scalar_type())};
   }
-  if (!y.has_value()) return {(gx + gy).to(x.scalar_type()), at::empty({0}, x.options())};
+  const at::Tensor mu = X.rows.mean(0);
+  const at::Tensor Xc = X.rows - mu, Yc = self ? Xc : Y.rows - mu;
+  const at::Tensor gx = at::addmm(Xc * W.sum(1, /*keepdim=*/true), W, Yc, /*beta=*/1, /*alpha=*/-1);
+  if (self) return {gx.to(x.scalar_type()), at::empty({0}, x.options())};
+  const at::Tensor gy = at::addmm(Yc * W.sum(0).unsqueeze(1), W.t(), Xc, /*beta=*/1, /*alpha=*/-1);
   return {gx.to(x.scalar_type()), gy.to(y->scalar_type())};
 }
 

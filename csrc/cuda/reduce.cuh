@@ -45,22 +45,27 @@ __device__ void block_reduce_loss(const volatile T* loss, const volatile uint8_t
   }
 }
 
-// Called by every block of a grid after it wrote its anchors' losses: the last block to
-// finish (a ticket from `counter`, which the launcher zeroed earlier in the stream)
-// reduces all B losses, in a fixed order, so the result does not depend on which block
-// came last. Threadfences make the other blocks' writes visible (CUDA's
-// threadFenceReduction pattern). Block-uniform: every thread of every block calls it.
-template <typename T, typename scalar_t>
-__device__ void reduce_in_last_block(unsigned* counter, const T* loss, const uint8_t* valid, int64_t B,
-                                     Reduction reduction, scalar_t* out) {
+// Whether this block is the last of the grid to get here: a ticket from `counter` (zeroed
+// by the launcher earlier in the stream). Every write the other blocks made before their
+// ticket is visible to the last block afterwards (read it through volatile pointers).
+// Block-uniform: every thread of every block calls it.
+__device__ __forceinline__ bool is_last_block(unsigned* counter) {
   __shared__ bool last;
   __threadfence();  // this thread's writes are visible to the whole device ...
   __syncthreads();  // ... for every thread of the block, before the ticket is taken
   if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
   __syncthreads();
-  if (!last) return;
-  __threadfence();
-  block_reduce_loss(loss, valid, B, reduction, out);
+  if (last) __threadfence();
+  return last;
+}
+
+// Called by every block of a grid after it wrote its anchors' losses: the last block to
+// finish reduces all B losses, in a fixed order, so the result does not depend on which
+// block came last (CUDA's threadFenceReduction pattern).
+template <typename T, typename scalar_t>
+__device__ void reduce_in_last_block(unsigned* counter, const T* loss, const uint8_t* valid, int64_t B,
+                                     Reduction reduction, scalar_t* out) {
+  if (is_last_block(counter)) block_reduce_loss(loss, valid, B, reduction, out);
 }
 
 }  // namespace cuda
