@@ -10,7 +10,8 @@ reference set of several tiles each split over many state slots, multi-hot label
 fp32 / fp16 / bf16 (halves on the tensor-core GEMM), data far from the origin, near ties
 settled from the kept candidates, duplicated rows that rescan the reference set, and
 every other op (pairwise_distance, triplet_margin_loss with
-swap, batch_all, semi_hard, contrastive). Each case checks that its results are finite
+swap, batch_all, semi_hard, contrastive: the fused path of B <= 1024, and above it the rows
+sorted in shared memory, opted in past 48 KiB at B = 4100). Each case checks that its results are finite
 where they must be. Exit 0 when every case ran.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/gpu_sanitize_driver.py
@@ -110,6 +111,16 @@ def run_cases(device: str = "cuda", scale: int = 1) -> list:
                 fn(e).sum().backward()
                 assert torch.isfinite(e.grad).all()
     case("batch_all / semi_hard / contrastive", family)
+
+    def family_shared_sort():  # B > 1024: rows sorted in shared memory (40 KiB; 160 KiB, opted in, at 4100)
+        for b in (1100, 4100):
+            y = labels(b, 9)
+            for fn in (lambda e: tripletops.batch_all_loss(e, y, margin=0.2),
+                       lambda e: tripletops.semi_hard_loss(e, y, margin=0.5)):
+                e = _leaf(randn(b, 20))
+                fn(e).backward()
+                assert torch.isfinite(e.grad).all()
+    case("batch_all / semi_hard, rows sorted in shared memory", family_shared_sort)
     return done
 
 
