@@ -214,7 +214,8 @@ FusedPass fused_triplet_pass(const at::Tensor& dist, const at::Tensor& embedding
   return p;
 }
 
-// The gradient to the embeddings, in their dtype, from each pair's weight.
+// The gradient to the embeddings, in their dtype, from each pair's weight (times `scale`,
+// when given).
 template <typename DT>
 at::Tensor fused_embedding_grad(const FusedRows& r, const PairWeights<DT>& pw, const at::Tensor& scale) {
   const int64_t B = r.x.size(0), D = r.x.size(1);
@@ -225,11 +226,11 @@ at::Tensor fused_embedding_grad(const FusedRows& r, const PairWeights<DT>& pw, c
     if (cosine) {
       TRIPLETOPS_LAUNCH((family_embedding_grad_kernel<scalar_t, double, DT>), row_blocks(B), kFamilyThreads, 0,
                         current_stream(), r.unit.data_ptr<double>(), r.sq_norm.data_ptr<double>(), pw, B, D,
-                        r.metric, scale.data_ptr<double>(), scratch.data_ptr<double>(), grad.data_ptr<scalar_t>());
+                        r.metric, ptr_or_null<double>(scale), scratch.data_ptr<double>(), grad.data_ptr<scalar_t>());
     } else {
       TRIPLETOPS_LAUNCH((family_embedding_grad_kernel<scalar_t, scalar_t, DT>), row_blocks(B), kFamilyThreads, 0,
                         current_stream(), r.x.data_ptr<scalar_t>(), static_cast<const double*>(nullptr), pw, B, D,
-                        r.metric, scale.data_ptr<double>(), static_cast<double*>(nullptr),
+                        r.metric, ptr_or_null<double>(scale), static_cast<double*>(nullptr),
                         grad.data_ptr<scalar_t>());
     }
   });
@@ -418,12 +419,29 @@ std::tuple<at::Tensor, at::Tensor> contrastive_loss_cuda(const at::Tensor& embed
   check_margin(neg_margin, "neg_margin");
   const Reduction reduction = parse_reduction(reduction_name);
   const DeviceGuard guard(embeddings.device());
-  if (reduction != Reduction::None && fused(embeddings.size(0))) {
+  const int64_t B = embeddings.size(0);
+  if (fused(B)) {
     at::Tensor dist = fused_distances(fused_rows(embeddings, parse_metric(metric)), compute_dtype(embeddings));
-    const at::Tensor loss = fused_result(embeddings, {});
-    fused_contrastive_pass(dist, embeddings, labels, pos_margin, neg_margin, denominator(reduction), loss,
-                           /*backward=*/false);
-    return {loss, dist};
+    if (reduction != Reduction::None) {
+      const at::Tensor loss = fused_result(embeddings, {});
+      fused_contrastive_pass(dist, embeddings, labels, pos_margin, neg_margin, denominator(reduction), loss,
+                             /*backward=*/false);
+      return {loss, dist};
+    }
+    at::Tensor terms = at::empty({B * (B - 1) / 2}, embeddings.options());  // each pair's term
+    if (B > 1) {
+      const at::Tensor packed = pack_labels(labels);
+      const dim3 grid(unsigned((B - 1 + kElementThreads - 1) / kElementThreads), unsigned(B));
+      AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "contrastive_terms", [&] {
+        using DT = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "contrastive_terms", [&] {
+          TRIPLETOPS_LAUNCH((contrastive_terms_kernel<DT, scalar_t>), grid, kElementThreads, 0, current_stream(),
+                            dist.data_ptr<DT>(), labels_view(packed), B, pos_margin, neg_margin,
+                            terms.data_ptr<scalar_t>());
+        });
+      });
+    }
+    return {terms, dist};
   }
   const PairInputs in = pair_inputs(embeddings, labels);
   at::Tensor dist = pairwise_distance_cuda(in.x, c10::nullopt, metric).contiguous();
@@ -451,15 +469,21 @@ at::Tensor contrastive_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   check_saved("contrastive_loss", grad, reduction == Reduction::None ? B * (B - 1) / 2 : 1, dist, embeddings,
               compute_dtype(embeddings), kDeviceType);
   const at::Tensor d = dist.contiguous();
-  if (reduction != Reduction::None && fused(B)) {
-    const FusedPass p = fused_contrastive_pass(d, embeddings, labels, pos_margin, neg_margin, denominator(reduction),
-                                               fused_result(embeddings, grad), /*backward=*/true);
+  if (fused(B)) {  // the scale (a reduced loss) or each pair's upstream gradient ("none"), then the rows'
+    const bool none = reduction == Reduction::None;
+    at::Tensor scale, pair_grad;
+    if (none)
+      pair_grad = grad.to(at::kDouble).contiguous();
+    else
+      scale = fused_contrastive_pass(d, embeddings, labels, pos_margin, neg_margin, denominator(reduction),
+                                     fused_result(embeddings, grad), /*backward=*/true).scale;
     const FusedRows r = fused_rows(embeddings, parse_metric(metric));
     const at::Tensor packed = pack_labels(labels);
     at::Tensor gx;
     AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "contrastive_fused_backward", [&] {
       gx = fused_embedding_grad(r, PairWeights<scalar_t>{d.data_ptr<scalar_t>(), nullptr, labels_view(packed),
-                                                         pos_margin, neg_margin}, p.scale);
+                                                         pos_margin, neg_margin, ptr_or_null<double>(pair_grad)},
+                                scale);
     });
     return gx;
   }

@@ -21,6 +21,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace tripletops {
@@ -68,10 +69,12 @@ void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
 
 constexpr int kThreads = 256;
 
-int64_t blocks_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= int64_t(0x7fffffff), "tripletops: distance matrix too large for one launch");
-  return blocks;
+// The 2-D grid of the (N, M) matrix kernels (TRIPLETOPS_FOR_EACH_ENTRY): x over the
+// columns, y over the rows, at most 65535 block rows (each then steps over several rows).
+dim3 matrix_grid(int64_t N, int64_t M) {
+  const int64_t columns = (M + kThreads - 1) / kThreads;
+  TORCH_CHECK(columns <= int64_t(0x7fffffff), "tripletops: distance matrix too large for one launch");
+  return dim3(unsigned(columns), unsigned(std::min<int64_t>(N, 65535)));
 }
 
 // What csrc/cpu's settle_identical does, on the device, in three launches (no sort, no
@@ -107,7 +110,7 @@ void settle_identical(at::Tensor& dist, const at::Tensor& x, const c10::optional
                       extra, D, h, fx.data_ptr<int64_t>(), fy.data_ptr<int64_t>(), cx.data_ptr<int64_t>());
   });
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "tripletops_settle_identical", [&] {
-    TRIPLETOPS_LAUNCH((settle_identical_kernel<scalar_t>), unsigned(blocks_for(N * M)), kThreads, 0,
+    TRIPLETOPS_LAUNCH((settle_identical_kernel<scalar_t>), matrix_grid(N, M), kThreads, 0,
                       current_stream(), dist.data_ptr<scalar_t>(), fx.data_ptr<int64_t>(), fy.data_ptr<int64_t>(),
                       cx.data_ptr<int64_t>(), zero_ok.data_ptr<bool>(), N, M);
   });
@@ -126,7 +129,7 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x, const c10::optional<at::T
   at::Tensor dist = at::mm(X.rows, Y.rows.t());
   const int64_t N = dist.size(0), M = dist.size(1), D = X.rows.size(1);
   AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "pairwise_distance_cuda", [&] {
-    TRIPLETOPS_LAUNCH((gram_to_distance_kernel<scalar_t>), unsigned(blocks_for(N * M)), kThreads, 0,
+    TRIPLETOPS_LAUNCH((gram_to_distance_kernel<scalar_t>), matrix_grid(N, M), kThreads, 0,
                       current_stream(), dist.data_ptr<scalar_t>(), X.rows.data_ptr<scalar_t>(),
                       Y.rows.data_ptr<scalar_t>(), X.sq_norm.data_ptr<scalar_t>(), Y.sq_norm.data_ptr<scalar_t>(), N,
                       M, D, metric);
