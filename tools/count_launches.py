@@ -73,8 +73,8 @@ def cases():
         "batch_all_loss B=256 (general)": fwd_bwd(lambda e: tripletops.batch_all_loss(e, y), x),
         "semi_hard_loss B=256 (general)": fwd_bwd(lambda e: tripletops.semi_hard_loss(e, y), x),
         "contrastive_loss B=256 (general)": fwd_bwd(lambda e: tripletops.contrastive_loss(e, y), x),
-        "contrastive_loss none (general)": fwd_bwd(lambda e: tripletops.contrastive_loss(e, ys, reduction="none"),
-                                                   xs),
+        "contrastive_loss none (fused)": fwd_bwd(lambda e: tripletops.contrastive_loss(e, ys, reduction="none"),
+                                               xs),
         "pairwise_distance 256x128": fwd_bwd(lambda e: tripletops.pairwise_distance(e), x),
         "triplet_margin_loss N=512": fwd_bwd(lambda *t: tripletops.triplet_margin_loss(*t), a, p, n),
     }
