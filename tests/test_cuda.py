@@ -1,5 +1,6 @@
 """What only a real GPU can show: a training step captured in a CUDA graph (no host
 synchronisation in the batch-hard or loss-family forward or backward), the launch count of a small batch,
+the loss family's paths above B = 1024 (shared memory beyond 48 KiB),
 and the stateful modules (CenterLoss, CrossBatchMemory) on CUDA tensors. Skipped visibly
 without a GPU; `make gpu-check` runs them. (tripletops.distributed on CUDA tensors:
 test_distributed.py.)"""
@@ -72,12 +73,51 @@ FAMILY_STEPS = {
 }
 
 
+@pytest.mark.parametrize("b", [300, 1500])  # the family's fused path; rows sorted in shared memory
 @pytest.mark.parametrize("loss", list(FAMILY_STEPS))
-def test_family_step_captures_in_a_cuda_graph(loss):
-    """The loss family and pairwise_distance (identical rows settled by hash, sort and byte
-    comparison on the device) never synchronise with the host either, duplicated rows
-    included."""
-    _replays_match_eager_steps(FAMILY_STEPS[loss], 300, copies=True)
+def test_family_step_captures_in_a_cuda_graph(loss, b):
+    """The loss family and pairwise_distance (identical rows settled on the device) never
+    synchronise with the host either, duplicated rows included."""
+    _replays_match_eager_steps(FAMILY_STEPS[loss], b, copies=True)
+
+
+@pytest.mark.parametrize("name", ["batch_all", "semi_hard", "contrastive"])
+@pytest.mark.parametrize("b", [300, 1500, 5000])
+def test_family_paths_match_the_cpu_kernels(name, b):
+    """Each CUDA path of the family (B = 300: fused; 1500: rows sorted in 40 KiB of shared
+    memory, contrastive's general path; 5000: 160 KiB, opted in past 48 KiB) gives the CPU
+    kernels' loss and gradient, in float64."""
+    fn = {"batch_all": tripletops.batch_all_loss, "semi_hard": tripletops.semi_hard_loss,
+          "contrastive": tripletops.contrastive_loss}[name]
+    x, y = make_batch(b, 16, max(2, b // 40), dtype=torch.float64, device="cuda")
+    got, want = [], []
+    for device, out in (("cuda", got), ("cpu", want)):
+        leaf = x.to(device).clone().requires_grad_(True)
+        loss = fn(leaf, y.to(device))
+        loss.backward()
+        out += [loss.detach().cpu(), leaf.grad.cpu()]
+    assert_close_rel(got[0], want[0], 1e-10, "loss")
+    assert_grad_close(got[1], want[1], 1e-9)
+
+
+def test_family_small_batch_launches_at_most_six_kernels():
+    """The fused path, fp32: forward + backward in at most 6 kernels (the distances, the
+    statistics and the loss, then the statistics again and the gradient to the rows, plus
+    each half's counter fill). The upstream gradient is given: autograd launches nothing."""
+    x, y = make_batch(256, 128, 32, device="cuda")
+    x.requires_grad_(True)
+    g = torch.ones((), device="cuda")
+    for fn in (tripletops.batch_all_loss, tripletops.semi_hard_loss, tripletops.contrastive_loss):
+        for _ in range(2):  # warm-up
+            fn(x, y).backward(g)
+        x.grad = None
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn(x, y).backward(g)
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+        assert 0 < len(kernels) <= 6, (fn.__name__, kernels)
 
 
 def test_small_batch_launches_at_most_four_kernels():

@@ -226,26 +226,29 @@ def test_overflowing_norms_are_mined_right(device, dtype, offset, spread, metric
     assert torch.allclose(got[finite], ref[finite], rtol=rtol, atol=float(scale) * rtol), (got, ref)
 
 
+@pytest.mark.parametrize("device", devices_for("contrastive_loss"))
 @pytest.mark.parametrize("b", [6, 300])  # the direct path, and the GEMM path of the backward
-def test_contrastive_fp32_gradient_on_a_very_close_pair(b):
+def test_contrastive_fp32_gradient_on_a_very_close_pair(b, device):
     """A positive pair 1.3e-5 apart (normalize=True, D=2): the fp32 gradient stays at the fp32
     reference's own rounding. At B=300 the GEMM-form backward used to cancel on that pair
-    (2e-5..4e-5 relative against 5e-7); close pairs now go in difference form."""
+    (2e-5..4e-5 relative against 5e-7); close pairs now go in difference form (on CUDA:
+    the fused path at B=6 and, under cuda-emu, pairwise_distance's backward at B=300)."""
     torch.manual_seed(0)
-    y = torch.arange(b) // 2
+    y = torch.arange(b) // 2  # host tensor
     for _ in range(3):
-        a = torch.randn(1, 2, dtype=torch.float64)
-        x = torch.cat([a, a + 1.3e-5 * torch.randn(1, 2, dtype=torch.float64), torch.randn(b - 2, 2, dtype=torch.float64)])
+        a = torch.randn(1, 2, dtype=torch.float64)  # host tensor
+        near = a + 1.3e-5 * torch.randn(1, 2, dtype=torch.float64)  # host tensor
+        x = torch.cat([a, near, torch.randn(b - 2, 2, dtype=torch.float64)])  # host tensor
 
-        def grad(fn, dtype):
-            leaf = x.detach().to(dtype).clone().requires_grad_(True)
-            fn(leaf, y, normalize=True, pos_margin=0.0, neg_margin=1.0).backward()
-            return leaf.grad.double()
+        def grad(fn, dtype, on=device):
+            leaf = x.detach().to(device=on, dtype=dtype).clone().requires_grad_(True)
+            fn(leaf, y.to(on), normalize=True, pos_margin=0.0, neg_margin=1.0).backward()
+            return leaf.grad.double().cpu()
 
-        want = grad(reference.contrastive_loss, torch.float64)
+        want = grad(reference.contrastive_loss, torch.float64, "cpu")
         err = lambda g: float((g - want).norm() / want.norm())
         assert err(grad(tripletops.contrastive_loss, torch.float32)) <= 10 * err(grad(reference.contrastive_loss,
-                                                                                       torch.float32)) + 1e-6
+                                                                                       torch.float32, "cpu")) + 1e-6
 
 
 # ---- exact ties on shifted rows ------------------------------------------------------------

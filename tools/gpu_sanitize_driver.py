@@ -11,7 +11,7 @@ fp32 / fp16 / bf16 (halves on the tensor-core GEMM), data far from the origin, n
 settled from the kept candidates, duplicated rows that rescan the reference set, and
 every other op (pairwise_distance, triplet_margin_loss with
 swap, batch_all, semi_hard, contrastive: the fused path of B <= 1024, and above it the rows
-sorted in shared memory, opted in past 48 KiB at B = 4100). Each case checks that its results are finite
+sorted in shared memory). Each case checks that its results are finite
 where they must be. Exit 0 when every case ran.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/gpu_sanitize_driver.py
@@ -112,8 +112,8 @@ def run_cases(device: str = "cuda", scale: int = 1) -> list:
                 assert torch.isfinite(e.grad).all()
     case("batch_all / semi_hard / contrastive", family)
 
-    def family_shared_sort():  # B > 1024: rows sorted in shared memory (40 KiB; 160 KiB, opted in, at 4100)
-        for b in (1100, 4100):
+    def family_shared_sort():  # B > 1024: rows sorted in shared memory (2048 entries, 40 KiB)
+        for b in (1030,):  # (the opted-in sizes, past 48 KiB, are too slow under racecheck: tests/test_cuda.py)
             y = labels(b, 9)
             for fn in (lambda e: tripletops.batch_all_loss(e, y, margin=0.2),
                        lambda e: tripletops.semi_hard_loss(e, y, margin=0.5)):

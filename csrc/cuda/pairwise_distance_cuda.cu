@@ -4,7 +4,8 @@
 // Gram form would cancel (d^2 < (|x|^2 + |y|^2) / 8: near pairs, the diagonal), then
 // identical rows are settled to identical distances (three small kernels, no sort). The
 // backward, as on CPU, is the GEMM form on mean-centered rows: one kernel for the pair
-// weights, then one addmm per side (y = x: one in all, on W + W^T). Indexing is 64-bit.
+// weights, then one addmm per side (y = x: one in all, on W + W^T), and the close pairs
+// (which would cancel there) added in difference form. Indexing is 64-bit.
 // Device code: pairwise_distance_kernels.cuh; host code on device-agnostic ATen (device.h).
 #include "pairwise_distance_cuda.h"
 
@@ -140,22 +141,49 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x, const c10::optional<at::T
 
 namespace {
 
-// d loss / d dist -> the GEMM form's weights W, (N, M) in the compute dtype; with
-// `symmetric` (y is x) W + W^T (pair_weights_kernel).
-at::Tensor pair_weights(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& like, Metric metric,
-                        bool symmetric) {
-  const int64_t N = grad.size(0), M = grad.size(1);
+// The backward's inputs: d loss / d dist and the distances (N, M), in x's dtype, and for
+// (sq)euclidean the squared norms of the shifted rows, which decide the close pairs.
+struct BackwardInputs {
+  at::Tensor grad, dist, nx, ny;
+  Metric metric;
+  bool symmetric;
+  template <typename T>
+  const T* norms(const at::Tensor& t) const { return t.defined() ? t.data_ptr<T>() : nullptr; }
+};
+
+// d loss / d dist -> the GEMM form's weights W, (N, M) in the compute dtype, close pairs
+// out; with `symmetric` (y is x) W + W^T (pair_weights_kernel).
+at::Tensor pair_weights(const BackwardInputs& in, const at::Tensor& like) {
+  const int64_t N = in.grad.size(0), M = in.grad.size(1);
   at::Tensor w = at::empty({N, M}, like.options());
   const dim3 grid(unsigned((M + kWeightTile - 1) / kWeightTile), unsigned((N + kWeightTile - 1) / kWeightTile));
   TORCH_CHECK(grid.y <= 65535u, "tripletops: distance matrix too large for one launch");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pairwise_distance_weights", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.grad.scalar_type(), "pairwise_distance_weights", [&] {
     using G = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pairwise_distance_weights", [&] {
       TRIPLETOPS_LAUNCH((pair_weights_kernel<G, scalar_t>), grid, dim3(kWeightTile, 8), 0, current_stream(),
-                        grad.data_ptr<G>(), dist.data_ptr<G>(), N, M, metric, symmetric, w.data_ptr<scalar_t>());
+                        in.grad.data_ptr<G>(), in.dist.data_ptr<G>(), in.norms<scalar_t>(in.nx),
+                        in.norms<scalar_t>(in.ny), N, M, in.metric, in.symmetric, w.data_ptr<scalar_t>());
     });
   });
   return w;
+}
+
+// Adds the close pairs' terms to g (the gradient of x's rows, or with `columns` of y's) in
+// difference form (close_pairs_kernel), on the rows as they are.
+void add_close_pairs(const BackwardInputs& in, const at::Tensor& x, const at::Tensor& y, bool columns, at::Tensor& g) {
+  const int64_t N = in.grad.size(0), M = in.grad.size(1), D = x.size(1);
+  constexpr int64_t kRowsPerBlock = 8;  // as in the kernel
+  const int64_t rows = columns ? M : N;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.grad.scalar_type(), "pairwise_distance_close", [&] {
+    using G = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_distance_close", [&] {
+      TRIPLETOPS_LAUNCH((close_pairs_kernel<G, scalar_t>), unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                        kRowsPerBlock * 32, 0, current_stream(), in.grad.data_ptr<G>(), in.dist.data_ptr<G>(),
+                        in.norms<scalar_t>(in.nx), in.norms<scalar_t>(in.ny), x.data_ptr<scalar_t>(),
+                        y.data_ptr<scalar_t>(), N, M, D, in.metric, in.symmetric, columns, g.data_ptr<scalar_t>());
+    });
+  });
 }
 
 // F.normalize's Jacobian applied to -g row by row, in `dtype` (normalize_backward_kernel).
@@ -187,7 +215,8 @@ void check_backward_input(const at::Tensor& t, const char* name, const at::Tenso
 // The gradients by the GEMM form, as on CPU, in few launches: one kernel for the weights
 // W (for y = x, W + W^T, so that one GEMM covers both sides), then
 //   (sq)euclidean: g_x = X_c * rowsum(W) - W Y_c (one addmm), on rows shifted by x's mean
-//     (the sum is translation invariant; far from the origin it would cancel otherwise);
+//     (the sum is translation invariant; far from the origin it would cancel otherwise),
+//     and the close pairs, left out of W, added in difference form (one kernel per side);
 //   cosine: F.normalize's Jacobian applied to -W U, one kernel per side.
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                                    const c10::optional<at::Tensor>& y,
@@ -203,18 +232,24 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
   const bool self = !y.has_value(), cosine = metric == Metric::Cosine;
   const Rows X = prepare(x, metric, /*norms=*/cosine);
   const Rows Y = self ? X : prepare(*y, metric, /*norms=*/cosine);
-  const at::Tensor g = grad.to(x.scalar_type()).contiguous(), d = dist.to(x.scalar_type()).contiguous();
-  const at::Tensor W = pair_weights(g, d, X.rows, metric, self);
+  BackwardInputs in{grad.to(x.scalar_type()).contiguous(), dist.to(x.scalar_type()).contiguous(), {}, {}, metric,
+                    self};
   if (cosine) {
+    const at::Tensor W = pair_weights(in, X.rows);
     const at::Tensor gx = normalize_backward(W.mm(Y.rows), X, x.scalar_type());
     if (self) return {gx, at::empty({0}, x.options())};
     return {gx, normalize_backward(W.t().mm(X.rows), Y, y->scalar_type())};
   }
   const at::Tensor mu = X.rows.mean(0);
   const at::Tensor Xc = X.rows - mu, Yc = self ? Xc : Y.rows - mu;
-  const at::Tensor gx = at::addmm(Xc * W.sum(1, /*keepdim=*/true), W, Yc, /*beta=*/1, /*alpha=*/-1);
+  in.nx = Xc.square().sum(1);
+  in.ny = self ? in.nx : Yc.square().sum(1);
+  const at::Tensor W = pair_weights(in, X.rows);
+  at::Tensor gx = at::addmm(Xc * W.sum(1, /*keepdim=*/true), W, Yc, /*beta=*/1, /*alpha=*/-1);
+  add_close_pairs(in, X.rows, Y.rows, /*columns=*/false, gx);
   if (self) return {gx.to(x.scalar_type()), at::empty({0}, x.options())};
-  const at::Tensor gy = at::addmm(Yc * W.sum(0).unsqueeze(1), W.t(), Xc, /*beta=*/1, /*alpha=*/-1);
+  at::Tensor gy = at::addmm(Yc * W.sum(0).unsqueeze(1), W.t(), Xc, /*beta=*/1, /*alpha=*/-1);
+  add_close_pairs(in, X.rows, Y.rows, /*columns=*/true, gy);
   return {gx.to(x.scalar_type()), gy.to(y->scalar_type())};
 }
 

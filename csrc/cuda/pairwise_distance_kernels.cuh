@@ -215,31 +215,92 @@ __global__ void settle_identical_kernel(T* d, const int64_t* __restrict__ fx, co
 
 constexpr int kWeightTile = 32;  // pair_weights_kernel: (32 x 32) tiles, blocks of 32 x 8 threads
 
-// d loss / d dist -> W, each entry's weight in the GEMM form of the gradient (pair_weight),
-// in the compute dtype T. With `symmetric` (y is x) the entry (i, j) gets the weights of
-// (i, j) and (j, i) summed, so that one GEMM takes both sides of every pair; the
-// transposed tile goes through shared memory, so both reads are coalesced. W comes out
-// symmetric bitwise. Expected on the H200 at 4096 x 4096 fp32: ~25 us (64 MiB read twice
-// when symmetric, 64 MiB written).
+// Entry (i, j)'s weight in the GEMM form of the gradient (pair_weight), and whether the
+// pair is close: so much closer than its rows' norms after the shift (nx, ny; null for
+// cosine) that its term w (x_i - y_j) would cancel in the GEMM (d^2 < ratio max(nx_i, ny_j),
+// as csrc/cpu's gemm_backward). A close pair leaves the GEMM and is added in difference
+// form (close_pairs_kernel).
+template <typename T>
+struct EntryWeight {
+  T w;
+  bool close;
+};
 template <typename G, typename T>
-__global__ void pair_weights_kernel(const G* __restrict__ grad, const G* __restrict__ dist, int64_t N, int64_t M,
-                                    Metric metric, bool symmetric, T* __restrict__ w) {
+__device__ __forceinline__ EntryWeight<T> entry_weight(const G* grad, const G* dist, const T* nx, const T* ny,
+                                                          int64_t i, int64_t j, int64_t M, Metric metric) {
+  const T d = T(dist[i * M + j]);
+  const T w = pair_weight(T(grad[i * M + j]), d, metric);
+  const T d2 = metric == Metric::Euclidean ? d * d : d;
+  return {w, nx != nullptr && w != T(0) && d2 < T(kCancellationRatio) * (nx[i] > ny[j] ? nx[i] : ny[j])};
+}
+
+// d loss / d dist -> W, each entry's weight in the GEMM form of the gradient, in the
+// compute dtype T, 0 for a close pair. With `symmetric` (y is x) the entry (i, j) gets the
+// weights of (i, j) and (j, i) summed, so that one GEMM takes both sides of every pair; the
+// transposed tile goes through shared memory, so both reads are coalesced. Expected on
+// the H200 at 4096 x 4096 fp32: ~25 us (64 MiB read twice when symmetric, 64 MiB written).
+template <typename G, typename T>
+__global__ void pair_weights_kernel(const G* __restrict__ grad, const G* __restrict__ dist, const T* __restrict__ nx,
+                                    const T* __restrict__ ny, int64_t N, int64_t M, Metric metric, bool symmetric,
+                                    T* __restrict__ w) {
   __shared__ T mirrored[kWeightTile][kWeightTile + 1];
   const int64_t i0 = int64_t(blockIdx.y) * kWeightTile, j0 = int64_t(blockIdx.x) * kWeightTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
+  auto far_weight = [&](int64_t i, int64_t j) {
+    const EntryWeight<T> e = entry_weight(grad, dist, nx, ny, i, j, M, metric);
+    return e.close ? T(0) : e.w;
+  };
   if (symmetric) {  // mirrored[r][c]: the weight of (j0 + r, i0 + c)
     for (int r = ty; r < kWeightTile; r += blockDim.y) {
       const int64_t i = j0 + r, j = i0 + tx;
-      mirrored[r][tx] = i < N && j < M ? pair_weight(T(grad[i * M + j]), T(dist[i * M + j]), metric) : T(0);
+      mirrored[r][tx] = i < N && j < M ? far_weight(i, j) : T(0);
     }
     __syncthreads();
   }
   for (int r = ty; r < kWeightTile; r += blockDim.y) {
     const int64_t i = i0 + r, j = j0 + tx;
     if (i >= N || j >= M) continue;
-    T v = pair_weight(T(grad[i * M + j]), T(dist[i * M + j]), metric);
+    T v = far_weight(i, j);
     if (symmetric) v += mirrored[tx][r];
     w[i * M + j] = v;
+  }
+}
+
+// The close pairs' terms, added in difference form to the GEMM's gradient, in a fixed
+// order: one warp per row i of x (columns: false) adds sum_j w_ij (x_i - y_j) to g[i]
+// (with `symmetric`, also w_ji's terms, entry (j, i)'s share of row i), or per row j of y
+// (columns: true) subtracts sum_i w_ij (x_i - y_j) from g[j]. The warp tests 32 entries
+// at a time and walks the close ones (a ballot), lanes over D. Expected on the H200 at
+// 4096 x 4096: ~40 us (the weights read again; a close pair costs D more).
+template <typename G, typename T>
+__global__ void close_pairs_kernel(const G* __restrict__ grad, const G* __restrict__ dist, const T* __restrict__ nx,
+                                   const T* __restrict__ ny, const T* __restrict__ x, const T* __restrict__ y,
+                                   int64_t N, int64_t M, int64_t D, Metric metric, bool symmetric, bool columns,
+                                   T* __restrict__ g) {
+  constexpr int kRows = 8;  // warps per block
+  const int64_t r = int64_t(blockIdx.x) * kRows + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = columns ? M : N, others = columns ? N : M;
+  if (r >= rows) return;  // (warp-uniform)
+  const T* mine = (columns ? y : x) + r * D;
+  for (int64_t o0 = 0; o0 < others; o0 += 32) {
+    const int64_t o = o0 + lane;
+    T c = T(0);
+    if (o < others) {
+      const int64_t i = columns ? o : r, j = columns ? r : o;
+      const EntryWeight<T> e = entry_weight(grad, dist, nx, ny, i, j, M, metric);
+      if (e.close) c = columns ? -e.w : e.w;  // d/d y_j of w (x_i - y_j): -w
+      if (symmetric) {
+        const EntryWeight<T> t = entry_weight(grad, dist, nx, ny, j, i, M, metric);
+        if (t.close) c += t.w;
+      }
+    }
+    for (unsigned m = __ballot_sync(0xffffffffu, c != T(0)); m != 0; m &= m - 1) {
+      const int src = __ffs(int(m)) - 1;
+      const T cs = __shfl_sync(0xffffffffu, c, src);
+      const T* other = (columns ? x : y) + (o0 + src) * D;
+      for (int64_t k = lane; k < D; k += 32) g[r * D + k] += cs * (columns ? other[k] - mine[k] : mine[k] - other[k]);
+    }
   }
 }
 
