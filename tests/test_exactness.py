@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import tripletops
 from tripletops import reference
 
-from conftest import DTYPES, devices_for
+from conftest import DTYPES, METRICS, devices_for
 
 # Integer-valued rows: every euclidean distance below is an exact small integer, so
 # d(a,p) - d(a,n) + 1 == 0 holds exactly for some triplets (the kink).
@@ -566,9 +566,8 @@ def test_zero_rows_in_cosine_settling(device, b):
 
 # Rows whose squares leave fp32's range although every value fits: the CPU kernels measure
 # them on rows times 2^-e and scale the distances back exactly (rows_cpu.h:
-# safe_scale_exponent); the CUDA kernels recompute such distances in double. CUDA batch-hard
-# still mines rows whose squared norm overflows on NaN keys (README: differences from the
-# CPU kernels): NaN there, never a finite wrong loss.
+# safe_scale_exponent); the CUDA kernels recompute such distances in double, and CUDA
+# batch-hard ranks a kind whose Gram keys overflow on exact keys (certify's all_p / all_n).
 _TINY = [[0.0], [1.0], [2.0], [5.0]]
 _HUGE = [[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [2.0, 2.0]]
 
@@ -580,7 +579,6 @@ def test_fp32_rows_of_extreme_norm_are_measured_exactly(device, rows, scale, met
     """fp32 rows of norm 1e-30 used to meet at distance 0 (squares underflow: batch-hard
     picked positive 1 over 2, contrastive gave 1.0 against 0.5), and rows of norm 1e20 at
     inf (squares overflow: the batch-hard loss was NaN) although every distance fits."""
-    cuda_kernels = device == "cuda" or request.node.get_closest_marker("cuda_emu") is not None
     x64 = (torch.tensor(rows, dtype=torch.float64) * scale).float().double()  # host tensor
     x = x64.float().to(device)
     y = (torch.tensor([0, 0, 0, 1]) if len(rows[0]) == 1 else torch.tensor([0, 0, 1, 1])).to(device)  # host tensor
@@ -596,9 +594,6 @@ def test_fp32_rows_of_extreme_norm_are_measured_exactly(device, rows, scale, met
     want_c = reference.contrastive_loss(x64, y64, metric=metric, neg_margin=2 * margin)
     if bool(fits.all()) and bool((want32 > 0).sum() > len(y)):  # (sqeuclidean of 1e-30 rows: all 0 in fp32)
         assert torch.allclose(got_c, want_c, rtol=1e-5, atol=0), (got_c, want_c)
-    if cuda_kernels and scale > 1:  # squared norms overflow: NaN keys on CUDA
-        assert not torch.isfinite(tripletops.batch_hard_loss(x, y, metric=metric, margin=margin)).item()
-        return
     m, r = tripletops.batch_hard_mine(x, y, metric=metric), reference.batch_hard_mine(x64, y64, metric=metric)
     assert torch.equal(m.pos_idx.cpu(), r.pos_idx) and torch.equal(m.neg_idx.cpu(), r.neg_idx), (m, r)
     assert torch.allclose(m.pos_dist.double().cpu(), r.pos_dist.float().double(), rtol=2e-6, atol=0)
@@ -655,3 +650,34 @@ def test_batch_hard_rows_of_one_direction_tie_to_the_smallest_index_under_cosine
     assert torch.equal(m.neg_idx.cpu()[has], expected_neg[has]), (m.neg_idx.cpu()[has], expected_neg[has])
     # (tripletops.reference normalizes the plain way: its own zeros come out ~1e-17 apart.)
     assert torch.equal(m.pos_idx.cpu(), want.pos_idx)
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("b,bank", [(40, False), (150, False), (60, True)])  # small, tiled (cuda-emu), bank
+def test_batch_hard_on_rows_whose_squares_overflow_fp32(device, metric, b, bank):
+    """fp32 rows of norm ~1e20: every squared norm overflows fp32, so every Gram key is inf
+    or NaN, although every distance fits. Mining (indices) and the loss equal float64 on the
+    unscaled rows; the CUDA kernels rank such kinds on exact keys (they gave NaN before)."""
+    g = torch.Generator().manual_seed(b)
+    base = torch.randint(-6, 7, (b, 5), generator=g).double()  # host tensor
+    base[base.abs().sum(1) == 0, 0] = 1.0
+    y = torch.randint(0, 4, (b,), generator=g)  # host tensor
+    scale = 2.0 ** 66  # exact in fp32, ~7.4e19
+    x = (base * scale).float().to(device)
+    kw, kw64 = {}, {}
+    if bank:
+        kw = dict(ref_embeddings=x.flip(0), ref_labels=y.flip(0).to(device))
+        kw64 = dict(ref_embeddings=base.flip(0), ref_labels=y.flip(0))
+    m = tripletops.batch_hard_mine(x, y.to(device), metric=metric, **kw)
+    r = reference.batch_hard_mine(base, y, metric=metric, **kw64)
+    assert torch.equal(m.pos_idx.cpu(), r.pos_idx) and torch.equal(m.neg_idx.cpu(), r.neg_idx)
+    if metric == "sqeuclidean":  # squared distances of ~1e41 overflow fp32 themselves: inf is honest
+        assert torch.isinf(m.pos_dist.cpu()).all()
+        return
+    unit = 1.0 if metric == "cosine" else scale
+    for got, want in ((m.pos_dist, r.pos_dist), (m.neg_dist, r.neg_dist)):
+        assert torch.allclose(got.double().cpu() / unit, want, rtol=1e-6, atol=1e-6), (got, want)
+    loss = tripletops.batch_hard_loss(x, y.to(device), metric=metric, margin=0.5 * unit, **kw).double().cpu()
+    want = reference.batch_hard_loss(base, y, metric=metric, margin=0.5, **kw64)
+    assert torch.allclose(loss / unit, want, rtol=1e-5), (loss / unit, want)

@@ -252,9 +252,12 @@ __device__ __forceinline__ Hardest<T> scan_row(const T* g, int64_t n, int64_t c0
 // within twice the bound of the best key (the window [lo, +inf) for positives, (-inf, hi]
 // for negatives), and those are ranked on exact keys. The window's candidates are all
 // among the kept ones unless `beyond` falls inside it (rp / rn: the reference set must be
-// rescanned).
+// rescanned). A kind whose best Gram key is not finite (NaN or inf: a NaN/Inf row, or
+// finite rows whose squares overflow T, fp32 norms beyond ~1.8e19) is ranked on exact
+// keys over all its candidates (all_p / all_n, with a rescan): finite rows then get the
+// right choice, and NaN rows still win with a NaN key.
 struct Settle {
-  bool sp, sn, rp, rn;
+  bool sp, sn, rp, rn, all_p, all_n;
   double lo, hi;
 };
 template <typename T>
@@ -265,12 +268,14 @@ __device__ __forceinline__ Settle certify(const Hardest<T>& h, T sa, int64_t D, 
       2 * gram_key_bound(D, acc_u, gemm_u, metric == Metric::Cosine ? 4.0 : norm_sum * norm_sum);
   const T pk = h.pos.key[0], nk = h.neg.key[0], p2 = h.pos.second(), n2 = h.neg.second();
   Settle w;
-  w.sp = h.pos.idx[0] >= 0 && pk == pk && p2 > T(-INFINITY) && !(double(pk) - double(p2) > twice);
-  w.sn = h.neg.idx[0] >= 0 && nk == nk && n2 < T(INFINITY) && !(double(n2) - double(nk) > twice);
+  w.all_p = h.pos.idx[0] >= 0 && !(double(pk) - double(pk) == 0.0);
+  w.all_n = h.neg.idx[0] >= 0 && !(double(nk) - double(nk) == 0.0);
+  w.sp = w.all_p || (h.pos.idx[0] >= 0 && p2 > T(-INFINITY) && !(double(pk) - double(p2) > twice));
+  w.sn = w.all_n || (h.neg.idx[0] >= 0 && n2 < T(INFINITY) && !(double(n2) - double(nk) > twice));
   w.lo = double(pk) - twice;
   w.hi = double(nk) + twice;
-  w.rp = w.sp && double(h.pos.beyond) >= w.lo;
-  w.rn = w.sn && double(h.neg.beyond) <= w.hi;
+  w.rp = w.all_p || (w.sp && double(h.pos.beyond) >= w.lo);
+  w.rn = w.all_n || (w.sn && double(h.neg.beyond) <= w.hi);
   return w;
 }
 
@@ -309,14 +314,16 @@ __device__ __forceinline__ ExactNorm warp_exact_norm(const scalar_t* a, int64_t 
 // pair: identical rows give identical keys), in double from their difference: |a - b|^2,
 // or for cosine |â - b̂|^2 = 2 (1 - cos) on canonical unit rows (warp_exact_norm); for
 // cosine with a row that is no unit row, 2 (1 - (a·b) ia ib). na: the anchor's factors.
+// NaN when either row holds a NaN or Inf: such a row wins, as its Gram keys do.
 template <typename scalar_t>
 __device__ __forceinline__ double warp_exact_key(const scalar_t* a, const ExactNorm& na, const scalar_t* b, int64_t D,
                                                  bool cosine, int lane) {
   const ExactNorm nb = warp_exact_norm(b, D, cosine, lane);
   const bool unit = na.unit && nb.unit;
-  double acc = 0;
+  double acc = 0, zero = 0;  // zero: the sum of a_k * 0 + b_k * 0, NaN iff a row is not finite
   for (int64_t k = lane; k < D; k += kWarp) {
     const double av = double(a[k]), bv = double(b[k]);
+    zero += av * 0.0 + bv * 0.0;
     if (!unit) {
       acc += av * bv;
     } else {
@@ -325,6 +332,7 @@ __device__ __forceinline__ double warp_exact_key(const scalar_t* a, const ExactN
     }
   }
   acc = warp_sum(acc);
+  if (warp_sum(zero) != 0.0) return quiet_nan<double>();
   return unit ? acc : 2.0 * (1.0 - acc * na.inv * nb.inv);
 }
 
@@ -346,8 +354,8 @@ __device__ __forceinline__ void settle_from_kept(Hardest<T>& h, const Settle& w,
     if (from_n && jn >= 0 && double(h.neg.key[s]) <= w.hi)
       c.offer(warp_exact_key(a, na, r + jn * D, D, cosine, lane), jn, false);
   }
-  if (from_p && c.pi >= 0) h.pos.idx[0] = c.pi;
-  if (from_n && c.ni >= 0) h.neg.idx[0] = c.ni;
+  if (from_p && c.pi >= 0) h.pos.idx[0] = c.pi, h.pos.key[0] = T(c.pk);
+  if (from_n && c.ni >= 0) h.neg.idx[0] = c.ni, h.neg.key[0] = T(c.nk);
 }
 
 // Settling with the anchor's whole Gram row at hand (the small self-mining kernel): the
@@ -368,7 +376,7 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
     if (j < B && j != i) {
       same = labels.shares(i, labels, j);
       const double key = double(mining_key(metric, g[j], sa, sq[j * sq_stride]));
-      in = same ? w.sp && key >= w.lo : w.sn && key <= w.hi;
+      in = same ? w.sp && (w.all_p || key >= w.lo) : w.sn && (w.all_n || key <= w.hi);
     }
     const unsigned hits = __ballot_sync(kFullMask, in);
     const unsigned pos = __ballot_sync(kFullMask, in && same);
@@ -377,8 +385,8 @@ __device__ __forceinline__ void settle_from_row(Hardest<T>& h, const Settle& w, 
       c.offer(warp_exact_key(a, na, x + (j0 + b) * D, D, cosine, lane), j0 + b, (pos >> b) & 1u);
     }
   }
-  if (w.sp && c.pi >= 0) h.pos.idx[0] = c.pi;
-  if (w.sn && c.ni >= 0) h.neg.idx[0] = c.ni;
+  if (w.sp && c.pi >= 0) h.pos.idx[0] = c.pi, h.pos.key[0] = T(c.pk);
+  if (w.sn && c.ni >= 0) h.neg.idx[0] = c.ni, h.neg.key[0] = T(c.nk);
 }
 
 // The exact distances of anchor a to its selected rows p and n (difference form,
@@ -680,8 +688,8 @@ __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scal
         c.offer(part_key[at + 1], part_idx[at + 1], false);
       }
       c = warp_merge(c);
-      if (w.rp && c.pi >= 0) h.pos.idx[0] = c.pi;
-      if (w.rn && c.ni >= 0) h.neg.idx[0] = c.ni;
+      if (w.rp && c.pi >= 0) h.pos.idx[0] = c.pi, h.pos.key[0] = T(c.pk);
+      if (w.rn && c.ni >= 0) h.neg.idx[0] = c.ni, h.neg.key[0] = T(c.nk);
     }
     T loss;
     bool valid;
