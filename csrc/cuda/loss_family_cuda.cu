@@ -207,9 +207,9 @@ FusedPass fused_triplet_pass(const at::Tensor& dist, const at::Tensor& embedding
   const size_t shared = sorted_row_bytes(B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "triplet_family_fused", [&] {
     allow_dynamic_shared(triplet_family_fused_kernel<scalar_t>, shared);
-    TRIPLETOPS_LAUNCH((triplet_family_fused_kernel<scalar_t>), row_blocks(B), kFamilyThreads, shared, current_stream(),
-                      dist.data_ptr<double>(), labels_view(packed), B, semi_hard, margin, soft, den,
-                      p.stats.data_ptr<double>(), p.ticket(), p.out<scalar_t>(result, backward));
+    TRIPLETOPS_LAUNCH((triplet_family_fused_kernel<scalar_t>), row_blocks(B), sorted_row_threads(B), shared,
+                      current_stream(), dist.data_ptr<double>(), labels_view(packed), B, semi_hard, margin, soft,
+                      den, p.stats.data_ptr<double>(), p.ticket(), p.out<scalar_t>(result, backward));
   });
   return p;
 }

@@ -22,6 +22,7 @@
 #include "pairwise_distance_kernels.cuh"
 #include "reduce.cuh"
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -55,7 +56,19 @@ C10_HOST_DEVICE inline int64_t next_pow2(int64_t n) {
 // triplet_family_fused_kernel's dynamic shared memory: per entry of the padded row, a
 // double key, a double of aux and an int column: 20 KiB at B = 1024, 160 KiB at 8192.
 inline size_t sorted_row_bytes(int64_t B) { return size_t(next_pow2(B)) * (2 * sizeof(double) + sizeof(int)); }
-constexpr size_t kFusedStaticShared = 2048;  // the kernel's static shared memory, rounded up
+constexpr size_t kFusedStaticShared = 10 * 1024;  // the kernel's static shared memory (~8.4 KiB), rounded up
+
+// triplet_family_fused_kernel's threads: 8 entries of the padded row each, 128 to 1024 (a
+// long row's sort needs the threads: one block per SM at 160 KiB of shared memory). Under
+// the emulator two threads per entry, so that its rows of 65 to 128 take 256 threads.
+inline unsigned sorted_row_threads(int64_t B) {
+#ifdef TRIPLETOPS_EMU
+  const int64_t want = next_pow2(B) * 2;
+#else
+  const int64_t want = next_pow2(B) / 8;
+#endif
+  return unsigned(std::min<int64_t>(1024, std::max<int64_t>(kFamilyThreads, want)));
+}
 
 // ---- rows and distances ----------------------------------------------------------------
 
@@ -193,11 +206,13 @@ __device__ __forceinline__ void sort_row_kind(const double* d, Labels lab, int64
   bitonic_sort(key, col, n);
 }
 
-// Inclusive prefix sums of v[0, n) into out, with the whole block in a fixed order: each
-// thread sums a run of consecutive entries, thread 0 scans the runs' totals.
+// Inclusive prefix sums of v[0, n) into out, with the whole block (up to 1024 threads) in
+// a fixed order: each thread sums a run of consecutive entries, thread 0 scans the runs'
+// totals.
 __device__ __forceinline__ void block_prefix_sum(const double* v, int n, double* out) {
-  __shared__ double offset[kFamilyThreads];
-  const int per = (n + kFamilyThreads - 1) / kFamilyThreads;
+  __shared__ double offset[1024];
+  const int threads = int(blockDim.x);
+  const int per = (n + threads - 1) / threads;
   const int lo = threadIdx.x * per, hi = lo + per < n ? lo + per : n;
   double s = 0;
   for (int i = lo; i < hi; ++i) s += v[i];
@@ -205,7 +220,7 @@ __device__ __forceinline__ void block_prefix_sum(const double* v, int n, double*
   __syncthreads();
   if (threadIdx.x == 0) {
     double run = 0;
-    for (int t = 0; t < kFamilyThreads; ++t) {
+    for (int t = 0; t < threads; ++t) {
       const double c = offset[t];
       offset[t] = run;
       run += c;
@@ -244,14 +259,16 @@ __device__ __forceinline__ void finish_in_last_block(unsigned* counter, const do
 // in the backward its row of w = (d loss / d dist) / scale, as batch_all_grad_kernel /
 // semi_hard_grad_kernel: every entry written (no fill), semi-hard's shared negatives
 // summed in shared memory (integer addends: exact in any order). The row's arrays live in
-// dynamic shared memory, sorted_row_bytes(B). Expected on the H200: B = 512 ~10 us,
-// B = 1024 ~25 us (a 1024-entry bitonic sort per block); B = 8192 ~0.4 ms forward, ~0.8
-// ms backward (8192-entry sorts, 91 stages, one block per SM), where at::sort of the
-// (B, B) rows took most of the general path's 15 ms.
+// dynamic shared memory, sorted_row_bytes(B), with sorted_row_threads(B) threads.
+// Expected on the H200: B = 512 ~10 us, B = 1024 ~25 us (a 1024-entry bitonic sort per
+// block, many blocks per SM); B = 8192 ~0.8 ms forward, ~1.6 ms backward (8192-entry sorts
+// of 91 stages, 4 compare-exchanges per thread and stage, ~12 us a block, one block per
+// SM: 62 waves), where at::sort of the (B, B) rows took most of the general path's 15 ms.
 template <typename scalar_t>
-__global__ void triplet_family_fused_kernel(const double* __restrict__ dist, Labels lab, int64_t B, bool semi_hard,
-                                            double margin, bool soft, Denominator den, double* __restrict__ stats,
-                                            unsigned* __restrict__ counter, FusedOut<scalar_t> out) {
+__global__ void __launch_bounds__(1024)
+    triplet_family_fused_kernel(const double* __restrict__ dist, Labels lab, int64_t B, bool semi_hard,
+                                double margin, bool soft, Denominator den, double* __restrict__ stats,
+                                unsigned* __restrict__ counter, FusedOut<scalar_t> out) {
 #ifdef TRIPLETOPS_EMU
   unsigned char* shared = static_cast<unsigned char*>(::simt::dynamic_shared());
 #else

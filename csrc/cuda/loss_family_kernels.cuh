@@ -30,17 +30,17 @@ constexpr int kFamilyWarps = kFamilyThreads / kWarp;
 constexpr int kStats = 4;
 enum Stat { kSum = 0, kCount = 1, kNonzero = 2, kNan = 3 };
 
-// The sum over the block, on every thread, in one fixed order. Block-uniform: every
-// thread of a kFamilyThreads block calls it.
+// The sum over the block (any whole number of warps, up to 1024 threads), on every
+// thread, in one fixed order. Block-uniform: every thread of the block calls it.
 template <typename T>
 __device__ T block_sum(T v) {
-  __shared__ T partial[kFamilyWarps];
+  __shared__ T partial[32];
   v = warp_sum(v);
   __syncthreads();  // partial[] may still be read from the previous call
   if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = v;
   __syncthreads();
   T total = T(0);
-  for (int w = 0; w < kFamilyWarps; ++w) total += partial[w];
+  for (unsigned w = 0; w < blockDim.x / kWarp; ++w) total += partial[w];
   return total;
 }
 
