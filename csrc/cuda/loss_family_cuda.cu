@@ -11,7 +11,7 @@
 // (B, B) buffers, plus batch-all's (B, B) prefix sums.
 //
 // That is the general path. A batch of B <= kFusedMaxB (1024) takes the fused path
-// instead, ~4 launches each way where the general one makes ~25 with its ATen glue: the
+// instead, 3 or 4 launches each way where the general one makes ~20 with its ATen glue: the
 // distances straight from the rows, the sorts in shared memory, the reduction in the last
 // block, the gradient to the rows in one kernel (loss_family_fused_kernels.cuh). The choice
 // depends on B only, so a captured CUDA graph replays the same kernels.
@@ -110,8 +110,8 @@ Batch batch_of(const at::Tensor& dist, const at::Tensor& labels) {
 }
 
 // ---- small batches (B <= kFusedMaxB): the fused kernels ----------------------------------
-// Three launches each way (loss_family_fused_kernels.cuh), plus the counter's fill, and
-// the unit rows' kernel under cosine. Up to kSharedSortMaxB, batch-all and semi-hard
+// Two kernels each way (loss_family_fused_kernels.cuh), plus the counter's fill, and the
+// unit rows' kernel under cosine. Up to kSharedSortMaxB, batch-all and semi-hard
 // still take their statistics from triplet_family_fused_kernel (rows sorted in shared
 // memory), around pairwise_distance's GEMM-based kernels.
 
