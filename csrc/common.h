@@ -182,6 +182,29 @@ inline void check_triplets(const at::Tensor& a, const at::Tensor& p, const at::T
   TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, "tripletops: anchor must be non-empty, got shape ", a.sizes());
 }
 
+// knn's input checks, shared by the CPU and CUDA kernels (no gallery: the queries are
+// searched against themselves).
+inline void check_knn_inputs(const at::Tensor& queries, const c10::optional<at::Tensor>& gallery, int64_t k,
+                             c10::DeviceType device) {
+  TRIPLETOPS_CHECK_2D(queries, "queries");
+  TRIPLETOPS_CHECK_FLOAT(queries, "queries");
+  TORCH_CHECK(queries.device().type() == device, "tripletops: queries must be a ", device, " tensor here, got ",
+              queries.device());
+  TORCH_CHECK_VALUE(queries.size(0) > 0 && queries.size(1) > 0,
+                    "tripletops: queries must be non-empty (Q > 0, D > 0), got shape ", queries.sizes());
+  TORCH_CHECK_VALUE(k > 0, "tripletops: k must be a positive integer, got ", k);
+  if (!gallery.has_value()) return;
+  const at::Tensor& g = *gallery;
+  TRIPLETOPS_CHECK_2D(g, "gallery");
+  TRIPLETOPS_CHECK_FLOAT(g, "gallery");
+  TORCH_CHECK_VALUE(g.size(0) > 0, "tripletops: gallery must have at least one row");
+  TORCH_CHECK_VALUE(g.size(1) == queries.size(1), "tripletops: gallery must have D = ", queries.size(1),
+                    " columns like queries, got ", g.size(1));
+  TORCH_CHECK_TYPE(g.scalar_type() == queries.scalar_type(), "tripletops: gallery must have dtype ",
+                   queries.scalar_type(), " like queries, got ", g.scalar_type());
+  TRIPLETOPS_CHECK_SAME_DEVICE(queries, g, "queries", "gallery");
+}
+
 // The mining ops' input checks (batch_hard_mine / batch_hard_loss), shared by the CPU and
 // CUDA kernels; `device` is the device type the calling kernel takes.
 inline void check_mining_inputs(const at::Tensor& embeddings, const at::Tensor& labels,

@@ -38,6 +38,12 @@ inline void define_ops(torch::Library& m) {
       "str metric, bool soft_margin, str reduction, bool compute_ref_grad) "
       "-> (Tensor, Tensor)");
 
+  // Exact k-nearest search: (Q, D) queries against a (G, D) gallery, or against themselves
+  // (gallery None). -> (dist, idx), (Q, k) each, nearest first: exact distances in the
+  // accumulation dtype (+inf where no neighbour) and int64 gallery rows (-1 where none).
+  // exclude_self: query i never finds gallery row i.
+  m.def("knn(Tensor queries, Tensor? gallery, int k, str metric, bool exclude_self) -> (Tensor, Tensor)");
+
   // Explicit triplets, (N, D) each. -> (loss, d_ap, d_an, d_pn); d_pn is empty unless swap.
   m.def(
       "triplet_margin_loss(Tensor anchor, Tensor positive, Tensor negative, float margin, "

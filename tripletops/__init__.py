@@ -15,6 +15,7 @@ from .modules import (BatchAllTripletLoss, BatchHardTripletLoss, CenterLoss, Con
                       SemiHardTripletLoss, TripletMarginLoss)
 from .pair_losses import batch_all_loss, contrastive_loss, semi_hard_loss
 from .reference import Mined
+from .retrieval import Neighbors, knn, retrieval_metrics
 from .triplet_margin import triplet_margin_loss
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "SemiHardTripletLoss",
     "ExtensionInfo",
     "Mined",
+    "Neighbors",
     "ReferenceFallbackWarning",
     "TripletMarginLoss",
     "batch_all_loss",
@@ -36,8 +38,10 @@ __all__ = [
     "distributed",
     "contrastive_loss",
     "extension_available",
+    "knn",
     "pairwise_distance",
     "reference",
+    "retrieval_metrics",
     "semi_hard_loss",
     "triplet_margin_loss",
 ]

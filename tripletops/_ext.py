@@ -44,7 +44,7 @@ class ReferenceFallbackWarning(UserWarning):
 # The ops the Python layer calls; each may have kernels for some devices only (the CUDA
 # kernels land op by op).
 _OPS = ("pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss", "batch_all_loss",
-        "semi_hard_loss", "contrastive_loss")
+        "semi_hard_loss", "contrastive_loss", "knn")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 

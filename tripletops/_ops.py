@@ -31,6 +31,12 @@ def _register(namespace: str = "tripletops") -> None:
     def _(grad, x, y, dist, metric):
         return torch.empty_like(x), (x.new_empty((0,)) if y is None else torch.empty_like(y))
 
+    # ---- knn --------------------------------------------------------------------------
+    @torch.library.register_fake(f"{namespace}::knn")
+    def _(queries, gallery, k, metric, exclude_self):
+        dist = queries.new_empty((queries.shape[0], k), dtype=_compute_dtype(queries.dtype))
+        return dist, queries.new_empty((queries.shape[0], k), dtype=torch.int64)
+
     # ---- batch_hard_mine / batch_hard_loss --------------------------------------------
     def _mined_fake(embeddings):
         b = embeddings.shape[0]

@@ -160,3 +160,24 @@ def contrastive(embeddings, labels_, metric_, reduction_, pos_margin, neg_margin
     reduction(reduction_)
     margin(pos_margin, "pos_margin")
     margin(neg_margin, "neg_margin")
+
+
+def positive_int(v, name: str) -> int:
+    """A Python or numpy integer >= 1 (not a bool)."""
+    if isinstance(v, bool) or _numpy_bool(v) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"tripletops: {name} must be a positive integer, got {type(v).__name__} {v!r}")
+    if v < 1:
+        raise ValueError(f"tripletops: {name} must be a positive integer, got {v}")
+    return int(v)
+
+
+def search(queries, gallery, k, metric_: str, exclude_self, normalize) -> None:
+    """knn's arguments."""
+    rows(queries, "queries")
+    if gallery is not None:
+        like(gallery, "gallery", queries, "queries", same_rows=False)
+    positive_int(k, "k")
+    metric(metric_)
+    if exclude_self is not None:
+        flag(exclude_self, "exclude_self")
+    flag(normalize, "normalize")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import _validate
 
-__all__ = ["Mined", "pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss", "batch_all_loss",
+__all__ = ["Mined", "Neighbors", "knn", "pairwise_distance", "batch_hard_mine", "batch_hard_loss", "triplet_margin_loss", "batch_all_loss",
            "semi_hard_loss", "contrastive_loss"]
 
 
@@ -31,6 +31,52 @@ class Mined(NamedTuple):
     pos_dist: torch.Tensor
     neg_dist: torch.Tensor
     valid: torch.Tensor
+
+
+class Neighbors(NamedTuple):
+    """Result of `knn`: ``dist`` and ``idx``, ``(Q, k)`` each, nearest first. ``idx`` holds
+    int64 gallery rows (-1 where the gallery has fewer than k rows to offer), ``dist`` the
+    exact distances in the queries' dtype (+inf where no neighbour)."""
+
+    dist: torch.Tensor
+    idx: torch.Tensor
+
+
+def knn(queries: torch.Tensor, gallery: Optional[torch.Tensor] = None, *, k: int, metric: str = "euclidean",
+        exclude_self: Optional[bool] = None, normalize: bool = False) -> Neighbors:
+    """The k nearest gallery rows of every query; see `tripletops.knn`."""
+    _validate.search(queries, gallery, k, metric, exclude_self, normalize)
+    with torch.no_grad():
+        queries, gallery = _maybe_normalize(normalize, queries, gallery)
+        exclude = (gallery is None) if exclude_self is None else bool(exclude_self)
+        dist, idx = _knn(queries, gallery, int(k), metric, exclude)
+    return Neighbors(dist.to(queries.dtype), idx)
+
+
+def _knn(queries, gallery, k: int, metric: str, exclude_self: bool):
+    """(dist, idx) in the compute dtype: the distances of `_pairwise_distance`, a block of
+    queries at a time (O(block * G) memory), stably sorted, so ties go to the smallest
+    index and NaN distances rank last."""
+    x = _compute(queries)
+    y = x if gallery is None else _compute(gallery)
+    Q, G = x.shape[0], y.shape[0]
+    dist = x.new_full((Q, k), float("inf"))
+    idx = torch.full((Q, k), -1, dtype=torch.int64, device=x.device)
+    block = max(1, (1 << 22) // G)
+    for q0 in range(0, Q, block):
+        d = _pairwise_distance(x[q0:q0 + block], y, metric)
+        rows = torch.arange(q0, q0 + d.shape[0], device=x.device)
+        order = torch.sort(d, dim=1, stable=True).indices
+        n = min(k, G)
+        if exclude_self:  # gallery row i moves to the end of query i's order, and is then dropped
+            is_self = order == rows[:, None]
+            rank = torch.arange(G, device=x.device) + is_self * G
+            order = order.gather(1, rank.argsort(dim=1))
+        top = order[:, :n]
+        found = top != rows[:, None] if exclude_self else torch.ones_like(top, dtype=torch.bool)
+        dist[q0:q0 + d.shape[0], :n] = torch.where(found, d.gather(1, top), torch.full_like(d[:, :n], float("inf")))
+        idx[q0:q0 + d.shape[0], :n] = torch.where(found, top, torch.full_like(top, -1))
+    return dist, idx
 
 
 def pairwise_distance(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, metric: str = "euclidean") -> torch.Tensor:

@@ -11,7 +11,7 @@
 // Backward: only the 2B selected pairs are touched, O(B * D). Contributions to
 // positive/negative rows are scattered in ascending anchor order, parallel over
 // feature slices, so gradients are bit-identical from run to run.
-#include "rows_cpu.h"
+#include "mining_cpu.h"
 
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
@@ -412,80 +412,6 @@ inline void shared_label_ids(const Labels& lab, int64_t i, const Labels& ref, in
   for (int64_t j = 0; j < n; ++j) out[j] = !lab.shares(i, ref, c0 + j);
 }
 
-// True when no mining key can be NaN or inf: all rows finite, norms far from overflow.
-template <typename T>
-bool keys_all_finite(const PreparedRows& R) {
-  const int64_t n = R.rows.size(0);
-  const uint8_t* f = R.finite.data_ptr<uint8_t>();
-  const T* sq = R.sq_norm.data_ptr<T>();
-  const T limit = std::numeric_limits<T>::max() / T(8);
-  for (int64_t i = 0; i < n; ++i)
-    if (!f[i] || !(sq[i] < limit)) return false;
-  return true;
-}
-
-// The exact mining key of two input rows, accumulated in double from their difference
-// (no cancellation): |a - b|^2 for (sq)euclidean; for cosine |a/|a| - b/|b||^2, which is
-// 2 (1 - cos) (inverse norms ia, ib in double, F.normalize's eps) and keeps its relative
-// accuracy for nearly parallel rows where 1 - a.b of rounded unit rows cannot. fp32 rows'
-// differences and products are exact in double, so only the D additions round.
-template <typename T>
-TRIPLETOPS_INLINE double exact_key(const T* a, const T* b, int64_t D, double ia, double ib) {
-  using W = Vec64<double>;
-  typedef T H __attribute__((vector_size(W::N * sizeof(T))));
-  typename W::V acc = {};
-  int64_t k = 0;
-  for (; k + W::N <= D; k += W::N) {
-    H ha, hb;
-    std::memcpy(&ha, a + k, sizeof(ha));
-    std::memcpy(&hb, b + k, sizeof(hb));
-    const typename W::V d = __builtin_convertvector(ha, typename W::V) * ia - __builtin_convertvector(hb, typename W::V) * ib;
-    acc += d * d;
-  }
-  for (int l = 0; k < D; ++k, ++l) {
-    const double d = a[k] * ia - b[k] * ib;
-    acc[l] += d * d;
-  }
-  return W::sum(acc);
-}
-template <typename T>
-inline double inverse_norm(const T* a, int64_t D) {
-  double s = 0;
-  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(a[k]);
-  return 1.0 / std::max(std::sqrt(s), kNormEps);
-}
-// The canonical unit row of a in double, as rows_cpu.h's canonical_unit_row: (a_k / m) / q
-// with m = max |a_k| and q = |a / m| (serial order), bitwise the same for a and c·a (c > 0:
-// each quotient a_k / m is correctly rounded from an exact value that c cancels from), so
-// rows of one direction meet at exactly 0 when settling and tie to the smallest index.
-template <typename T>
-inline void canonical_unit_double(const T* a, int64_t D, std::vector<double>& out) {
-  double m = 0;
-  for (int64_t k = 0; k < D; ++k) m = std::max(m, std::fabs(double(a[k])));
-  out.resize(D);
-  double q = 0;
-  for (int64_t k = 0; k < D; ++k) {
-    out[k] = double(a[k]) / m;
-    q += out[k] * out[k];
-  }
-  q = std::sqrt(q);
-  for (int64_t k = 0; k < D; ++k) out[k] /= q;
-}
-// Whether a row is a unit row under F.normalize (common.h's is_unit_row), and a·b in
-// double, for cosine's key of a pair with a row that is not.
-template <typename T>
-inline bool unit_row(const T* a, int64_t D) {
-  double s = 0;
-  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(a[k]);
-  return is_unit_row(s);
-}
-template <typename T>
-inline double dot_double(const T* a, const T* b, int64_t D) {
-  double s = 0;
-  for (int64_t k = 0; k < D; ++k) s += double(a[k]) * double(b[k]);
-  return s;
-}
-
 // Certified mining (no candidate misranked because a Gram key rounds). Each anchor's
 // choice came with the runner-up's key (pk2 / nk2); every key is within
 // gram_key_bound(D, u, (|a| + max |r|)^2) of the exact one, so a best that beats its
@@ -558,25 +484,12 @@ int64_t settle_near_ties(const PreparedRows& Em, const PreparedRows& Rm, const T
     for (int64_t t = begin; t < end; ++t) {
       const Todo& w = todo[t];
       const int64_t i = w.i;
-      const double ia = cosine ? inverse_norm(x + i * D, D) : 1.0;
-      const bool ua = !cosine || unit_row(x + i * D, D);
-      std::vector<double> ua_row, ub_row;  // cosine: canonical unit rows in double
-      if (cosine && ua) canonical_unit_double(x + i * D, D, ua_row);
+      ExactKeys<T> exact(x + i * D, D, cosine);
       double bp = -1, bn = 0;
       int64_t ip = -1, in = -1;
       for (const int64_t j : cand[t]) {
         const bool same = lab.shares(i, ref_lab, j);
-        const double ib = cosine ? inverse_norm(y + j * D, D) : 1.0;
-        const bool unit = ua && (!cosine || unit_row(y + j * D, D));
-        double k;
-        if (!unit) {
-          k = 2.0 * (1.0 - dot_double(x + i * D, y + j * D, D) * ia * ib);  // common.h: is_unit_row
-        } else if (cosine) {
-          canonical_unit_double(y + j * D, D, ub_row);
-          k = exact_key(ua_row.data(), ub_row.data(), D, 1.0, 1.0);
-        } else {
-          k = exact_key(x + i * D, y + j * D, D, ia, ib);
-        }
+        const double k = exact.key(y + j * D);
         if (same && (ip < 0 || k > bp)) bp = k, ip = j;
         if (!same && (in < 0 || k < bn)) bn = k, in = j;
       }
@@ -735,58 +648,6 @@ int64_t mine_tiles(const PreparedRows& E, const Labels& lab, const PreparedRows&
                              neg_key.data(), neg_key2.data(), pos, neg);
 }
 
-// |a|^2 + |b|^2 - 2ab loses precision relative to the norms, so data far from the
-// origin (d^2 << |x|^2, e.g. post-ReLU embeddings) would be mined on rounding noise.
-// (Sq)euclidean distances are translation invariant: mine on rows shifted by an
-// estimate of the reference set's mean. The estimate only has to be near the data,
-// so it averages about 64 evenly spaced finite rows, serially: deterministic.
-// Returns false (and leaves the outputs alone) when the data is already centered.
-template <typename T>
-bool center_for_mining(const PreparedRows& E, const PreparedRows& R, bool self, PreparedRows& Em, PreparedRows& Rm) {
-  const int64_t M = R.rows.size(0), D = R.rows.size(1);
-  const int64_t stride = std::max<int64_t>(1, M / 64);
-  const T* r = R.rows.data_ptr<T>();
-  const uint8_t* fr = R.finite.data_ptr<uint8_t>();
-  const T* sq = R.sq_norm.data_ptr<T>();
-  std::vector<double> mean(D, 0.0), col_sq(D, 0.0);
-  double mean_sq = 0;
-  int64_t count = 0;
-  for (int64_t i = 0; i < M; i += stride) {
-    if (!fr[i]) continue;
-    for (int64_t k = 0; k < D; ++k) mean[k] += r[i * D + k], col_sq[k] += double(r[i * D + k]) * r[i * D + k];
-    mean_sq += sq[i];
-    ++count;
-  }
-  if (count == 0) return false;
-  double mu_sq = 0;
-  for (int64_t k = 0; k < D; ++k) mean[k] /= double(count), mu_sq += mean[k] * mean[k];
-  // Centering pays when the mean holds a sizeable share of the norms (|mu|^2 > E|x|^2 / 16).
-  if (!(mu_sq * 16 > mean_sq / double(count))) return false;
-  // Each column's shift keeps grids exact (grid_shift).
-  at::Tensor mu = at::empty({D}, R.rows.options());
-  for (int64_t k = 0; k < D; ++k) {
-    const double var = std::max(0.0, col_sq[k] / double(count) - mean[k] * mean[k]);
-    mu.data_ptr<T>()[k] = T(grid_shift(mean[k], var));
-  }
-  auto shifted = [&](const PreparedRows& X) {
-    PreparedRows out;
-    out.rows = X.rows.sub(mu);
-    out.finite = X.finite;
-    out.sq_norm = at::empty_like(X.sq_norm);
-    const int64_t N = X.rows.size(0);
-    const T* x = out.rows.data_ptr<T>();
-    T* s = out.sq_norm.data_ptr<T>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / D), [&](int64_t begin, int64_t end) {
-      bool ok;
-      for (int64_t i = begin; i < end; ++i) s[i] = row_sumsq(x + i * D, D, ok);
-    });
-    return out;
-  };
-  Em = shifted(E);
-  Rm = self ? Em : shifted(R);
-  return true;
-}
-
 struct Inputs {
   bool self;
   at::Tensor labels, ref_labels;  // pack_labels: int64 class ids or multi-hot bitsets, contiguous
@@ -843,24 +704,10 @@ void mine_direct(const PreparedRows& E, const Labels& lab, const PreparedRows& R
 
 Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
                        const c10::optional<at::Tensor>& ref_embeddings, Metric metric) {
-  // E, R: the rows mined and measured on. Rows whose squares leave the dtype's range
-  // (rows_cpu.h: safe_scale_exponent; for cosine only an overflow) are replaced by the
-  // rows times 2^-e, and the distances scaled back at the end (exact, unless they over-
-  // or underflow themselves).
-  PreparedRows E = prepare_rows(embeddings, metric);
-  PreparedRows R = in.self ? E : prepare_rows(*ref_embeddings, metric);
-  const int scale_e = safe_scale_exponent(embeddings, ref_embeddings, E, in.self ? nullptr : &R,
-                                          /*underflow_too=*/metric != Metric::Cosine);
+  const ScaledRows S = prepare_scaled(embeddings, ref_embeddings, metric);
+  const PreparedRows &E = S.E, &R = S.R;
+  const int scale_e = S.scale_e;
   const bool scaled = scale_e != 0;
-  at::Tensor se_in, sr_in;
-  if (scaled) {
-    const auto ct = compute_dtype(embeddings.scalar_type());
-    const double down = std::ldexp(1.0, -scale_e);
-    se_in = embeddings.to(ct).mul(down);
-    sr_in = in.self ? at::Tensor() : ref_embeddings->to(ct).mul(down);
-    E = prepare_rows(se_in, metric);
-    R = in.self ? E : prepare_rows(sr_in, metric);
-  }
   const PreparedRows &Es = E, &Rs = R;
   // The measured distances back to the input's scale: 2^e (euclidean), 2^2e (sqeuclidean).
   const auto scale_back = [&](Mined& m) {
@@ -901,9 +748,7 @@ Mined mine_and_measure(const at::Tensor& embeddings, const Inputs& in,
     PreparedRows Em = Es, Rm = Rs;
     if (metric != Metric::Cosine) center_for_mining<T>(Es, Rs, in.self, Em, Rm);
     // The input rows for settling near-ties: the mined-on rows unless those are unit rows.
-    const at::Tensor xs = metric != Metric::Cosine ? Es.rows : (scaled ? se_in : embeddings).to(E.rows.scalar_type()).contiguous();
-    const at::Tensor ys = in.self ? xs : metric != Metric::Cosine ? Rs.rows
-                                       : (scaled ? sr_in : *ref_embeddings).to(E.rows.scalar_type()).contiguous();
+    const at::Tensor &xs = S.x, &ys = S.y;
     m.settled = mine_tiles<T>(Em, in.lab, Rm, in.ref, xs.data_ptr<T>(), ys.data_ptr<T>(), in.self, metric, pos,
                               neg);
     const T *e = E.rows.data_ptr<T>(), *r = R.rows.data_ptr<T>();
