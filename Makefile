@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead cuda-check torch-range cuda-emu package-check gpu-check clean
+.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-retrieval cuda-check torch-range cuda-emu package-check gpu-check clean
 
 # Builds only when the extension is missing, built against another torch, or older than a
 # source (tools/build_is_current.py).
@@ -62,6 +62,11 @@ bench-run:
 # GEMM and the eager recipe, side by side -> benchmarks/results/overhead_cpu.md and README.md.
 bench-overhead: install
 	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_overhead.py --readme README.md
+
+# Exact k-nearest search against faiss-cpu, cdist + topk and one GEMM, and the retrieval
+# metrics against AccuracyCalculator -> benchmarks/results/retrieval_<device>.md and README.md.
+bench-retrieval: install
+	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_retrieval.py --readme README.md
 
 # Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 against the installed torch
 # headers and print ptxas' register/spill report. No GPU needed; .ci/run runs it when nvcc exists.

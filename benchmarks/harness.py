@@ -146,6 +146,15 @@ def replace_section(path: str, name: str, text: str) -> None:
         f.write(new)
 
 
+def faiss_or_none():
+    """faiss (faiss-cpu), or None when it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
 def pml_or_none():
     """pytorch_metric_learning when installed (it is pure Python), else None."""
     try:

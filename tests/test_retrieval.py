@@ -218,10 +218,10 @@ def assert_same_as_pml(mine, ref):
 @pytest.mark.parametrize("self_search", [True, False])
 def test_retrieval_metrics_match_accuracy_calculator(device, self_search):
     torch.manual_seed(5)
-    ql = torch.randint(0, 6, (120,))
-    q = torch.randn(120, 8, dtype=torch.float64) + ql[:, None].double() * 0.4
-    gl = torch.randint(0, 7, (90,))  # class 6 only in the gallery
-    g = torch.randn(90, 8, dtype=torch.float64) + gl[:, None].double() * 0.4
+    ql = torch.randint(0, 6, (120,))  # host tensor
+    q = torch.randn(120, 8, dtype=torch.float64) + ql[:, None].double() * 0.4  # host tensor
+    gl = torch.randint(0, 7, (90,))  # host tensor; class 6 only in the gallery
+    g = torch.randn(90, 8, dtype=torch.float64) + gl[:, None].double() * 0.4  # host tensor
     ql[0] = 9  # a query with no relevant row: left out
     if self_search:
         mine = tripletops.retrieval_metrics(q.to(device), ql.to(device), k=(1, 3))
@@ -275,8 +275,8 @@ def metrics_by_definition(d, relevant, ks):
 @pytest.mark.parametrize("self_search", [True, False])
 def test_retrieval_metrics_multi_hot(device, self_search):
     torch.manual_seed(6)
-    labels = torch.rand(80, 5) < 0.3  # some rows have no label: relevant to nothing
-    x = torch.randn(80, 6, dtype=torch.float64) + labels.double() @ torch.randn(5, 6, dtype=torch.float64)
+    labels = torch.rand(80, 5) < 0.3  # host tensor; some rows have no label: relevant to nothing
+    x = torch.randn(80, 6, dtype=torch.float64) + labels.double() @ torch.randn(5, 6, dtype=torch.float64)  # host tensor
     if self_search:
         mine = tripletops.retrieval_metrics(x.to(device), labels.to(device), k=(1, 5))
         g, gl = x, labels
