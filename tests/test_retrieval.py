@@ -156,7 +156,8 @@ def test_knn_normalize_and_non_contiguous(device):
 def test_knn_large_cpu_tiles():
     """Sizes past the CPU's tiles and its direct path: the Gram windows and their settling."""
     torch.manual_seed(4)
-    for (Q, G, D, k) in [(2100, 3000, 8, 7), (2500, None, 4, 3)]:
+    # small and large k (a window's heap of k keys), with heavy ties
+    for (Q, G, D, k) in [(2100, 3000, 8, 7), (2500, None, 4, 3), (1500, 2000, 6, 40), (1800, None, 5, 45)]:
         q = torch.randint(-2, 3, (Q, D)).float()  # heavy ties
         g = None if G is None else torch.randint(-2, 3, (G, D)).float()
         for metric in METRICS:
