@@ -173,7 +173,7 @@ def test_the_gpu_sanitizer_driver_runs_every_case_on_the_cpu():
     import gpu_sanitize_driver
 
     done = gpu_sanitize_driver.run_cases("cpu")
-    assert len(done) == 18 and len(set(done)) == len(done)
+    assert len(done) == 19 and len(set(done)) == len(done)
 
 
 def test_gpu_check_reports_every_stage_and_keeps_to_its_total(tmp_path):

@@ -121,6 +121,16 @@ def run_cases(device: str = "cuda", scale: int = 1) -> list:
                 fn(e).backward()
                 assert torch.isfinite(e.grad).all()
     case("batch_all / semi_hard, rows sorted in shared memory", family_shared_sort)
+
+    def knn():  # both Gram passes over several tiles, the exact keys, a direct query (NaN row)
+        for metric in ("euclidean", "sqeuclidean", "cosine"):
+            q, g = randn(700, 24), randn(3000, 24)
+            q[5, 3] = float("nan")
+            nb = tripletops.knn(q, g, k=10, metric=metric)
+            assert (nb.idx >= 0).all()
+            nb = tripletops.knn(randn(900, 16, dtype=torch.float64), k=7, metric=metric)
+            assert (nb.idx >= 0).all()
+    case("knn, every metric, a gallery and self-search", knn)
     return done
 
 
