@@ -132,6 +132,13 @@ def test_knn_non_finite_rows_rank_last(device, metric):
     q[5, 2] = math.nan
     nb = tripletops.knn(q, g, k=49, metric=metric)
     check(nb, q, g, 49, metric, False, torch.float32)
+    # Past the direct path: the Gram tiles (under the emulator about k columns each) skip
+    # the non-finite rows, and the NaN query is searched directly.
+    q = torch.randn(300, 8, dtype=torch.float32, device=device)
+    g = torch.randn(400, 8, dtype=torch.float32, device=device)
+    g[2, 1], g[150, 0], q[7, 4] = math.nan, math.inf, math.nan
+    nb = tripletops.knn(q, g, k=12, metric=metric)
+    check(nb, q, g, 12, metric, False, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

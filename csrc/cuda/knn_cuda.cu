@@ -1,16 +1,16 @@
 // Exact k-nearest search on CUDA (tripletops.knn): the twin of csrc/cpu/knn_cpu.cpp, with
-// the same certified windows but in two passes over the gallery instead of one.
-// Device code: knn_kernels.cuh.
+// the same certified windows, one pass over the gallery. Device code: knn_kernels.cuh.
 //
 //  1. The gallery in tiles: each tile's keys come from one addmm (cuBLAS) on the rows in
 //     the compute dtype, shifted by the gallery's mean for (sq)euclidean: |g|^2 - 2 q.g,
 //     or -q.g on unit rows for cosine; NaN for a row that is not finite and for query i's
-//     own row under exclude_self. at::topk merges them into every query's k smallest keys,
-//     whose largest t bounds the k-th exact key from above within the rounding bound.
-//  2. The tiles again: every key within twice the certified bound of t (common.h:
-//     gram_key_bound, with TF32's input rounding where cuBLAS may use it) is a candidate
-//     (at::nonzero); on random data about k + 2 per query.
-//  3. The candidates' exact keys in double (knn_exact_keys_kernel), a stable sort by
+//     own row under exclude_self. at::topk merges them into every query's k smallest keys
+//     so far, and every key of the tile within twice the certified bound of the running
+//     k-th (common.h: gram_key_bound, with TF32's input rounding where cuBLAS may use it)
+//     is kept as a candidate (at::nonzero). The running k-th only falls, so the kept
+//     candidates hold the final window: about k (1 + ln(G / tile)) per query on random
+//     data, filtered at the end to the final k-th key plus twice the bound (about k + 2).
+//  2. The candidates' exact keys in double (knn_exact_keys_kernel), a stable sort by
 //     (query, key, index), and the first k of each query are the answer: the float64
 //     brute force's, indices included.
 // A query whose row is not finite, or that has fewer than k finite candidates, takes every
@@ -18,10 +18,12 @@
 // when a finite row's squared norm leaves the compute dtype's range (fp32 norms above
 // ~1.8e19) or the bound is infinite, every query.
 //
-// Cost: two GEMM passes (2 Q G D multiply-adds each) and a top-k merge per tile. This is
-// not yet the one-pass kernel of the CPU (a top-k in the GEMM's epilogue); expected H200
-// time at Q = G = 10^5, D = 128 fp32 (not measured): two passes of 1.3e12 multiply-adds
-// at ~50 TFLOP/s ~ 105 ms, the top-k merges ~20 ms, the rest ~2 ms: ~2.5x one GEMM.
+// Cost: one GEMM pass (Q G D multiply-adds) and a top-k merge and a compare per tile. This
+// is not yet the CPU's fused epilogue (the top-k inside the GEMM's epilogue); expected H200
+// time at Q = G = 10^5, D = 128 fp32 (not measured): the GEMMs 1.3e12 multiply-adds at
+// ~50 TFLOP/s ~ 52 ms, the top-k merges and compares ~25 ms (each tile's 256 MiB of keys
+// read twice at ~3 TB/s, 150 tiles), the exact keys ~1 ms: ~1.5x one GEMM. Extra memory:
+// one tile of keys (2^26 entries) and ~60 candidates per query (Q = 10^5: ~120 MB).
 // The candidate count is data-dependent, so the search synchronizes with the host.
 #include "device.h"
 #include "knn_kernels.cuh"
@@ -118,23 +120,33 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
       if (exclude_self && c0 < Q) key.diagonal(-c0).fill_(std::numeric_limits<double>::quiet_NaN());
       return key;
     };
+    // The threshold of a query: its k-th smallest key so far plus twice the bound, rounded
+    // up in the compute dtype (-inf for a direct query). Keys only fall as tiles come in, so the running
+    // threshold never drops below the final one: what it admits holds the final window.
+    auto threshold = [&](const at::Tensor& best) {
+      // NaN among the k smallest: fewer than k finite keys yet, so no threshold (+inf).
+      const at::Tensor kth = at::nan_to_num(best.amax(1).to(at::kDouble), inf);
+      at::Tensor admit = (kth + twice).to(ct);
+      admit = at::nextafter(admit, at::full_like(admit, inf));
+      return at::where(direct, at::full_like(admit, -inf), admit).unsqueeze(1);
+    };
     at::Tensor best = at::full({Q, std::min(k, G)}, inf, opts);
+    std::vector<at::Tensor> cand_key;
     for (int64_t c0 = 0; c0 < G; c0 += cols) {
       const int64_t n = std::min(cols, G - c0);
-      const at::Tensor both = at::cat({best, keys_of(c0, n)}, 1);
-      best = std::get<0>(at::topk(both, std::min(k, both.size(1)), 1, /*largest=*/false, /*sorted=*/false));
-    }
-    // t: the k-th smallest key (NaN ranks last: such queries are direct).
-    const at::Tensor t = std::get<0>(at::sort(best, 1)).select(1, std::min(k, G) - 1);
-    at::Tensor admit = (t.to(at::kDouble) + twice).to(ct);
-    admit = at::nextafter(admit, at::full_like(admit, inf));
-    admit = at::where(direct, at::full_like(admit, -inf), admit).unsqueeze(1);
-    for (int64_t c0 = 0; c0 < G; c0 += cols) {
-      const int64_t n = std::min(cols, G - c0);
-      const at::Tensor hit = keys_of(c0, n).le(admit).nonzero();
+      const at::Tensor key = keys_of(c0, n);
+      best = std::get<0>(at::topk(at::cat({best, key}, 1), std::min(k, G), 1, /*largest=*/false, /*sorted=*/false));
+      const at::Tensor hit = key.le(threshold(best)).nonzero();
       cand_q.push_back(hit.select(1, 0));
       cand_j.push_back(hit.select(1, 1) + c0);
+      cand_key.push_back(key.index({cand_q.back(), cand_j.back() - c0}));
     }
+    // The final window (NaN in best: fewer than k finite keys, a direct query).
+    const at::Tensor q = at::cat(cand_q), k_approx = at::cat(cand_key);
+    const at::Tensor keep = k_approx.le(threshold(best).squeeze(1).index({q}));
+    const at::Tensor j = at::cat(cand_j);
+    cand_q = {q.index({keep})};
+    cand_j = {j.index({keep})};
   }
   const at::Tensor dq = direct.nonzero().squeeze(1);
   if (dq.size(0) > 0) {
