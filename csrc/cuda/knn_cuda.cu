@@ -18,11 +18,13 @@
 // when a finite row's squared norm leaves the compute dtype's range (fp32 norms above
 // ~1.8e19) or the bound is infinite, every query.
 //
-// Cost: one GEMM pass (Q G D multiply-adds) and a top-k merge and a compare per tile. This
-// is not yet the CPU's fused epilogue (the top-k inside the GEMM's epilogue); expected H200
-// time at Q = G = 10^5, D = 128 fp32 (not measured): the GEMMs 1.3e12 multiply-adds at
-// ~50 TFLOP/s ~ 52 ms, the top-k merges and compares ~25 ms (each tile's 256 MiB of keys
-// read twice at ~3 TB/s, 150 tiles), the exact keys ~1 ms: ~1.5x one GEMM. Extra memory:
+// Cost: one GEMM pass (Q G D multiply-adds), then per tile a top-k, a compare and a
+// nonzero, each reading the tile: memory-bound. Expected H200 time at Q = G = 10^5,
+// D = 128 fp32 (not measured): the GEMMs 1.3e12 multiply-adds at ~50 TFLOP/s ~ 52 ms; per
+// tile (2^26 keys, 150 tiles) the addmm's write, top-k's passes (~3 reads), the compare
+// and the nonzero move ~1.5 GB: ~225 GB at ~3 TB/s ~ 75 ms; the exact keys ~1 ms. In all
+// ~130 ms, ~2.5x one GEMM, against the goal of 1.5x: that needs the selection inside the
+// GEMM's epilogue (the CPU's design), reading each key once, in registers. Extra memory:
 // one tile of keys (2^26 entries) and ~60 candidates per query (Q = 10^5: ~120 MB).
 // The candidate count is data-dependent, so the search synchronizes with the host.
 #include "device.h"
@@ -135,7 +137,10 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
     for (int64_t c0 = 0; c0 < G; c0 += cols) {
       const int64_t n = std::min(cols, G - c0);
       const at::Tensor key = keys_of(c0, n);
-      best = std::get<0>(at::topk(at::cat({best, key}, 1), std::min(k, G), 1, /*largest=*/false, /*sorted=*/false));
+      // The tile's own k smallest, then the merge on (Q, 2k): the tile is read once by topk.
+      const at::Tensor tile_best = std::get<0>(at::topk(key, std::min(k, n), 1, /*largest=*/false, /*sorted=*/false));
+      best = std::get<0>(at::topk(at::cat({best, tile_best}, 1), std::min(k, G), 1, /*largest=*/false,
+                                  /*sorted=*/false));
       const at::Tensor hit = key.le(threshold(best)).nonzero();
       cand_q.push_back(hit.select(1, 0));
       cand_j.push_back(hit.select(1, 1) + c0);
