@@ -148,6 +148,14 @@ def test_knn_extreme_norms(device):
         for metric in METRICS:
             nb = tripletops.knn(q, k=2, metric=metric)
             check(nb, q, None, 2, metric, True, torch.float32)
+    # Past the direct path: the Gram keys are formed on rows scaled by a power of two.
+    torch.manual_seed(7)
+    base = torch.randn(300, 8, device=device)
+    gal = torch.randn(200, 8, device=device)
+    for scale in (1e20, 1e-30):
+        for metric in METRICS:
+            nb = tripletops.knn(base * scale, gal * scale, k=5, metric=metric)
+            check(nb, base * scale, gal * scale, 5, metric, False, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -15,8 +15,7 @@
 //     brute force's, indices included.
 // A query whose row is not finite, or that has fewer than k finite candidates, takes every
 // gallery row as a candidate; so does every query of a small problem (Q G D <= 2^16) and,
-// when a finite row's squared norm leaves the compute dtype's range (fp32 norms above
-// ~1.8e19) or the bound is infinite, every query.
+// when the bound is infinite (fp32 with D > ~167,000), every query.
 //
 // Cost: one GEMM pass (Q G D multiply-adds), then per tile a top-k, a compare and a
 // nonzero, each reading the tile: memory-bound. Expected H200 time at Q = G = 10^5,
@@ -68,6 +67,28 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   // The rows as GEMM operands, their finiteness and the bias of every key.
   at::Tensor x = X.to(ct), y = Y.to(ct);
   const at::Tensor fin_x = x.isfinite().all(1), fin_y = gallery.has_value() ? y.isfinite().all(1) : fin_x;
+  // Rows whose squares leave the compute dtype's range (fp32 norms above ~1.8e19, or every
+  // squared norm below min / eps^2, e.g. rows of norm 1e-30) are multiplied by 2^-e, with
+  // 2^e just above the largest finite entry, as on CPU (rows_cpu.h: safe_scale_exponent).
+  // The keys only rank; the distances come from the unscaled rows, in double.
+  {
+    const bool f32 = ct == at::kFloat;
+    const double big = (f32 ? double(std::numeric_limits<float>::max()) : std::numeric_limits<double>::max()) / 8;
+    const double tiny = f32 ? double(std::numeric_limits<float>::min()) / 0x1p-46 : std::numeric_limits<double>::min() / 0x1p-104;
+    double max_sq = 0, amax = 0;
+    for (const at::Tensor* r : {&x, &y}) {
+      const at::Tensor f = r->index({r == &x ? fin_x : fin_y});
+      if (f.numel() == 0) continue;
+      max_sq = std::max(max_sq, f.to(at::kDouble).square().sum(1).max().item<double>());
+      amax = std::max(amax, f.abs().max().item<double>());
+    }
+    if (amax > 0 && (!(max_sq < big) || (!cosine && max_sq < tiny))) {
+      int e = 0;
+      std::frexp(amax, &e);
+      x = x.to(at::kDouble).mul(std::ldexp(1.0, -e)).to(ct);
+      y = gallery.has_value() ? y.to(at::kDouble).mul(std::ldexp(1.0, -e)).to(ct) : x;
+    }
+  }
   if (cosine) {
     x = x / x.norm(2, 1, true).clamp_min(kNormEps);
     y = gallery.has_value() ? y / y.norm(2, 1, true).clamp_min(kNormEps) : x;
@@ -82,7 +103,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   const at::Tensor sq_x = x.square().sum(1), sq_y = gallery.has_value() ? y.square().sum(1) : sq_x;
   const at::Tensor nan_row = at::full({G}, std::numeric_limits<double>::quiet_NaN(), opts);
   const at::Tensor bias = at::where(fin_y, cosine ? at::zeros_like(sq_y) : sq_y, nan_row);
-  const double limit = (ct == at::kFloat ? double(std::numeric_limits<float>::max()) : std::numeric_limits<double>::max()) / 8;
 
   // The bound of every key (gram_key_bound, elementwise).
   const double u = ct == at::kFloat ? 0x1p-24 : 0x1p-53;
@@ -92,9 +112,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
 #endif
   const double per_norm = gram_key_bound(D, u, gemm_u, 1.0);
   const int64_t finite_gallery = fin_y.sum().item<int64_t>();
-  const bool overflow = (sq_x.index({fin_x}).ge(limit).any().item<bool>()) ||
-                        (gallery.has_value() && sq_y.index({fin_y}).ge(limit).any().item<bool>());
-  const bool all_direct = Q * G * D <= kKnnDirectWork || std::isinf(per_norm) || overflow;
+  const bool all_direct = Q * G * D <= kKnnDirectWork || std::isinf(per_norm);
   at::Tensor twice;
   if (cosine) {
     twice = at::full({Q}, 2 * gram_key_bound(D, u, gemm_u, 4.0), X.options().dtype(at::kDouble));
