@@ -84,6 +84,8 @@ def _opcheck_samples(ops=torch.ops.tripletops):
     _, dc = ops.contrastive_loss(x, y, 0.1, 1.2, "cosine", "none")
     yield ops.contrastive_loss_backward.default, (torch.randn(36, dtype=torch.float64), x, y, dc, 0.1, 1.2, "cosine",
                                                   "none")
+    yield ops.knn.default, (x, None, 3, "euclidean", True)
+    yield ops.knn.default, (x.float(), bank.detach().float(), 4, "cosine", False)
     a, p, n = (torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     for swap in (False, True):
         yield ops.triplet_margin_loss.default, (a, p, n, 1.0, "euclidean", swap, "mean")
