@@ -144,3 +144,32 @@ def test_inputs_that_differ_or_fail_on_one_rank_raise_on_every_rank(ranks, case)
             what = {"embeddings-dtype": "embeddings dtype", "labels-dtype": "labels dtype",
                     "labels-kind": "labels of the same kind"}[case]
             assert all(what in m for m in messages), messages
+
+
+def test_a_call_leaves_nothing_to_gloo_and_ranks_exit_cleanly_under_load(tmp_path):
+    """After a call returns or raises, gloo's worker thread must hold none of its tensors: it
+    used to drop them just after the call had returned, and dropping one takes the GIL. If the
+    process was exiting by then, that ended the thread inside C++ and aborted the process
+    (SIGABRT), for a rank that raised the documented ValueError as for one that returned.
+    Each rank checks that after 40 calls (a quarter of them left tensors held before), then
+    exits at once without destroy_process_group and must exit with 0. The timing matters,
+    so every core is kept busy meanwhile."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    failures = []
+    try:
+        for round_, case in enumerate(("loss", "labels-dtype", "empty-rank", "loss", "labels-dtype", "empty-rank")):
+            init = tmp_path / f"init{round_}"
+            procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_exit_worker.py"), str(r), "2",
+                                       str(init), case], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env) for r in range(2)]
+            for r, p in enumerate(procs):
+                out = p.communicate(timeout=300)[0]
+                expected = "loss and backward done" if case == "loss" else "raised tripletops"
+                if p.returncode != 0 or expected not in out or "left a tensor held: 0 of 40" not in out:
+                    failures.append(f"round {round_} ({case}), rank {r}: exit {p.returncode}\n{out}")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert not failures, "\n".join(failures)
