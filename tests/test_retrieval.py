@@ -142,6 +142,32 @@ def test_knn_non_finite_rows_rank_last(device, metric):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("capacity", [None, "0", "4096"])
+def test_knn_tile_selection_every_k_and_a_full_candidate_buffer(device, capacity, monkeypatch):
+    """Past the direct path, a gallery sorted by class (each class's keys fall below the
+    running k-th as it arrives: many candidates), k on every register layout of the CUDA
+    tile selection (1, 33, 100, 200: 1, 2, 4 and 8 keys per lane) and past it (300: topk).
+    The emulator build reads its candidate buffer's size from TRIPLETOPS_EMU_KNN_CAPACITY:
+    0 makes every tile run again; 4096 entries, one emulated tile of keys, holds the first
+    tile and overflows at a later one. 16 queries: each row in several segments."""
+    if capacity is not None:
+        monkeypatch.setenv("TRIPLETOPS_EMU_KNN_CAPACITY", capacity)
+    torch.manual_seed(5)
+    centers = 4 * torch.randn(12, 8, dtype=torch.float64)
+    g_labels = torch.arange(600) // 50  # sorted by class
+    g = (centers[g_labels] + torch.randn(600, 8, dtype=torch.float64)).float().to(device)
+    q = (centers[torch.randint(0, 12, (120,))] + torch.randn(120, 8, dtype=torch.float64)).float().to(device)
+    for k in (1, 20, 33, 100, 200, 300):
+        check(tripletops.knn(q, g, k=k), q, g, k, "euclidean", False, torch.float32)
+    few = q[:16]  # few queries: each row's columns in several segments (one warp each)
+    for k in (3, 40):
+        check(tripletops.knn(few, g, k=k), few, g, k, "euclidean", False, torch.float32)
+    s = g[::3]  # 200 rows against themselves
+    for k in (20, 100):
+        check(tripletops.knn(s, k=k, metric="cosine"), s, None, k, "cosine", True, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_knn_extreme_norms(device):
     for scale in (1e20, 1e-30):
         q = (torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [2.0, 2.0]]) * scale).to(device)

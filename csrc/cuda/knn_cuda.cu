@@ -4,28 +4,32 @@
 //  1. The gallery in tiles: each tile's keys come from one addmm (cuBLAS) on the rows in
 //     the compute dtype, shifted by the gallery's mean for (sq)euclidean: |g|^2 - 2 q.g,
 //     or -q.g on unit rows for cosine; NaN for a row that is not finite and for query i's
-//     own row under exclude_self. at::topk merges them into every query's k smallest keys
-//     so far, and every key of the tile within twice the certified bound of the running
-//     k-th (common.h: gram_key_bound, with TF32's input rounding where cuBLAS may use it)
-//     is kept as a candidate (at::nonzero). The running k-th only falls, so the kept
-//     candidates hold the final window: about k (1 + ln(G / tile)) per query on random
-//     data, filtered at the end to the final k-th key plus twice the bound (about k + 2).
-//  2. The candidates' exact keys in double (knn_exact_keys_kernel), a stable sort by
+//     own row under exclude_self.
+//  2. For k <= 256, knn_tile_select_kernel reads each tile once: every query keeps its k
+//     smallest keys so far in registers (one warp per query row, or per part of a row when
+//     the queries are few) and appends each key within twice the certified bound of that
+//     running k-th (common.h: gram_key_bound, with TF32's input rounding where cuBLAS may
+//     use it) as a candidate. The running k-th only falls, so the candidates hold the final
+//     window: about k (1 + ln(G / 256)) per query on random data, filtered at the end to
+//     the final k-th key plus twice the bound (about k + 2). For k > 256, at::topk merges
+//     each tile into every query's k smallest and at::nonzero lists the candidates.
+//  3. The candidates' exact keys in double (knn_exact_keys_kernel), a stable sort by
 //     (query, key, index), and the first k of each query are the answer: the float64
 //     brute force's, indices included.
 // A query whose row is not finite, or that has fewer than k finite candidates, takes every
 // gallery row as a candidate; so does every query of a small problem (Q G D <= 2^16) and,
 // when the bound is infinite (fp32 with D > ~167,000), every query.
 //
-// Cost: one GEMM pass (Q G D multiply-adds), then per tile a top-k, a compare and a
-// nonzero, each reading the tile: memory-bound. Expected H200 time at Q = G = 10^5,
-// D = 128 fp32 (not measured): the GEMMs 1.3e12 multiply-adds at ~50 TFLOP/s ~ 52 ms; per
-// tile (2^26 keys, 150 tiles) the addmm's write, top-k's passes (~3 reads), the compare
-// and the nonzero move ~1.5 GB: ~225 GB at ~3 TB/s ~ 75 ms; the exact keys ~1 ms. In all
-// ~130 ms, ~2.5x one GEMM, against the goal of 1.5x: that needs the selection inside the
-// GEMM's epilogue (the CPU's design), reading each key once, in registers. Extra memory:
-// one tile of keys (2^26 entries) and ~60 candidates per query (Q = 10^5: ~120 MB).
-// The candidate count is data-dependent, so the search synchronizes with the host.
+// Cost, expected on an H200 at Q = G = 10^5, D = 128, fp32, k = 10 (a model, not
+// measured): the GEMMs, 1.3e12 multiply-adds at ~50 TFLOP/s, ~52 ms, writing 150 tiles of
+// 2^26 keys (40 GB, inside the GEMM's time while it is compute-bound); the selection
+// reads them once, 40 GB at ~4 TB/s, ~10 ms; ~70 candidates per query (7e6: ~84 MB
+// written and read, the final filter, the sorts of ~1.2e6 survivors) and the exact keys,
+// ~2 ms. In all ~65 ms, ~1.25x one GEMM (the goal: 1.5x; the topk path it replaces
+// modelled ~130 ms). Extra memory: one tile of keys (256 MiB) and the candidate buffer
+// (12 bytes per entry, ~k (2 + 2 ln(G / 256)) + 16 per query: ~190 MB at Q = 10^5).
+// The candidate count is data-dependent, so the search synchronizes with the host once
+// (twice when the buffer overflowed).
 #include "device.h"
 #include "knn_kernels.cuh"
 
@@ -34,8 +38,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace tripletops {
@@ -44,10 +50,144 @@ namespace {
 
 #ifdef TRIPLETOPS_EMU
 constexpr int64_t kKnnTileElems = int64_t(1) << 12;  // several tiles at the tests' sizes
+constexpr int64_t kKnnTargetWarps = 64;              // several segments at the tests' sizes
+constexpr int64_t kKnnMinSegment = 8;
 #else
 constexpr int64_t kKnnTileElems = int64_t(1) << 26;  // 256 MiB of fp32 keys per tile
+constexpr int64_t kKnnTargetWarps = 132 * 64;        // an H100/H200 full of warps
+constexpr int64_t kKnnMinSegment = kKnnChunkPerLane * kWarp;  // a chunk: 256 keys of a row
 #endif
 constexpr int64_t kKnnDirectWork = int64_t(1) << 16;
+
+// The gallery in tiles of `cols` rows: the queries' keys against each, and the threshold
+// of a query from its k-th smallest key so far.
+struct Tiles {
+  at::Tensor x, y, bias, twice, direct;  // GEMM operands, key bias per gallery row, twice the bound, direct queries
+  int64_t Q, G, cols;
+  bool cosine, exclude_self;
+
+  int64_t count() const { return (G + cols - 1) / cols; }
+
+  // Keys of the queries against gallery rows [c0, c0 + n): (Q, n), NaN where excluded.
+  at::Tensor keys(int64_t c0, int64_t n) const {
+    // A 1-D bias: cuBLASLt adds it in the GEMM's epilogue (a (1, n) one would first be
+    // copied into the whole tile: one more write and read of every key).
+    at::Tensor key = at::addmm(bias.narrow(0, c0, n), x, y.narrow(0, c0, n).t(), 1.0, cosine ? -1.0 : -2.0);
+    if (exclude_self && c0 < Q) key.diagonal(-c0).fill_(std::numeric_limits<double>::quiet_NaN());
+    return key;
+  }
+
+  // The threshold of every query: its k-th smallest key so far (kth, (Q), NaN or +inf
+  // while it has fewer than k finite keys: no threshold) plus twice the bound, rounded up
+  // in the compute dtype; -inf for a direct query. Keys only fall as tiles come in, so the
+  // running threshold never drops below the final one: what it admits holds the final window.
+  at::Tensor threshold(const at::Tensor& kth) const {
+    const double inf = std::numeric_limits<double>::infinity();
+    at::Tensor admit = (at::nan_to_num(kth.to(at::kDouble), inf) + twice).to(x.scalar_type());
+    admit = at::nextafter(admit, at::full_like(admit, inf));
+    return at::where(direct, at::full_like(admit, -inf), admit);
+  }
+};
+
+// k <= 256: knn_tile_select_kernel reads each tile once, keeping every query's k smallest
+// keys in registers and appending the candidates within its threshold. Returns the
+// candidates (query, gallery row) within the final thresholds.
+std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, int64_t k) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const auto opts = t.x.options(), lopts = opts.dtype(at::kLong);
+  const int kpl = k <= kWarp ? 1 : k <= 2 * kWarp ? 2 : k <= 4 * kWarp ? 4 : 8;
+  // Segments per row: enough warps to fill the GPU when the queries are few (132 SMs,
+  // 64 warps each), but each at least a chunk (256 keys) of a tile's row.
+  const int64_t segments =
+      std::max<int64_t>(1, std::min((kKnnTargetWarps + t.Q - 1) / t.Q, t.cols / kKnnMinSegment));
+  at::Tensor best = at::full({t.Q, segments, kpl * kWarp}, -inf, opts);
+  best.narrow(2, 0, k).fill_(inf);
+  // A segment's candidates on random data: about k (1 + ln(G / (segments 256))), a chunk
+  // of 256 keys admitting about k and each later one its share; room for twice that and
+  // the near-ties.
+  const double chunks = std::max(1.0, double(t.G) / double(segments * kKnnChunkPerLane * kWarp));
+  int64_t capacity = t.Q * segments * int64_t(std::ceil(k * (2 + 2 * std::log(chunks)) + 16));
+  capacity = std::min(capacity, t.Q * t.G);
+#ifdef TRIPLETOPS_EMU
+  // Test hook of the emulator build: a small buffer, so that the tests run the overflow.
+  if (const char* cap = std::getenv("TRIPLETOPS_EMU_KNN_CAPACITY")) capacity = std::atoll(cap);
+#endif
+  at::Tensor pair = at::empty({capacity}, lopts), ckey = at::empty({capacity}, opts);
+  at::Tensor count = at::zeros({1}, lopts);
+  const int64_t tiles = t.count();
+  at::Tensor count_after = at::empty({tiles}, lopts);  // the counter after each tile
+  auto select = [&](int64_t tile, bool merge) {
+    const int64_t c0 = tile * t.cols, n = std::min(t.cols, t.G - c0);
+    const at::Tensor key = t.keys(c0, n);
+    const int64_t blocks = std::min<int64_t>((t.Q * segments + kKnnWarpsPerBlock - 1) / kKnnWarpsPerBlock, 1 << 20);
+    auto* counter = reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>());
+    AT_DISPATCH_FLOATING_TYPES(key.scalar_type(), "knn_tile_select_cuda", [&] {
+      auto go = [&](auto kernel, const char* name) {
+        launch_kernel(name, kernel, unsigned(blocks), kKnnWarpsPerBlock * kWarp, 0, current_stream(),
+                      key.data_ptr<scalar_t>(), t.Q, n, segments, c0, t.G, k, best.data_ptr<scalar_t>(),
+                      t.twice.data_ptr<double>(), t.direct.data_ptr<bool>(), merge, counter, pair.size(0),
+                      pair.data_ptr<int64_t>(), ckey.data_ptr<scalar_t>());
+      };
+      const char* name = "knn_tile_select_kernel";
+      if (kpl == 1) go(knn_tile_select_kernel<scalar_t, 1>, name);
+      else if (kpl == 2) go(knn_tile_select_kernel<scalar_t, 2>, name);
+      else if (kpl == 4) go(knn_tile_select_kernel<scalar_t, 4>, name);
+      else go(knn_tile_select_kernel<scalar_t, 8>, name);
+    });
+  };
+  for (int64_t i = 0; i < tiles; ++i) {
+    select(i, /*merge=*/true);
+    count_after.narrow(0, i, 1).copy_(count);
+  }
+  const at::Tensor after = count_after.cpu();  // the one synchronization of the search
+  const int64_t* a = after.data_ptr<int64_t>();
+  int64_t found = a[tiles - 1];
+  if (found > capacity) {
+    // Tiles up to the first that overflowed wrote every candidate; the rest run once more
+    // on the final k smallest (merge = false: a threshold at most the one they had, so at
+    // most the candidates they counted) into a buffer of the count.
+    int64_t first = 0;
+    while (a[first] <= capacity) ++first;
+    const int64_t kept = first > 0 ? a[first - 1] : 0;
+    at::Tensor more = at::empty({found}, lopts), more_key = at::empty({found}, opts);
+    more.narrow(0, 0, kept).copy_(pair.narrow(0, 0, kept));
+    more_key.narrow(0, 0, kept).copy_(ckey.narrow(0, 0, kept));
+    pair = more, ckey = more_key;
+    count.fill_(kept);
+    for (int64_t i = first; i < tiles; ++i) select(i, /*merge=*/false);
+    found = count.item<int64_t>();
+  }
+  pair = pair.narrow(0, 0, found), ckey = ckey.narrow(0, 0, found);
+  const at::Tensor q = pair.div(t.G, "floor");
+  // The query's k-th smallest key: the k-th of its segments' k smallest (padding: +inf).
+  best.narrow(2, k, best.size(2) - k).fill_(inf);
+  const at::Tensor kth = std::get<0>(at::kthvalue(best.view({t.Q, -1}), k, 1));
+  const at::Tensor keep = ckey.le(t.threshold(kth).index({q}));  // the final window
+  return {q.index({keep}), (pair - q * t.G).index({keep})};
+}
+
+// k > 256: per tile, at::topk merges the tile's k smallest keys into every query's, and
+// at::nonzero lists the keys within the threshold (each tile read three to four times).
+std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, int64_t k) {
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor best = at::full({t.Q, k}, inf, t.x.options());
+  std::vector<at::Tensor> cand_q, cand_j, cand_key;
+  for (int64_t c0 = 0; c0 < t.G; c0 += t.cols) {
+    const int64_t n = std::min(t.cols, t.G - c0);
+    const at::Tensor key = t.keys(c0, n);
+    // The tile's own k smallest, then the merge on (Q, 2k).
+    const at::Tensor tile_best = std::get<0>(at::topk(key, std::min(k, n), 1, /*largest=*/false, /*sorted=*/false));
+    best = std::get<0>(at::topk(at::cat({best, tile_best}, 1), k, 1, /*largest=*/false, /*sorted=*/false));
+    // NaN among the k smallest (topk ranks NaN largest): fewer than k finite keys yet.
+    const at::Tensor hit = key.le(t.threshold(best.amax(1)).unsqueeze(1)).nonzero();
+    cand_q.push_back(hit.select(1, 0));
+    cand_j.push_back(hit.select(1, 1) + c0);
+    cand_key.push_back(key.index({cand_q.back(), cand_j.back() - c0}));
+  }
+  const at::Tensor q = at::cat(cand_q);
+  const at::Tensor keep = at::cat(cand_key).le(t.threshold(best.amax(1)).index({q}));  // the final window
+  return {q.index({keep}), at::cat(cand_j).index({keep})};
+}
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10::optional<at::Tensor>& gallery,
                                             int64_t k, c10::string_view metric_name, bool exclude_self) {
@@ -132,44 +272,13 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
 
   std::vector<at::Tensor> cand_q, cand_j;
   if (!all_direct) {
-    const int64_t cols = std::max<int64_t>(1, std::min(G, kKnnTileElems / Q));
-    // Keys of queries against gallery rows [c0, c0 + n): (Q, n), NaN where excluded.
-    auto keys_of = [&](int64_t c0, int64_t n) {
-      at::Tensor key = at::addmm(bias.narrow(0, c0, n).unsqueeze(0), x, y.narrow(0, c0, n).t(), 1.0,
-                                 cosine ? -1.0 : -2.0);
-      if (exclude_self && c0 < Q) key.diagonal(-c0).fill_(std::numeric_limits<double>::quiet_NaN());
-      return key;
-    };
-    // The threshold of a query: its k-th smallest key so far plus twice the bound, rounded
-    // up in the compute dtype (-inf for a direct query). Keys only fall as tiles come in, so the running
-    // threshold never drops below the final one: what it admits holds the final window.
-    auto threshold = [&](const at::Tensor& best) {
-      // NaN among the k smallest: fewer than k finite keys yet, so no threshold (+inf).
-      const at::Tensor kth = at::nan_to_num(best.amax(1).to(at::kDouble), inf);
-      at::Tensor admit = (kth + twice).to(ct);
-      admit = at::nextafter(admit, at::full_like(admit, inf));
-      return at::where(direct, at::full_like(admit, -inf), admit).unsqueeze(1);
-    };
-    at::Tensor best = at::full({Q, std::min(k, G)}, inf, opts);
-    std::vector<at::Tensor> cand_key;
-    for (int64_t c0 = 0; c0 < G; c0 += cols) {
-      const int64_t n = std::min(cols, G - c0);
-      const at::Tensor key = keys_of(c0, n);
-      // The tile's own k smallest, then the merge on (Q, 2k): the tile is read once by topk.
-      const at::Tensor tile_best = std::get<0>(at::topk(key, std::min(k, n), 1, /*largest=*/false, /*sorted=*/false));
-      best = std::get<0>(at::topk(at::cat({best, tile_best}, 1), std::min(k, G), 1, /*largest=*/false,
-                                  /*sorted=*/false));
-      const at::Tensor hit = key.le(threshold(best)).nonzero();
-      cand_q.push_back(hit.select(1, 0));
-      cand_j.push_back(hit.select(1, 1) + c0);
-      cand_key.push_back(key.index({cand_q.back(), cand_j.back() - c0}));
-    }
-    // The final window (NaN in best: fewer than k finite keys, a direct query).
-    const at::Tensor q = at::cat(cand_q), k_approx = at::cat(cand_key);
-    const at::Tensor keep = k_approx.le(threshold(best).squeeze(1).index({q}));
-    const at::Tensor j = at::cat(cand_j);
-    cand_q = {q.index({keep})};
-    cand_j = {j.index({keep})};
+    const Tiles tiles{x, y, bias, twice, direct, Q, G, std::max<int64_t>(1, std::min(G, kKnnTileElems / Q)),
+                      cosine, exclude_self};
+    const int64_t kk = std::min(k, G);
+    std::pair<at::Tensor, at::Tensor> found =
+        kk <= kKnnMaxKeysPerLane * kWarp ? candidates_by_tile_select(tiles, kk) : candidates_by_topk(tiles, kk);
+    cand_q.push_back(found.first);
+    cand_j.push_back(found.second);
   }
   const at::Tensor dq = direct.nonzero().squeeze(1);
   if (dq.size(0) > 0) {
@@ -193,9 +302,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
                         q.data_ptr<int64_t>(), j.data_ptr<int64_t>(), n, key.data_ptr<double>());
     });
   }
-  // (query, key, index): j ascends within each query already (tiles in order, nonzero's
-  // row-major order, direct queries whole), so two stable sorts finish the order.
-  at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
+  // (query, key, index): three stable sorts, the last key first (the tile selection
+  // appends in no fixed order).
+  at::Tensor order = std::get<1>(at::sort(j, /*stable=*/true, 0, false));
+  q = q.index({order}), j = j.index({order}), key = key.index({order});
+  order = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
   q = q.index({order}), j = j.index({order}), key = key.index({order});
   order = std::get<1>(at::sort(q, /*stable=*/true, 0, false));
   q = q.index({order}), j = j.index({order}), key = key.index({order});
