@@ -122,12 +122,13 @@ def run_cases(device: str = "cuda", scale: int = 1) -> list:
                 assert torch.isfinite(e.grad).all()
     case("batch_all / semi_hard, rows sorted in shared memory", family_shared_sort)
 
-    def knn():  # both Gram passes over several tiles, the exact keys, a direct query (NaN row)
+    def knn():  # the tile selection (row segments), the topk path (k > 256), the exact keys, a NaN query
         for metric in ("euclidean", "sqeuclidean", "cosine"):
             q, g = randn(700, 24), randn(3000, 24)
             q[5, 3] = float("nan")
-            nb = tripletops.knn(q, g, k=10, metric=metric)
-            assert (nb.idx >= 0).all()
+            for k in (10, 100, 300):
+                nb = tripletops.knn(q, g, k=k, metric=metric)
+                assert (nb.idx >= 0).all()
             nb = tripletops.knn(randn(900, 16, dtype=torch.float64), k=7, metric=metric)
             assert (nb.idx >= 0).all()
     case("knn, every metric, a gallery and self-search", knn)
