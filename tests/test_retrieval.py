@@ -153,8 +153,8 @@ def test_knn_tile_selection_every_k_and_a_full_candidate_buffer(device, capacity
     if capacity is not None:
         monkeypatch.setenv("TRIPLETOPS_EMU_KNN_CAPACITY", capacity)
     torch.manual_seed(5)
-    centers = 4 * torch.randn(12, 8, dtype=torch.float64)
-    g_labels = torch.arange(600) // 50  # sorted by class
+    centers = 4 * torch.randn(12, 8, dtype=torch.float64)  # host tensor
+    g_labels = torch.arange(600) // 50  # host tensor; sorted by class
     g = (centers[g_labels] + torch.randn(600, 8, dtype=torch.float64)).float().to(device)
     q = (centers[torch.randint(0, 12, (120,))] + torch.randn(120, 8, dtype=torch.float64)).float().to(device)
     for k in (1, 20, 33, 100, 200, 300):
