@@ -299,6 +299,28 @@ C10_HOST_DEVICE inline T triplet_term_grad(T diff, T margin, bool soft_margin) {
   return (z >= T(0) || z != z) ? T(1) : T(0);
 }
 
+// Whether x < a + b (below_sum) or x <= a + b (not_above_sum) holds for the exact sum,
+// not only for a + b rounded to double: batch-all's hinge compares d_an with d_ap + m, and
+// one ulp from the kink the rounded sum would decide otherwise than (d_ap - d_an) + m > 0
+// in exact arithmetic (x = [0, 1, 1.2], m = 0.2: 1 + 0.2 rounds to 1.2). TwoSum gives
+// a + b = s + err exactly, and near s (x within a factor 2) x - s is exact (Sterbenz), so
+// the comparison with err is exact; far from s the rounding cannot change the answer.
+// NaN compares false, as a plain x < a + b does.
+C10_HOST_DEVICE inline double two_sum_error(double a, double b, double s) {
+  const double bb = s - a;
+  return (a - (s - bb)) + (b - bb);
+}
+C10_HOST_DEVICE inline bool below_sum(double x, double a, double b) {
+  const double s = a + b;
+  if (!(x > 0.5 * s && x < 2.0 * s)) return x < s;
+  return x - s < two_sum_error(a, b, s);
+}
+C10_HOST_DEVICE inline bool not_above_sum(double x, double a, double b) {
+  const double s = a + b;
+  if (!(x > 0.5 * s && x < 2.0 * s)) return x <= s;
+  return x - s <= two_sum_error(a, b, s);
+}
+
 // d loss / d (x_i - y_j) per entry of a distance matrix, from d loss / d dist: 2 g for
 // sqeuclidean, g / d for euclidean (0 at zero distance, NaN kept), and g itself for cosine
 // (on the unit rows). pairwise_distance's backward, CPU and CUDA.

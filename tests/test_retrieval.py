@@ -233,7 +233,7 @@ def test_knn_rejects_bad_tensors():
 # ---- retrieval_metrics -------------------------------------------------------------
 
 
-def _pml(q, ql, g, gl, K):
+def _pml(q, ql, g, gl, K="max_bin_count"):
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import CustomKNN
     from pytorch_metric_learning.distances import LpDistance
@@ -271,8 +271,7 @@ def test_retrieval_metrics_match_accuracy_calculator(device, self_search):
     else:
         mine = tripletops.retrieval_metrics(q.to(device), ql.to(device), g.to(device), gl.to(device), k=(1, 3))
         R = torch.stack([(gl == c).sum() for c in ql])
-    K = int(max(3, R.max()))
-    ref = _pml(q.float(), ql, None if self_search else g.float(), None if self_search else gl, K)
+    ref = _pml(q.float(), ql, None if self_search else g.float(), None if self_search else gl)
     assert_same_as_pml(mine, ref)
     assert mine["num_queries_counted"] == int((R > 0).sum())
     # recall@k by hand from the brute force
@@ -289,7 +288,8 @@ def metrics_by_definition(d, relevant, ks):
     """The metrics from a (Q, G) float64 distance matrix (inf on excluded pairs) and a
     (Q, G) relevance matrix, one query at a time, straight from their definitions."""
     out = {"p1": [], "rk": {kk: [] for kk in ks}, "rp": [], "map": [], "mrr": []}
-    K = max(max(ks), int(relevant.sum(1).max()))
+    depth = int(relevant.sum(1).max())  # mean_reciprocal_rank's: the largest R
+    K = max(max(ks), depth)
     for i in range(d.shape[0]):
         R = int(relevant[i].sum())
         if R == 0:
@@ -306,7 +306,7 @@ def metrics_by_definition(d, relevant, ks):
                 hits += 1
                 ap += hits / pos
         out["map"].append(ap / R)
-        out["mrr"].append(next((1.0 / pos for pos, r in enumerate(rel, 1) if r), 0.0))
+        out["mrr"].append(next((1.0 / pos for pos, r in enumerate(rel[:depth], 1) if r), 0.0))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {"precision_at_1": mean(out["p1"]), "recall_at_k": {kk: mean(v) for kk, v in out["rk"].items()},
             "r_precision": mean(out["rp"]), "mean_average_precision_at_r": mean(out["map"]),
@@ -350,11 +350,16 @@ def test_retrieval_metrics_definitions_by_hand():
     assert m["r_precision"] == pytest.approx(2 / 3)
     assert m["mean_average_precision_at_r"] == pytest.approx((1 / 1 + 2 / 3) / 3)
     assert m["mean_reciprocal_rank"] == 1.0
-    # R = 1, the relevant row second: MRR looks K = max(R, max k) deep
-    m = tripletops.retrieval_metrics(q, torch.tensor([1]), g, torch.tensor([0, 1, 0, 0]), k=1)
-    assert m["precision_at_1"] == 0.0 and m["mean_reciprocal_rank"] == 0.0 and m["r_precision"] == 0.0
-    m = tripletops.retrieval_metrics(q, torch.tensor([1]), g, torch.tensor([0, 1, 0, 0]), k=2)
-    assert m["mean_reciprocal_rank"] == 0.5 and m["recall_at_k"] == {2: 1.0}
+    # R = 1, the relevant row second: MRR looks max R = 1 deep, whatever k is
+    # (AccuracyCalculator's k="max_bin_count")
+    for kk in (1, 2, 4):
+        m = tripletops.retrieval_metrics(q, torch.tensor([1]), g, torch.tensor([0, 1, 0, 0]), k=kk)
+        assert m["precision_at_1"] == 0.0 and m["mean_reciprocal_rank"] == 0.0 and m["r_precision"] == 0.0
+    assert m["recall_at_k"] == {4: 1.0}
+    # two queries: R = 3 and R = 1; MRR 3 deep for both
+    m = tripletops.retrieval_metrics(torch.tensor([[0.0], [0.0]]), torch.tensor([0, 1]), g, torch.tensor([0, 1, 0, 0]),
+                                     k=1)
+    assert m["mean_reciprocal_rank"] == pytest.approx((1.0 + 0.5) / 2)
     none = tripletops.retrieval_metrics(q, torch.tensor([7]), g, torch.tensor([0, 1, 0, 0]))
     assert none["num_queries_counted"] == 0 and math.isnan(none["precision_at_1"])
 

@@ -162,12 +162,12 @@ def contrastive(embeddings, labels_, metric_, reduction_, pos_margin, neg_margin
     margin(neg_margin, "neg_margin")
 
 
-def positive_int(v, name: str) -> int:
-    """A Python or numpy integer >= 1 (not a bool)."""
+def positive_int(v, name: str, limit: int = 2**31 - 1) -> int:
+    """A Python or numpy integer in [1, limit] (not a bool)."""
     if isinstance(v, bool) or _numpy_bool(v) or not isinstance(v, numbers.Integral):
         raise TypeError(f"tripletops: {name} must be a positive integer, got {type(v).__name__} {v!r}")
-    if v < 1:
-        raise ValueError(f"tripletops: {name} must be a positive integer, got {v}")
+    if v < 1 or v > limit:
+        raise ValueError(f"tripletops: {name} must be a positive integer of at most {limit}, got {v}")
     return int(v)
 
 

@@ -93,8 +93,19 @@ def _pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.T
         return 1 - F.normalize(x, dim=1, eps=1e-12) @ F.normalize(y, dim=1, eps=1e-12).T
     # The difference form: exact (no |x|^2 + |y|^2 - 2xy cancellation), and cdist's
     # backward gives 0 at zero distance.
-    d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
-    return d.square() if metric == "sqeuclidean" else d
+    if metric == "sqeuclidean":
+        return _squared_distances(x, y)
+    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|x_i - y_j|^2 summed from the differences, never the square of a square root (which
+    rounds twice and moves a term at a kink: sqrt(2)^2 = 2 + 4.4e-16). Blocks of rows keep
+    the (rows, M, D) differences at most 2^24 entries."""
+    N, M, D = x.shape[0], y.shape[0], x.shape[1]
+    block = max(1, (1 << 24) // max(1, M * D))
+    parts = [(x[i:i + block, None, :] - y[None, :, :]).square().sum(-1) for i in range(0, N, block)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def shared_labels(labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
@@ -204,9 +215,10 @@ def _pairwise_distance_rows(a: torch.Tensor, b: torch.Tensor, metric: str) -> to
     """d(a[i], b[i]) for each row i."""
     if metric == "cosine":
         return 1 - (F.normalize(a, dim=1, eps=1e-12) * F.normalize(b, dim=1, eps=1e-12)).sum(1)
+    if metric == "sqeuclidean":  # from the differences, never a square root squared
+        return (a - b).square().sum(1)
     # vector_norm's backward is 0 at zero distance (a plain sqrt would give NaN).
-    d = torch.linalg.vector_norm(a - b, dim=1)
-    return d.square() if metric == "sqeuclidean" else d
+    return torch.linalg.vector_norm(a - b, dim=1)
 
 
 def batch_hard_loss(

@@ -41,7 +41,9 @@ def knn(
         ``Neighbors(dist, idx)``, ``(Q, k)`` each, nearest first: the exact distances in
         the queries' dtype and int64 gallery rows. Ties go to the smallest index; a NaN
         distance (a row holding NaN, or Inf under cosine) ranks after every number. No
-        gradient flows.
+        gradient flows. Past the gallery, idx is -1 (FAISS's padding): ``labels[idx]``
+        would silently read the last row there, so mask it first, e.g.
+        ``torch.where(idx >= 0, labels[idx.clamp(min=0)], -1)``.
 
     Exactness: the gallery is walked in tiles of Gram GEMMs; every candidate that could
     reach the k nearest under the GEMM's proven rounding bound is ranked on exact
@@ -56,6 +58,11 @@ def knn(
     """
     _validate.search(queries, gallery, k, metric, exclude_self, normalize)
     exclude = (gallery is None) if exclude_self is None else bool(exclude_self)
+    if exclude and gallery is not None and gallery.shape[0] < queries.shape[0]:
+        raise ValueError(f"tripletops: exclude_self=True means that gallery row i is query i, so the gallery needs at "
+                         f"least as many rows as the queries: got {gallery.shape[0]} gallery rows for "
+                         f"{queries.shape[0]} queries (pass exclude_self=False, or a gallery that starts with the "
+                         "queries)")
     with torch.no_grad():
         queries, gallery = _maybe_normalize(normalize, queries, gallery)
         if use_extension("knn", queries):
@@ -94,6 +101,33 @@ def _relevant_counts(query_labels: torch.Tensor, gallery_labels: torch.Tensor, s
     return out
 
 
+def _finite_rows(x: torch.Tensor, name: str) -> None:
+    """Raises ValueError naming the first row of x that holds NaN or Inf (one host read)."""
+    bad = ~torch.isfinite(x).all(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"tripletops: {name} row {row} holds NaN or Inf ({int(bad.sum())} such rows): retrieval "
+                         "metrics of non-finite embeddings mean nothing; drop or fix those rows first")
+
+
+def _relevance(idx: torch.Tensor, query_labels: torch.Tensor, g_labels: torch.Tensor) -> torch.Tensor:
+    """(Q, K) bool: neighbour idx[i, t] exists and is relevant to query i. Multi-hot labels
+    are compared a block of queries at a time (at most 2^22 label entries gathered), so
+    memory stays O(Q K) beside the labels, not Q K L."""
+    found = idx >= 0
+    if query_labels.dim() == 1:
+        return (g_labels[idx.clamp(min=0)] == query_labels[:, None]) & found
+    Q, K = idx.shape
+    L = max(1, g_labels.shape[1])
+    block = max(1, (1 << 22) // max(1, K * L))
+    rel = torch.empty((Q, K), dtype=torch.bool, device=idx.device)
+    qb, gb = query_labels.bool(), g_labels.bool()
+    for q0 in range(0, Q, block):
+        sub = idx[q0:q0 + block].clamp(min=0)
+        rel[q0:q0 + block] = (gb[sub] & qb[q0:q0 + block, None, :]).any(-1)
+    return rel & found
+
+
 def retrieval_metrics(
     queries: torch.Tensor,
     query_labels: torch.Tensor,
@@ -126,8 +160,13 @@ def retrieval_metrics(
         - ``r_precision``: the relevant fraction of the R nearest.
         - ``mean_average_precision_at_r``: MAP@R (Musgrave et al. 2020): the mean over
           the R nearest of precision@i at the relevant ones, divided by R.
-        - ``mean_reciprocal_rank``: 1 / rank of the first relevant row among the K
-          nearest, K = max(max R, max k); 0 when none is.
+        - ``mean_reciprocal_rank``: 1 / rank of the first relevant row among the M
+          nearest, 0 when none is. M is the largest R over the queries, whatever ``k`` is:
+          ``AccuracyCalculator(k="max_bin_count")``'s depth.
+
+        Raises ValueError for a cut-off in ``k`` larger than the gallery (less the query
+        itself without a gallery), and for a query or gallery row that holds NaN or Inf:
+        metrics of such embeddings mean nothing.
 
         Each averages over the queries with R >= 1; the others are left out, as
         ``AccuracyCalculator`` leaves out queries whose label has no other row
@@ -153,18 +192,20 @@ def retrieval_metrics(
     g_labels = query_labels if self_search else gallery_labels
     G = queries.shape[0] if self_search else gallery.shape[0]
     available = G - 1 if self_search else G
+    if ks[-1] > available:
+        raise ValueError(f"tripletops: k={ks[-1]} is larger than the gallery, which offers {available} rows per query"
+                         + (" (the queries less the query itself)" if self_search else "")
+                         + f": recall@{ks[-1]} would be recall over the whole gallery; pass k <= {available}")
+    _finite_rows(queries, "queries")
+    if not self_search:
+        _finite_rows(gallery, "gallery")
     with torch.no_grad():
         R = _relevant_counts(query_labels, g_labels, self_search)
-        K = max(ks[-1], int(R.max()))
+        depth = int(R.max())  # AccuracyCalculator's k="max_bin_count" (less the query itself)
+        K = max(ks[-1], depth)
         nb = knn(queries, gallery, k=max(1, min(K, available)) if available > 0 else 1, metric=metric,
                  normalize=normalize)
-        idx = nb.idx
-        found = idx >= 0
-        neigh = g_labels[idx.clamp(min=0)]
-        if query_labels.dim() == 1:
-            rel = (neigh == query_labels[:, None]) & found
-        else:
-            rel = (neigh.bool() & query_labels.bool()[:, None, :]).any(-1) & found
+        rel = _relevance(nb.idx, query_labels, g_labels)
         counted = R > 0
         n = int(counted.sum())
         out: Dict[str, object] = {"num_queries_counted": n}
@@ -182,7 +223,8 @@ def retrieval_metrics(
         out["recall_at_k"] = {kk: rel[:, :kk].any(1).to(torch.float64).mean().item() for kk in ks}
         out["r_precision"] = ((relf * within_r).sum(1) / Rc).mean().item()
         out["mean_average_precision_at_r"] = ((hits / cols * relf * within_r).sum(1) / Rc).mean().item()
-        first = torch.where(rel.any(1), 1.0 / (rel.to(torch.int8).argmax(1) + 1).to(torch.float64),
+        top = rel[:, :max(1, depth)]
+        first = torch.where(top.any(1), 1.0 / (top.to(torch.int8).argmax(1) + 1).to(torch.float64),
                             torch.zeros_like(Rc))
         out["mean_reciprocal_rank"] = first.mean().item()
     return out

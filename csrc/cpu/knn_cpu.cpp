@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -64,6 +65,18 @@ inline T admit_above(T kth, double twice) {
   return a;
 }
 
+// The rows that exact keys are read from: the input rows in the compute dtype (for fp32,
+// fp16 and bf16 inputs never the rows scaled by 2^-e: their squares and differences are
+// exact in double at any fp32 magnitude, while the scaled rows would have lost the bits of
+// small rows next to an exploding one).
+template <typename T>
+struct ExactRows {
+  const T* x;
+  const T* y;
+  int64_t D;
+  bool cosine;
+};
+
 // One query's candidates from the Gram pass: every gallery row whose key was at most
 // `admit` when it arrived, where admit is the k-th smallest key seen so far plus twice
 // the rounding bound (+inf until k keys have been seen). `best` is a max-heap of the k
@@ -71,17 +84,33 @@ inline T admit_above(T kth, double twice) {
 // k (1 + ln(G / k)) of them on random data). Candidates that fall out of the window
 // are dropped whenever the buffer reaches `limit`, so it stays O(k) unless many keys
 // sit inside the window.
+//
+// Keys inside the window are indistinguishable in the Gram form: on collapsed embeddings
+// (identical or nearly identical rows) that is every row. So a window that still holds
+// more than kSettleAt(k) candidates after pruning is settled: the candidates are ranked on
+// exact keys, the k nearest kept as (exact key, index) in `exact` (a max-heap by `nearer`),
+// and from then on each admitted candidate is decided at once against the k-th of them.
+// A candidate beaten by k others can never be among the k nearest, so this drops nothing
+// that matters, and a window holds O(k) entries on any data. When the k-th exact key is
+// 0 (no key is smaller), a candidate of larger index than the k-th's cannot enter, and is
+// dropped without computing its key: identical rows then cost one comparison each.
+inline size_t settle_at(int64_t k) { return size_t(4 * k + 64); }
+
 template <typename T>
 struct Window {
   std::vector<T> best;
   std::vector<std::pair<T, int64_t>> cand;
   size_t limit = 0;
+  std::vector<std::pair<double, int64_t>> exact;  // settled: the k nearest by exact key
+  std::unique_ptr<ExactKeys<T>> keys;             // settled: the query's exact-key state
+
+  bool settled() const { return keys != nullptr; }
 
   // Candidate j with Gram-form key `key`; `admit` is this query's threshold (kept in an
   // array beside the windows, which the column scans compare against lane by lane).
-  TRIPLETOPS_INLINE void offer(T key, int64_t j, int64_t k, double twice, T& admit) {
+  TRIPLETOPS_INLINE void offer(T key, int64_t j, int64_t k, double twice, T& admit, int64_t i,
+                               const ExactRows<T>& rows) {
     if (!(key <= admit)) return;
-    cand.emplace_back(key, j);
     if (int64_t(best.size()) < k) {
       best.push_back(key);
       std::push_heap(best.begin(), best.end());
@@ -92,7 +121,12 @@ struct Window {
       std::push_heap(best.begin(), best.end());
       admit = admit_above(best.front(), twice);
     }
-    if (cand.size() >= limit) prune(k, admit);
+    if (settled()) return decide(j, k, rows);
+    cand.emplace_back(key, j);
+    if (cand.size() >= limit) {
+      prune(k, admit);
+      if (cand.size() > settle_at(k)) settle(k, i, rows);
+    }
   }
   void prune(int64_t k, T admit) {
     const T lim = admit;
@@ -100,6 +134,30 @@ struct Window {
                               [lim](const std::pair<T, int64_t>& p) { return !(p.first <= lim); }),
                cand.end());
     limit = std::max<size_t>(2 * cand.size(), size_t(2 * k + 32));
+  }
+  static bool heap_less(const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
+    return nearer(a.first, a.second, b.first, b.second);
+  }
+  void settle(int64_t k, int64_t i, const ExactRows<T>& rows) {
+    keys.reset(new ExactKeys<T>(rows.x + i * rows.D, rows.D, rows.cosine));
+    exact.reserve(size_t(k));
+    for (const auto& c : cand) decide(c.second, k, rows);
+    std::vector<std::pair<T, int64_t>>().swap(cand);
+  }
+  void decide(int64_t j, int64_t k, const ExactRows<T>& rows) {
+    if (int64_t(exact.size()) == k) {
+      const auto& worst = exact.front();
+      if (worst.first <= 0.0 && j > worst.second) return;  // exact keys are >= 0
+    }
+    const std::pair<double, int64_t> c{keys->key(rows.y + j * rows.D), j};
+    if (int64_t(exact.size()) < k) {
+      exact.push_back(c);
+      std::push_heap(exact.begin(), exact.end(), heap_less);
+    } else if (heap_less(c, exact.front())) {
+      std::pop_heap(exact.begin(), exact.end(), heap_less);
+      exact.back() = c;
+      std::push_heap(exact.begin(), exact.end(), heap_less);
+    }
   }
 };
 
@@ -224,7 +282,7 @@ void rank_exact(const Search& s, const T* x, const T* y, int64_t i, std::vector<
 // be searched directly instead (its row is not finite, or it has fewer than k candidates).
 template <typename T>
 std::vector<uint8_t> gram_pass(const Search& s, const PreparedRows& Em, const PreparedRows& Rm,
-                               std::vector<Window<T>>& win) {
+                               const ExactRows<T>& rows, std::vector<Window<T>>& win) {
   const int64_t Q = s.Q, G = s.G, D = s.D, k = s.k;
   const bool cosine = s.metric == Metric::Cosine;
   const T inf = std::numeric_limits<T>::infinity();
@@ -256,7 +314,7 @@ std::vector<uint8_t> gram_pass(const Search& s, const PreparedRows& Em, const Pr
       const int64_t j = c0 + hits[t];
       if (s.exclude_self && j == i) continue;
       const T key = cosine ? -g[hits[t]] : keys_sr[hits[t]] - T(2) * g[hits[t]];
-      w.offer(key, j, k, twice[i], admit[i]);  // admit may have dropped since the scan
+      w.offer(key, j, k, twice[i], admit[i], i, rows);  // admit may have dropped since the scan
     }
   };
   // Queries [r0, r1) against gallery rows [c0, c1); tile row i - r0 holds g(i, c0..c1).
@@ -291,7 +349,7 @@ std::vector<uint8_t> gram_pass(const Search& s, const PreparedRows& Em, const Pr
           const int64_t q = begin + hits[t];
           if (!fe[q]) continue;
           const T key = cosine ? -g[hits[t]] : sr[i] - T(2) * g[hits[t]];
-          win[q].offer(key, i, k, twice[q], admit[q]);
+          win[q].offer(key, i, k, twice[q], admit[q], q, rows);
         }
       }
     });
@@ -342,10 +400,11 @@ std::vector<uint8_t> gram_pass(const Search& s, const PreparedRows& Em, const Pr
 }
 
 template <typename T>
-void knn_impl(const Search& s, const ScaledRows& S, double* keys, int64_t* idx) {
+void knn_impl(const Search& s, const ScaledRows& S, const at::Tensor& xe, const at::Tensor& ye, double* keys,
+              int64_t* idx) {
   const int64_t Q = s.Q, G = s.G, D = s.D, k = s.k;
-  const T* x = S.x.data_ptr<T>();
-  const T* y = S.y.data_ptr<T>();
+  const T* x = xe.data_ptr<T>();
+  const T* y = ye.data_ptr<T>();
   const uint8_t* fe = S.E.finite.data_ptr<uint8_t>();
   const uint8_t* fr = S.R.finite.data_ptr<uint8_t>();
   const double u = double(std::numeric_limits<T>::epsilon()) / 2;
@@ -355,7 +414,7 @@ void knn_impl(const Search& s, const ScaledRows& S, double* keys, int64_t* idx) 
   if (!all_direct) {
     PreparedRows Em = S.E, Rm = S.R;
     if (s.metric != Metric::Cosine) center_for_mining<T>(S.E, S.R, s.self, Em, Rm);
-    direct = gram_pass<T>(s, Em, Rm, win);
+    direct = gram_pass<T>(s, Em, Rm, ExactRows<T>{x, y, D, s.metric == Metric::Cosine}, win);
   }
   at::parallel_for(0, Q, 16, [&](int64_t begin, int64_t end) {
     std::vector<std::pair<double, int64_t>> cand;
@@ -366,7 +425,8 @@ void knn_impl(const Search& s, const ScaledRows& S, double* keys, int64_t* idx) 
           if (!(s.exclude_self && j == i)) cand.emplace_back(0.0, j);
       } else {
         for (const auto& c : win[i].cand) cand.emplace_back(0.0, c.second);
-        std::vector<std::pair<T, int64_t>>().swap(win[i].cand);
+        for (const auto& c : win[i].exact) cand.emplace_back(0.0, c.second);
+        win[i] = Window<T>();  // frees its buffers
       }
       rank_exact<T>(s, x, y, i, cand, fe[i], fr, keys + i * k, idx + i * k);
     }
@@ -382,13 +442,22 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const c10:
   const ScaledRows S = prepare_scaled(queries, gallery, metric);
   at::Tensor keys = at::empty({s.Q, k}, queries.options().dtype(at::kDouble));
   at::Tensor idx = at::empty({s.Q, k}, queries.options().dtype(at::kLong));
+  // Exact keys from the unscaled rows wherever double holds their squares (every input
+  // but fp64); fp64 rows out of range are ranked on the scaled rows (docs/retrieval.md).
+  at::Tensor xe = S.x, ye = S.y;
+  int e = S.scale_e;
+  if (e != 0 && S.x.scalar_type() == at::kFloat) {
+    xe = queries.to(at::kFloat).contiguous();
+    ye = gallery.has_value() ? gallery->to(at::kFloat).contiguous() : xe;
+    e = 0;
+  }
   AT_DISPATCH_FLOATING_TYPES(S.E.rows.scalar_type(), "knn_cpu", [&] {
-    knn_impl<scalar_t>(s, S, keys.data_ptr<double>(), idx.data_ptr<int64_t>());
+    knn_impl<scalar_t>(s, S, xe, ye, keys.data_ptr<double>(), idx.data_ptr<int64_t>());
   });
   // Exact keys to distances: |a - b| (euclidean), |a - b|^2, or 1 - cos = |â - b̂|^2 / 2,
-  // back to the input's scale (2^e, 2^2e), then in the compute dtype.
+  // back to the input's scale (2^e, 2^2e) where they came from scaled rows, then in the
+  // compute dtype.
   double* kv = keys.data_ptr<double>();
-  const int e = S.scale_e;
   for (int64_t t = 0; t < keys.numel(); ++t) {
     const double v = kv[t];
     kv[t] = metric == Metric::Cosine ? v / 2

@@ -77,17 +77,21 @@ void for_each_anchor(const at::Tensor& dist, const at::Tensor& labels, const Fn&
 
 // ---- batch-all ------------------------------------------------------------------------
 
-// How many of the sorted negatives are closer than t (their hinge d_ap + m - d_an > 0).
+// How many of the sorted negatives are closer than d_ap + m (their hinge d_ap + m - d_an
+// > 0), the sum taken exactly (common.h: below_sum: one ulp from the kink too, the
+// reference's (d_ap - d_an) + m > 0).
 template <typename T>
-inline int64_t active_negatives(const std::vector<std::pair<T, int64_t>>& neg, double t) {
-  return std::partition_point(neg.begin(), neg.end(), [t](const std::pair<T, int64_t>& n) { return double(n.first) < t; }) -
+inline int64_t active_negatives(const std::vector<std::pair<T, int64_t>>& neg, double d_ap, double m) {
+  return std::partition_point(neg.begin(), neg.end(),
+                              [=](const std::pair<T, int64_t>& n) { return below_sum(double(n.first), d_ap, m); }) -
          neg.begin();
 }
-// ... and how many are not farther than t: the triplets whose gradient passes (at the
-// kink d_an == d_ap + m too, the hinge convention of triplet_term_grad).
+// ... and how many are not farther than d_ap + m: the triplets whose gradient passes (at
+// the kink d_an == d_ap + m too, the hinge convention of triplet_term_grad).
 template <typename T>
-inline int64_t gradient_negatives(const std::vector<std::pair<T, int64_t>>& neg, double t) {
-  return std::partition_point(neg.begin(), neg.end(), [t](const std::pair<T, int64_t>& n) { return double(n.first) <= t; }) -
+inline int64_t gradient_negatives(const std::vector<std::pair<T, int64_t>>& neg, double d_ap, double m) {
+  return std::partition_point(neg.begin(), neg.end(),
+                              [=](const std::pair<T, int64_t>& n) { return not_above_sum(double(n.first), d_ap, m); }) -
          neg.begin();
 }
 
@@ -123,7 +127,7 @@ AllStats batch_all_anchor(AnchorRow<T>& row, double margin, bool soft) {
   for (size_t k = 0; k < row.neg.size(); ++k) prefix[k + 1] = prefix[k] + double(row.neg[k].first);
   for (const auto& p : row.pos) {
     const double t = double(p.first) + margin;  // in double: no rounding of d_ap + m
-    const auto c = active_negatives(row.neg, t);
+    const auto c = active_negatives(row.neg, double(p.first), margin);
     st.sum += double(c) * t - prefix[c];
     st.nonzero += c;
   }
@@ -198,14 +202,18 @@ at::Tensor batch_all_grad_dist(const at::Tensor& grad, const at::Tensor& dist, c
           }
         return;
       }
-      // d/d d_ap = s * #(d_an <= d_ap + m);  d/d d_an = -s * #(d_ap + m >= d_an).
+      // d/d d_ap = s * #(d_an <= d_ap + m);  d/d d_an = -s * #(d_ap + m >= d_an), the sums
+      // exact (not_above_sum), over the sorted negatives and the sorted positives.
       std::sort(row.neg.begin(), row.neg.end());
-      std::vector<double> thresholds;
-      for (const auto& p : row.pos) thresholds.push_back(double(p.first) + margin);
-      std::sort(thresholds.begin(), thresholds.end());
-      for (const auto& p : row.pos) ga[p.second] += T(s * double(gradient_negatives(row.neg, double(p.first) + margin)));
-      for (const auto& n : row.neg) {  // positives whose threshold d_ap + m reaches d_an
-        const auto c = thresholds.end() - std::lower_bound(thresholds.begin(), thresholds.end(), double(n.first));
+      std::vector<double> pos_d;
+      for (const auto& p : row.pos) pos_d.push_back(double(p.first));
+      std::sort(pos_d.begin(), pos_d.end());
+      for (const auto& p : row.pos) ga[p.second] += T(s * double(gradient_negatives(row.neg, double(p.first), margin)));
+      for (const auto& n : row.neg) {  // positives whose d_ap + m reaches d_an: all from the first on
+        const double dn = double(n.first);
+        const auto c = pos_d.end() - std::partition_point(pos_d.begin(), pos_d.end(), [=](double dp) {
+                         return !not_above_sum(dn, dp, margin);
+                       });
         ga[n.second] -= T(s * double(c));
       }
     });

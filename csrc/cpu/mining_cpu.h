@@ -105,7 +105,10 @@ struct ExactKeys {
   }
   double key(const T* b) {
     if (!cosine) return exact_key(a, b, D, 1.0, 1.0);
-    if (!unit_a || !unit_row(b, D)) return 2.0 * (1.0 - dot_double(a, b, D) * ia * inverse_norm(b, D));
+    // |cos| <= 1 up to rounding: clamped, so that no key is below 0 (knn_cpu.cpp's settled
+    // windows rely on 0 being the smallest key).
+    if (!unit_a || !unit_row(b, D))
+      return std::max(0.0, 2.0 * (1.0 - dot_double(a, b, D) * ia * inverse_norm(b, D)));
     canonical_unit_double(b, D, ub);
     return exact_key(ua.data(), ub.data(), D, 1.0, 1.0);
   }
@@ -163,12 +166,15 @@ bool center_for_mining(const PreparedRows& E, const PreparedRows& R, bool self, 
   return true;
 }
 
-// The rows an op measures on. Rows whose squares leave the compute dtype's range
-// (rows_cpu.h: safe_scale_exponent; for cosine only an overflow) are replaced by the rows
-// times 2^-scale_e, and the distances scaled back at the end (exact, unless they over- or
-// underflow themselves). x, y: the input rows in the compute dtype (scaled likewise) for
-// exact keys: E's and R's rows unless those are unit rows (cosine). Without a reference
-// set, R and y are E and x.
+// The rows an op measures on. For (sq)euclidean, rows whose squares leave the compute
+// dtype's range (rows_cpu.h: safe_scale_exponent) are replaced by the rows times
+// 2^-scale_e (entry by entry: times_power_of_two), and the distances scaled back at the
+// end (exact, unless they over- or underflow themselves). Cosine is never scaled as a
+// whole: it is scale-free per row, and canonical_unit_row already divides each row by its
+// own largest entry, so one exploding row leaves every other row's unit row alone (a
+// global 2^-e would push the ordinary rows below F.normalize's eps). x, y: the input rows
+// in the compute dtype (scaled likewise) for exact keys: E's and R's rows unless those are
+// unit rows (cosine). Without a reference set, R and y are E and x.
 struct ScaledRows {
   PreparedRows E, R;
   at::Tensor x, y;
@@ -179,13 +185,12 @@ inline ScaledRows prepare_scaled(const at::Tensor& x, const c10::optional<at::Te
   ScaledRows S;
   S.E = prepare_rows(x, metric);
   S.R = self ? S.E : prepare_rows(*y, metric);
-  S.scale_e = safe_scale_exponent(x, y, S.E, self ? nullptr : &S.R, /*underflow_too=*/metric != Metric::Cosine);
+  S.scale_e = metric == Metric::Cosine ? 0 : safe_scale_exponent(x, y, S.E, self ? nullptr : &S.R);
   const auto ct = compute_dtype(x.scalar_type());
   at::Tensor xs = x, ys = self ? x : *y;
   if (S.scale_e != 0) {
-    const double down = std::ldexp(1.0, -S.scale_e);
-    xs = x.to(ct).mul(down);
-    ys = self ? xs : y->to(ct).mul(down);
+    xs = times_power_of_two(x, -S.scale_e);
+    ys = self ? xs : times_power_of_two(*y, -S.scale_e);
     S.E = prepare_rows(xs, metric);
     S.R = self ? S.E : prepare_rows(ys, metric);
   }

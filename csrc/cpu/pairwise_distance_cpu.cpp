@@ -134,20 +134,36 @@ std::tuple<at::Tensor, at::Tensor> direct_backward(const at::Tensor& grad, const
 }
 
 // Cosine: from the unit rows x / max(|x|, eps) back to the rows (F.normalize's Jacobian).
-void through_normalize(at::Tensor& g, const PreparedRows& R) {
+// A finite row whose squared norm overflowed T (fp32 rows of norm >= ~1.8e19) gets its
+// norm as m |x / m| in double from `input` (m: its largest |entry|): 1 / inf would have
+// given it a gradient of exactly 0, which stalls training without a sign.
+void through_normalize(at::Tensor& g, const PreparedRows& R, const at::Tensor& input) {
   g = g.contiguous();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_cosine_normalize_backward", [&] {
     using T = scalar_t;
     const int64_t N = g.size(0), D = g.size(1);
     T* gp = g.data_ptr<T>();
     const T *r = R.rows.data_ptr<T>(), *sq = R.sq_norm.data_ptr<T>();
+    const uint8_t* fin = R.finite.data_ptr<uint8_t>();
+    std::vector<double> big_norm;  // per row, 0 unless its squared norm overflowed
+    for (int64_t i = 0; i < N; ++i) {
+      if (!fin[i] || sq[i] < std::numeric_limits<T>::max() / T(8)) continue;
+      if (big_norm.empty()) big_norm.assign(N, 0.0);
+      const at::Tensor row = input.select(0, i).to(at::kDouble).contiguous();
+      const double* v = row.data_ptr<double>();
+      double m = 0, ss = 0;
+      for (int64_t k = 0; k < D; ++k) m = std::max(m, std::fabs(v[k]));
+      for (int64_t k = 0; k < D; ++k) ss += (v[k] / m) * (v[k] / m);
+      big_norm[i] = m * std::sqrt(ss);
+    }
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        const double big = big_norm.empty() ? 0.0 : big_norm[i];
         const T norm = std::sqrt(sq[i]);
-        const bool proj = norm > T(kNormEps);
+        const bool proj = big > 0 || norm > T(kNormEps);
         T c = 0;
         for (int64_t k = 0; k < D; ++k) c += r[i * D + k] * gp[i * D + k];
-        const T inv = T(1) / (proj ? norm : T(kNormEps));
+        const T inv = big > 0 ? T(1.0 / big) : T(1) / (proj ? norm : T(kNormEps));
         for (int64_t k = 0; k < D; ++k) gp[i * D + k] = (gp[i * D + k] - (proj ? r[i * D + k] * c : T(0))) * inv;
       }
     });
@@ -285,10 +301,8 @@ at::Tensor pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Te
   if (metric != Metric::Cosine) {  // cosine is scale-free: its unit rows never overflow
     const int e = safe_scale_exponent(x, y, X, y.has_value() ? &Y : nullptr);
     if (e != 0) {  // measured on rows times 2^-e (rows_cpu.h), then scaled back exactly
-      const auto ct = compute_dtype(x.scalar_type());
-      const double down = std::ldexp(1.0, -e);
-      const at::Tensor xs = x.to(ct).mul(down);
-      const c10::optional<at::Tensor> ys = y.has_value() ? c10::optional<at::Tensor>(y->to(ct).mul(down)) : c10::nullopt;
+      const at::Tensor xs = times_power_of_two(x, -e);
+      const c10::optional<at::Tensor> ys = y.has_value() ? c10::optional<at::Tensor>(times_power_of_two(*y, -e)) : c10::nullopt;
       at::Tensor d = pairwise_distance_cpu(xs, ys, metric_name).contiguous();
       scale_by_power_of_two(d, metric == Metric::Euclidean ? e : 2 * e);
       return d.to(x.scalar_type());
@@ -358,8 +372,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
     std::tie(gx, gy) = gemm_backward(grad, dist, X, Y, y.has_value(), metric);
   }
   if (metric == Metric::Cosine) {
-    through_normalize(gx, X);
-    through_normalize(gy, Y);
+    through_normalize(gx, X, x);
+    through_normalize(gy, Y, y.has_value() ? *y : x);
   }
   if (!y.has_value()) return {gx.add_(gy).to(x.scalar_type()), at::empty({0}, x.options())};
   return {gx.to(x.scalar_type()), gy.to(y->scalar_type())};

@@ -214,6 +214,41 @@ inline void scale_by_power_of_two(at::Tensor& t, int k) {
   });
 }
 
+// A new contiguous copy of x in the compute dtype, times 2^k entry by entry
+// (scale_by_power_of_two). Never `x * 2^k` as a tensor times a scalar: for all-subnormal
+// rows 2^k itself is beyond the dtype's range (fp32: 2^130 rounds to inf, and 0 * inf is NaN).
+inline at::Tensor times_power_of_two(const at::Tensor& x, int k) {
+  at::Tensor t = at::empty(x.sizes(), x.options().dtype(compute_dtype(x.scalar_type())));
+  t.copy_(x);
+  scale_by_power_of_two(t, k);
+  return t;
+}
+
+// |a - b|^2 of two finite rows as sum * 2^(2e), in double, on the rows divided by 2^e (e
+// from their largest |entry|): no square over- or underflows, for fp64 rows too. For the
+// pairs whose plain sum of squares left T's range (fp32 rows of norm ~1e-30 or ~1e20).
+template <typename T>
+inline double scaled_sq_distance(const T* a, const T* b, int64_t D, int& e) {
+  double m = 0;
+  for (int64_t k = 0; k < D; ++k) m = std::max(m, std::max(std::fabs(double(a[k])), std::fabs(double(b[k]))));
+  e = 0;
+  if (!(m > 0)) return 0.0;
+  std::frexp(m, &e);
+  double s = 0;
+  for (int64_t k = 0; k < D; ++k) {
+    const double d = std::ldexp(double(a[k]), -e) - std::ldexp(double(b[k]), -e);
+    s += d * d;
+  }
+  return s;
+}
+// Whether a sum of squares in T may have lost its value: below min / eps^2 (the squares
+// lose bits or vanish; 0 included) or above max / 8 (overflow, or close to it).
+template <typename T>
+inline bool sum_sq_out_of_range(T s) {
+  const T eps = std::numeric_limits<T>::epsilon();
+  return !(s >= std::numeric_limits<T>::min() / (eps * eps) && s <= std::numeric_limits<T>::max() / T(8));
+}
+
 // The exact distance between two prepared rows, from their difference (no
 // cancellation from |a|^2 + |b|^2 - 2ab). Cosine rows are already unit rows.
 // Per-lane partial sums as in row_sumsq; the metric is a template argument so that the

@@ -42,6 +42,13 @@ template <typename T, bool kCosine>
 TRIPLETOPS_INLINE T pair_dist(const T* a, const T* b, int64_t D, Metric metric, T& zero) {
   const T s = pair_sum<T, kCosine>(a, b, D, zero);
   if (kCosine) return T(1) - s;
+  if (sum_sq_out_of_range(s) && zero == T(0)) {
+    // The squares under- or overflowed in T (rows of norm 1e-30 or 1e20 in fp32 gave 0 or
+    // inf): formed again on the rows scaled by a power of two, in double.
+    int e = 0;
+    const double r = scaled_sq_distance(a, b, D, e);
+    return T(metric == Metric::Euclidean ? std::ldexp(std::sqrt(r), e) : std::ldexp(r, 2 * e));
+  }
   return metric == Metric::Euclidean ? std::sqrt(s) : s;
 }
 

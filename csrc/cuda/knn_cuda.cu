@@ -207,11 +207,14 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   // The rows as GEMM operands, their finiteness and the bias of every key.
   at::Tensor x = X.to(ct), y = Y.to(ct);
   const at::Tensor fin_x = x.isfinite().all(1), fin_y = gallery.has_value() ? y.isfinite().all(1) : fin_x;
-  // Rows whose squares leave the compute dtype's range (fp32 norms above ~1.8e19, or every
-  // squared norm below min / eps^2, e.g. rows of norm 1e-30) are multiplied by 2^-e, with
-  // 2^e just above the largest finite entry, as on CPU (rows_cpu.h: safe_scale_exponent).
+  // (Sq)euclidean: rows whose squares leave the compute dtype's range (fp32 norms above
+  // ~1.8e19, or every squared norm below min / eps^2, e.g. rows of norm 1e-30) are
+  // multiplied by 2^-e, with 2^e just above the largest finite entry, as on CPU (rows_cpu.h:
+  // safe_scale_exponent), in two steps of at most 2^±538 (a single 2^-e overflows double
+  // for fp64 subnormal rows). Cosine is never scaled as a whole: each row is divided by its
+  // own largest entry below (one exploding row must not push the others under eps).
   // The keys only rank; the distances come from the unscaled rows, in double.
-  {
+  if (!cosine) {
     const bool f32 = ct == at::kFloat;
     const double big = (f32 ? double(std::numeric_limits<float>::max()) : std::numeric_limits<double>::max()) / 8;
     const double tiny = f32 ? double(std::numeric_limits<float>::min()) / 0x1p-46 : std::numeric_limits<double>::min() / 0x1p-104;
@@ -222,16 +225,25 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
       max_sq = std::max(max_sq, f.to(at::kDouble).square().sum(1).max().item<double>());
       amax = std::max(amax, f.abs().max().item<double>());
     }
-    if (amax > 0 && (!(max_sq < big) || (!cosine && max_sq < tiny))) {
+    if (amax > 0 && (!(max_sq < big) || max_sq < tiny)) {
       int e = 0;
       std::frexp(amax, &e);
-      x = x.to(at::kDouble).mul(std::ldexp(1.0, -e)).to(ct);
-      y = gallery.has_value() ? y.to(at::kDouble).mul(std::ldexp(1.0, -e)).to(ct) : x;
+      const double first = std::ldexp(1.0, -(e / 2)), second = std::ldexp(1.0, -(e - e / 2));
+      x = x.to(at::kDouble).mul(first).mul(second).to(ct);
+      y = gallery.has_value() ? y.to(at::kDouble).mul(first).mul(second).to(ct) : x;
     }
   }
   if (cosine) {
-    x = x / x.norm(2, 1, true).clamp_min(kNormEps);
-    y = gallery.has_value() ? y / y.norm(2, 1, true).clamp_min(kNormEps) : x;
+    // F.normalize's x / max(|x|, eps) with |x| formed as m |x / m| (m: the row's largest
+    // |entry|), so that no square overflows: a row of norm 1e20 is a unit row like any other.
+    const auto unit_rows = [](const at::Tensor& r) {
+      const at::Tensor m = r.abs().amax(1, true);
+      const at::Tensor p = r / at::where(m > 0, m, at::ones_like(m));
+      const at::Tensor pn = p.norm(2, 1, true);
+      return at::where(pn * m > kNormEps, p / pn.clamp_min(1.0), r / kNormEps);
+    };
+    x = unit_rows(x);
+    y = gallery.has_value() ? unit_rows(y) : x;
   } else {
     const at::Tensor finite_rows = y.index({fin_y});
     if (finite_rows.size(0) > 0) {

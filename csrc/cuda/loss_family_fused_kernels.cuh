@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(1024)
         }
       } else {
         const double t = d[p] + margin;
-        const int64_t c = count_below(neg, rc.neg, t);
+        const int64_t c = count_below(neg, rc.neg, d[p], margin);
         if (c > 0 && !backward) sum += double(c) * t - aux[c - 1];
         nonzero += double(c);
       }
@@ -346,12 +346,12 @@ __global__ void __launch_bounds__(1024)
           }
           v = positive ? v : -v;
         } else if (positive) {
-          v = double(count_not_above(neg, rc.neg, d[j] + margin));
+          v = double(count_not_above(neg, rc.neg, d[j], margin));
         } else {  // positives p with d_p + m >= d_j: all from the first such one on
           int64_t lo = 0, hi = rc.pos;
           while (lo < hi) {
             const int64_t mid = lo + (hi - lo) / 2;
-            if (aux[mid] + margin >= d[j]) hi = mid; else lo = mid + 1;
+            if (not_above_sum(d[j], aux[mid], margin)) hi = mid; else lo = mid + 1;
           }
           v = -double(rc.pos - lo);
         }

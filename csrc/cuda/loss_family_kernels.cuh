@@ -44,20 +44,21 @@ __device__ T block_sum(T v) {
   return total;
 }
 
-// In an ascending array v[0, n): how many entries are < t, and how many are <= t.
-__device__ __forceinline__ int64_t count_below(const double* v, int64_t n, double t) {
+// In an ascending array v[0, n): how many entries are < a + b, and how many are <= a + b,
+// for the exact sum (common.h: below_sum, not_above_sum).
+__device__ __forceinline__ int64_t count_below(const double* v, int64_t n, double a, double b = 0.0) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (v[mid] < t) lo = mid + 1; else hi = mid;
+    if (below_sum(v[mid], a, b)) lo = mid + 1; else hi = mid;
   }
   return lo;
 }
-__device__ __forceinline__ int64_t count_not_above(const double* v, int64_t n, double t) {
+__device__ __forceinline__ int64_t count_not_above(const double* v, int64_t n, double a, double b = 0.0) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (v[mid] <= t) lo = mid + 1; else hi = mid;
+    if (not_above_sum(v[mid], a, b)) lo = mid + 1; else hi = mid;
   }
   return lo;
 }
@@ -140,7 +141,7 @@ __global__ void batch_all_stats_kernel(const double* __restrict__ dist, Labels l
         continue;
       }
       const double t = d[p] + margin;
-      const int64_t c = count_below(neg_sorted + a * B, rc.neg, t);
+      const int64_t c = count_below(neg_sorted + a * B, rc.neg, d[p], margin);
       if (c > 0) sum += double(c) * t - neg_prefix[a * B + c - 1];
       nonzero += double(c);
     }
@@ -191,12 +192,12 @@ __global__ void batch_all_grad_kernel(const double* __restrict__ dist, Labels la
       continue;
     }
     if (positive) {
-      ga[j] = s * double(count_not_above(neg, rc.neg, d[j] + margin));
+      ga[j] = s * double(count_not_above(neg, rc.neg, d[j], margin));
     } else {  // positives p with d_p + m >= d_j: all from the first such one on
       int64_t lo = 0, hi = rc.pos;
       while (lo < hi) {
         const int64_t mid = lo + (hi - lo) / 2;
-        if (pos[mid] + margin >= d[j]) hi = mid; else lo = mid + 1;
+        if (not_above_sum(d[j], pos[mid], margin)) hi = mid; else lo = mid + 1;
       }
       ga[j] = -(s * double(rc.pos - lo));
     }

@@ -19,16 +19,20 @@ struct TripletSums {
   double ap2, an2, pn2, aa, pp, nn, ap, an, pn, zero;
 };
 
+// The sums are in double for every dtype: an fp32 row of norm 1e-30 or 1e20 has squares
+// that under- or overflow fp32 (distances of 0 or inf, a loss of exactly the margin and no
+// gradient), while fp32 squares never leave double's range. Memory-bound: the fp64 FMAs
+// (10 per entry) cost nothing next to the loads.
 template <typename scalar_t, typename acc_t>
 __device__ TripletSums triplet_sums(const scalar_t* a, const scalar_t* p, const scalar_t* n, int64_t D, int lane) {
-  acc_t s[10] = {};
+  double s[10] = {};
   for (int64_t k = lane; k < D; k += kWarp) {
-    const acc_t av = a[k], pv = p[k], nv = n[k];
-    const acc_t dap = av - pv, dan = av - nv, dpn = pv - nv;
+    const double av = double(a[k]), pv = double(p[k]), nv = double(n[k]);
+    const double dap = av - pv, dan = av - nv, dpn = pv - nv;
     s[0] += dap * dap, s[1] += dan * dan, s[2] += dpn * dpn;
     s[3] += av * av, s[4] += pv * pv, s[5] += nv * nv;
     s[6] += av * pv, s[7] += av * nv, s[8] += pv * nv;
-    s[9] += (av + pv + nv) * acc_t(0);
+    s[9] += (av + pv + nv) * 0.0;
   }
   for (int j = 0; j < 10; ++j) s[j] = warp_sum(s[j]);  // on every lane
   return {double(s[0]), double(s[1]), double(s[2]), double(s[3]), double(s[4]),

@@ -1,0 +1,260 @@
+"""Data that training produces (issue 38): one exploding row, collapsed embeddings,
+subnormal rows, kinks one ulp away, and the retrieval metrics' definitions and errors.
+Each case failed on the commit before its fix."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tripletops
+
+from conftest import devices_for
+from test_retrieval import brute_force, check
+
+
+# ---- 1. cosine: one exploding row must not move every other row -----------------------
+
+
+@pytest.mark.parametrize("device", devices_for("knn"))
+def test_knn_cosine_one_exploding_row(device):
+    torch.manual_seed(11)
+    g = torch.randn(40, 4, device=device)
+    g[5] = torch.tensor([-1e20, 0.0, 0.0, 0.0], device=device)  # norm 1e20: its square overflows fp32
+    nb = tripletops.knn(g, k=4, metric="cosine")
+    check(nb, g, None, 4, "cosine", True, torch.float32)
+    q = torch.randn(7, 4, device=device)
+    nb = tripletops.knn(q, g, k=5, metric="cosine")
+    check(nb, q, g, 5, "cosine", False, torch.float32)
+    # the distances are not all ~1 (the symptom: every ordinary row pushed below eps)
+    assert float(nb.dist[:, 0].max()) < 0.9
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_mine"))
+def test_batch_hard_mine_cosine_one_exploding_row(device):
+    torch.manual_seed(12)
+    x = torch.randn(24, 6, dtype=torch.float64)  # host tensor
+    x[3] *= 1e20
+    y = torch.arange(24) % 4  # host tensor
+    ref = tripletops.reference.batch_hard_mine(x, y, metric="cosine")
+    got = tripletops.batch_hard_mine(x.float().to(device), y.to(device), metric="cosine")
+    assert torch.equal(got.pos_idx.cpu(), ref.pos_idx) and torch.equal(got.neg_idx.cpu(), ref.neg_idx)
+    assert torch.allclose(got.neg_dist.double().cpu(), ref.neg_dist, rtol=1e-5, atol=1e-6)
+
+
+# ---- 2. euclidean: small rows next to a huge one keep their bits -----------------------
+
+
+@pytest.mark.parametrize("device", devices_for("knn"))
+def test_knn_small_rows_beside_an_exploding_row(device):
+    torch.manual_seed(13)
+    x = (torch.randn(20, 4, dtype=torch.float64) * 1e-23).float()  # host tensor
+    x[0] = torch.tensor([1e20, 0.0, 0.0, 0.0])
+    for metric in ("euclidean", "sqeuclidean"):
+        nb = tripletops.knn(x.to(device), k=3, metric=metric)
+        check(nb, x, None, 3, metric, True, torch.float32)
+    big = (torch.randn(300, 8, dtype=torch.float64) * 1e-23).float()  # host tensor; past the direct path
+    big[7] = 1e20
+    nb = tripletops.knn(big.to(device), k=4)
+    check(nb, big, None, 4, "euclidean", True, torch.float32)
+
+
+# ---- 3. all-subnormal rows ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices_for("knn"))
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 2.0 ** -135), (torch.float64, 2.0 ** -1030)])
+def test_knn_on_subnormal_rows(device, dtype, scale):
+    """Every entry below the dtype's smallest normal: the squares vanish in any dtype, so
+    the float64 definition is taken on the rows times 1/scale (exact) and scaled back."""
+    torch.manual_seed(14)
+    ints = torch.randint(-8, 9, (30, 4)).double()  # host tensor
+    x = (ints * scale).to(dtype)
+    assert torch.equal(x.double() / scale, ints)  # exact multiples: representable
+    ref_dist, ref_idx = brute_force(ints, None, 3, "euclidean", True)
+    for metric in ("euclidean", "sqeuclidean"):
+        nb = tripletops.knn(x.to(device), k=3, metric=metric)
+        assert not bool(nb.dist.isnan().any()) and not bool(nb.dist.isinf().any())
+        assert torch.equal(nb.idx.cpu(), ref_idx)
+    got = tripletops.knn(x.to(device), k=3).dist.double().cpu() / scale
+    assert torch.allclose(got, ref_dist, rtol=1e-3, atol=0), (got, ref_dist)
+
+
+@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
+def test_pairwise_distance_on_subnormal_rows(device):
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]], dtype=torch.float64) * 2.0 ** -140  # host tensor
+    d = tripletops.pairwise_distance(x.float().to(device)).double().cpu()
+    assert not bool(d.isnan().any())
+    assert torch.allclose(d, torch.cdist(x, x).float().double(), rtol=1e-6, atol=0)
+
+
+# ---- 4. mean_reciprocal_rank at AccuracyCalculator's depth -----------------------------
+
+
+def test_mean_reciprocal_rank_is_accuracy_calculators():
+    from test_retrieval import _pml
+
+    torch.manual_seed(15)
+    y = torch.arange(100).repeat_interleave(3)
+    x = torch.randn(300, 16)
+    ref = _pml(x, y, None, None)
+    for k in ((1, 5, 10), (1, 2), 50):  # the depth does not depend on the recall cut-offs
+        got = tripletops.retrieval_metrics(x, y, k=k)
+        assert abs(got["mean_reciprocal_rank"] - ref["mean_reciprocal_rank"]) <= 1e-6, (k, got, ref)
+
+
+# ---- 6. and 7. memory on collapsed embeddings and multi-hot labels ---------------------
+
+MEMORY_SCRIPT = r"""
+import resource, time, torch, tripletops
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+ones = torch.ones(16000, 16)
+clusters = torch.full((10000, 128), 100.0)
+clusters[5000:] = -100.0
+tripletops.knn(torch.randn(3000, 16), k=10)  # warm the allocator and the thread pool
+for name, x in (("identical", ones), ("two clusters", clusters)):
+    before, t = peak(), time.time()
+    nb = tripletops.knn(x, k=10)
+    growth, sec = peak() - before, time.time() - t
+    print(f"{name}: +{growth:.1f} MiB, {sec:.2f} s")
+    assert growth < 100, (name, growth)
+    first = 0 if name == "identical" else 5000  # every row's neighbours: the smallest indices of its class
+    assert nb.idx[first + 20].tolist() == [first + j for j in range(11) if j != 20][:10]
+    assert float(nb.dist.abs().max()) == 0.0
+# multi-hot labels: no Q x K x L temporary
+torch.manual_seed(0)
+emb = torch.randn(1000, 8)
+labels = torch.zeros(1000, 512, dtype=torch.bool)
+labels[torch.arange(1000), torch.randint(0, 4, (1000,))] = True
+labels[:500, 100] = True  # one label shared by half of the rows: K ~ 500
+before = peak()
+tripletops.retrieval_metrics(emb, labels)
+growth = peak() - before
+print(f"multi-hot L=512: +{growth:.1f} MiB")
+assert growth < 100, growth
+"""
+
+
+def test_knn_and_metrics_memory_on_collapsed_embeddings():
+    """Peak memory above the inputs (ru_maxrss): identical rows at N = 16,000 and two far
+    clusters stay under 100 MB (a window used to keep every tied row: ~4 GB), and so do
+    multi-hot metrics with L = 512."""
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600)
+    print(res.stdout, res.stderr)
+    assert res.returncode == 0, res.stderr
+
+
+# ---- the first hour's errors ----------------------------------------------------------
+
+
+def test_retrieval_metrics_rejects_k_beyond_the_gallery_and_non_finite_rows():
+    x, y = torch.randn(20, 3), torch.arange(20) % 4
+    with pytest.raises(ValueError, match=r"k=50 .*19"):
+        tripletops.retrieval_metrics(x, y, k=(1, 50))
+    with pytest.raises(ValueError, match=r"k=21 .*20"):
+        tripletops.retrieval_metrics(x, y, x, y, k=21)
+    bad = x.clone()
+    bad[7, 1] = math.nan
+    with pytest.raises(ValueError, match="queries row 7"):
+        tripletops.retrieval_metrics(bad, y)
+    bad = x.clone()
+    bad[3, 0] = math.inf
+    with pytest.raises(ValueError, match="gallery row 3"):
+        tripletops.retrieval_metrics(x, y, bad, y)
+
+
+def test_knn_rejects_exclude_self_with_a_short_gallery_and_huge_k():
+    q = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="exclude_self"):
+        tripletops.knn(q, q[:4], k=2, exclude_self=True)
+    for k in (2 ** 31, 2 ** 63, 2 ** 70):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            tripletops.knn(q, k=k)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        tripletops.knn(q, k=0)
+
+
+# ---- 8. cosine gradients of an exploding row ------------------------------------------
+
+
+def test_cosine_gradients_of_an_exploding_fp32_row():
+    torch.manual_seed(16)
+    base = torch.randn(8, 4, dtype=torch.float64)
+    base[0] *= 1e20
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for fn, ref in ((lambda x: tripletops.pairwise_distance(x, metric="cosine").sum(),
+                     lambda x: tripletops.reference.pairwise_distance(x, metric="cosine").sum()),
+                    (lambda x: tripletops.contrastive_loss(x, y, metric="cosine"),
+                     lambda x: tripletops.reference.contrastive_loss(x, y, metric="cosine"))):
+        x = base.float().requires_grad_()
+        fn(x).backward()
+        xd = base.clone().requires_grad_()
+        ref(xd).backward()
+        assert bool(x.grad.isfinite().all())
+        g0, r0 = x.grad[0].double(), xd.grad[0]
+        assert float(r0.abs().max()) > 0
+        assert torch.allclose(g0, r0, rtol=1e-4, atol=1e-4 * float(r0.abs().max())), (g0, r0)
+
+
+# ---- 9. batch-all one ulp above the kink -----------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices_for("batch_all_loss"))
+def test_batch_all_mean_nonzero_counts_a_term_one_ulp_above_the_kink(device):
+    x = torch.tensor([[0.0], [1.0], [1.2], [-3.0]], dtype=torch.float64)  # host tensor
+    y = torch.tensor([0, 0, 1, 1])  # host tensor
+    # (0, 1, 2): 1 - 1.2 + 0.2 = 5.55e-17 > 0, exactly and in these doubles
+    assert float((torch.tensor(1.0, dtype=torch.float64) - 1.2) + 0.2) > 0
+    ref = tripletops.reference.batch_all_loss(x, y, margin=0.2, reduction="mean_nonzero")
+    xd = x.clone().to(device).requires_grad_()
+    got = tripletops.batch_all_loss(xd, y.to(device), margin=0.2, reduction="mean_nonzero")
+    assert abs(float(got.detach()) - float(ref)) <= 1e-12, (float(got.detach()), float(ref))
+    xr = x.clone().requires_grad_()
+    tripletops.reference.batch_all_loss(xr, y, margin=0.2, reduction="mean_nonzero").backward()
+    got.backward()
+    assert torch.allclose(xd.grad.cpu(), xr.grad, atol=1e-12)
+
+
+# ---- 12. explicit triplets of tiny or huge rows ----------------------------------------
+
+
+@pytest.mark.parametrize("device", devices_for("triplet_margin_loss"))
+@pytest.mark.parametrize("scale", [1e-30, 1e20])
+def test_triplet_margin_loss_tiny_and_huge_rows(device, scale):
+    torch.manual_seed(17)
+    a, p, n = (torch.randn(5, 4, dtype=torch.float64) * scale for _ in range(3))  # host tensors
+    margin = 0.0 if scale > 1 else 1e-30
+    ref = tripletops.reference.triplet_margin_loss(a, p, n, margin=margin, reduction="none")
+    leaves = [t.float().to(device).requires_grad_() for t in (a, p, n)]
+    got = tripletops.triplet_margin_loss(*leaves, margin=margin, reduction="none")
+    assert torch.allclose(got.double().cpu(), ref, rtol=1e-5, atol=0), (got, ref)
+    got.sum().backward()
+    refs = [t.clone().requires_grad_() for t in (a, p, n)]
+    tripletops.reference.triplet_margin_loss(*refs, margin=margin, reduction="none").sum().backward()
+    for g, r in zip(leaves, refs):
+        assert torch.allclose(g.grad.double().cpu(), r.grad, rtol=1e-4, atol=1e-5), (g.grad, r.grad)
+
+
+# ---- 13. the reference forms squared distances from the differences --------------------
+
+
+def test_reference_squared_distances_at_the_kink():
+    x = torch.tensor([[0, 0], [1, 1], [2, 0], [9, 9], [9, 9.5]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 2, 2])
+    # anchor 0: d_ap^2 = 2, d_an^2 = 4, margin 2: exactly at the kink
+    ref = tripletops.reference.batch_hard_loss(x, y, margin=2.0, metric="sqeuclidean", reduction="mean_nonzero")
+    got = tripletops.batch_hard_loss(x, y, margin=2.0, metric="sqeuclidean", reduction="mean_nonzero")
+    assert float(ref) == 2.0 and float(got) == 2.0
+    assert float(tripletops.reference.pairwise_distance(x, metric="sqeuclidean")[0, 1]) == 2.0
+    # contrastive: a negative pair at squared distance exactly neg_margin passes the gradient
+    # (clamp's convention at 0), as the kernels do
+    x2 = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    y2 = torch.tensor([0, 1])
+    xr = x2.clone().requires_grad_()
+    tripletops.reference.contrastive_loss(xr, y2, metric="sqeuclidean", neg_margin=2.0, reduction="sum").backward()
+    xk = x2.clone().requires_grad_()
+    tripletops.contrastive_loss(xk, y2, metric="sqeuclidean", neg_margin=2.0, reduction="sum").backward()
+    assert torch.allclose(xr.grad, xk.grad) and float(xr.grad.abs().max()) > 0
