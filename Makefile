@@ -1,8 +1,15 @@
 # tripletops — the commands a newcomer needs: `make demo` (the main job: three trainings, each
 # tripletops against the eager reference, with the speedups), `make test` (what CI runs) and
 # `make bench` (the benchmark report).
-# Each installs what it needs into the current Python (PYTHON=... to pick another).
-PYTHON ?= python3
+# Each installs what it needs into the project's own environment, .venv in the checkout
+# (ignored by git), made on first use from the first `python3` on PATH (a system Python
+# that is PEP 668-managed is fine: nothing is installed into it). PYTHON=/path/to/python
+# uses another environment instead, and installs into that one.
+VENV ?= .venv
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+ENV_DEP := $(VENV)/bin/python
+endif
 PIP := $(PYTHON) -m pip
 # The CPU wheel of torch 2.13.0 sits in pip's local wheel folder on our machines; an
 # unpinned `pip install torch` would download several GB of CUDA packages instead.
@@ -12,9 +19,15 @@ export MAX_JOBS
 
 .PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-retrieval cuda-check torch-range cuda-emu package-check gpu-check clean
 
+# The project environment: `python3 -m venv` (on Debian/Ubuntu without the venv module:
+# apt-get install python3-venv), then a pip that reads current wheels.
+$(VENV)/bin/python:
+	@python3 -m venv $(VENV) || { echo "tripletops: python3 -m venv failed; on Debian/Ubuntu: apt-get install python3-venv, or pass PYTHON=/path/to/python"; exit 1; }
+	@$(VENV)/bin/python -m pip install -q --upgrade pip
+
 # Builds only when the extension is missing, built against another torch, or older than a
 # source (tools/build_is_current.py).
-install:
+install: $(ENV_DEP)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@if $(PYTHON) tools/build_is_current.py; then echo "tripletops: the built extension is current"; else \
 	  $(PIP) install "setuptools>=77" wheel ninja numpy && $(PIP) install --no-build-isolation -e ".[test]"; fi
@@ -89,7 +102,7 @@ cuda-emu: install
 
 # The package as a user gets it: sdist -> wheel (in a fresh venv) -> installed -> smoke test
 # from outside the tree; an isolated `pip install` must refuse at once (tools/package_check.sh).
-package-check:
+package-check: $(ENV_DEP)
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash tools/package_check.sh
 
 # On a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest, pytest-xdist and
@@ -102,8 +115,10 @@ package-check:
 # wheels from $(WHEELS): `pip download --no-deps -d .whl pytorch-metric-learning` beforehand.
 WHEELS ?= .whl
 GPU_CHECK_OUT ?= benchmarks/results/gpu-check
+# The GPU machine's own python3 (torch with CUDA preinstalled, no network), not .venv.
+GPU_PYTHON := $(if $(ENV_DEP),python3,$(PYTHON))
 gpu-check:
-	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT) --wheels $(WHEELS)
+	$(GPU_PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT) --wheels $(WHEELS)
 
 clean:
 	rm -rf build *.egg-info tripletops/*.so .pytest_cache .benchmarks runs
