@@ -359,6 +359,19 @@ C10_HOST_DEVICE inline PairTerm<T> contrastive_term(T d, bool same, bool finite,
 // zero row (distance 1, ties exact), as everywhere else. `sq_norm`: |a|² in double.
 C10_HOST_DEVICE inline bool is_unit_row(double sq_norm) { return std::sqrt(sq_norm) > kNormEps; }
 
+// Cosine's pair gradient in its plain form: d(1 - cos)/da = alpha_a a + beta b, d/db =
+// alpha_b b + beta a (F.normalize's eps as in pair_grad), for pairs whose norms differ by
+// many orders of magnitude, where pair_grad's form around a - b cancels.
+struct CosinePairGrad {
+  double alpha_a, alpha_b, beta;
+};
+C10_HOST_DEVICE inline CosinePairGrad cosine_pair_grad(double dot, double a_sq, double b_sq) {
+  const double eps = kNormEps, ra = std::sqrt(a_sq), rb = std::sqrt(b_sq);
+  const double na = ra > eps ? ra : eps, nb = rb > eps ? rb : eps;
+  const double c = dot / (na * nb);
+  return {ra > eps ? c / (na * na) : 0.0, rb > eps ? c / (nb * nb) : 0.0, -1.0 / (na * nb)};
+}
+
 struct PairGrad {
   double da, ea, db, eb;
   C10_HOST_DEVICE PairGrad scaled(double s) const { return {s * da, s * ea, s * db, s * eb}; }

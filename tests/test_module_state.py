@@ -131,7 +131,7 @@ def _filled_memory(size=8, dim=3, rows=6, dtype=torch.float32, num_labels=None):
 
 
 @pytest.mark.parametrize("case", ["size", "dim", "label kind", "count past size", "head past count", "missing key",
-                                  "float labels"])
+                                  "float labels", "meta labels", "meta memory", "float8 memory"])
 def test_a_failed_load_leaves_the_memory_bit_identical(case):
     target = _filled_memory(size=4, rows=3)
     source = {"size": lambda: _filled_memory(size=8), "dim": lambda: _filled_memory(size=4, dim=5),
@@ -146,6 +146,14 @@ def test_a_failed_load_leaves_the_memory_bit_identical(case):
         del state["head"]
     elif case == "float labels":
         state["memory_labels"] = state["memory_labels"].float()
+    elif case == "meta labels":  # passed validation, then failed to copy after memory was replaced (issue 38)
+        state["memory_labels"] = state["memory_labels"].to("meta")
+    elif case == "meta memory":
+        state["memory"] = state["memory"].to("meta")
+    elif case == "float8 memory":  # a dtype no kernel takes: every later call would raise
+        if not hasattr(torch, "float8_e4m3fn"):
+            pytest.skip("no float8 dtype in this torch")
+        state["memory"] = state["memory"].to(torch.float8_e4m3fn)
     snap = _snapshot(target)
     with pytest.raises(RuntimeError, match="Error"):
         target.load_state_dict(state)

@@ -360,7 +360,7 @@ def test_retrieval_metrics_definitions_by_hand():
     m = tripletops.retrieval_metrics(torch.tensor([[0.0], [0.0]]), torch.tensor([0, 1]), g, torch.tensor([0, 1, 0, 0]),
                                      k=1)
     assert m["mean_reciprocal_rank"] == pytest.approx((1.0 + 0.5) / 2)
-    none = tripletops.retrieval_metrics(q, torch.tensor([7]), g, torch.tensor([0, 1, 0, 0]))
+    none = tripletops.retrieval_metrics(q, torch.tensor([7]), g, torch.tensor([0, 1, 0, 0]), k=1)
     assert none["num_queries_counted"] == 0 and math.isnan(none["precision_at_1"])
 
 

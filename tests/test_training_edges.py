@@ -182,6 +182,8 @@ def test_knn_rejects_exclude_self_with_a_short_gallery_and_huge_k():
 
 
 def test_cosine_gradients_of_an_exploding_fp32_row():
+    """CPU; the CUDA backward of pairwise_distance, the contrastive general path and
+    batch-hard are not fixed yet (docs/numerics.md)."""
     torch.manual_seed(16)
     base = torch.randn(8, 4, dtype=torch.float64)
     base[0] *= 1e20
@@ -189,15 +191,18 @@ def test_cosine_gradients_of_an_exploding_fp32_row():
     for fn, ref in ((lambda x: tripletops.pairwise_distance(x, metric="cosine").sum(),
                      lambda x: tripletops.reference.pairwise_distance(x, metric="cosine").sum()),
                     (lambda x: tripletops.contrastive_loss(x, y, metric="cosine"),
-                     lambda x: tripletops.reference.contrastive_loss(x, y, metric="cosine"))):
+                     lambda x: tripletops.reference.contrastive_loss(x, y, metric="cosine")),
+                    (lambda x: tripletops.batch_hard_loss(x, y, metric="cosine", margin=0.5),
+                     lambda x: tripletops.reference.batch_hard_loss(x, y, metric="cosine", margin=0.5))):
         x = base.float().requires_grad_()
         fn(x).backward()
         xd = base.clone().requires_grad_()
         ref(xd).backward()
         assert bool(x.grad.isfinite().all())
-        g0, r0 = x.grad[0].double(), xd.grad[0]
-        assert float(r0.abs().max()) > 0
-        assert torch.allclose(g0, r0, rtol=1e-4, atol=1e-4 * float(r0.abs().max())), (g0, r0)
+        assert float(xd.grad[0].abs().max()) > 0
+        for row in range(4):  # the exploding row and rows that meet it
+            g0, r0 = x.grad[row].double(), xd.grad[row]
+            assert torch.allclose(g0, r0, rtol=1e-4, atol=1e-3 * float(r0.abs().max())), (row, g0, r0)
 
 
 # ---- 9. batch-all one ulp above the kink -----------------------------------------------

@@ -43,14 +43,28 @@ def _load_all_or_nothing(module: nn.Module, state_dict, prefix: str, strict: boo
     if not all(isinstance(t, torch.Tensor) for t in got.values()):
         error_msgs.append(f"{type(module).__name__}: every entry of the state must be a tensor; nothing was loaded")
         return
+    meta = [n for n in names if got[n].is_meta]
+    if meta:
+        error_msgs.append(f"{type(module).__name__}: {', '.join(meta)} on the meta device hold no values; nothing "
+                          "was loaded")
+        return
     problem = validate(got)
     if problem is not None:
         error_msgs.append(f"{type(module).__name__}: {problem}; nothing was loaded")
         return
+    # Every copy is made before any buffer changes: a copy that fails (another device, no
+    # memory) leaves the module as it was.
+    staged = {}
     with torch.inference_mode(False):  # ordinary tensors, even when loaded inside inference_mode
         for n in names:
-            current = getattr(module, n)
-            setattr(module, n, got[n].detach().to(current.device).clone())
+            try:
+                staged[n] = got[n].detach().to(getattr(module, n).device).clone()
+            except (RuntimeError, ValueError, TypeError) as e:
+                error_msgs.append(f"{type(module).__name__}: {n} could not be copied to "
+                                  f"{getattr(module, n).device}: {e}; nothing was loaded")
+                return
+    for n in names:
+        setattr(module, n, staged[n])
 
 
 class BatchHardTripletLoss(nn.Module):
@@ -474,8 +488,9 @@ class CrossBatchMemory(nn.Module):
                               error_msgs) -> None:
         def validate(got):
             m, lab, count, head = got["memory"], got["memory_labels"], got["count"], got["head"]
-            if tuple(m.shape) != (self.size, self.dim) or not m.is_floating_point():
-                return f"memory must be a ({self.size}, {self.dim}) float tensor, got {tuple(m.shape)} {m.dtype}"
+            if tuple(m.shape) != (self.size, self.dim) or m.dtype not in _validate.FLOAT_DTYPES:
+                return (f"memory must be a ({self.size}, {self.dim}) float32, float64, float16 or bfloat16 tensor "
+                        f"(the dtypes the kernels take), got {tuple(m.shape)} {m.dtype}")
             want = ((self.size,), torch.int64) if self.num_labels is None else ((self.size, self.num_labels), torch.bool)
             if tuple(lab.shape) != want[0] or lab.dtype != want[1]:
                 return f"memory_labels must be a {want[0]} {want[1]} tensor, got {tuple(lab.shape)} {lab.dtype}"

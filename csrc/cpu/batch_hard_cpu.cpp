@@ -912,20 +912,33 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
 
   // Pass 1, per anchor: finiteness (to recompute the forward's losses exactly), and for
   // cosine the norms and dot products of the selected pairs.
-  struct Stats { double a_sq, p_sq, n_sq, ap, an; uint8_t finite; };
+  // wide: a row's squared norm overflowed acc_t (cosine): the sums are in double, and the
+  // anchor's gradient is formed in double in the alpha a + beta b form (below).
+  struct Stats { double a_sq, p_sq, n_sq, ap, an; uint8_t finite, wide; };
   std::vector<Stats> st(B);
   const bool cosine = metric == Metric::Cosine;
   // Below ~2^16 row elements both passes run on one thread: forking costs more there.
   constexpr int64_t kSerialElems = int64_t(1) << 16;
   at::parallel_for(0, B, std::max<int64_t>(1, kSerialElems / D), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      Stats s{0, 0, 0, 0, 0, 1};
+      Stats s{0, 0, 0, 0, 0, 1, 0};
       if (pi[i] >= 0 && ni[i] >= 0) {
         acc_t v[6];
         const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
         if (cosine) triplet_sums<true>(ar, pr, nr, D, v);
         else triplet_sums<false>(ar, pr, nr, D, v);
-        s = {v[0], v[1], v[2], v[3], v[4], uint8_t(v[5] == acc_t(0))};
+        s = {v[0], v[1], v[2], v[3], v[4], uint8_t(v[5] == acc_t(0)), 0};
+        const acc_t lim = std::numeric_limits<acc_t>::max() / acc_t(8);
+        if (cosine && s.finite && !(v[0] < lim && v[1] < lim && v[2] < lim)) {
+          // A finite row whose squared norm overflowed acc_t (fp32 rows of norm >= ~1.8e19):
+          // the sums again in double, where fp32 squares never overflow (NaN gradients else).
+          s.a_sq = s.p_sq = s.n_sq = s.ap = s.an = 0;
+          s.wide = 1;
+          for (int64_t k = 0; k < D; ++k) {
+            const double av = double(ar[k]), pv = double(pr[k]), nv = double(nr[k]);
+            s.a_sq += av * av, s.p_sq += pv * pv, s.n_sq += nv * nv, s.ap += av * pv, s.an += av * nv;
+          }
+        }
       }
       st[i] = s;
     }
@@ -942,9 +955,11 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
   struct Coef { acc_t pda, pea, pdb, peb, nda, nea, ndb, neb; };
   std::vector<Coef> cf(B);
   std::vector<uint8_t> active(B);
+  std::vector<double> wide_scale(B, 0.0);
   for (int64_t i = 0; i < B; ++i) {
     const double s = valid[i] ? scale[i] * double(triplet_term_grad(pd[i] - nd[i], comp_t(margin), soft_margin)) : 0.0;
-    active[i] = s != 0;
+    active[i] = s != 0 && !st[i].wide;
+    wide_scale[i] = st[i].wide ? s : 0.0;
     if (!active[i]) continue;
     const PairGrad gp = pair_grad(metric, pd[i], st[i].ap, st[i].a_sq, st[i].p_sq).scaled(s);
     const PairGrad gn = pair_grad(metric, nd[i], st[i].an, st[i].a_sq, st[i].n_sq).scaled(-s);
@@ -969,6 +984,24 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
       other_row_grad_v(gr + ni[i] * D + k0, ar + k0, nr + k0, k1 - k0, c.ndb, c.neb);
     }
   });
+  // Anchors with an exploding row under cosine: d(1 - cos)/da = alpha_a a + beta b and
+  // d/db = alpha_b b + beta a, in double, serially in anchor order (deterministic). The
+  // kernels' form around a - b would cancel two terms of ~|b| when |b| >> |a|, and beta
+  // (~1/|b|) vanishes from alpha_a + beta in any precision.
+  for (int64_t i = 0; i < B; ++i) {
+    if (wide_scale[i] == 0.0) continue;
+    const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
+    const CosinePairGrad gp = cosine_pair_grad(st[i].ap, st[i].a_sq, st[i].p_sq);
+    const CosinePairGrad gn = cosine_pair_grad(st[i].an, st[i].a_sq, st[i].n_sq);
+    const double sp = wide_scale[i], sn = -wide_scale[i];
+    for (int64_t k = 0; k < D; ++k) {
+      const double av = double(ar[k]), pv = double(pr[k]), nv = double(nr[k]);
+      ga[i * D + k] += acc_t(sp * (gp.alpha_a * av + gp.beta * pv) + sn * (gn.alpha_a * av + gn.beta * nv));
+      if (!gr) continue;
+      gr[pi[i] * D + k] += acc_t(sp * (gp.alpha_b * pv + gp.beta * av));
+      gr[ni[i] * D + k] += acc_t(sn * (gn.alpha_b * nv + gn.beta * av));
+    }
+  }
   return {grad_a.to(emb.scalar_type()),
           grad_r.defined() ? grad_r.to(refs.scalar_type()) : at::empty({0}, emb.options())};
 }
