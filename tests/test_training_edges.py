@@ -264,3 +264,22 @@ def test_reference_squared_distances_at_the_kink():
     xk = x2.clone().requires_grad_()
     tripletops.contrastive_loss(xk, y2, metric="sqeuclidean", neg_margin=2.0, reduction="sum").backward()
     assert torch.allclose(xr.grad, xk.grad) and float(xr.grad.abs().max()) > 0
+
+
+# ---- 10. a compiled criterion called under inference_mode, then in training -------------
+
+
+def test_compiled_criterion_under_inference_mode_then_training():
+    torch._dynamo.reset()
+    t = torch.arange(8) % 4
+    center = tripletops.CenterLoss(4, 3)
+    memory = tripletops.CrossBatchMemory(16, 3)
+    memory(torch.randn(4, 3), torch.arange(4))
+    for module in (center, memory):
+        step = torch.compile(lambda m, e, y: m(e, y), fullgraph=True)
+        with torch.inference_mode():
+            step(module, torch.randn(8, 3), t)
+        assert not any(b.is_inference() for b in module.buffers())
+        x = torch.randn(8, 3, requires_grad=True)
+        step(module, x, t).backward()  # raised "Inference tensors cannot be saved for backward"
+        assert x.grad is not None and bool(x.grad.isfinite().all())

@@ -265,7 +265,8 @@ class CenterLoss(nn.Module):
         diff = embeddings.to(compute) - self.centers[labels].to(compute)
         per_row = diff.square().sum(1)
         if self.training:
-            self._update(embeddings.detach(), labels)
+            rebind = torch.compiler.is_compiling() and torch.is_grad_enabled() and embeddings.requires_grad
+            self._update(embeddings.detach(), labels, rebind)
         out = per_row if self.reduction == "none" else per_row.sum() if self.reduction == "sum" else per_row.mean()
         return out.to(embeddings.dtype)
 
@@ -282,7 +283,7 @@ class CenterLoss(nn.Module):
                 self.initialized = self.initialized.to(embeddings.device)
 
     @torch.no_grad()
-    def _update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def _update(self, embeddings: torch.Tensor, labels: torch.Tensor, rebind: bool) -> None:
         # Per class over all num_classes rows (fixed shapes, no torch.unique: a compiled
         # training step has no data-dependent shape); classes absent from the batch keep
         # their centers exactly.
@@ -296,10 +297,13 @@ class CenterLoss(nn.Module):
         means = sums / count.clamp(min=1).to(sums.dtype)[:, None]
         moved = torch.where(self.initialized[:, None], self.momentum * self.centers + (1 - self.momentum) * means, means)
         updated = torch.where(present[:, None], moved, self.centers)
-        if torch.compiler.is_compiling():
+        if rebind:
             # New buffers, not writes into the old ones: the compiled backward may recompute
             # centers[labels] from the buffer it was given (the partitioner's choice), which
-            # must then still hold the centers this loss was computed with.
+            # must then still hold the centers this loss was computed with. Without a
+            # backward (no_grad, inference_mode) they are written in place: a new buffer
+            # made under inference_mode would be an inference tensor, which the next
+            # compiled training step could not save for its backward.
             self.centers = updated
             self.initialized = self.initialized | present
         else:

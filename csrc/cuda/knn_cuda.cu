@@ -214,6 +214,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   // for fp64 subnormal rows). Cosine is never scaled as a whole: each row is divided by its
   // own largest entry below (one exploding row must not push the others under eps).
   // The keys only rank; the distances come from the unscaled rows, in double.
+  // The rows exact keys are read from: the unscaled inputs, except for fp64 rows whose
+  // squares leave double's own range (all-subnormal, or norms beyond ~1e154): then the
+  // scaled rows, and the distances times 2^exact_e at the end, as on CPU.
+  at::Tensor xe = X, ye = Y;
+  int exact_e = 0;
   if (!cosine) {
     const bool f32 = ct == at::kFloat;
     const double big = (f32 ? double(std::numeric_limits<float>::max()) : std::numeric_limits<double>::max()) / 8;
@@ -231,6 +236,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
       const double first = std::ldexp(1.0, -(e / 2)), second = std::ldexp(1.0, -(e - e / 2));
       x = x.to(at::kDouble).mul(first).mul(second).to(ct);
       y = gallery.has_value() ? y.to(at::kDouble).mul(first).mul(second).to(ct) : x;
+      if (!f32) xe = x, ye = y, exact_e = e;
     }
   }
   if (cosine) {
@@ -310,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "knn_exact_keys_cuda", [&] {
       const int64_t blocks = std::min<int64_t>((n + kKnnWarpsPerBlock - 1) / kKnnWarpsPerBlock, 65535);
       TRIPLETOPS_LAUNCH((knn_exact_keys_kernel<scalar_t>), unsigned(blocks), kKnnWarpsPerBlock * kWarp, 0,
-                        current_stream(), X.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), D, cosine,
+                        current_stream(), xe.data_ptr<scalar_t>(), ye.data_ptr<scalar_t>(), D, cosine,
                         q.data_ptr<int64_t>(), j.data_ptr<int64_t>(), n, key.data_ptr<double>());
     });
   }
@@ -332,7 +338,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   out_key.index_put_({slot}, key.index({keep}));
   out_idx.index_put_({slot}, j.index({keep}));
   // Exact keys to distances: |a - b|, |a - b|^2, or 1 - cos = |â - b̂|^2 / 2.
-  const at::Tensor dist = metric == Metric::Euclidean ? out_key.sqrt() : cosine ? out_key / 2 : out_key;
+  at::Tensor dist = metric == Metric::Euclidean ? out_key.sqrt() : cosine ? out_key / 2 : out_key;
+  if (exact_e != 0) {  // back to the input's scale: 2^e (2^2e in two steps for sqeuclidean)
+    const double up = std::ldexp(1.0, exact_e);
+    dist = metric == Metric::Euclidean ? dist.mul(up) : dist.mul(up).mul(up);
+  }
   return {dist.to(ct).view({Q, k}), out_idx.view({Q, k})};
 }
 
