@@ -43,7 +43,7 @@ test-fast: install
 # reference in lockstep (identical trajectories, retrieval, speedup), then the
 # cross-batch-memory mode where the loss dominates the step, then the multi-label mode.
 # Results go to runs/demo (ignored): a checkout stays clean. `make demo-results` rewrites
-# the committed ones (benchmarks/results/train_digits*/ and README.md's three sections).
+# the committed ones (benchmarks/results/train_digits*/ and docs/demo.md's three sections).
 DEMO_OUT ?= runs/demo
 DEMO_README ?=
 demo: install
@@ -53,10 +53,10 @@ demo: install
 	$(PYTHON) benchmarks/train_reference.py --multi-label --out $(DEMO_OUT)/train_digits_multilabel $(DEMO_README)
 
 demo-results:
-	$(MAKE) demo DEMO_OUT=benchmarks/results DEMO_README="--readme README.md"
+	$(MAKE) demo DEMO_OUT=benchmarks/results DEMO_README="--readme docs/demo.md"
 
 # The benchmark suite (pytest-benchmark; CPU, and CUDA when present) -> results/<device>.json,
-# then compare.py -> the markdown report, the PNG plot and README.md's performance section.
+# then compare.py -> the markdown report, the PNG plot and docs/performance.md.
 BENCH_NAME ?= $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 BENCH_FILES ?= benchmarks/bench_batch_hard.py benchmarks/bench_pairwise_distance.py \
 	benchmarks/bench_triplet_margin.py benchmarks/bench_loss_family.py
@@ -69,17 +69,17 @@ bench-run:
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json --benchmark-columns=median,iqr,rounds -q
 	$(PYTHON) benchmarks/compare.py benchmarks/results/$(BENCH_NAME).json --markdown benchmarks/results/$(BENCH_NAME).md \
 		--plot benchmarks/results/$(BENCH_NAME).png
-	$(PYTHON) benchmarks/compare.py $(wildcard benchmarks/results/cpu.json benchmarks/results/cuda.json) --readme README.md
+	$(PYTHON) benchmarks/compare.py $(wildcard benchmarks/results/cpu.json benchmarks/results/cuda.json) --readme docs/performance.md
 
 # The fixed cost of one loss call (forward + backward at B = 8, 32, 256) against one autograd
-# GEMM and the eager recipe, side by side -> benchmarks/results/overhead_cpu.md and README.md.
+# GEMM and the eager recipe, side by side -> benchmarks/results/overhead_cpu.md and docs/performance.md.
 bench-overhead: install
-	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_overhead.py --readme README.md
+	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_overhead.py --readme docs/performance.md
 
 # Exact k-nearest search against faiss-cpu, cdist + topk and one GEMM, and the retrieval
-# metrics against AccuracyCalculator -> benchmarks/results/retrieval_<device>.md and README.md.
+# metrics against AccuracyCalculator -> benchmarks/results/retrieval_<device>.md and docs/performance.md.
 bench-retrieval: install
-	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_retrieval.py --readme README.md
+	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_retrieval.py --readme docs/performance.md
 
 # Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 against the installed torch
 # headers and print ptxas' register/spill report. No GPU needed; .ci/run runs it when nvcc exists.

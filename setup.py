@@ -20,7 +20,8 @@ try:
 except ImportError as exc:  # an isolated build environment (plain `pip install .`), or no torch at all
     raise SystemExit(
         "tripletops compiles against the PyTorch that will run it, so it must see your installed torch.\n"
-        "Install torch first, then build without build isolation:\n"
+        "Install torch and the build tools first, then build without build isolation:\n"
+        "    pip install \"setuptools>=77\" wheel ninja numpy\n"
         "    pip install --no-build-isolation .        (or -e . for a development install)\n"
         f"({type(exc).__name__}: {exc})"
     ) from None

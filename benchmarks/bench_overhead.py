@@ -2,7 +2,7 @@
 public function, next to the floor any differentiable loss pays, one autograd GEMM
 (`(x @ x.T).sum()` forward + backward), and to the eager batch-hard recipe users write.
 
-    make bench-overhead     # or: python benchmarks/bench_overhead.py [--readme README.md]
+    make bench-overhead     # or: python benchmarks/bench_overhead.py [--readme docs/performance.md]
 
 At small batches the kernels take a few microseconds, so what surrounds them (argument
 checks, the dispatcher, the autograd node, allocations) is the cost. Every case runs in

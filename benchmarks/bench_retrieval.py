@@ -3,7 +3,7 @@ flat index (IndexFlatL2), torch.cdist + topk (chunked to fit), and one plain GEM
 same shape; tripletops.retrieval_metrics against pytorch-metric-learning's
 AccuracyCalculator on the same embeddings. Peers run side by side in this one process.
 
-    make bench-retrieval    # or: python benchmarks/bench_retrieval.py [--readme README.md]
+    make bench-retrieval    # or: python benchmarks/bench_retrieval.py [--readme docs/performance.md]
 
 CPU cases (issue 26): (a) Q = G = 10^4, D = 128, k = 10, a distinct gallery; (b) the same
 10^4 rows against themselves; (c) Q = 1024 against G = 2^20, D = 64, k = 10; metrics over

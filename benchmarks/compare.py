@@ -4,12 +4,12 @@
   per op family, device and mode (forward / forward + backward), plus the performance
   targets judged on the same run;
 - a PNG plot per device: speedup and peak memory against batch size, log axes;
-- with --readme, the summary written into README.md between `<!-- perf:begin -->` and
+- with --readme, the summary written into docs/performance.md between `<!-- perf:begin -->` and
   `<!-- perf:end -->`; given the CPU and the CUDA JSON, it shows both devices.
 
     python benchmarks/compare.py benchmarks/results/cpu.json \
         --markdown benchmarks/results/cpu.md --plot benchmarks/results/cpu.png
-    python benchmarks/compare.py benchmarks/results/cpu.json benchmarks/results/cuda.json --readme README.md
+    python benchmarks/compare.py benchmarks/results/cpu.json benchmarks/results/cuda.json --readme docs/performance.md
 """
 from __future__ import annotations
 
