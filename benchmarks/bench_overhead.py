@@ -79,8 +79,14 @@ def report(results: Dict[Tuple[int, int], Dict[str, float]]) -> str:
     sizes = list(results)
     names = list(next(iter(results.values())))
     head = "| forward + backward | " + " | ".join(f"B={b}, D={d}" for b, d in sizes) + " |"
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=root).stdout.strip() or "unknown"
     lines = [
-        f"**Fixed cost of one call** ({harness.describe_device('cpu')}; torch {torch.__version__}): "
+        f"**Fixed cost of one call** (commit {commit}, {time.strftime('%Y-%m-%d')}; "
+        f"{harness.describe_device('cpu')}; torch {torch.__version__}): "
         "forward + backward through the public function, median µs per call, and the ratio to "
         "the floor (one autograd GEMM, `(x @ x.T).sum()` forward + backward) measured beside it "
         "(`benchmarks/bench_overhead.py`).",

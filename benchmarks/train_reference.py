@@ -496,8 +496,10 @@ def main(argv=None) -> dict:
         runs = [ddp] + ([make_run("eager reference", args, tr_x, tr_y, images.shape[1], table)] if lead else [])
     batch = runs[0].sampler.batch_size
     log(f"data: {args.data} — {len(images)} images {tuple(images.shape[1:])}, {len(names)} classes; "
-        f"training on {len(torch.unique(tr_y))} classes ({len(tr_y)} images), held out {len(torch.unique(te_y))} "
-        f"({len(te_y)} images)")
+        + (f"training on {len(tr_y)} images of all {len(torch.unique(tr_y))} classes, held out the other "
+           f"{1 - args.train_classes:.0%} of each class ({len(te_y)} images)" if args.multi_label else
+           f"training on {len(torch.unique(tr_y))} classes ({len(tr_y)} images), held out the other "
+           f"{len(torch.unique(te_y))} classes ({len(te_y)} images)"))
     if table is not None:
         log(f"multi-label: L = {len(label_names)} labels per image ({', '.join(label_names)}); positives share one")
     log(f"device: {harness.describe_device(device)}; torch {torch.__version__}; "
@@ -598,7 +600,8 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot_curves(runs, os.path.join(args.out, "curves.png"),
-                f"{args.data}, batch {batch}{f', bank {args.bank_size}' if args.bank_size else ''}, "
+                f"{args.data}{', multi-label' if args.multi_label else ''}, batch {batch}"
+                f"{f', bank {args.bank_size}' if args.bank_size else ''}, "
                 f"{harness.describe_device(device)}")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)

@@ -28,6 +28,9 @@ namespace {
 struct TripletopsLibrary {
   static constexpr const char* kName = "tripletops";
 };
+TRIPLETOPS_AUTOGRAD_NODES(TripletopsLibrary)
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tripletops, Autograd, m) { tripletops::autograd::register_autograd<TripletopsLibrary>(m); }
+TORCH_LIBRARY_IMPL(tripletops, Autograd, m) {
+  tripletops::autograd::register_autograd<TripletopsLibrary, TripletopsLibraryNodes>(m);
+}

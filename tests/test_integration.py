@@ -270,3 +270,17 @@ def test_second_derivatives_are_refused_naming_the_op(op):
     # first derivatives are unaffected
     (g2,) = torch.autograd.grad(SECOND_ORDER[op](x, y), x)
     torch.testing.assert_close(g.detach(), g2)
+
+
+def test_autograd_nodes_are_named_after_their_op():
+    """A loss prints grad_fn=<BatchHardLossBackward>> (it printed <TripletopsLibrary> >>)."""
+    x = torch.randn(8, 4, requires_grad=True)
+    y = torch.arange(8) // 2
+    for loss, name in ((tripletops.batch_hard_loss(x, y), "BatchHardLossBackward"),
+                       (tripletops.batch_all_loss(x, y), "BatchAllLossBackward"),
+                       (tripletops.semi_hard_loss(x, y), "SemiHardLossBackward"),
+                       (tripletops.contrastive_loss(x, y), "ContrastiveLossBackward"),
+                       (tripletops.triplet_margin_loss(x, x.flip(0), x.roll(1, 0)), "TripletMarginLossBackward"),
+                       (tripletops.pairwise_distance(x).sum(), "SumBackward0")):
+        assert f"grad_fn=<{name}" in repr(loss), repr(loss)
+    assert tripletops.pairwise_distance(x).grad_fn.name().endswith("::PairwiseDistanceBackward>")

@@ -12,6 +12,9 @@ namespace {
 struct EmuLibrary {
   static constexpr const char* kName = "tripletops_emu";
 };
+TRIPLETOPS_AUTOGRAD_NODES(EmuLibrary)
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tripletops_emu, Autograd, m) { tripletops::autograd::register_autograd<EmuLibrary>(m); }
+TORCH_LIBRARY_IMPL(tripletops_emu, Autograd, m) {
+  tripletops::autograd::register_autograd<EmuLibrary, EmuLibraryNodes>(m);
+}
