@@ -283,3 +283,28 @@ def test_compiled_criterion_under_inference_mode_then_training():
         x = torch.randn(8, 3, requires_grad=True)
         step(module, x, t).backward()  # raised "Inference tensors cannot be saved for backward"
         assert x.grad is not None and bool(x.grad.isfinite().all())
+
+
+# ---- 5. exact euclidean ties go to the smallest index -----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("queries", [1, 300])  # the direct path, and the Gram tiles
+def test_knn_exact_ties_whatever_the_order_of_the_entries(dtype, queries):
+    """Rows 2i and 2i+1 hold the same entries in reversed order: at exactly equal distance
+    from the origin (in rational arithmetic), so 2i comes first. The double sums of the
+    squared entries round differently in the two orders (CPU; the CUDA exact keys keep
+    that limit, docs/retrieval.md)."""
+    from fractions import Fraction
+
+    torch.manual_seed(18)
+    base = torch.randn(100, 7, dtype=torch.float64).to(dtype)
+    g = torch.empty(200, 7, dtype=dtype)
+    g[0::2], g[1::2] = base, base.flip(1)
+    q = torch.zeros(queries, 7, dtype=dtype)
+    if queries > 1:
+        q[1:] = torch.randn(queries - 1, 7, dtype=torch.float64).to(dtype) * 3
+    nb = tripletops.knn(q, g, k=200)
+    exact = [sum(Fraction(float(v)) ** 2 for v in row) for row in g.double().tolist()]
+    want = sorted(range(200), key=lambda j: (exact[j], j))
+    assert nb.idx[0].tolist() == want

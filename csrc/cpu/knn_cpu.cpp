@@ -268,10 +268,32 @@ void rank_exact(const Search& s, const T* x, const T* y, int64_t i, std::vector<
                   : exact.key(y + c.second * s.D);
   }
   const int64_t n = std::min<int64_t>(s.k, int64_t(cand.size()));
-  std::partial_sort(cand.begin(), cand.begin() + n, cand.end(),
-                    [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
-                      return nearer(a.first, a.second, b.first, b.second);
-                    });
+  const auto by_key = [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
+    return nearer(a.first, a.second, b.first, b.second);
+  };
+  if (s.metric == Metric::Cosine) {
+    std::partial_sort(cand.begin(), cand.begin() + n, cand.end(), by_key);
+  } else {
+    // (Sq)euclidean near ties: the double sums above round in the order of the entries,
+    // so two rows at exactly equal distance can differ by a rounding and tie the wrong way.
+    // Keys within the sums' rounding bound of their neighbour form runs; a run that
+    // reaches the first n is ranked again on correctly rounded keys, which are equal for
+    // equal distances (ties to the smallest index) and keep every other order.
+    std::sort(cand.begin(), cand.end(), by_key);
+    const double rel = 4.0 * double(s.D + 4) * 0x1p-53;
+    for (size_t a = 0; a < cand.size() && int64_t(a) < n;) {
+      size_t b = a + 1;
+      while (b < cand.size() && std::isfinite(cand[b].first) &&
+             cand[b].first - cand[b - 1].first <= rel * cand[b].first + 0x1p-1000)
+        ++b;
+      if (b - a > 1 && std::isfinite(cand[a].first)) {
+        for (size_t t = a; t < b; ++t)
+          cand[t].first = correctly_rounded_sq_distance(x + i * s.D, y + cand[t].second * s.D, s.D);
+        std::sort(cand.begin() + a, cand.begin() + b, by_key);
+      }
+      a = b;
+    }
+  }
   for (int64_t t = 0; t < s.k; ++t) {
     keys[t] = t < n ? cand[t].first : std::numeric_limits<double>::infinity();
     idx[t] = t < n ? cand[t].second : -1;
