@@ -308,3 +308,25 @@ def test_knn_exact_ties_whatever_the_order_of_the_entries(dtype, queries):
     exact = [sum(Fraction(float(v)) ** 2 for v in row) for row in g.double().tolist()]
     want = sorted(range(200), key=lambda j: (exact[j], j))
     assert nb.idx[0].tolist() == want
+
+
+@pytest.mark.parametrize("device", devices_for("pairwise_distance"))
+@pytest.mark.parametrize("rows", [8, 80])  # contrastive: the small-batch path, and the general one (B > 64)
+def test_cosine_gradients_of_an_exploding_fp32_row_on_every_device(device, rows):
+    """pairwise_distance's and contrastive_loss's cosine backward; CUDA's normalize_backward
+    took 1 / sqrt(inf) = 0 for the exploding row."""
+    torch.manual_seed(19)
+    base = torch.randn(rows, 4, dtype=torch.float64)  # host tensor
+    base[0] *= 1e20
+    y = torch.arange(rows) // 2  # host tensor
+    for fn, ref in ((lambda x: tripletops.pairwise_distance(x, metric="cosine").sum(),
+                     lambda x: tripletops.reference.pairwise_distance(x, metric="cosine").sum()),
+                    (lambda x: tripletops.contrastive_loss(x, y.to(x.device), metric="cosine", reduction="sum"),
+                     lambda x: tripletops.reference.contrastive_loss(x, y, metric="cosine", reduction="sum"))):
+        x = base.float().to(device).requires_grad_()
+        fn(x).backward()
+        xd = base.clone().requires_grad_()
+        ref(xd).backward()
+        g0, r0 = x.grad[0].double().cpu(), xd.grad[0]
+        assert float(r0.abs().max()) > 0
+        assert torch.allclose(g0, r0, rtol=1e-4, atol=1e-3 * float(r0.abs().max())), (g0, r0)

@@ -37,6 +37,7 @@ namespace {
 // About 6 elementwise passes over N x D: O(N·D) bytes, small beside the GEMM.
 struct Rows {
   at::Tensor rows, sq_norm;
+  at::Tensor norm;  // cosine: |x| as m |x / m| (m: the largest |entry|), finite where |x|^2 overflows
 };
 Rows prepare(const at::Tensor& x, Metric metric, bool norms = true) {
   const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -50,7 +51,11 @@ Rows prepare(const at::Tensor& x, Metric metric, bool norms = true) {
   const at::Tensor sp = p.square().sum(1, /*keepdim=*/true);
   const at::Tensor canonical = (m.to(at::kDouble) * sp.to(at::kDouble).sqrt() > kNormEps) &
                                src.isfinite().all(1, /*keepdim=*/true);
-  return {at::where(canonical, p / sp.sqrt(), plain).contiguous(), sq};
+  // The norm for F.normalize's Jacobian (normalize_backward): from the rows over their
+  // largest entry, so that an fp32 row of norm 1e20 does not get 1 / inf, a gradient of 0.
+  const at::Tensor safe = (m.to(at::kDouble) * sp.to(at::kDouble).sqrt()).squeeze(1);
+  const at::Tensor norm = at::where(m.squeeze(1) > 0, safe, sq.to(at::kDouble).sqrt()).to(ct);
+  return {at::where(canonical, p / sp.sqrt(), plain).contiguous(), sq, norm.contiguous()};
 }
 
 void check_xy(const at::Tensor& x, const c10::optional<at::Tensor>& y) {
@@ -196,7 +201,7 @@ at::Tensor normalize_backward(const at::Tensor& g, const Rows& R, at::ScalarType
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pairwise_distance_normalize_backward", [&] {
       TRIPLETOPS_LAUNCH((normalize_backward_kernel<T, scalar_t>), unsigned((N + kRowsPerBlock - 1) / kRowsPerBlock),
                         kRowsPerBlock * 32, 0, current_stream(), g.data_ptr<T>(), R.rows.data_ptr<T>(),
-                        R.sq_norm.data_ptr<T>(), N, D, out.data_ptr<scalar_t>());
+                        R.norm.data_ptr<T>(), N, D, out.data_ptr<scalar_t>());
     });
   });
   return out;

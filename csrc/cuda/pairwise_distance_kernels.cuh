@@ -310,7 +310,7 @@ __global__ void close_pairs_kernel(const G* __restrict__ grad, const G* __restri
 // double (butterfly: a fixed order). Expected on the H200 at 4096 x 512: ~10 us.
 template <typename T, typename OutT>
 __global__ void normalize_backward_kernel(const T* __restrict__ g, const T* __restrict__ unit,
-                                          const T* __restrict__ sq_norm, int64_t N, int64_t D, OutT* __restrict__ out) {
+                                          const T* __restrict__ norms, int64_t N, int64_t D, OutT* __restrict__ out) {
   constexpr int kRows = 8;  // warps per block
   const int64_t r = int64_t(blockIdx.x) * kRows + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -318,7 +318,7 @@ __global__ void normalize_backward_kernel(const T* __restrict__ g, const T* __re
   double dot = 0;
   for (int64_t k = lane; k < D; k += 32) dot += double(unit[r * D + k]) * -double(g[r * D + k]);
   for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-  const T norm = sqrt(sq_norm[r]);
+  const T norm = norms[r];  // |x|, formed without squaring x (Rows::norm)
   const T c = T(dot);
   for (int64_t k = lane; k < D; k += 32) {
     const T h = -g[r * D + k];
