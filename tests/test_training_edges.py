@@ -330,3 +330,37 @@ def test_cosine_gradients_of_an_exploding_fp32_row_on_every_device(device, rows)
         g0, r0 = x.grad[0].double().cpu(), xd.grad[0]
         assert float(r0.abs().max()) > 0
         assert torch.allclose(g0, r0, rtol=1e-4, atol=1e-3 * float(r0.abs().max())), (g0, r0)
+
+
+@pytest.mark.parametrize("device", devices_for("batch_hard_loss"))
+@pytest.mark.parametrize("rows, bank", [(8, False), (80, False), (40, True)])
+def test_batch_hard_cosine_gradients_of_an_exploding_fp32_row(device, rows, bank):
+    """Cosine batch-hard backward with an fp32 row of norm 1e20: the sums in fp32 gave
+    inf, then NaN gradients; the pair form around a - b cancelled for the other rows."""
+    torch.manual_seed(20)
+    base = torch.randn(rows, 4, dtype=torch.float64)  # host tensor
+    base[0] *= 1e20
+    y = torch.arange(rows) // 4  # host tensor
+    ref_base = torch.randn(64, 4, dtype=torch.float64) if bank else None  # host tensor
+    if bank:
+        ref_base[3] *= 1e20
+    ref_y = torch.arange(64) % (rows // 4) if bank else None  # host tensor
+
+    def run(x, yy, r, ry, fn):
+        kwargs = dict(metric="cosine", margin=0.5, reduction="sum")
+        if r is not None:
+            kwargs.update(ref_embeddings=r, ref_labels=ry)
+        fn(x, yy, **kwargs).backward()
+
+    x = base.float().to(device).requires_grad_()
+    r = ref_base.float().to(device).requires_grad_() if bank else None
+    run(x, y.to(device), r, ref_y.to(device) if bank else None, tripletops.batch_hard_loss)
+    xd = base.clone().requires_grad_()
+    rd = ref_base.clone().requires_grad_() if bank else None
+    run(xd, y, rd, ref_y, tripletops.reference.batch_hard_loss)
+    for got, want in ((x.grad, xd.grad),) + (((r.grad, rd.grad),) if bank else ()):
+        got = got.double().cpu()
+        assert bool(got.isfinite().all())
+        for row in range(want.shape[0]):
+            scale = float(want[row].abs().max())
+            assert torch.allclose(got[row], want[row], rtol=1e-4, atol=1e-3 * scale + 1e-30), (row, got[row], want[row])

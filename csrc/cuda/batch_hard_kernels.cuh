@@ -711,6 +711,12 @@ __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scal
 struct AnchorCoef {
   bool active;
   PairGrad p, n;
+  // Cosine with a row whose squared norm overflows T (fp32 rows of norm >= ~1.8e19): the
+  // plain form alpha a + beta b of each pair, scaled, in double. The form around a - b
+  // cancels two terms of ~|b| when |b| >> |a|, and beta (~1 / |b|) vanishes from alpha +
+  // beta in any precision (common.h: cosine_pair_grad).
+  bool plain;
+  CosinePairGrad cp, cn;
 };
 
 // What every backward kernel needs about the forward.
@@ -791,18 +797,27 @@ __device__ AnchorCoef anchor_coef(const BackwardArgs<scalar_t, T>& a, int64_t i,
   }
   const T pd = a.pos_dist[i], nd = a.neg_dist[i];
   const double s = valid ? scale * double(triplet_term_grad(pd - nd, T(a.margin), a.soft_margin)) : 0.0;
-  AnchorCoef c{s != 0.0, {}, {}};
+  AnchorCoef c{s != 0.0, {}, {}, false, {}, {}};
   if (!c.active) return c;
   double aa = 0, pp = 0, nn = 0, ap = 0, an = 0;
   if (a.metric == Metric::Cosine) {
+    // In double: fp32 squares never overflow there (in T an fp32 row of norm 1e20 gave
+    // inf, then NaN gradients).
     const scalar_t *ar = a.x + i * a.D, *pr = a.r + a.pos_idx[i] * a.D, *nr = a.r + a.neg_idx[i] * a.D;
-    T sum[5] = {};
+    double sum[5] = {};
     for (int64_t k = lane; k < a.D; k += kWarp) {
-      const T av = T(ar[k]), pv = T(pr[k]), nv = T(nr[k]);
+      const double av = double(ar[k]), pv = double(pr[k]), nv = double(nr[k]);
       sum[0] += av * av, sum[1] += pv * pv, sum[2] += nv * nv, sum[3] += av * pv, sum[4] += av * nv;
     }
     for (int j = 0; j < 5; ++j) sum[j] = warp_sum(sum[j]);
     aa = sum[0], pp = sum[1], nn = sum[2], ap = sum[3], an = sum[4];
+    const double limit = sizeof(T) == 4 ? 0x1p124 : 0x1p1020;  // T's max / 8
+    c.plain = !(aa < limit && pp < limit && nn < limit);
+    if (c.plain) {
+      const CosinePairGrad gp = cosine_pair_grad(ap, aa, pp), gn = cosine_pair_grad(an, aa, nn);
+      c.cp = {s * gp.alpha_a, s * gp.alpha_b, s * gp.beta};
+      c.cn = {-s * gn.alpha_a, -s * gn.alpha_b, -s * gn.beta};
+    }
   }
   c.p = pair_grad(a.metric, double(pd), ap, aa, pp).scaled(s);
   c.n = pair_grad(a.metric, double(nd), an, aa, nn).scaled(-s);
@@ -819,6 +834,13 @@ __device__ __forceinline__ void write_anchor_row(const BackwardArgs<scalar_t, T>
     return;
   }
   const scalar_t *ar = a.x + i * a.D, *pr = a.r + a.pos_idx[i] * a.D, *nr = a.r + a.neg_idx[i] * a.D;
+  if (c.plain) {
+    for (int64_t k = lane; k < a.D; k += kWarp) {
+      const double av = double(ar[k]), pv = double(pr[k]), nv = double(nr[k]);
+      o[k] = T(c.cp.alpha_a * av + c.cp.beta * pv + c.cn.alpha_a * av + c.cn.beta * nv);
+    }
+    return;
+  }
   for (int64_t k = lane; k < a.D; k += kWarp) {
     const T av = T(ar[k]), pv = T(pr[k]), nv = T(nr[k]);
     o[k] = T(c.p.da) * (av - pv) + T(c.p.ea) * pv + T(c.n.da) * (av - nv) + T(c.n.ea) * nv;
@@ -828,8 +850,14 @@ __device__ __forceinline__ void write_anchor_row(const BackwardArgs<scalar_t, T>
 // Adds anchor i's contribution to reference row j, as its positive or its negative.
 template <typename scalar_t, typename T>
 __device__ __forceinline__ void add_ref_contribution(const BackwardArgs<scalar_t, T>& a, int64_t i, int64_t j,
-                                                     const PairGrad& g, T* out_row, int lane) {
+                                                     const AnchorCoef& c, bool positive, T* out_row, int lane) {
   const scalar_t *ar = a.x + i * a.D, *rr = a.r + j * a.D;
+  if (c.plain) {
+    const CosinePairGrad& g = positive ? c.cp : c.cn;
+    for (int64_t k = lane; k < a.D; k += kWarp) out_row[k] += T(g.alpha_b * double(rr[k]) + g.beta * double(ar[k]));
+    return;
+  }
+  const PairGrad& g = positive ? c.p : c.n;
   for (int64_t k = lane; k < a.D; k += kWarp) {
     const T av = T(ar[k]), rv = T(rr[k]);
     out_row[k] += T(g.db) * (av - rv) + T(g.eb) * av;
@@ -857,8 +885,8 @@ __global__ void self_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
         const int b = __ffs(int(m)) - 1;
         const AnchorCoef c = anchor_coef(a, i0 + b, count, lane);
         if (!c.active) continue;
-        if (as_pos >> b & 1u) add_ref_contribution(a, i0 + b, j, c.p, o, lane);
-        if (as_neg >> b & 1u) add_ref_contribution(a, i0 + b, j, c.n, o, lane);
+        if (as_pos >> b & 1u) add_ref_contribution(a, i0 + b, j, c, true, o, lane);
+        if (as_neg >> b & 1u) add_ref_contribution(a, i0 + b, j, c, false, o, lane);
       }
     }
   }
@@ -892,7 +920,7 @@ __global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __re
     for (int64_t u = s; u < E && target[u] == j; ++u) {
       const int64_t e = entry[u], i = e < a.B ? e : e - a.B;
       const AnchorCoef c = anchor_coef(a, i, count, lane);
-      if (c.active) add_ref_contribution(a, i, j, e < a.B ? c.p : c.n, o, lane);
+      if (c.active) add_ref_contribution(a, i, j, c, e < a.B, o, lane);
     }
   }
 }
