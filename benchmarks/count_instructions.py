@@ -6,8 +6,9 @@ between quiet and busy hours).
     python benchmarks/count_instructions.py [--cases batch_hard_loss floor] [--calls 400]
 
 For each case, two runs under `valgrind --tool=callgrind` (import and warm-up alone, then
-with --calls more calls): the difference divided by --calls is the instructions of one
-call. Prints a table with the ratio of each case to the floor (one autograd GEMM,
+with --calls more calls, garbage collection off in both): the difference divided by
+--calls is the instructions of one call. PYTHONPATH=/path/to/another/checkout (built in
+place) measures that checkout's tripletops. Prints a table with the ratio of each case to the floor (one autograd GEMM,
 `(x @ x.T).sum()` forward + backward, B = 8, D = 8) and the commit it measured. Each run
 takes about 1.5 minutes. Needs valgrind. Not part of the test suite.
 """
@@ -41,8 +42,16 @@ cases = {
 f = cases[sys.argv[2]]
 for _ in range(50):
     f().backward()
+# No garbage collection inside the measured calls: a full collection of torch's heap costs
+# tens of millions of instructions, and whether one falls among the calls depends on the
+# script, not on the call (without this, one build's count moved by ~20 % between harnesses).
+import gc
+gc.collect()
+gc.freeze()
+gc.disable()
 for _ in range(int(sys.argv[1])):
     f().backward()
+print(tripletops.__file__)
 """
 
 
@@ -52,6 +61,7 @@ def collected(calls: int, case: str, b: int, d: int, script: str) -> int:
     m = re.search(r"Collected : (\d+)", res.stderr)
     if res.returncode != 0 or not m:
         raise SystemExit(f"callgrind failed for {case}:\n{res.stderr[-2000:]}")
+    collected.package = os.path.dirname(os.path.dirname(res.stdout.strip().splitlines()[-1]))
     return int(m.group(1))
 
 
@@ -61,10 +71,6 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=400)
     ap.add_argument("--size", type=int, nargs=2, default=(8, 8), metavar=("B", "D"))
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
     per_call = {}
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "child.py")
@@ -75,6 +81,12 @@ def main() -> None:
             more = collected(args.calls, case, *args.size, script)
             per_call[case] = (more - base) / args.calls
             print(f"{case}: {per_call[case]:,.0f} instructions per call", flush=True)
+    # The commit of the tripletops that ran (PYTHONPATH=/path/to/another/checkout measures that one).
+    where = getattr(collected, "package", ROOT)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=where).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=where).stdout.strip()
     b, d = args.size
     print(f"\nInstructions per forward + backward (callgrind), B={b}, D={d}, commit {commit}"
           f"{' with uncommitted changes' if dirty else ''}:\n")
