@@ -321,6 +321,70 @@ C10_HOST_DEVICE inline bool not_above_sum(double x, double a, double b) {
   return x - s <= two_sum_error(a, b, s);
 }
 
+// A sum of doubles rounded once, correctly (Shewchuk's partials, as Python's math.fsum):
+// the result depends only on the exact value of the sum, not on the order of the terms.
+// Host and device: the partials are non-overlapping doubles, so at most ~40 of them for
+// finite terms (2^-1074 .. 2^1024 in steps of 53 bits); a fixed array of kMax, and past it
+// (only reachable with inf/NaN terms, whose sum is inf/NaN anyway) the last one absorbs.
+struct CorrectlyRoundedSum {
+  static constexpr int kMax = 48;
+  double p[kMax];  // non-overlapping partials, increasing magnitude
+  int n = 0;
+  C10_HOST_DEVICE void add(double x) {
+    int i = 0;
+    for (int j = 0; j < n; ++j) {
+      double y = p[j];
+      if (::fabs(x) < ::fabs(y)) {
+        const double t = x;
+        x = y, y = t;
+      }
+      const double hi = x + y, lo = y - (hi - x);
+      if (lo != 0.0) p[i++] = lo;
+      x = hi;
+    }
+    if (i < kMax) p[i++] = x;
+    else p[kMax - 1] += x;
+    n = i;
+  }
+  C10_HOST_DEVICE double value() const {
+    if (n == 0) return 0.0;
+    int m = n;
+    double hi = p[--m], lo = 0.0;
+    while (m > 0) {
+      const double x = hi, y = p[--m];
+      hi = x + y;
+      lo = y - (hi - x);
+      if (lo != 0.0) break;
+    }
+    // Half-way cases: round half to even on the exact value (math.fsum's last step).
+    if (m > 0 && ((lo < 0 && p[m - 1] < 0) || (lo > 0 && p[m - 1] > 0))) {
+      const double y = lo * 2, x = hi + y;
+      if (y == x - hi) hi = x;
+    }
+    return hi;
+  }
+};
+
+// |a - b|^2 rounded once from its exact value: each difference split exactly into
+// s + e (TwoSum), each square s^2 + 2se + e^2 into exact products (fma), all summed by
+// CorrectlyRoundedSum. Rows at mathematically equal distance (say, one row's entries
+// permuted) get the same key, whatever the order of their entries: what breaks exact
+// ties by index. About 20x the cost of a plain double sum: only for near ties (knn on
+// CPU and CUDA).
+template <typename T>
+C10_HOST_DEVICE inline double correctly_rounded_sq_distance(const T* a, const T* b, int64_t D) {
+  CorrectlyRoundedSum sum;
+  for (int64_t k = 0; k < D; ++k) {
+    const double u = double(a[k]), v = -double(b[k]);
+    const double s = u + v, bb = s - u, e = (u - (s - bb)) + (v - bb);
+    const double ss = s * s, se = s * e, ee = e * e;
+    sum.add(ss), sum.add(::fma(s, s, -ss));
+    sum.add(2 * se), sum.add(2 * ::fma(s, e, -se));
+    sum.add(ee), sum.add(::fma(e, e, -ee));
+  }
+  return sum.value();
+}
+
 // d loss / d (x_i - y_j) per entry of a distance matrix, from d loss / d dist: 2 g for
 // sqeuclidean, g / d for euclidean (0 at zero distance, NaN kept), and g itself for cosine
 // (on the unit rows). pairwise_distance's backward, CPU and CUDA.

@@ -285,29 +285,131 @@ def test_compiled_criterion_under_inference_mode_then_training():
         assert x.grad is not None and bool(x.grad.isfinite().all())
 
 
+def test_compiled_memory_refuses_a_new_dtype_without_grad_mode():
+    """A compiled CrossBatchMemory call under inference_mode that would widen the memory
+    (fp32 memory, float64 batch) would leave inference-tensor buffers that the next compiled
+    training step cannot save for backward: refused before any state changes, with the
+    reason and the fix in dynamo's error; the module then trains, compiled, as it was."""
+    torch._dynamo.reset()
+    t = torch.arange(8) % 4
+    memory = tripletops.CrossBatchMemory(16, 3)
+    memory(torch.randn(8, 3), t)
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
+    step = torch.compile(lambda m, e, y: m(e, y), fullgraph=True)
+    with torch.inference_mode(), pytest.raises(Exception, match="inside a compiled call without grad mode"):
+        step(memory, torch.randn(8, 3, dtype=torch.float64), t)
+    for k, v in memory.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype and not v.is_inference(), k
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    step(memory, x, t).backward()  # widens here, with grad mode
+    assert memory.memory.dtype == torch.float64 and bool(x.grad.isfinite().all())
+
+
 # ---- 5. exact euclidean ties go to the smallest index -----------------------------------
 
 
+@pytest.mark.parametrize("device", devices_for("knn"))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("queries", [1, 300])  # the direct path, and the Gram tiles
-def test_knn_exact_ties_whatever_the_order_of_the_entries(dtype, queries):
+def test_knn_exact_ties_whatever_the_order_of_the_entries(device, dtype, queries):
     """Rows 2i and 2i+1 hold the same entries in reversed order: at exactly equal distance
     from the origin (in rational arithmetic), so 2i comes first. The double sums of the
-    squared entries round differently in the two orders (CPU; the CUDA exact keys keep
-    that limit, docs/retrieval.md)."""
+    squared entries round differently in the two orders (on CPU in entry order, on CUDA in
+    lane order): near ties are ranked again on correctly rounded keys."""
     from fractions import Fraction
 
     torch.manual_seed(18)
-    base = torch.randn(100, 7, dtype=torch.float64).to(dtype)
-    g = torch.empty(200, 7, dtype=dtype)
+    base = torch.randn(100, 7, dtype=torch.float64).to(dtype)  # host tensor
+    g = torch.empty(200, 7, dtype=dtype)  # host tensor
     g[0::2], g[1::2] = base, base.flip(1)
-    q = torch.zeros(queries, 7, dtype=dtype)
+    q = torch.zeros(queries, 7, dtype=dtype)  # host tensor
     if queries > 1:
         q[1:] = torch.randn(queries - 1, 7, dtype=torch.float64).to(dtype) * 3
-    nb = tripletops.knn(q, g, k=200)
+    nb = tripletops.knn(q.to(device), g.to(device), k=200)
     exact = [sum(Fraction(float(v)) ** 2 for v in row) for row in g.double().tolist()]
     want = sorted(range(200), key=lambda j: (exact[j], j))
     assert nb.idx[0].tolist() == want
+    if queries > 1:  # the other queries: the float64 brute force's neighbours
+        check(tripletops.knn(q[1:40].to(device), g.to(device), k=10), q[1:40], g, 10, "euclidean", False, dtype)
+
+
+@pytest.mark.parametrize("device", devices_for("knn"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_exact_ties_in_a_settled_window(device, dtype):
+    """500 gallery rows, each a permutation of the same 7 entries: all at exactly equal
+    distance from the origin, and all inside the Gram window, so the CPU window is settled
+    on exact keys (and the CUDA buffer overflows into settled slices). The k-th place is
+    decided on correctly rounded keys: the first 10 rows, in index order."""
+    torch.manual_seed(20)
+    v = torch.randn(7, dtype=torch.float64).to(dtype)  # host tensor
+    g = torch.stack([v[torch.randperm(7)] for _ in range(500)])  # host tensor
+    q = torch.randn(300, 7, dtype=torch.float64).to(dtype) * 3  # host tensor; past the direct path
+    q[0] = 0
+    nb = tripletops.knn(q.to(device), g.to(device), k=10)
+    assert nb.idx[0].tolist() == list(range(10))
+    check(tripletops.knn(q[1:30].to(device), g.to(device), k=10), q[1:30], g, 10, "euclidean", False, dtype)
+
+
+def peak_bytes(fn, device: str) -> int:
+    """Peak bytes allocated through ATen while fn() runs, above what was allocated before:
+    the CUDA caching allocator's peak on a GPU, the profiler's allocation events for host
+    tensors (the emulated CUDA kernels' tensors included; the CPU kernels' own std::vector
+    buffers are not seen)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    now = peak = 0
+    for e in prof.profiler.kineto_results.events():
+        if e.name() == "[memory]":
+            now += e.nbytes()
+            peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("device", devices_for("knn"))
+def test_knn_collapsed_embeddings_on_every_device(device, request, monkeypatch):
+    """Identical rows and two far clusters: every key is within the window, so every pair is
+    a candidate. The CUDA candidate buffer overflows and the rest of the gallery runs again
+    in slices settled on exact keys (the k nearest of each query kept): memory O(Q k +
+    slice), not a buffer of Q x G pairs. Likewise k > 256 (the topk path) and queries
+    searched on every row. Answers: the smallest indices of the query's class, distance 0.
+    The peak is checked under the emulator (ATen's allocation events), whose build reads
+    the buffer's size from TRIPLETOPS_EMU_KNN_CAPACITY (2000 pairs here: slices of 20
+    gallery rows); on a GPU the slices hold 2^23 pairs, more than this test's Q x G.
+    Before the slices, the overflow allocated a buffer of every pair and sorted it."""
+    emulated = request.node.get_closest_marker("cuda_emu") is not None
+    monkeypatch.setenv("TRIPLETOPS_EMU_KNN_CAPACITY", "2000")
+    Q, G = 100, 2000
+    ones = torch.ones(G, 4, device=device)
+    clusters = torch.full((G, 4), 100.0, device=device)
+    clusters[G // 2:] = -100.0
+    for name, g in (("identical", ones), ("two clusters", clusters)):
+        q = torch.cat([g[:Q // 2], g[G // 2:G // 2 + Q // 2]])
+        out = {}
+        peak = peak_bytes(lambda: out.update(nb=tripletops.knn(q, g, k=10)), device)
+        nb = out["nb"]
+        for i in (0, Q // 2 - 1, Q // 2, Q - 1):
+            first = 0 if (name == "identical" or i < Q // 2) else G // 2
+            assert nb.idx[i].tolist() == [first + j for j in range(10)], (name, i)
+        assert float(nb.dist.abs().max()) == 0.0
+        if emulated:  # a buffer of every pair alone: Q * G * 12 bytes (2.4 MB); allowed: a quarter
+            assert peak < Q * G * 12 // 4, (name, peak)
+    # k > 256 (topk path) with few queries on a longer gallery, and queries searched on every
+    # row (a non-finite query row) in blocks
+    g = torch.ones(3000, 4, device=device)
+    q = torch.ones(20, 4, device=device)
+    q[3, 1] = math.nan
+    nb = tripletops.knn(q, g, k=300)
+    assert nb.idx[0].tolist() == list(range(300)) and nb.idx[3].tolist() == list(range(300))
+    assert float(nb.dist[0].abs().max()) == 0.0 and bool(nb.dist[3].isnan().all())
 
 
 @pytest.mark.parametrize("device", devices_for("pairwise_distance"))

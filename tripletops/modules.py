@@ -414,6 +414,18 @@ class CrossBatchMemory(nn.Module):
         memory takes the batch's dtype; a filled one only widens (fp16 into fp32 stays fp32;
         fp64 into fp32 widens losslessly), never narrows. No state changes here."""
         dtype = embeddings.dtype if int(self.count) == 0 else torch.promote_types(self.memory.dtype, embeddings.dtype)
+        if (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                and (dtype != self.memory.dtype or embeddings.device != self.memory.device)):
+            # Compiled under inference_mode, new buffers are inference tensors whatever
+            # inference_mode(False) says, and the next compiled training step could not save
+            # them for backward; a compiled call can ask neither is_inference() nor whether
+            # inference_mode is on, so every compiled call without grad mode is refused here.
+            raise RuntimeError(
+                f"tripletops: CrossBatchMemory would change its memory from {self.memory.dtype} on "
+                f"{self.memory.device} to {dtype} on {embeddings.device} inside a compiled call without grad "
+                "mode (under torch.inference_mode the new buffers would be inference tensors, which the next "
+                "compiled training step cannot use); convert it first with .to(dtype=..., device=...), or make "
+                "one call outside torch.compile")
         with torch.inference_mode(False):  # ordinary tensors, even when called inside inference_mode
             return self.memory.to(embeddings.device, dtype), self.memory_labels.to(embeddings.device)
 

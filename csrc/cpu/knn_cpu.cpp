@@ -145,12 +145,19 @@ struct Window {
     std::vector<std::pair<T, int64_t>>().swap(cand);
   }
   void decide(int64_t j, int64_t k, const ExactRows<T>& rows) {
-    if (int64_t(exact.size()) == k) {
-      const auto& worst = exact.front();
-      if (worst.first <= 0.0 && j > worst.second) return;  // exact keys are >= 0
+    const bool full = int64_t(exact.size()) == k;
+    if (full && exact.front().first <= 0.0 && j > exact.front().second) return;  // exact keys are >= 0
+    std::pair<double, int64_t> c{keys->key(rows.y + j * rows.D), j};
+    // (Sq)euclidean: a key that enters the k nearest, or that sits within the double sum's
+    // rounding bound of the k-th (rank_exact's), is formed again correctly rounded, so the
+    // k nearest hold correctly rounded keys and an exact tie at the k-th place goes to the
+    // smallest index, as in rank_exact. A key past the bound is beaten by all k.
+    if (!rows.cosine && std::isfinite(c.first)) {
+      const double rel = 4.0 * double(rows.D + 4) * 0x1p-53;
+      if (!full || c.first <= exact.front().first * (1 + 2 * rel) + 0x1p-1000)
+        c.first = correctly_rounded_sq_distance(keys->a, rows.y + j * rows.D, rows.D);
     }
-    const std::pair<double, int64_t> c{keys->key(rows.y + j * rows.D), j};
-    if (int64_t(exact.size()) < k) {
+    if (!full) {
       exact.push_back(c);
       std::push_heap(exact.begin(), exact.end(), heap_less);
     } else if (heap_less(c, exact.front())) {

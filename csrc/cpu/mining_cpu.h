@@ -85,60 +85,6 @@ inline double dot_double(const T* a, const T* b, int64_t D) {
   return s;
 }
 
-// A sum of doubles rounded once, correctly (Shewchuk's partials, as Python's math.fsum):
-// the result depends only on the exact value of the sum, not on the order of the terms.
-struct CorrectlyRoundedSum {
-  std::vector<double> p;  // non-overlapping partials, increasing magnitude
-  void add(double x) {
-    size_t i = 0;
-    for (size_t j = 0; j < p.size(); ++j) {
-      double y = p[j];
-      if (std::fabs(x) < std::fabs(y)) std::swap(x, y);
-      const double hi = x + y, lo = y - (hi - x);
-      if (lo != 0.0) p[i++] = lo;
-      x = hi;
-    }
-    p.resize(i);
-    p.push_back(x);
-  }
-  double value() const {
-    if (p.empty()) return 0.0;
-    size_t n = p.size();
-    double hi = p[--n], lo = 0.0;
-    while (n > 0) {
-      const double x = hi, y = p[--n];
-      hi = x + y;
-      lo = y - (hi - x);
-      if (lo != 0.0) break;
-    }
-    // Half-way cases: round half to even on the exact value (math.fsum's last step).
-    if (n > 0 && ((lo < 0 && p[n - 1] < 0) || (lo > 0 && p[n - 1] > 0))) {
-      const double y = lo * 2, x = hi + y;
-      if (y == x - hi) hi = x;
-    }
-    return hi;
-  }
-};
-
-// |a - b|^2 rounded once from its exact value: each difference split exactly into
-// s + e (TwoSum), each square s^2 + 2se + e^2 into exact products (fma), all summed by
-// CorrectlyRoundedSum. Rows at mathematically equal distance (say, one row's entries
-// permuted) get the same key, whatever the order of their entries: what breaks exact
-// ties by index. About 20x the cost of exact_key: only for near ties (knn_cpu.cpp).
-template <typename T>
-inline double correctly_rounded_sq_distance(const T* a, const T* b, int64_t D) {
-  CorrectlyRoundedSum sum;
-  for (int64_t k = 0; k < D; ++k) {
-    const double u = double(a[k]), v = -double(b[k]);
-    const double s = u + v, bb = s - u, e = (u - (s - bb)) + (v - bb);
-    const double ss = s * s, se = s * e, ee = e * e;
-    sum.add(ss), sum.add(std::fma(s, s, -ss));
-    sum.add(2 * se), sum.add(2 * std::fma(s, e, -se));
-    sum.add(ee), sum.add(std::fma(e, e, -ee));
-  }
-  return sum.value();
-}
-
 // The exact key of (x_a, y_b) over the input rows: |a - b|^2 for (sq)euclidean; for cosine
 // |â - b̂|^2 = 2 (1 - cos) between canonical unit rows in double, or 2 (1 - a.b/(|a||b|))
 // when either row is not a unit row under F.normalize (a zero row: distance 1 to all).

@@ -58,6 +58,10 @@ constexpr int64_t kKnnTargetWarps = 132 * 64;        // an H100/H200 full of war
 constexpr int64_t kKnnMinSegment = kKnnChunkPerLane * kWarp;  // a chunk: 256 keys of a row
 #endif
 constexpr int64_t kKnnDirectWork = int64_t(1) << 16;
+// Candidates held before they are settled on exact keys (the k nearest of each query kept,
+// the rest dropped), where the window is not bounded (collapsed embeddings, queries searched
+// on every row): 2^23 pairs, ~200 MB with their keys and the sort's copies.
+constexpr int64_t kKnnSettleRoom = kKnnTileElems / 8;
 
 // The gallery in tiles of `cols` rows: the queries' keys against each, and the threshold
 // of a query from its k-th smallest key so far.
@@ -89,10 +93,90 @@ struct Tiles {
   }
 };
 
+// The rows exact keys are read from (the inputs, or fp64 rows scaled into double's range).
+struct ExactRows {
+  at::Tensor x, y;
+  int64_t D;
+  bool cosine;
+
+  // The exact keys of the pairs (query q[t], gallery row j[t]), in double.
+  at::Tensor keys(const at::Tensor& q, const at::Tensor& j) const {
+    const int64_t n = q.size(0);
+    at::Tensor key = at::empty({n}, x.options().dtype(at::kDouble));
+    if (n == 0) return key;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "knn_exact_keys_cuda", [&] {
+      const int64_t blocks = std::min<int64_t>((n + kKnnWarpsPerBlock - 1) / kKnnWarpsPerBlock, 65535);
+      TRIPLETOPS_LAUNCH((knn_exact_keys_kernel<scalar_t>), unsigned(blocks), kKnnWarpsPerBlock * kWarp, 0,
+                        current_stream(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), D, cosine,
+                        q.data_ptr<int64_t>(), j.data_ptr<int64_t>(), n, key.data_ptr<double>());
+    });
+    return key;
+  }
+};
+
+// Candidate pairs with their exact keys, sorted by (query, key, index); pos: the place of
+// each within its query.
+struct Ranked {
+  at::Tensor q, j, key, pos;
+
+  // The first k of every query (its k nearest when the candidates hold its window).
+  Ranked first(int64_t k) const {
+    const at::Tensor keep = pos < k;
+    return {q.index({keep}), j.index({keep}), key.index({keep}), pos.index({keep})};
+  }
+};
+
+// Sorts candidates by (query, exact key, index). Under (sq)euclidean, the double sums of
+// knn_exact_keys_kernel round in lane order, so two rows at exactly equal distance can
+// differ by a rounding and tie the wrong way: keys within the sums' rounding bound of a
+// neighbour and at most the query's k-th key plus that bound (nothing past it can reach the
+// first k) are formed again correctly rounded (knn_refine_keys_kernel) and the pairs sorted
+// once more, as on CPU (knn_cpu.cpp: rank_exact).
+Ranked rank_exact(const ExactRows& e, at::Tensor q, at::Tensor j, at::Tensor key, int64_t Q, int64_t k) {
+  const auto lopts = q.options();
+  const int64_t n = q.size(0);
+  const auto sort_pairs = [&] {
+    // (query, key, index): three stable sorts, the last key first (the tile selection
+    // appends in no fixed order).
+    at::Tensor order = std::get<1>(at::sort(j, /*stable=*/true, 0, false));
+    q = q.index({order}), j = j.index({order}), key = key.index({order});
+    order = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
+    q = q.index({order}), j = j.index({order}), key = key.index({order});
+    order = std::get<1>(at::sort(q, /*stable=*/true, 0, false));
+    q = q.index({order}), j = j.index({order}), key = key.index({order});
+  };
+  sort_pairs();
+  const at::Tensor counts = at::bincount(q, {}, Q);
+  const at::Tensor start = counts.cumsum(0) - counts;
+  if (!e.cosine && n > 1) {
+    const double rel = 4.0 * double(e.D + 4) * 0x1p-53;  // knn_cpu.cpp's bound
+    const at::Tensor kth = key.index({(start + counts.clamp_max(k) - 1).clamp(0, n - 1)});
+    const at::Tensor reach = key.le((kth * (1 + 2 * rel) + 0x1p-1000).index({q})).logical_and(key.isfinite());
+    const at::Tensor same = q.narrow(0, 1, n - 1) == q.narrow(0, 0, n - 1);
+    const at::Tensor later = key.narrow(0, 1, n - 1);
+    const at::Tensor tie_prev = same.logical_and((later - key.narrow(0, 0, n - 1)) <= later * rel + 0x1p-1000);
+    at::Tensor tie = at::zeros({n}, q.options().dtype(at::kBool));
+    tie.narrow(0, 1, n - 1).logical_or_(tie_prev);
+    tie.narrow(0, 0, n - 1).logical_or_(tie_prev);
+    const at::Tensor refine = tie.logical_and_(reach);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.x.scalar_type(), "knn_refine_keys_cuda", [&] {
+      const int64_t threads = kKnnWarpsPerBlock * kWarp;
+      const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
+      TRIPLETOPS_LAUNCH((knn_refine_keys_kernel<scalar_t>), unsigned(blocks), unsigned(threads), 0,
+                        current_stream(), e.x.data_ptr<scalar_t>(), e.y.data_ptr<scalar_t>(), e.D,
+                        q.data_ptr<int64_t>(), j.data_ptr<int64_t>(), refine.data_ptr<bool>(), n,
+                        key.data_ptr<double>());
+    });
+    sort_pairs();  // the same queries, so counts and start hold
+  }
+  return {q, j, key, at::arange(n, lopts) - start.index({q})};
+}
+
 // k <= 256: knn_tile_select_kernel reads each tile once, keeping every query's k smallest
 // keys in registers and appending the candidates within its threshold. Returns the
-// candidates (query, gallery row) within the final thresholds.
-std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, int64_t k) {
+// candidates (query, gallery row) within the final thresholds; when they overflow the
+// buffer, the k nearest of every query (settled on exact keys, see below).
+std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, const ExactRows& e, int64_t k) {
   const double inf = std::numeric_limits<double>::infinity();
   const auto opts = t.x.options(), lopts = opts.dtype(at::kLong);
   const int kpl = k <= kWarp ? 1 : k <= 2 * kWarp ? 2 : k <= 4 * kWarp ? 4 : 8;
@@ -114,17 +198,15 @@ std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, int6
 #endif
   at::Tensor pair = at::empty({capacity}, lopts), ckey = at::empty({capacity}, opts);
   at::Tensor count = at::zeros({1}, lopts);
-  const int64_t tiles = t.count();
-  at::Tensor count_after = at::empty({tiles}, lopts);  // the counter after each tile
-  auto select = [&](int64_t tile, bool merge) {
-    const int64_t c0 = tile * t.cols, n = std::min(t.cols, t.G - c0);
+  // Gallery rows [c0, c0 + n) through the kernel, best's segments merging them or not.
+  auto select = [&](int64_t c0, int64_t n, const at::Tensor& seg_best, bool merge) {
     const at::Tensor key = t.keys(c0, n);
     const int64_t blocks = std::min<int64_t>((t.Q * segments + kKnnWarpsPerBlock - 1) / kKnnWarpsPerBlock, 1 << 20);
     auto* counter = reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>());
     AT_DISPATCH_FLOATING_TYPES(key.scalar_type(), "knn_tile_select_cuda", [&] {
       auto go = [&](auto kernel, const char* name) {
         launch_kernel(name, kernel, unsigned(blocks), kKnnWarpsPerBlock * kWarp, 0, current_stream(),
-                      key.data_ptr<scalar_t>(), t.Q, n, segments, c0, t.G, k, best.data_ptr<scalar_t>(),
+                      key.data_ptr<scalar_t>(), t.Q, n, segments, c0, t.G, k, seg_best.data_ptr<scalar_t>(),
                       t.twice.data_ptr<double>(), t.direct.data_ptr<bool>(), merge, counter, pair.size(0),
                       pair.data_ptr<int64_t>(), ckey.data_ptr<scalar_t>());
       };
@@ -135,43 +217,63 @@ std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, int6
       else go(knn_tile_select_kernel<scalar_t, 8>, name);
     });
   };
+  const int64_t tiles = t.count();
+  at::Tensor count_after = at::empty({tiles}, lopts);  // the counter after each tile
   for (int64_t i = 0; i < tiles; ++i) {
-    select(i, /*merge=*/true);
+    select(i * t.cols, std::min(t.cols, t.G - i * t.cols), best, /*merge=*/true);
     count_after.narrow(0, i, 1).copy_(count);
   }
   const at::Tensor after = count_after.cpu();  // the one synchronization of the search
   const int64_t* a = after.data_ptr<int64_t>();
-  int64_t found = a[tiles - 1];
-  if (found > capacity) {
-    // Tiles up to the first that overflowed wrote every candidate; the rest run once more
-    // on the final k smallest (merge = false: a threshold at most the one they had, so at
-    // most the candidates they counted) into a buffer of the count.
-    int64_t first = 0;
-    while (a[first] <= capacity) ++first;
-    const int64_t kept = first > 0 ? a[first - 1] : 0;
-    at::Tensor more = at::empty({found}, lopts), more_key = at::empty({found}, opts);
-    more.narrow(0, 0, kept).copy_(pair.narrow(0, 0, kept));
-    more_key.narrow(0, 0, kept).copy_(ckey.narrow(0, 0, kept));
-    pair = more, ckey = more_key;
-    count.fill_(kept);
-    for (int64_t i = first; i < tiles; ++i) select(i, /*merge=*/false);
-    found = count.item<int64_t>();
-  }
-  pair = pair.narrow(0, 0, found), ckey = ckey.narrow(0, 0, found);
-  const at::Tensor q = pair.div(t.G, "floor");
+  const int64_t found = a[tiles - 1];
   // The query's k-th smallest key: the k-th of its segments' k smallest (padding: +inf).
   best.narrow(2, k, best.size(2) - k).fill_(inf);
   const at::Tensor kth = std::get<0>(at::kthvalue(best.view({t.Q, -1}), k, 1));
-  const at::Tensor keep = ckey.le(t.threshold(kth).index({q}));  // the final window
-  return {q.index({keep}), (pair - q * t.G).index({keep})};
+  if (found <= capacity) {
+    const at::Tensor cand = pair.narrow(0, 0, found), q = cand.div(t.G, "floor");
+    const at::Tensor keep = ckey.narrow(0, 0, found).le(t.threshold(kth).index({q}));  // the final window
+    return {q.index({keep}), (cand - q * t.G).index({keep})};
+  }
+  // Overflow: many keys within the bound of the k-th, as on collapsed embeddings, where
+  // every key is (then the window of a query is the whole gallery, and a buffer of the
+  // count would be Q x G). Tiles up to the first that overflowed wrote every candidate; they
+  // are settled at once: the k nearest of each query by exact key (rank_exact: ties to the
+  // smallest index), and a candidate beaten by k others is dropped for good. The rest of
+  // the gallery runs again on the final thresholds (merge = false: every segment holds the
+  // query's k-th), in slices of at most `room / Q` rows, each settled in turn: memory
+  // O(Q k + room), one synchronization per slice.
+  int64_t first = 0;
+  while (a[first] <= capacity) ++first;
+  const int64_t kept = first > 0 ? a[first - 1] : 0;
+  at::Tensor cand = pair.narrow(0, 0, kept), q = cand.div(t.G, "floor"), j = cand - q * t.G;
+  Ranked held = rank_exact(e, q, j, e.keys(q, j), t.Q, k).first(k);
+  const at::Tensor final_best = kth.view({t.Q, 1, 1}).expand({t.Q, segments, kpl * kWarp}).contiguous();
+  const int64_t room = std::max({capacity, std::min(t.Q * t.G, kKnnSettleRoom), t.Q});
+  if (pair.size(0) < room) pair = at::empty({room}, lopts), ckey = at::empty({room}, opts);
+  const int64_t slice = std::max<int64_t>(1, room / t.Q);
+  for (int64_t c0 = first * t.cols; c0 < t.G; c0 += slice) {
+    count.zero_();
+    select(c0, std::min(slice, t.G - c0), final_best, /*merge=*/false);
+    const int64_t got = count.item<int64_t>();  // at most Q x slice <= room
+    cand = pair.narrow(0, 0, got), q = cand.div(t.G, "floor"), j = cand - q * t.G;
+    held = rank_exact(e, at::cat({held.q, q}), at::cat({held.j, j}), at::cat({held.key, e.keys(q, j)}), t.Q, k)
+               .first(k);
+  }
+  return {held.q, held.j};
 }
 
 // k > 256: per tile, at::topk merges the tile's k smallest keys into every query's, and
 // at::nonzero lists the keys within the threshold (each tile read three to four times).
-std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, int64_t k) {
+// Candidates past kKnnSettleRoom (collapsed embeddings: every key is within the window)
+// are settled on exact keys as they come, as in candidates_by_tile_select's overflow.
+std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, const ExactRows& e, int64_t k) {
   const double inf = std::numeric_limits<double>::infinity();
   at::Tensor best = at::full({t.Q, k}, inf, t.x.options());
   std::vector<at::Tensor> cand_q, cand_j, cand_key;
+  const int64_t room = std::max(kKnnSettleRoom, 4 * t.Q * k);
+  int64_t pending = 0;
+  bool settled = false;
+  Ranked held;
   for (int64_t c0 = 0; c0 < t.G; c0 += t.cols) {
     const int64_t n = std::min(t.cols, t.G - c0);
     const at::Tensor key = t.keys(c0, n);
@@ -183,7 +285,17 @@ std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, int64_t k) 
     cand_q.push_back(hit.select(1, 0));
     cand_j.push_back(hit.select(1, 1) + c0);
     cand_key.push_back(key.index({cand_q.back(), cand_j.back() - c0}));
+    pending += hit.size(0);
+    if (pending > room || (settled && c0 + n == t.G)) {
+      const at::Tensor q = at::cat(cand_q), j = at::cat(cand_j);
+      held = settled ? rank_exact(e, at::cat({held.q, q}), at::cat({held.j, j}), at::cat({held.key, e.keys(q, j)}), t.Q, k)
+                     : rank_exact(e, q, j, e.keys(q, j), t.Q, k);
+      held = held.first(k);
+      settled = true, pending = 0;
+      cand_q.clear(), cand_j.clear(), cand_key.clear();
+    }
   }
+  if (settled) return {held.q, held.j};
   const at::Tensor q = at::cat(cand_q);
   const at::Tensor keep = at::cat(cand_key).le(t.threshold(best.amax(1)).index({q}));  // the final window
   return {q.index({keep}), at::cat(cand_j).index({keep})};
@@ -288,55 +400,48 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   at::Tensor direct = all_direct ? at::ones({Q}, X.options().dtype(at::kBool))
                                  : fin_x.logical_not().logical_or((finite_gallery - own_finite) < k);
 
-  std::vector<at::Tensor> cand_q, cand_j;
+  // Candidates with their exact keys: the tile search's, then the direct queries' (every
+  // gallery row), in blocks of at most kKnnSettleRoom pairs settled one at a time.
+  const ExactRows exact{xe, ye, D, cosine};
+  std::vector<at::Tensor> cand_q, cand_j, cand_key;
   if (!all_direct) {
     const Tiles tiles{x, y, bias, twice, direct, Q, G, std::max<int64_t>(1, std::min(G, kKnnTileElems / Q)),
                       cosine, exclude_self};
     const int64_t kk = std::min(k, G);
-    std::pair<at::Tensor, at::Tensor> found =
-        kk <= kKnnMaxKeysPerLane * kWarp ? candidates_by_tile_select(tiles, kk) : candidates_by_topk(tiles, kk);
+    std::pair<at::Tensor, at::Tensor> found = kk <= kKnnMaxKeysPerLane * kWarp
+                                                  ? candidates_by_tile_select(tiles, exact, kk)
+                                                  : candidates_by_topk(tiles, exact, kk);
     cand_q.push_back(found.first);
     cand_j.push_back(found.second);
+    cand_key.push_back(exact.keys(found.first, found.second));
   }
   const at::Tensor dq = direct.nonzero().squeeze(1);
-  if (dq.size(0) > 0) {
-    at::Tensor pq = dq.repeat_interleave(G), pj = at::arange(G, lopts).repeat({dq.size(0)});
+  const int64_t per_block = std::max<int64_t>(1, kKnnSettleRoom / G);
+  for (int64_t b0 = 0; b0 < dq.size(0); b0 += per_block) {
+    const at::Tensor rows = dq.narrow(0, b0, std::min(per_block, dq.size(0) - b0));
+    at::Tensor pq = rows.repeat_interleave(G), pj = at::arange(G, lopts).repeat({rows.size(0)});
     if (exclude_self) {
       const at::Tensor keep = pq != pj;
       pq = pq.index({keep}), pj = pj.index({keep});
     }
+    at::Tensor pkey = exact.keys(pq, pj);
+    if (dq.size(0) > per_block) {
+      const Ranked r = rank_exact(exact, pq, pj, pkey, Q, k).first(k);
+      pq = r.q, pj = r.j, pkey = r.key;
+    }
     cand_q.push_back(pq);
     cand_j.push_back(pj);
+    cand_key.push_back(pkey);
   }
-  at::Tensor q = cand_q.empty() ? at::empty({0}, lopts) : at::cat(cand_q);
-  at::Tensor j = cand_j.empty() ? at::empty({0}, lopts) : at::cat(cand_j);
-  const int64_t n = q.size(0);
-  at::Tensor key = at::empty({n}, X.options().dtype(at::kDouble));
-  if (n > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "knn_exact_keys_cuda", [&] {
-      const int64_t blocks = std::min<int64_t>((n + kKnnWarpsPerBlock - 1) / kKnnWarpsPerBlock, 65535);
-      TRIPLETOPS_LAUNCH((knn_exact_keys_kernel<scalar_t>), unsigned(blocks), kKnnWarpsPerBlock * kWarp, 0,
-                        current_stream(), xe.data_ptr<scalar_t>(), ye.data_ptr<scalar_t>(), D, cosine,
-                        q.data_ptr<int64_t>(), j.data_ptr<int64_t>(), n, key.data_ptr<double>());
-    });
-  }
-  // (query, key, index): three stable sorts, the last key first (the tile selection
-  // appends in no fixed order).
-  at::Tensor order = std::get<1>(at::sort(j, /*stable=*/true, 0, false));
-  q = q.index({order}), j = j.index({order}), key = key.index({order});
-  order = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
-  q = q.index({order}), j = j.index({order}), key = key.index({order});
-  order = std::get<1>(at::sort(q, /*stable=*/true, 0, false));
-  q = q.index({order}), j = j.index({order}), key = key.index({order});
-  const at::Tensor counts = at::bincount(q, {}, Q);
-  const at::Tensor start = counts.cumsum(0) - counts;
-  const at::Tensor pos = at::arange(n, lopts) - start.index({q});
-  const at::Tensor keep = pos < k;
-  const at::Tensor slot = (q * k + pos).index({keep});
+  const at::Tensor q = cand_q.empty() ? at::empty({0}, lopts) : at::cat(cand_q);
+  const at::Tensor j = cand_j.empty() ? at::empty({0}, lopts) : at::cat(cand_j);
+  const at::Tensor key = cand_key.empty() ? at::empty({0}, X.options().dtype(at::kDouble)) : at::cat(cand_key);
+  const Ranked nearest = rank_exact(exact, q, j, key, Q, k).first(k);
+  const at::Tensor slot = nearest.q * k + nearest.pos;
   at::Tensor out_key = at::full({Q * k}, inf, X.options().dtype(at::kDouble));
   at::Tensor out_idx = at::full({Q * k}, -1, lopts);
-  out_key.index_put_({slot}, key.index({keep}));
-  out_idx.index_put_({slot}, j.index({keep}));
+  out_key.index_put_({slot}, nearest.key);
+  out_idx.index_put_({slot}, nearest.j);
   // Exact keys to distances: |a - b|, |a - b|^2, or 1 - cos = |â - b̂|^2 / 2.
   at::Tensor dist = metric == Metric::Euclidean ? out_key.sqrt() : cosine ? out_key / 2 : out_key;
   if (exact_e != 0) {  // back to the input's scale: 2^e (2^2e in two steps for sqeuclidean)

@@ -39,6 +39,23 @@ __global__ void __launch_bounds__(kKnnWarpsPerBlock * kWarp)
   }
 }
 
+// (Sq)euclidean near ties: the keys of the pairs flagged in `refine` formed again, rounded
+// once from their exact value (common.h: correctly_rounded_sq_distance), so that rows at
+// mathematically equal distance get equal keys whatever the order of their entries, and
+// tie to the smallest index. One thread per pair (a serial sum of 6 D exact terms over a
+// few partials, about 20x a warp's double sum per pair); knn_cuda flags only the keys that
+// sit within the sums' rounding bound of a neighbour near each query's k-th, a few per
+// query. Not measured on a GPU.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kKnnWarpsPerBlock * kWarp)
+    knn_refine_keys_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t D,
+                           const int64_t* __restrict__ q, const int64_t* __restrict__ j,
+                           const bool* __restrict__ refine, int64_t n, double* __restrict__ key) {
+  const int64_t threads = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n; t += threads)
+    if (refine[t]) key[t] = correctly_rounded_sq_distance(x + q[t] * D, y + j[t] * D, D);
+}
+
 // The register path of the tile selection: k <= 32 * kKnnMaxKeysPerLane (256) nearest
 // held in registers, kKnnChunkPerLane keys per lane and chunk (a chunk: 256 keys of a row).
 constexpr int kKnnMaxKeysPerLane = 8;
