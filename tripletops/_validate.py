@@ -45,8 +45,9 @@ def device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None
 
 
 def labels(y: torch.Tensor, name: str, n: int, rows_name: str, x: torch.Tensor) -> None:
-    """(n,) integer class ids, or (n, L) multi-hot labels (bool, or uint8 of 0/1), on x's
-    device. The uint8 value check reads the labels (a device sync on CUDA)."""
+    """(n,) integer class ids, or (n, L) multi-hot labels (bool, or uint8 where a nonzero
+    entry sets the label, as ``labels.bool()``), on x's device. Only shapes, dtypes and
+    devices are checked: nothing reads the labels' values (no device sync on CUDA)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"tripletops: {name} must be a torch.Tensor, got {type(y).__name__}")
     if y.dim() not in (1, 2):
@@ -62,9 +63,6 @@ def labels(y: torch.Tensor, name: str, n: int, rows_name: str, x: torch.Tensor) 
             raise TypeError(f"tripletops: {name} as (B, L) multi-hot labels must be bool or uint8, got {y.dtype}")
         if y.shape[1] < 1:
             raise ValueError(f"tripletops: {name} as multi-hot labels needs L >= 1 columns, got shape {tuple(y.shape)}")
-        if y.dtype == torch.uint8 and y.numel() and bool((y > 1).any()):
-            raise ValueError(f"tripletops: {name} as uint8 multi-hot labels must hold only 0 and 1, "
-                             f"got a value {int(y.max())}")
     elif y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"tripletops: {name} must be integer class ids of shape (B,) (any integer dtype: int8, "
                         f"int16, int32, int64, uint8), or (B, L) multi-hot bool/uint8 labels, got {y.dtype} of shape "

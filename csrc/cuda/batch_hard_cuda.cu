@@ -53,7 +53,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <tuple>
 
 namespace tripletops {
@@ -124,26 +123,31 @@ inline int64_t splits_of(int64_t n, int64_t chunk) { return std::max<int64_t>(1,
 constexpr double kHalfGemmAccU = 0x1p-22;
 
 // out (R x C, fp32 or fp64) = a · bᵀ. Halves: aten::mm.dtype_out (torch >= 2.8: cuBLAS
-// with bf16/fp16 inputs, fp32 output and fp32 compute); where that op is missing or
-// refuses, and under the emulator, the same product of the rows converted to fp32.
+// with bf16/fp16 inputs, fp32 output and fp32 compute). Whether it is used is decided once
+// per process, from the op's availability (its schema, and a CUDA kernel for it), never
+// from a failed call: an error of the op, an out-of-memory included, reaches the caller
+// as it is (it used to turn every later half GEMM into fp32 SIMT, silently). Where the op
+// is missing (torch < 2.8), and under the emulator, the same product of the rows
+// converted to fp32.
+const c10::optional<c10::OperatorHandle>& mm_dtype_out() {
+  static const c10::optional<c10::OperatorHandle> op = [] {
+    c10::optional<c10::OperatorHandle> found = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
+    if (found.has_value() && !found->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) found = c10::nullopt;
+    return found;
+  }();
+  return op;
+}
+
 void gram_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == out.scalar_type()) {
     at::mm_out(out, a, b.t());
     return;
   }
 #ifndef TRIPLETOPS_EMU
-  static std::atomic<bool> refused{false};
-  if (!refused.load()) {
-    static const auto op = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
-    if (op.has_value()) {
-      try {
-        op->typed<at::Tensor&(const at::Tensor&, const at::Tensor&, at::ScalarType, at::Tensor&)>().call(
-            a, b.t(), out.scalar_type(), out);
-        return;
-      } catch (const c10::Error&) {
-        refused.store(true);
-      }
-    }
+  if (const auto& op = mm_dtype_out()) {
+    op->typed<at::Tensor&(const at::Tensor&, const at::Tensor&, at::ScalarType, at::Tensor&)>().call(
+        a, b.t(), out.scalar_type(), out);
+    return;
   }
 #endif
   at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()).t());

@@ -28,8 +28,11 @@
 // ~2 ms. In all ~65 ms, ~1.25x one GEMM (the goal: 1.5x; the topk path it replaces
 // modelled ~130 ms). Extra memory: one tile of keys (256 MiB) and the candidate buffer
 // (12 bytes per entry, ~k (2 + 2 ln(G / 256)) + 16 per query: ~190 MB at Q = 10^5).
-// The candidate count is data-dependent, so the search synchronizes with the host once
-// (twice when the buffer overflowed).
+// Host synchronizations per call: two under (sq)euclidean (the scaling decision reads the
+// largest norm and entry; the tile selection reads its candidate count with the number of
+// direct queries), one under cosine; after an overflow one more per slice, and on the
+// k > 256 path one per tile. Nothing else reads a value on the host: dropped candidates
+// are marked (query Q), not compacted.
 #include "device.h"
 #include "knn_kernels.cuh"
 
@@ -94,13 +97,18 @@ struct Tiles {
 };
 
 // The rows exact keys are read from (the inputs, or fp64 rows scaled into double's range).
+// Candidate pairs travel as (query, gallery row) index arrays; a pair whose query is Q (the
+// sentinel) is a dropped one, kept in place so that nothing is compacted: compacting
+// (a boolean index, nonzero) would read the count on the host, a synchronization per step.
 struct ExactRows {
   at::Tensor x, y;
-  int64_t D;
+  int64_t Q, D;
   bool cosine;
 
-  // The exact keys of the pairs (query q[t], gallery row j[t]), in double.
-  at::Tensor keys(const at::Tensor& q, const at::Tensor& j) const {
+  // The exact keys of the pairs (query q[t], gallery row j[t]), in double; +inf for a
+  // dropped pair.
+  at::Tensor keys(const at::Tensor& pq, const at::Tensor& pj) const {
+    const at::Tensor q = pq.contiguous(), j = pj.contiguous();  // the kernel reads flat arrays
     const int64_t n = q.size(0);
     at::Tensor key = at::empty({n}, x.options().dtype(at::kDouble));
     if (n == 0) return key;
@@ -108,36 +116,31 @@ struct ExactRows {
       const int64_t blocks = std::min<int64_t>((n + kKnnWarpsPerBlock - 1) / kKnnWarpsPerBlock, 65535);
       TRIPLETOPS_LAUNCH((knn_exact_keys_kernel<scalar_t>), unsigned(blocks), kKnnWarpsPerBlock * kWarp, 0,
                         current_stream(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), D, cosine,
-                        q.data_ptr<int64_t>(), j.data_ptr<int64_t>(), n, key.data_ptr<double>());
+                        q.data_ptr<int64_t>(), j.data_ptr<int64_t>(), n, Q, key.data_ptr<double>());
     });
     return key;
   }
 };
 
-// Candidate pairs with their exact keys, sorted by (query, key, index); pos: the place of
-// each within its query.
-struct Ranked {
-  at::Tensor q, j, key, pos;
-
-  // The first k of every query (its k nearest when the candidates hold its window).
-  Ranked first(int64_t k) const {
-    const at::Tensor keep = pos < k;
-    return {q.index({keep}), j.index({keep}), key.index({keep}), pos.index({keep})};
-  }
+// Every query's k nearest as (Q * k) arrays in output order (query i's at i k .. i k + k - 1,
+// nearest first): a missing neighbour has query Q, row -1 and key +inf.
+struct Nearest {
+  at::Tensor q, j, key;
 };
 
-// Sorts candidates by (query, exact key, index). Under (sq)euclidean, the double sums of
-// knn_exact_keys_kernel round in lane order, so two rows at exactly equal distance can
-// differ by a rounding and tie the wrong way: keys within the sums' rounding bound of a
-// neighbour and at most the query's k-th key plus that bound (nothing past it can reach the
-// first k) are formed again correctly rounded (knn_refine_keys_kernel) and the pairs sorted
-// once more, as on CPU (knn_cpu.cpp: rank_exact).
-Ranked rank_exact(const ExactRows& e, at::Tensor q, at::Tensor j, at::Tensor key, int64_t Q, int64_t k) {
+// Sorts candidates by (query, exact key, index) and keeps the first k of every query.
+// Under (sq)euclidean, the double sums of knn_exact_keys_kernel round in lane order, so
+// two rows at exactly equal distance can differ by a rounding and tie the wrong way: keys
+// within the sums' rounding bound of a neighbour and at most the query's k-th key plus
+// that bound (nothing past it can reach the first k) are formed again correctly rounded
+// (knn_refine_keys_kernel) and the pairs sorted once more, as on CPU (knn_cpu.cpp:
+// rank_exact). No host synchronization.
+Nearest nearest_k(const ExactRows& e, at::Tensor q, at::Tensor j, at::Tensor key, int64_t k) {
+  const int64_t Q = e.Q, n = q.size(0);
   const auto lopts = q.options();
-  const int64_t n = q.size(0);
   const auto sort_pairs = [&] {
     // (query, key, index): three stable sorts, the last key first (the tile selection
-    // appends in no fixed order).
+    // appends in no fixed order); dropped pairs (query Q) go last.
     at::Tensor order = std::get<1>(at::sort(j, /*stable=*/true, 0, false));
     q = q.index({order}), j = j.index({order}), key = key.index({order});
     order = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
@@ -146,7 +149,8 @@ Ranked rank_exact(const ExactRows& e, at::Tensor q, at::Tensor j, at::Tensor key
     q = q.index({order}), j = j.index({order}), key = key.index({order});
   };
   sort_pairs();
-  const at::Tensor counts = at::bincount(q, {}, Q);
+  // Pairs per query (index_add: at::bincount reads its maximum on the host).
+  const at::Tensor counts = at::zeros({Q + 1}, lopts).index_add_(0, q, at::ones_like(q));
   const at::Tensor start = counts.cumsum(0) - counts;
   if (!e.cosine && n > 1) {
     const double rel = 4.0 * double(e.D + 4) * 0x1p-53;  // knn_cpu.cpp's bound
@@ -169,14 +173,23 @@ Ranked rank_exact(const ExactRows& e, at::Tensor q, at::Tensor j, at::Tensor key
     });
     sort_pairs();  // the same queries, so counts and start hold
   }
-  return {q, j, key, at::arange(n, lopts) - start.index({q})};
+  // Pair t goes to slot q k + its place in its query, when that place is < k; every other
+  // pair (and every dropped one) to slot Q k, cut off below.
+  const at::Tensor pos = at::arange(n, lopts) - start.index({q});
+  const at::Tensor slot = at::where(pos.lt(k).logical_and_(q.lt(Q)), q * k + pos, at::full_like(q, Q * k));
+  Nearest out{at::full({Q * k + 1}, Q, lopts), at::full({Q * k + 1}, -1, lopts),
+              at::full({Q * k + 1}, std::numeric_limits<double>::infinity(), key.options())};
+  out.q.index_put_({slot}, q), out.j.index_put_({slot}, j), out.key.index_put_({slot}, key);
+  return {out.q.narrow(0, 0, Q * k), out.j.narrow(0, 0, Q * k), out.key.narrow(0, 0, Q * k)};
 }
 
 // k <= 256: knn_tile_select_kernel reads each tile once, keeping every query's k smallest
 // keys in registers and appending the candidates within its threshold. Returns the
-// candidates (query, gallery row) within the final thresholds; when they overflow the
-// buffer, the k nearest of every query (settled on exact keys, see below).
-std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, const ExactRows& e, int64_t k) {
+// candidates (query, gallery row; query Q: dropped, past the final threshold); when they
+// overflow the buffer, the k nearest of every query (settled on exact keys, see below).
+// `direct_count`: how many queries are searched directly, read with the candidate count.
+std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, const ExactRows& e, int64_t k,
+                                                            int64_t& direct_count) {
   const double inf = std::numeric_limits<double>::infinity();
   const auto opts = t.x.options(), lopts = opts.dtype(at::kLong);
   const int kpl = k <= kWarp ? 1 : k <= 2 * kWarp ? 2 : k <= 4 * kWarp ? 4 : 8;
@@ -218,7 +231,9 @@ std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, cons
     });
   };
   const int64_t tiles = t.count();
-  at::Tensor count_after = at::empty({tiles}, lopts);  // the counter after each tile
+  // The counter after each tile, and the number of direct queries: one read at the end.
+  at::Tensor count_after = at::empty({tiles + 1}, lopts);
+  count_after.narrow(0, tiles, 1).copy_(t.direct.sum().view({1}));
   for (int64_t i = 0; i < tiles; ++i) {
     select(i * t.cols, std::min(t.cols, t.G - i * t.cols), best, /*merge=*/true);
     count_after.narrow(0, i, 1).copy_(count);
@@ -226,18 +241,19 @@ std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, cons
   const at::Tensor after = count_after.cpu();  // the one synchronization of the search
   const int64_t* a = after.data_ptr<int64_t>();
   const int64_t found = a[tiles - 1];
+  direct_count = a[tiles];
   // The query's k-th smallest key: the k-th of its segments' k smallest (padding: +inf).
   best.narrow(2, k, best.size(2) - k).fill_(inf);
   const at::Tensor kth = std::get<0>(at::kthvalue(best.view({t.Q, -1}), k, 1));
   if (found <= capacity) {
     const at::Tensor cand = pair.narrow(0, 0, found), q = cand.div(t.G, "floor");
     const at::Tensor keep = ckey.narrow(0, 0, found).le(t.threshold(kth).index({q}));  // the final window
-    return {q.index({keep}), (cand - q * t.G).index({keep})};
+    return {at::where(keep, q, at::full_like(q, t.Q)), cand - q * t.G};
   }
   // Overflow: many keys within the bound of the k-th, as on collapsed embeddings, where
   // every key is (then the window of a query is the whole gallery, and a buffer of the
   // count would be Q x G). Tiles up to the first that overflowed wrote every candidate; they
-  // are settled at once: the k nearest of each query by exact key (rank_exact: ties to the
+  // are settled at once: the k nearest of each query by exact key (nearest_k: ties to the
   // smallest index), and a candidate beaten by k others is dropped for good. The rest of
   // the gallery runs again on the final thresholds (merge = false: every segment holds the
   // query's k-th), in slices of at most `room / Q` rows, each settled in turn: memory
@@ -246,7 +262,7 @@ std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, cons
   while (a[first] <= capacity) ++first;
   const int64_t kept = first > 0 ? a[first - 1] : 0;
   at::Tensor cand = pair.narrow(0, 0, kept), q = cand.div(t.G, "floor"), j = cand - q * t.G;
-  Ranked held = rank_exact(e, q, j, e.keys(q, j), t.Q, k).first(k);
+  Nearest held = nearest_k(e, q, j, e.keys(q, j), k);
   const at::Tensor final_best = kth.view({t.Q, 1, 1}).expand({t.Q, segments, kpl * kWarp}).contiguous();
   const int64_t room = std::max({capacity, std::min(t.Q * t.G, kKnnSettleRoom), t.Q});
   if (pair.size(0) < room) pair = at::empty({room}, lopts), ckey = at::empty({room}, opts);
@@ -256,14 +272,14 @@ std::pair<at::Tensor, at::Tensor> candidates_by_tile_select(const Tiles& t, cons
     select(c0, std::min(slice, t.G - c0), final_best, /*merge=*/false);
     const int64_t got = count.item<int64_t>();  // at most Q x slice <= room
     cand = pair.narrow(0, 0, got), q = cand.div(t.G, "floor"), j = cand - q * t.G;
-    held = rank_exact(e, at::cat({held.q, q}), at::cat({held.j, j}), at::cat({held.key, e.keys(q, j)}), t.Q, k)
-               .first(k);
+    held = nearest_k(e, at::cat({held.q, q}), at::cat({held.j, j}), at::cat({held.key, e.keys(q, j)}), k);
   }
   return {held.q, held.j};
 }
 
 // k > 256: per tile, at::topk merges the tile's k smallest keys into every query's, and
-// at::nonzero lists the keys within the threshold (each tile read three to four times).
+// at::nonzero lists the keys within the threshold (each tile read three to four times;
+// a host synchronization per tile).
 // Candidates past kKnnSettleRoom (collapsed embeddings: every key is within the window)
 // are settled on exact keys as they come, as in candidates_by_tile_select's overflow.
 std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, const ExactRows& e, int64_t k) {
@@ -273,7 +289,7 @@ std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, const Exact
   const int64_t room = std::max(kKnnSettleRoom, 4 * t.Q * k);
   int64_t pending = 0;
   bool settled = false;
-  Ranked held;
+  Nearest held;
   for (int64_t c0 = 0; c0 < t.G; c0 += t.cols) {
     const int64_t n = std::min(t.cols, t.G - c0);
     const at::Tensor key = t.keys(c0, n);
@@ -288,9 +304,8 @@ std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, const Exact
     pending += hit.size(0);
     if (pending > room || (settled && c0 + n == t.G)) {
       const at::Tensor q = at::cat(cand_q), j = at::cat(cand_j);
-      held = settled ? rank_exact(e, at::cat({held.q, q}), at::cat({held.j, j}), at::cat({held.key, e.keys(q, j)}), t.Q, k)
-                     : rank_exact(e, q, j, e.keys(q, j), t.Q, k);
-      held = held.first(k);
+      held = settled ? nearest_k(e, at::cat({held.q, q}), at::cat({held.j, j}), at::cat({held.key, e.keys(q, j)}), k)
+                     : nearest_k(e, q, j, e.keys(q, j), k);
       settled = true, pending = 0;
       cand_q.clear(), cand_j.clear(), cand_key.clear();
     }
@@ -298,7 +313,7 @@ std::pair<at::Tensor, at::Tensor> candidates_by_topk(const Tiles& t, const Exact
   if (settled) return {held.q, held.j};
   const at::Tensor q = at::cat(cand_q);
   const at::Tensor keep = at::cat(cand_key).le(t.threshold(best.amax(1)).index({q}));  // the final window
-  return {q.index({keep}), at::cat(cand_j).index({keep})};
+  return {at::where(keep, q, at::full_like(q, t.Q)), at::cat(cand_j)};
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10::optional<at::Tensor>& gallery,
@@ -335,13 +350,16 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
     const bool f32 = ct == at::kFloat;
     const double big = (f32 ? double(std::numeric_limits<float>::max()) : std::numeric_limits<double>::max()) / 8;
     const double tiny = f32 ? double(std::numeric_limits<float>::min()) / 0x1p-46 : std::numeric_limits<double>::min() / 0x1p-104;
-    double max_sq = 0, amax = 0;
-    for (const at::Tensor* r : {&x, &y}) {
-      const at::Tensor f = r->index({r == &x ? fin_x : fin_y});
-      if (f.numel() == 0) continue;
-      max_sq = std::max(max_sq, f.to(at::kDouble).square().sum(1).max().item<double>());
-      amax = std::max(amax, f.abs().max().item<double>());
-    }
+    // The largest squared norm and |entry| over the finite rows: one host read (a
+    // synchronization) decides the scaling; masked by where(), not by boolean indexing
+    // (which reads a count on the host, one more synchronization each).
+    const auto largest = [&](const at::Tensor& r, const at::Tensor& fin) {
+      const at::Tensor f = at::where(fin.unsqueeze(1), r, at::zeros_like(r)).to(at::kDouble);
+      return at::stack({f.square().sum(1).amax(), f.abs().amax()});
+    };
+    const at::Tensor read = (gallery.has_value() ? at::maximum(largest(x, fin_x), largest(y, fin_y))
+                                                 : largest(x, fin_x)).cpu();
+    const double max_sq = read.data_ptr<double>()[0], amax = read.data_ptr<double>()[1];
     if (amax > 0 && (!(max_sq < big) || max_sq < tiny)) {
       int e = 0;
       std::frexp(amax, &e);
@@ -363,12 +381,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
     x = unit_rows(x);
     y = gallery.has_value() ? unit_rows(y) : x;
   } else {
-    const at::Tensor finite_rows = y.index({fin_y});
-    if (finite_rows.size(0) > 0) {
-      const at::Tensor mean = finite_rows.mean(0);
-      x = x - mean;
-      y = gallery.has_value() ? y - mean : x;
-    }
+    // The mean of the finite gallery rows (0 when there are none), without a host read.
+    const at::Tensor n_fin = fin_y.sum().clamp_min(1).to(ct);
+    const at::Tensor mean = at::where(fin_y.unsqueeze(1), y, at::zeros_like(y)).sum(0) / n_fin;
+    x = x - mean;
+    y = gallery.has_value() ? y - mean : x;
   }
   const at::Tensor sq_x = x.square().sum(1), sq_y = gallery.has_value() ? y.square().sum(1) : sq_x;
   const at::Tensor nan_row = at::full({G}, std::numeric_limits<double>::quiet_NaN(), opts);
@@ -381,14 +398,15 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   if (ct == at::kFloat && at::globalContext().allowTF32CuBLAS()) gemm_u = 0x1p-11;
 #endif
   const double per_norm = gram_key_bound(D, u, gemm_u, 1.0);
-  const int64_t finite_gallery = fin_y.sum().item<int64_t>();
+  const at::Tensor finite_gallery = fin_y.sum();  // on the device
   const bool all_direct = Q * G * D <= kKnnDirectWork || std::isinf(per_norm);
   at::Tensor twice;
   if (cosine) {
     twice = at::full({Q}, 2 * gram_key_bound(D, u, gemm_u, 4.0), X.options().dtype(at::kDouble));
   } else {
-    const double max_sy = finite_gallery > 0 ? sq_y.index({fin_y}).max().item<double>() : 0.0;
-    twice = (sq_x.to(at::kDouble).clamp_min(0).sqrt() + std::sqrt(std::max(0.0, max_sy))).square() * (2 * per_norm);
+    const at::Tensor sq = sq_y.to(at::kDouble);
+    const at::Tensor max_sy = at::where(fin_y, sq, at::zeros_like(sq)).amax().clamp_min(0);
+    twice = (sq_x.to(at::kDouble).clamp_min(0).sqrt() + max_sy.sqrt()).square() * (2 * per_norm);
   }
   // Queries searched on every gallery row: own_finite[i] = 1 where query i's own gallery
   // row is excluded and would have counted.
@@ -398,35 +416,41 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
     own_finite.narrow(0, 0, n).copy_(fin_y.narrow(0, 0, n).to(at::kLong));
   }
   at::Tensor direct = all_direct ? at::ones({Q}, X.options().dtype(at::kBool))
-                                 : fin_x.logical_not().logical_or((finite_gallery - own_finite) < k);
+                                 : fin_x.logical_not().logical_or((finite_gallery - own_finite).lt(k));
 
   // Candidates with their exact keys: the tile search's, then the direct queries' (every
   // gallery row), in blocks of at most kKnnSettleRoom pairs settled one at a time.
-  const ExactRows exact{xe, ye, D, cosine};
+  const ExactRows exact{xe, ye, Q, D, cosine};
   std::vector<at::Tensor> cand_q, cand_j, cand_key;
+  int64_t direct_count = Q;
   if (!all_direct) {
     const Tiles tiles{x, y, bias, twice, direct, Q, G, std::max<int64_t>(1, std::min(G, kKnnTileElems / Q)),
                       cosine, exclude_self};
     const int64_t kk = std::min(k, G);
-    std::pair<at::Tensor, at::Tensor> found = kk <= kKnnMaxKeysPerLane * kWarp
-                                                  ? candidates_by_tile_select(tiles, exact, kk)
-                                                  : candidates_by_topk(tiles, exact, kk);
+    std::pair<at::Tensor, at::Tensor> found;
+    if (kk <= kKnnMaxKeysPerLane * kWarp) {
+      found = candidates_by_tile_select(tiles, exact, kk, direct_count);
+    } else {
+      found = candidates_by_topk(tiles, exact, kk);
+      direct_count = direct.sum().item<int64_t>();
+    }
     cand_q.push_back(found.first);
     cand_j.push_back(found.second);
     cand_key.push_back(exact.keys(found.first, found.second));
   }
-  const at::Tensor dq = direct.nonzero().squeeze(1);
+  // The direct queries, first in a stable sort of the flags (their count is known here;
+  // nonzero would read it again).
+  const at::Tensor dq = std::get<1>(at::sort(direct.to(at::kByte), /*stable=*/true, 0, /*descending=*/true))
+                            .narrow(0, 0, direct_count);
   const int64_t per_block = std::max<int64_t>(1, kKnnSettleRoom / G);
-  for (int64_t b0 = 0; b0 < dq.size(0); b0 += per_block) {
-    const at::Tensor rows = dq.narrow(0, b0, std::min(per_block, dq.size(0) - b0));
-    at::Tensor pq = rows.repeat_interleave(G), pj = at::arange(G, lopts).repeat({rows.size(0)});
-    if (exclude_self) {
-      const at::Tensor keep = pq != pj;
-      pq = pq.index({keep}), pj = pj.index({keep});
-    }
+  for (int64_t b0 = 0; b0 < direct_count; b0 += per_block) {
+    const at::Tensor rows = dq.narrow(0, b0, std::min(per_block, direct_count - b0));
+    at::Tensor pq = rows.unsqueeze(1).expand({rows.size(0), G}).contiguous().view({-1});
+    at::Tensor pj = at::arange(G, lopts).repeat({rows.size(0)});
+    if (exclude_self) pq = at::where(pq != pj, pq, at::full_like(pq, Q));  // own row: dropped
     at::Tensor pkey = exact.keys(pq, pj);
-    if (dq.size(0) > per_block) {
-      const Ranked r = rank_exact(exact, pq, pj, pkey, Q, k).first(k);
+    if (direct_count > per_block) {
+      const Nearest r = nearest_k(exact, pq, pj, pkey, k);
       pq = r.q, pj = r.j, pkey = r.key;
     }
     cand_q.push_back(pq);
@@ -436,12 +460,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   const at::Tensor q = cand_q.empty() ? at::empty({0}, lopts) : at::cat(cand_q);
   const at::Tensor j = cand_j.empty() ? at::empty({0}, lopts) : at::cat(cand_j);
   const at::Tensor key = cand_key.empty() ? at::empty({0}, X.options().dtype(at::kDouble)) : at::cat(cand_key);
-  const Ranked nearest = rank_exact(exact, q, j, key, Q, k).first(k);
-  const at::Tensor slot = nearest.q * k + nearest.pos;
-  at::Tensor out_key = at::full({Q * k}, inf, X.options().dtype(at::kDouble));
-  at::Tensor out_idx = at::full({Q * k}, -1, lopts);
-  out_key.index_put_({slot}, nearest.key);
-  out_idx.index_put_({slot}, nearest.j);
+  const Nearest nearest = nearest_k(exact, q, j, key, k);
+  const at::Tensor out_key = nearest.key, out_idx = nearest.j;
   // Exact keys to distances: |a - b|, |a - b|^2, or 1 - cos = |â - b̂|^2 / 2.
   at::Tensor dist = metric == Metric::Euclidean ? out_key.sqrt() : cosine ? out_key / 2 : out_key;
   if (exact_e != 0) {  // back to the input's scale: 2^e (2^2e in two steps for sqeuclidean)
