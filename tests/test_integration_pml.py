@@ -67,10 +67,11 @@ def test_same_triplets_values_and_gradients_as_pml(device, dist, reducer, mode, 
         a, b, fused = ours_l(xa, y), pml_l(xb, y), "BatchAllLossBackward"
     elif mode == "explicit triplets":
         # three distinct rows each: PML's cdist forms d(a, a) in Gram form (~1e-8, not 0)
-        ta = tb = tuple(t.to(device) for t in torch.stack([torch.randperm(26)[:3] for _ in range(40)]).T)
+        rows = torch.stack([torch.randperm(26)[:3] for _ in range(40)])  # host tensor
+        ta = tb = tuple(t.to(device) for t in rows.T)
         a, b, fused = ours_l(xa, y, ta), pml_l(xb, y, tb), "TripletMarginLossBackward"
     else:  # (a1, p, a2, n) pairs: PML turns them into triplets
-        a1, p, n = torch.stack([torch.randperm(26)[:3] for _ in range(30)]).T
+        a1, p, n = torch.stack([torch.randperm(26)[:3] for _ in range(30)]).T  # host tensor
         ta = tb = tuple(t.to(device) for t in (a1, p, a1.flip(0), n))
         a, b, fused = ours_l(xa, y, ta), pml_l(xb, y, tb), "TripletMarginLossBackward"
     if ta is not None:

@@ -324,7 +324,7 @@ def test_knn_exact_ties_whatever_the_order_of_the_entries(device, dtype, queries
     g[0::2], g[1::2] = base, base.flip(1)
     q = torch.zeros(queries, 7, dtype=dtype)  # host tensor
     if queries > 1:
-        q[1:] = torch.randn(queries - 1, 7, dtype=torch.float64).to(dtype) * 3
+        q[1:] = torch.randn(queries - 1, 7, dtype=torch.float64).to(dtype) * 3  # host tensor
     nb = tripletops.knn(q.to(device), g.to(device), k=200)
     exact = [sum(Fraction(float(v)) ** 2 for v in row) for row in g.double().tolist()]
     want = sorted(range(200), key=lambda j: (exact[j], j))
