@@ -218,11 +218,19 @@ def rows() -> Dict[str, Callable[[], Dict[str, Callable[[], object]]]]:
 
 
 def settle_note(x: torch.Tensor, y: torch.Tensor, **kw) -> str:
-    """How many anchors settled on exact distances, and how many rescanned the reference set."""
+    """How many anchors settled on exact distances, how many rescanned the reference set, and
+    the largest "hub": the most anchors that picked one row as their positive or negative
+    (the backward's ref_grad_kernel adds a row's terms in one warp's serial chain, so its
+    time follows the largest group; SASS review of 2026-12-07)."""
     from tripletops.batch_hard import _settle_stats
 
     settled, rescanned = _settle_stats(x, y, **kw)
-    return f"settled {settled} ({100 * settled / len(y):.2f}%), rescanned {rescanned} of {len(y)} anchors"
+    m = tripletops.batch_hard_mine(x, y, **kw)
+    picked = torch.cat([m.pos_idx, m.neg_idx])
+    picked = picked[picked >= 0]
+    hub = int(torch.bincount(picked).max()) if picked.numel() else 0
+    return (f"settled {settled} ({100 * settled / len(y):.2f}%), rescanned {rescanned} of {len(y)} anchors, "
+            f"largest hub {hub} anchors")
 
 
 def format_row(name: str, times: Dict[str, float]) -> str:
@@ -287,6 +295,7 @@ def main() -> int:
     table = rows()
     if args.profile:
         profile_rows(table, [n for n in table if n.startswith(("batch_hard", "bank", "batch_all fp32 B=512",
+                                                               "batch_all fp32 B=8192",
                                                                "semi_hard fp32 B=512", "contrastive fp32 B=512",
                                                                "pairwise_distance 4096x512 (goal", "knn"))], out)
         return 0

@@ -907,6 +907,23 @@ __global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
 // negative). One warp per group of equal targets adds the group's terms, in ascending
 // entry order, onto the row (zeroed for a reference set; the anchor's own term when
 // self-mining, after anchor_grad_kernel): one writer per row, deterministic.
+// The row is held in registers, kRefPerLane columns per lane (512 columns per pass), and
+// stored once per pass: the SASS review of 2026-12-07 found the old `out_row[k] += ...`
+// made every contribution wait on its own stores (the output may alias the inputs, so no
+// load of the next term could be issued before them: ~16 serial L2 round trips per term,
+// 0.4-0.9 ms at B = 4096-8192 where a "hub" row is the hardest negative of ~100-140
+// anchors). Now a term's loads are independent of the accumulation: about three dependent
+// round trips per term (entry, coefficients, rows). The additions are the same, in the
+// same order, in T (deterministic as before); for D > 512 each pass recomputes the terms'
+// coefficients (a cosine term's five dot products: D work per pass). Expected (not measured): the
+// backward's ref pass at B = 8192, D = 512 bounded by the largest group's chain, ~140
+// terms x ~3 round trips (~0.6 us each on an H200) ~ 0.25 ms for that one warp, the rest
+// in parallel; splitting a group over several warps (with a fixed-order sum of parts)
+// would cut that further and is not done. Registers (nvcc 13.0, sm_90): 122 for fp32
+// (86 before; allocated as 128: still 2 blocks of 256 threads per SM), 144 for fp64 (88
+// before: 1 block per SM instead of 2; fp64 is not a speed target).
+constexpr int kRefPerLane = 16;
+
 template <typename scalar_t, typename T>
 __global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __restrict__ target,
                                 const int64_t* __restrict__ entry, T* out) {
@@ -916,11 +933,46 @@ __global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __re
   for (int64_t s = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; s < E; s += rows_per_grid) {
     const int64_t j = target[s];
     if (j < 0 || (s > 0 && target[s - 1] == j)) continue;  // not the head of a group (warp-uniform)
+    int64_t end = s + 1;
+    while (end < E && target[end] == j) ++end;
     T* o = out + j * a.D;
-    for (int64_t u = s; u < E && target[u] == j; ++u) {
-      const int64_t e = entry[u], i = e < a.B ? e : e - a.B;
-      const AnchorCoef c = anchor_coef(a, i, count, lane);
-      if (c.active) add_ref_contribution(a, i, j, c, e < a.B, o, lane);
+    const scalar_t* rr = a.r + j * a.D;
+    for (int64_t c0 = 0; c0 < a.D; c0 += int64_t(kWarp) * kRefPerLane) {
+      T acc[kRefPerLane];
+#pragma unroll
+      for (int q = 0; q < kRefPerLane; ++q) {
+        const int64_t k = c0 + q * kWarp + lane;
+        acc[q] = k < a.D ? o[k] : T(0);
+      }
+      for (int64_t u = s; u < end; ++u) {
+        const int64_t e = entry[u], i = e < a.B ? e : e - a.B;
+        const AnchorCoef c = anchor_coef(a, i, count, lane);
+        if (!c.active) continue;
+        const scalar_t* ar = a.x + i * a.D;
+        if (c.plain) {
+          const CosinePairGrad& g = e < a.B ? c.cp : c.cn;
+#pragma unroll
+          for (int q = 0; q < kRefPerLane; ++q) {
+            const int64_t k = c0 + q * kWarp + lane;
+            if (k < a.D) acc[q] += T(g.alpha_b * double(rr[k]) + g.beta * double(ar[k]));
+          }
+        } else {
+          const PairGrad& g = e < a.B ? c.p : c.n;
+#pragma unroll
+          for (int q = 0; q < kRefPerLane; ++q) {
+            const int64_t k = c0 + q * kWarp + lane;
+            if (k < a.D) {
+              const T av = T(ar[k]), rv = T(rr[k]);
+              acc[q] += T(g.db) * (av - rv) + T(g.eb) * av;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kRefPerLane; ++q) {
+        const int64_t k = c0 + q * kWarp + lane;
+        if (k < a.D) o[k] = acc[q];
+      }
     }
   }
 }

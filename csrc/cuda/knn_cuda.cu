@@ -424,8 +424,12 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const c10
   std::vector<at::Tensor> cand_q, cand_j, cand_key;
   int64_t direct_count = Q;
   if (!all_direct) {
-    const Tiles tiles{x, y, bias, twice, direct, Q, G, std::max<int64_t>(1, std::min(G, kKnnTileElems / Q)),
-                      cosine, exclude_self};
+    // Gallery rows per tile: up to kKnnTileElems keys, a multiple of 64 when there are that
+    // many (2^26 / Q is 671 at Q = 10^5): each tile's leading dimension and its rows' offset
+    // stay 256-byte aligned, for cuBLAS's aligned kernels and its bias epilogue.
+    int64_t cols = std::max<int64_t>(1, std::min(G, kKnnTileElems / Q));
+    if (cols < G && cols >= 64) cols -= cols % 64;
+    const Tiles tiles{x, y, bias, twice, direct, Q, G, cols, cosine, exclude_self};
     const int64_t kk = std::min(k, G);
     std::pair<at::Tensor, at::Tensor> found;
     if (kk <= kKnnMaxKeysPerLane * kWarp) {
