@@ -94,10 +94,33 @@ struct KeyFn {
 // the other candidates, which certifies the choice: settle_near_ties). GCC vector types
 // keep each lane's running best, runner-up and offset in registers (64-byte vectors: one
 // zmm, two ymm or four xmm per clone).
-template <typename T>
-struct Lanes;
+// Lanes<T, Bytes>: the 64-byte vectors of the scans (one zmm), and, for the row scan on
+// machines without AVX-512, 32-byte ones: the row scan keeps seven vectors live (best,
+// runner-up and index of each kind, and the offsets), which in 64-byte vectors is 14 ymm
+// on AVX2 plus temporaries: more than its 16 registers, and GCC spilled the loop to the
+// stack (perf, AMD EPYC with AVX2, 2026-12-07: scan_row_fast_f 38 % of a B = 256 forward,
+// ~6 ns per key). The generic template is the 32-byte form.
+template <typename T, int Bytes = 64>
+struct Lanes {
+  static constexpr int N = Bytes / int(sizeof(T));
+  typedef T V __attribute__((vector_size(Bytes)));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type Lane;
+  typedef Lane I __attribute__((vector_size(Bytes)));
+  typedef int32_t L __attribute__((vector_size(N * 4)));
+  static TRIPLETOPS_INLINE void shared(const int32_t* lo, const int32_t* hi, int64_t other, I& out) {
+    L l, h;
+    std::memcpy(&l, lo, sizeof(l));
+    std::memcpy(&h, hi, sizeof(h));
+    out = __builtin_convertvector(((l & static_cast<int32_t>(other)) | (h & static_cast<int32_t>(other >> 32))) != 0, I);
+  }
+  static TRIPLETOPS_INLINE void labels(const int32_t* p, I& out) {
+    L l;
+    std::memcpy(&l, p, sizeof(l));
+    out = __builtin_convertvector(l, I);
+  }
+};
 template <>
-struct Lanes<float> {
+struct Lanes<float, 64> {
   typedef float V __attribute__((vector_size(64)));
   typedef int32_t I __attribute__((vector_size(64)));
   static constexpr int N = 16;
@@ -113,7 +136,7 @@ struct Lanes<float> {
   }
 };
 template <>
-struct Lanes<double> {
+struct Lanes<double, 64> {
   typedef double V __attribute__((vector_size(64)));
   typedef int64_t I __attribute__((vector_size(64)));
   typedef int32_t L __attribute__((vector_size(32)));
@@ -142,10 +165,10 @@ struct HalfWords {
 // class ids (kWords false: int32 ids, equal), or multi-hot labels of at most 64 labels
 // (kWords true: the rows' words, `other` a whole word, an AND). Writes the lanes' mask
 // (an out-parameter, as LT::labels: no vector return value crosses an ABI).
-template <typename T, bool kWords>
+template <typename T, bool kWords, int Bytes = 64>
 TRIPLETOPS_INLINE void same_lanes(const int32_t* ids, HalfWords words, int64_t j, int64_t other,
-                                  typename Lanes<T>::I& same) {
-  using LT = Lanes<T>;
+                                  typename Lanes<T, Bytes>::I& same) {
+  using LT = Lanes<T, Bytes>;
   using I = typename LT::I;
   if constexpr (kWords) {  // (only the pointer of the kind in use is offset: the other may be null)
     LT::shared(words.lo + j, words.hi + j, other, same);
@@ -162,11 +185,11 @@ TRIPLETOPS_INLINE bool same_one(const int32_t* ids, HalfWords words, int64_t j, 
   else return ids[j] == static_cast<int32_t>(other);
 }
 
-template <typename T, bool kWords>
+template <typename T, bool kWords, int Bytes = 64>
 TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa, int64_t li,
                                      int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2,
                                      T& nk2) {
-  using LT = Lanes<T>;
+  using LT = Lanes<T, Bytes>;
   using V = typename LT::V;
   using I = typename LT::I;
   constexpr int N = LT::N;
@@ -183,7 +206,7 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
     V k = cosine ? (T(1) - gv) : (sa + sv - T(2) * gv);
     k = k < zero ? zero : k;
     I same;
-    same_lanes<T, kWords>(lab, words, j, li, same);
+    same_lanes<T, kWords, Bytes>(lab, words, j, li, same);
     const V kp = same ? k : ninf;
     const V kn = same ? pinf : k;
     const I bp = kp > pv, bn = kn < nv;
@@ -236,13 +259,33 @@ TRIPLETOPS_INLINE void scan_row_fast(const T* g, const T* sr, const int32_t* lab
   if (bnj >= 0 && (ni < 0 || bnv < nk)) nk = bnv, ni = c0 + bnj;
 }
 
-// One SIMD-cloned function per (T, label kind); scan_*_any<kWords>(...) picks it.
+// One function per (T, label kind); scan_*_any<kWords>(...) picks it. On x86 with GCC:
+// 64-byte lanes compiled for AVX-512 where the CPU has it, else 32-byte lanes cloned for
+// AVX2 and the baseline (see Lanes); elsewhere one plain build of the 64-byte form.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TRIPLETOPS_SCAN_ROW(T, W, name)                                                                              \
+  __attribute__((target("avx512f"))) void name##_wide(const T* g, const T* sr, const int32_t* lab, HalfWords words, \
+                                                      T sa, int64_t li, int64_t c0, int32_t n, bool cosine, T& pk,  \
+                                                      int64_t& pi, T& nk, int64_t& ni, T& pk2, T& nk2) {            \
+    scan_row_fast<T, W, 64>(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                     \
+  }                                                                                                                  \
+  __attribute__((target_clones("avx2", "default"))) void name##_narrow(                                              \
+      const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa, int64_t li, int64_t c0, int32_t n,         \
+      bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2, T& nk2) {                                        \
+    scan_row_fast<T, W, 32>(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                     \
+  }                                                                                                                  \
+  void name(const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa, int64_t li, int64_t c0, int32_t n,   \
+            bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2, T& nk2) {                                   \
+    static const bool wide = __builtin_cpu_supports("avx512f");                                                      \
+    (wide ? name##_wide : name##_narrow)(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);        \
+  }
+#else
 #define TRIPLETOPS_SCAN_ROW(T, W, name)                                                                         \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa,      \
-                                   int64_t li, int64_t c0, int32_t n, bool cosine, T& pk, int64_t& pi, T& nk,    \
-                                   int64_t& ni, T& pk2, T& nk2) {                                               \
+  void name(const T* g, const T* sr, const int32_t* lab, HalfWords words, T sa, int64_t li, int64_t c0,         \
+            int32_t n, bool cosine, T& pk, int64_t& pi, T& nk, int64_t& ni, T& pk2, T& nk2) {                   \
     scan_row_fast<T, W>(g, sr, lab, words, sa, li, c0, n, cosine, pk, pi, nk, ni, pk2, nk2);                     \
   }
+#endif
 TRIPLETOPS_SCAN_ROW(float, false, scan_row_fast_f)
 TRIPLETOPS_SCAN_ROW(double, false, scan_row_fast_d)
 TRIPLETOPS_SCAN_ROW(float, true, scan_row_fast_fw)
@@ -308,12 +351,12 @@ inline void scan_col_fast_any(const T* g, const T* sa, const int32_t* lab, HalfW
 // g + (i - r0) * ld). Candidates arrive in ascending i, so strict comparisons keep the
 // smallest index; runner-ups as in scan_row_fast. Walking all rows for one chunk of
 // anchors keeps the six state arrays out of the inner loop.
-template <typename T, bool kWords>
+template <typename T, bool kWords, int Bytes = 64>
 TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows,
                                        const int64_t* w_rows, int64_t r0, int64_t r1, const T* sa, const int32_t* lab,
                                        HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,
                                        T* pk2, T* nk2) {
-  using LT = Lanes<T>;
+  using LT = Lanes<T, Bytes>;
   using V = typename LT::V;
   using I = typename LT::I;
   constexpr int N = LT::N;
@@ -355,14 +398,45 @@ TRIPLETOPS_INLINE void scan_cols_chunk(const T* g, int64_t ld, const T* sq_rows,
   for (int l = 0; l < N; ++l) pi[l] = pj[l], ni[l] = nj[l];
 }
 
+// As the row scan: 64-byte lanes on AVX-512, else the chunk's Lanes<T>::N anchors as two
+// halves of 32-byte lanes (eight live vectors: 16 ymm in the 64-byte form, which spilled).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define TRIPLETOPS_SCAN_COLS(T, W, name)                                                                            \
-  TRIPLETOPS_SIMD_CLONES void name(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows,                \
-                                   const int64_t* w_rows, int64_t r0, int64_t r1, const T* sa, const int32_t* lab, \
-                                   HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk, int64_t* ni,      \
-                                   T* pk2, T* nk2) {                                                               \
+  __attribute__((target("avx512f"))) void name##_wide(                                                              \
+      const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, const int64_t* w_rows, int64_t r0,         \
+      int64_t r1, const T* sa, const int32_t* lab, HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk,         \
+      int64_t* ni, T* pk2, T* nk2) {                                                                                \
+    scan_cols_chunk<T, W, 64>(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine, pk, pi, nk, ni, pk2, \
+                              nk2);                                                                                 \
+  }                                                                                                                 \
+  __attribute__((target_clones("avx2", "default"))) void name##_narrow(                                             \
+      const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, const int64_t* w_rows, int64_t r0,         \
+      int64_t r1, const T* sa, const int32_t* lab, HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk,         \
+      int64_t* ni, T* pk2, T* nk2) {                                                                                \
+    constexpr int h = Lanes<T>::N / 2;                                                                              \
+    for (int part = 0; part < 2; ++part) {                                                                          \
+      const int o = part * h;                                                                                       \
+      const HalfWords wo{words.lo ? words.lo + o : nullptr, words.hi ? words.hi + o : nullptr};                     \
+      scan_cols_chunk<T, W, 32>(g + o, ld, sq_rows, id_rows, w_rows, r0, r1, sa + o, lab ? lab + o : nullptr, wo,   \
+                                cosine, pk + o, pi + o, nk + o, ni + o, pk2 + o, nk2 + o);                          \
+    }                                                                                                               \
+  }                                                                                                                 \
+  void name(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, const int64_t* w_rows, int64_t r0,    \
+            int64_t r1, const T* sa, const int32_t* lab, HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk,   \
+            int64_t* ni, T* pk2, T* nk2) {                                                                          \
+    static const bool wide = __builtin_cpu_supports("avx512f");                                                     \
+    (wide ? name##_wide : name##_narrow)(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine, pk, pi,   \
+                                         nk, ni, pk2, nk2);                                                         \
+  }
+#else
+#define TRIPLETOPS_SCAN_COLS(T, W, name)                                                                            \
+  void name(const T* g, int64_t ld, const T* sq_rows, const int32_t* id_rows, const int64_t* w_rows, int64_t r0,    \
+            int64_t r1, const T* sa, const int32_t* lab, HalfWords words, bool cosine, T* pk, int64_t* pi, T* nk,   \
+            int64_t* ni, T* pk2, T* nk2) {                                                                          \
     scan_cols_chunk<T, W>(g, ld, sq_rows, id_rows, w_rows, r0, r1, sa, lab, words, cosine, pk, pi, nk, ni, pk2,    \
                           nk2);                                                                                     \
   }
+#endif
 TRIPLETOPS_SCAN_COLS(float, false, scan_cols_chunk_f)
 TRIPLETOPS_SCAN_COLS(double, false, scan_cols_chunk_d)
 TRIPLETOPS_SCAN_COLS(float, true, scan_cols_chunk_fw)
