@@ -53,5 +53,9 @@ loss.backward()
 ref = tripletops.reference.batch_hard_loss(x.detach().double(), y, margin=0.2)
 assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item())), (loss, ref)
 assert torch.isfinite(x.grad).all()
+import importlib, sys
+for name in ("tripletops.integrations.sentence_transformers", "tripletops.integrations.pml"):
+    importlib.import_module(name)  # shipped; imports its library only when a class is used
+assert "sentence_transformers" not in sys.modules and "pytorch_metric_learning" not in sys.modules
 print(f"package-check: wheel works outside the tree (torch {torch.__version__}, {info})")
 PY
