@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-retrieval cuda-check torch-range cuda-emu package-check gpu-check clean
+.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-integrations bench-retrieval cuda-check torch-range cuda-emu package-check gpu-check clean
 
 # The project environment: `python3 -m venv` (on Debian/Ubuntu without the venv module:
 # apt-get install python3-venv), then a pip that reads current wheels.
@@ -75,6 +75,10 @@ bench-run:
 # GEMM and the eager recipe, side by side -> benchmarks/results/overhead_cpu.md and docs/performance.md.
 bench-overhead: install
 	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_overhead.py --readme docs/performance.md
+
+# The drop-ins (tripletops.integrations) against sentence-transformers' and PML's own classes.
+bench-integrations: install
+	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_integrations.py --readme docs/performance.md
 
 # Exact k-nearest search against faiss-cpu, cdist + topk and one GEMM, and the retrieval
 # metrics against AccuracyCalculator -> benchmarks/results/retrieval_<device>.md and docs/performance.md.

@@ -117,8 +117,16 @@ def _build(name: str) -> type:
 
         def batch_hard_triplet_loss(self, labels: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
             labels, embeddings = _checked(self, labels, embeddings)
-            d_pos, d_neg = _hardest(self, labels, embeddings)
-            return (d_pos - d_neg + self.triplet_margin).clamp(min=0).mean()
+            # The original's rules as explicit triplets for the fused triplet kernel: an
+            # anchor with no positive is its own positive (distance 0), one with no
+            # negative takes its hardest positive (or itself) as the negative, so its term
+            # is the margin with a gradient of exactly 0.
+            m = tripletops.batch_hard_mine(embeddings, labels, metric=self._tripletops_metric)
+            own = torch.arange(labels.numel(), device=labels.device)
+            p = torch.where(m.pos_idx >= 0, m.pos_idx, own)
+            n = torch.where(m.neg_idx >= 0, m.neg_idx, p)
+            return tripletops.triplet_margin_loss(embeddings, embeddings[p], embeddings[n], margin=self.triplet_margin,
+                                                  metric=self._tripletops_metric, reduction="mean")
 
     class BatchHardSoftMarginTripletLoss(st.BatchHardSoftMarginTripletLoss):
         __doc__ = st.BatchHardSoftMarginTripletLoss.__doc__
