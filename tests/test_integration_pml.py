@@ -79,11 +79,12 @@ def test_same_triplets_values_and_gradients_as_pml(device, dist, reducer, mode, 
     assert fused in grad_fn_names(a), grad_fn_names(a)
     (a + 0 * ra.sum()).backward()
     (b + 0 * rb.sum()).backward()
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    # the issue's bar: losses to 1e-6 relative, gradients to 1e-5 (fp64: far tighter)
+    tol, gtol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-6, 1e-5)
     a_, b_ = a.detach().item(), b.detach().item()
     assert abs(a_ - b_) <= tol * max(1.0, abs(b_)), (a_, b_)
-    assert torch.allclose(xa.grad, xb.grad, rtol=tol * 10, atol=tol)
-    assert torch.allclose(ra.grad, rb.grad, rtol=tol * 10, atol=tol)
+    assert torch.allclose(xa.grad, xb.grad, rtol=gtol, atol=gtol * 0.1)
+    assert torch.allclose(ra.grad, rb.grad, rtol=gtol, atol=gtol * 0.1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,3 +150,49 @@ def test_import_does_not_import_pml():
             "t.BatchHardMiner; assert 'pytorch_metric_learning' in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+
+
+# CPU and CUDA, not cuda-emu: PML's get_accuracy calls torch.from_numpy on tensors and
+# catches the C++ exception, which aborts under the emulator's ASan preload (a CHECK in its
+# __cxa_throw interceptor); the emulated knn is tested on its own (test_retrieval).
+@pytest.mark.parametrize("device", DEVICES[:2])
+@pytest.mark.parametrize("k", [None, "max_bin_count", 5])
+@pytest.mark.parametrize("mode", [{}, {"avg_of_avgs": True}, {"return_per_class": True}])
+def test_accuracy_calculator_as_pml(device, k, mode):
+    """PML's keys and values, the neighbours from tripletops.knn (no FAISS), against PML's
+    own AccuracyCalculator (FaissKNN), with and without a separate reference set. PML's
+    fp32 FAISS ranking can order near ties deep in the list (k=None: every row) otherwise
+    than the exact one, so there the values agree to 1e-5; elsewhere exactly."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    torch.manual_seed(10)
+    q, ql = torch.randn(60, 8, device=device), torch.randint(0, 5, (60,), device=device)
+    r, rl = torch.randn(90, 8, device=device), torch.randint(0, 5, (90,), device=device)
+    dev = torch.device(device)
+    ours = T.AccuracyCalculator(k=k, exclude=("NMI", "AMI"), device=dev, **mode)
+    theirs = AccuracyCalculator(k=k, exclude=("NMI", "AMI"), device=dev, **mode)
+    for args in ((q, ql), (q, ql, r, rl)):
+        got, want = ours.get_accuracy(*args), theirs.get_accuracy(*args)
+        assert set(got) == set(want) == {"mean_average_precision", "mean_average_precision_at_r",
+                                         "mean_reciprocal_rank", "precision_at_1", "r_precision"}
+        for key in want:
+            a = torch.tensor(got[key], dtype=torch.float64)  # host tensor
+            b = torch.tensor(want[key], dtype=torch.float64)  # host tensor
+            tol = 1e-5 if k is None else 0.0
+            assert torch.allclose(a, b, rtol=tol, atol=tol), (key, got[key], want[key])
+
+
+def test_accuracy_calculator_clustering_and_errors(monkeypatch):
+    torch.manual_seed(11)
+    x, y = torch.randn(600, 8), torch.randint(0, 6, (600,))
+    got = T.AccuracyCalculator(device=torch.device("cpu")).get_accuracy(x, y)  # NMI / AMI: PML's k-means
+    assert 0.0 <= got["NMI"] <= 1.0 and -1.0 <= got["AMI"] <= 1.0
+    with pytest.raises(ValueError, match="knn_func"):
+        T.AccuracyCalculator(knn_func=lambda *a: None)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    with pytest.raises(ValueError, match="AMI, NMI need k-means"):
+        T.AccuracyCalculator(device=torch.device("cpu")).get_accuracy(x, y)
+    T.AccuracyCalculator(exclude=("NMI", "AMI"), device=torch.device("cpu")).get_accuracy(x, y)  # no FAISS needed

@@ -47,11 +47,12 @@ def test_same_values_and_gradients_as_the_original(device, name, fn, labels, dty
     a = ours.compute_loss_from_embeddings([xa], y)
     b = orig.compute_loss_from_embeddings([xb], y)
     a.backward(), b.backward()
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    # the bar: losses to 1e-6 relative, gradients to 1e-5 (fp64: far tighter)
+    tol, gtol = (1e-10, 1e-9) if dtype == torch.float64 else (1e-6, 1e-5)
     assert a.dtype == b.dtype and a.shape == b.shape == ()
     a_, b_ = a.detach().item(), b.detach().item()
     assert abs(a_ - b_) <= tol * max(1.0, abs(b_)), (a_, b_)
-    assert torch.allclose(xa.grad, xb.grad, rtol=tol * 10, atol=tol), (xa.grad - xb.grad).abs().max()
+    assert torch.allclose(xa.grad, xb.grad, rtol=gtol, atol=gtol * 0.1), (xa.grad - xb.grad).abs().max()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,6 +4,6 @@ library only when one of its classes is first used:
 - :mod:`tripletops.integrations.sentence_transformers`: sentence-transformers'
   ``BatchHardTripletLoss``, ``BatchSemiHardTripletLoss``, ``BatchAllTripletLoss`` and
   ``BatchHardSoftMarginTripletLoss``.
-- :mod:`tripletops.integrations.pml`: pytorch-metric-learning's ``BatchHardMiner`` and
-  ``TripletMarginLoss``.
+- :mod:`tripletops.integrations.pml`: pytorch-metric-learning's ``BatchHardMiner``,
+  ``TripletMarginLoss`` and ``AccuracyCalculator``.
 """

@@ -1,5 +1,5 @@
-"""pytorch-metric-learning's batch-hard miner and triplet margin loss on tripletops' fused
-kernels: change one import.
+"""pytorch-metric-learning's batch-hard miner, triplet margin loss and AccuracyCalculator on
+tripletops' kernels: change one import.
 
     # from pytorch_metric_learning import losses, miners
     from tripletops.integrations import pml as miners, pml as losses
@@ -22,6 +22,10 @@ does not import PML), with PML's constructors and calls:
   other explicit triplets (or pairs, which PML turns into triplets) the fused triplet
   kernel; without a miner the batch-all kernel. The value is PML's.
 
+- ``AccuracyCalculator(...)``: PML's metric code and keys, its neighbours from
+  ``tripletops.knn`` (exact, no FAISS); NMI and AMI (k-means) delegated to PML, refused by
+  name when faiss is missing; ``knn_func`` is refused.
+
 Accepted: ``LpDistance`` with p=2 and power 1 (euclidean) or 2 (squared), normalized or
 not, and ``CosineSimilarity``; ``MeanReducer`` and ``AvgNonZeroReducer`` (exact types:
 ``SumReducer`` subclasses ``MeanReducer``). Anything else raises ValueError at
@@ -38,7 +42,7 @@ import torch
 
 import tripletops
 
-__all__ = ["BatchHardMiner", "TripletMarginLoss"]
+__all__ = ["BatchHardMiner", "TripletMarginLoss", "AccuracyCalculator"]
 
 _built: Dict[str, type] = {}
 
@@ -160,7 +164,48 @@ def _build(name: str) -> type:
                 return torch.sum(embeddings * 0)
             return tripletops.triplet_margin_loss(embeddings[a], ref_emb[p], ref_emb[n], swap=self.swap, **kw)
 
-    for cls in (BatchHardMiner, TripletMarginLoss):
+    acc = _pml("utils.accuracy_calculator")
+
+    class _ExactKNN:
+        """PML's knn_func interface on tripletops.knn: exact, no FAISS. With
+        ref_includes_query (the first len(query) reference rows are the queries), each
+        query's own row is excluded by index (FaissKNN drops the first neighbour, which
+        among duplicates may be another row)."""
+
+        def __call__(self, query, k, reference=None, ref_includes_query=False):
+            reference = query if reference is None else reference
+            nb = tripletops.knn(query, reference, k=int(k), metric="sqeuclidean", exclude_self=bool(ref_includes_query))
+            return nb.dist, nb.idx
+
+    class AccuracyCalculator(acc.AccuracyCalculator):
+        __doc__ = acc.AccuracyCalculator.__doc__
+
+        def __init__(self, include=(), exclude=(), avg_of_avgs=False, return_per_class=False, k=None,
+                     label_comparison_fn=None, device=None, knn_func=None, kmeans_func=None) -> None:
+            if knn_func is not None:
+                raise ValueError("tripletops: AccuracyCalculator's neighbours come from tripletops.knn (exact); "
+                                 "knn_func is not taken (use pytorch-metric-learning's own class for another)")
+            super().__init__(include=include, exclude=exclude, avg_of_avgs=avg_of_avgs,
+                             return_per_class=return_per_class, k=k, label_comparison_fn=label_comparison_fn,
+                             device=device, knn_func=_ExactKNN(), kmeans_func=kmeans_func)
+            self._own_kmeans = kmeans_func is None
+
+        def get_accuracy(self, query, query_labels, reference=None, reference_labels=None, ref_includes_query=False,
+                         include=(), exclude=()):
+            # NMI and AMI need k-means: PML's own (FAISS k-means) computes them; without
+            # faiss, refuse by name before anything runs.
+            import importlib.util
+
+            wanted = set(self.get_function_dict(include, exclude))
+            clustering = sorted(wanted & set(self.requires_clustering()))
+            if clustering and self._own_kmeans and importlib.util.find_spec("faiss") is None:
+                raise ValueError(f"tripletops: {', '.join(clustering)} need k-means, which pytorch-metric-learning "
+                                 "runs with FAISS, and faiss is not installed; exclude them "
+                                 f"(exclude={tuple(clustering)!r}) or install faiss-cpu")
+            return super().get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query,
+                                        include, exclude)
+
+    for cls in (BatchHardMiner, TripletMarginLoss, AccuracyCalculator):
         cls.__module__ = __name__
         _built[cls.__name__] = cls
     return _built[name]
