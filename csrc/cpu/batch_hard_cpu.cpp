@@ -898,7 +898,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_har
 // in row_sumsq (halves go lane by lane after conversion): vectorized (one serial chain of
 // D adds per quantity cost more than the rest of the backward) and the same on every run.
 template <bool Cosine, typename scalar_t, typename acc_t>
-inline void triplet_sums(const scalar_t* ar, const scalar_t* pr, const scalar_t* nr, int64_t D, acc_t out[6]) {
+TRIPLETOPS_INLINE void triplet_sums(const scalar_t* ar, const scalar_t* pr, const scalar_t* nr, int64_t D, acc_t out[6]) {
   using W = Vec64<acc_t>;
   typename W::V s[6] = {};
   int64_t k = 0;
@@ -911,10 +911,32 @@ inline void triplet_sums(const scalar_t* ar, const scalar_t* pr, const scalar_t*
   }
   for (int l = 0; k < D; ++k, l = (l + 1) % W::N) {
     const acc_t a = ar[k], p = pr[k], n = nr[k];
-    s[5][l] += (a + p + n) * acc_t(0);
-    if (Cosine) s[0][l] += a * a, s[1][l] += p * p, s[2][l] += n * n, s[3][l] += a * p, s[4][l] += a * n;
+    s[5].add(l, (a + p + n) * acc_t(0));
+    if (Cosine) s[0].add(l, a * a), s[1].add(l, p * p), s[2].add(l, n * n), s[3].add(l, a * p), s[4].add(l, a * n);
   }
   for (int q = 0; q < 6; ++q) out[q] = W::sum(s[q]);
+}
+
+// triplet_sums compiled per SIMD clone where the rows are in the accumulation dtype
+// (Vec64's halves are 32-byte vectors, which only the AVX clones hold in registers).
+TRIPLETOPS_SIMD_CLONES inline void triplet_sums_f(const float* a, const float* p, const float* n, int64_t D,
+                                                  float out[6], bool cosine) {
+  if (cosine) triplet_sums<true>(a, p, n, D, out);
+  else triplet_sums<false>(a, p, n, D, out);
+}
+TRIPLETOPS_SIMD_CLONES inline void triplet_sums_d(const double* a, const double* p, const double* n, int64_t D,
+                                                  double out[6], bool cosine) {
+  if (cosine) triplet_sums<true>(a, p, n, D, out);
+  else triplet_sums<false>(a, p, n, D, out);
+}
+template <typename scalar_t, typename acc_t>
+inline void triplet_sums_any(const scalar_t* a, const scalar_t* p, const scalar_t* n, int64_t D, acc_t out[6],
+                             bool cosine) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) triplet_sums_f(a, p, n, D, out, cosine);
+  else if constexpr (std::is_same_v<scalar_t, double> && std::is_same_v<acc_t, double>)
+    triplet_sums_d(a, p, n, D, out, cosine);
+  else if (cosine) triplet_sums<true>(a, p, n, D, out);
+  else triplet_sums<false>(a, p, n, D, out);
 }
 
 // The backward's row updates. __restrict: each writes one gradient row that none of its
@@ -996,11 +1018,15 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_backward_impl(const at::Tensor& gr
   at::parallel_for(0, B, std::max<int64_t>(1, kSerialElems / D), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       Stats s{0, 0, 0, 0, 0, 1, 0};
-      if (pi[i] >= 0 && ni[i] >= 0) {
+      if (pi[i] >= 0 && ni[i] >= 0 && !cosine && std::isfinite(pd[i]) && std::isfinite(nd[i])) {
+        // (sq)euclidean: the exact distances are formed from the rows' differences, so a
+        // NaN or Inf entry in any of the three rows makes one of them NaN or Inf. Finite
+        // distances therefore mean finite rows (the converse fails only on overflow, which
+        // reads the rows below), and nothing else of pass 1 is needed.
+      } else if (pi[i] >= 0 && ni[i] >= 0) {
         acc_t v[6];
         const scalar_t *ar = a + i * D, *pr = r + pi[i] * D, *nr = r + ni[i] * D;
-        if (cosine) triplet_sums<true>(ar, pr, nr, D, v);
-        else triplet_sums<false>(ar, pr, nr, D, v);
+        triplet_sums_any(ar, pr, nr, D, v, cosine);
         s = {v[0], v[1], v[2], v[3], v[4], uint8_t(v[5] == acc_t(0)), 0};
         const acc_t lim = std::numeric_limits<acc_t>::max() / acc_t(8);
         if (cosine && s.finite && !(v[0] < lim && v[1] < lim && v[2] < lim)) {

@@ -185,15 +185,15 @@ template <typename T, bool Cosine, bool kPerLane>
 TRIPLETOPS_INLINE int64_t admitted_lanes(const T* g, const T* sr, T s0, const T* admit, T a0, int64_t n,
                                          int32_t* hits) {
   using W = Vec64<T>;
-  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
-  typedef I M __attribute__((vector_size(64)));
+  using I = typename W::Int;
+  using M = typename W::M;
   constexpr int kBlock = 4;  // vectors per test for a hit: one horizontal OR per 256 bytes
   int64_t h = 0, l = 0;
   for (; l + kBlock * W::N <= n; l += kBlock * W::N) {
     M m[kBlock];
     for (int b = 0; b < kBlock; ++b) {
       const typename W::V key = key_lanes<T, Cosine, kPerLane>(g, sr, s0, l + b * W::N);
-      m[b] = kPerLane ? M(key <= W::load(admit + l + b * W::N)) : M(key <= a0);
+      m[b] = kPerLane ? key <= W::load(admit + l + b * W::N) : key <= a0;
     }
     const M any = (m[0] | m[1]) | (m[2] | m[3]);
     uint64_t w[8];
@@ -201,11 +201,11 @@ TRIPLETOPS_INLINE int64_t admitted_lanes(const T* g, const T* sr, T s0, const T*
     if ((w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) == 0) continue;
     // The lanes' hits as a bit mask (lane t: bit t), then one step per hit.
     M weight;
-    for (int t = 0; t < W::N; ++t) weight[t] = I(1) << t;
+    for (int t = 0; t < W::N; ++t) weight.set(t, I(1) << t);
     for (int b = 0; b < kBlock; ++b) {
       const M bits = m[b] & weight;
       uint64_t word = 0;
-      for (int t = 0; t < W::N; ++t) word |= uint64_t(bits[t]);
+      for (int t = 0; t < W::N; ++t) word |= uint64_t(bits.get(t));
       for (; word != 0; word &= word - 1) hits[h++] = int32_t(l + b * W::N + __builtin_ctzll(word));
     }
   }

@@ -31,21 +31,30 @@ bool keys_all_finite(const PreparedRows& R) {
 template <typename T>
 TRIPLETOPS_INLINE double exact_key(const T* a, const T* b, int64_t D, double ia, double ib) {
   using W = Vec64<double>;
-  typedef T H __attribute__((vector_size(W::N * sizeof(T))));
   typename W::V acc = {};
   int64_t k = 0;
   for (; k + W::N <= D; k += W::N) {
-    H ha, hb;
-    std::memcpy(&ha, a + k, sizeof(ha));
-    std::memcpy(&hb, b + k, sizeof(hb));
-    const typename W::V d = __builtin_convertvector(ha, typename W::V) * ia - __builtin_convertvector(hb, typename W::V) * ib;
+    const typename W::V d = W::load_as(a + k) * ia - W::load_as(b + k) * ib;
     acc += d * d;
   }
   for (int l = 0; k < D; ++k, ++l) {
     const double d = a[k] * ia - b[k] * ib;
-    acc[l] += d * d;
+    acc.add(l, d * d);
   }
   return W::sum(acc);
+}
+// exact_key compiled per SIMD clone for the row types it is used with.
+TRIPLETOPS_SIMD_CLONES inline double exact_key_f(const float* a, const float* b, int64_t D, double ia, double ib) {
+  return exact_key(a, b, D, ia, ib);
+}
+TRIPLETOPS_SIMD_CLONES inline double exact_key_d(const double* a, const double* b, int64_t D, double ia, double ib) {
+  return exact_key(a, b, D, ia, ib);
+}
+template <typename T>
+inline double exact_key_any(const T* a, const T* b, int64_t D, double ia, double ib) {
+  if constexpr (std::is_same_v<T, float>) return exact_key_f(a, b, D, ia, ib);
+  else if constexpr (std::is_same_v<T, double>) return exact_key_d(a, b, D, ia, ib);
+  else return exact_key(a, b, D, ia, ib);
 }
 template <typename T>
 inline double inverse_norm(const T* a, int64_t D) {
@@ -104,13 +113,13 @@ struct ExactKeys {
     if (unit_a) canonical_unit_double(a, D, ua);
   }
   double key(const T* b) {
-    if (!cosine) return exact_key(a, b, D, 1.0, 1.0);
+    if (!cosine) return exact_key_any(a, b, D, 1.0, 1.0);
     // |cos| <= 1 up to rounding: clamped, so that no key is below 0 (knn_cpu.cpp's settled
     // windows rely on 0 being the smallest key).
     if (!unit_a || !unit_row(b, D))
       return std::max(0.0, 2.0 * (1.0 - dot_double(a, b, D) * ia * inverse_norm(b, D)));
     canonical_unit_double(b, D, ub);
-    return exact_key(ua.data(), ub.data(), D, 1.0, 1.0);
+    return exact_key_any(ua.data(), ub.data(), D, 1.0, 1.0);
   }
 };
 

@@ -42,23 +42,69 @@ struct PreparedRows {
   at::Tensor finite;   // (N,) uint8, 1 when the input row holds no NaN/Inf
 };
 
-// 64 bytes of T (16 floats, 8 doubles) as a GCC vector: one zmm, two ymm or four xmm in
-// the SIMD clones. Row reductions keep one partial sum per lane and add the lanes in lane
+// 64 bytes of T (16 floats, 8 doubles) as two 32-byte GCC vectors: one zmm's worth, held
+// in two ymm registers on every clone. A single 64-byte GCC vector has no machine mode
+// without AVX-512, so GCC kept it in memory in the AVX2 clone, and each step went through
+// the stack (perf on an AVX2 machine: preparing 256 x 128 rows took ~24 us, the B = 256
+// exact distances as long); two halves stay in registers there and cost AVX-512 nothing
+// that matters. Row reductions keep one partial sum per lane and add the lanes in lane
 // order at the end: a fixed order (the same result on every run and every clone), and no
 // shuffles in the loop (plain `acc[8]` arrays were compiled to per-chunk horizontal adds,
 // which made preparing a 256 x 128 batch cost 27 us).
 template <typename T>
 struct Vec64 {
-  typedef T V __attribute__((vector_size(64)));
   static constexpr int N = 64 / sizeof(T);
+  static constexpr int H = N / 2;  // lanes per half
+  typedef T Half __attribute__((vector_size(32)));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type Int;
+  typedef Int IntHalf __attribute__((vector_size(32)));
+  // A lane mask (all ones or zero per lane), as comparisons of GCC vectors give.
+  struct M {
+    IntHalf lo, hi;
+    TRIPLETOPS_INLINE friend M operator|(const M& a, const M& b) { return {a.lo | b.lo, a.hi | b.hi}; }
+    TRIPLETOPS_INLINE friend M operator&(const M& a, const M& b) { return {a.lo & b.lo, a.hi & b.hi}; }
+    TRIPLETOPS_INLINE Int get(int l) const { return l < H ? lo[l] : hi[l - H]; }
+    TRIPLETOPS_INLINE void set(int l, Int v) {
+      if (l < H) lo[l] = v;
+      else hi[l - H] = v;
+    }
+  };
+  struct V {
+    Half lo, hi;
+    TRIPLETOPS_INLINE friend V operator+(const V& a, const V& b) { return {a.lo + b.lo, a.hi + b.hi}; }
+    TRIPLETOPS_INLINE friend V operator-(const V& a, const V& b) { return {a.lo - b.lo, a.hi - b.hi}; }
+    TRIPLETOPS_INLINE friend V operator*(const V& a, const V& b) { return {a.lo * b.lo, a.hi * b.hi}; }
+    TRIPLETOPS_INLINE friend V operator*(const V& a, T s) { return {a.lo * s, a.hi * s}; }
+    TRIPLETOPS_INLINE friend V operator*(T s, const V& a) { return {s * a.lo, s * a.hi}; }
+    TRIPLETOPS_INLINE friend V operator-(T s, const V& a) { return {s - a.lo, s - a.hi}; }
+    TRIPLETOPS_INLINE friend V operator-(const V& a) { return {-a.lo, -a.hi}; }
+    TRIPLETOPS_INLINE friend M operator<=(const V& a, const V& b) { return {a.lo <= b.lo, a.hi <= b.hi}; }
+    TRIPLETOPS_INLINE friend M operator<=(const V& a, T s) { return {a.lo <= s, a.hi <= s}; }
+    TRIPLETOPS_INLINE V& operator+=(const V& b) { return *this = *this + b; }
+    TRIPLETOPS_INLINE T get(int l) const { return l < H ? lo[l] : hi[l - H]; }
+    TRIPLETOPS_INLINE void add(int l, T x) {  // lane l += x (the loops' tails)
+      if (l < H) lo[l] += x;
+      else hi[l - H] += x;
+    }
+  };
   static TRIPLETOPS_INLINE V load(const T* p) {
     V v;
-    std::memcpy(&v, p, sizeof(v));
+    std::memcpy(&v.lo, p, sizeof(v.lo));
+    std::memcpy(&v.hi, p + H, sizeof(v.hi));
     return v;
+  }
+  // N entries of another type S, converted lane by lane (fp32 rows into double lanes).
+  template <typename S>
+  static TRIPLETOPS_INLINE V load_as(const S* p) {
+    typedef S SHalf __attribute__((vector_size(H * sizeof(S))));
+    SHalf a, b;
+    std::memcpy(&a, p, sizeof(a));
+    std::memcpy(&b, p + H, sizeof(b));
+    return {__builtin_convertvector(a, Half), __builtin_convertvector(b, Half)};
   }
   static TRIPLETOPS_INLINE T sum(const V& v) {
     T total = 0;
-    for (int l = 0; l < N; ++l) total += v[l];
+    for (int l = 0; l < N; ++l) total += v.get(l);
     return total;
   }
 };
@@ -76,8 +122,8 @@ TRIPLETOPS_INLINE T row_sumsq(const T* r, int64_t D, bool& finite) {
     zero += v * T(0);
   }
   for (int l = 0; k < D; ++k, ++l) {
-    ss[l] += r[k] * r[k];
-    zero[l] += r[k] * T(0);
+    ss.add(l, r[k] * r[k]);
+    zero.add(l, r[k] * T(0));
   }
   finite = W::sum(zero) == T(0);
   return W::sum(ss);
@@ -264,15 +310,26 @@ TRIPLETOPS_INLINE T row_lanes(const T* a, const T* b, int64_t D) {
   }
   for (int l = 0; k < D; ++k, ++l) {
     const T d = a[k] - b[k];
-    acc[l] += Cosine ? a[k] * b[k] : d * d;
+    acc.add(l, Cosine ? a[k] * b[k] : d * d);
   }
   return W::sum(acc);
 }
 
+// row_lanes compiled per SIMD clone (Vec64's halves are 32-byte vectors, which only the
+// AVX clones hold in registers): the sum of a * b (cosine) or of (a - b)^2.
+TRIPLETOPS_SIMD_CLONES inline float row_lanes_f(const float* a, const float* b, int64_t D, bool cosine) {
+  return cosine ? row_lanes<true>(a, b, D) : row_lanes<false>(a, b, D);
+}
+TRIPLETOPS_SIMD_CLONES inline double row_lanes_d(const double* a, const double* b, int64_t D, bool cosine) {
+  return cosine ? row_lanes<true>(a, b, D) : row_lanes<false>(a, b, D);
+}
+inline float row_lanes_any(const float* a, const float* b, int64_t D, bool c) { return row_lanes_f(a, b, D, c); }
+inline double row_lanes_any(const double* a, const double* b, int64_t D, bool c) { return row_lanes_d(a, b, D, c); }
+
 template <typename T>
 inline T row_distance(const T* a, const T* b, int64_t D, Metric metric) {
-  if (metric == Metric::Cosine) return T(1) - row_lanes<true>(a, b, D);
-  const T total = row_lanes<false>(a, b, D);
+  if (metric == Metric::Cosine) return T(1) - row_lanes_any(a, b, D, true);
+  const T total = row_lanes_any(a, b, D, false);
   return metric == Metric::Euclidean ? std::sqrt(total) : total;
 }
 
