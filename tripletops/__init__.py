@@ -14,6 +14,7 @@ from .distance import pairwise_distance
 from .modules import (BatchAllTripletLoss, BatchHardTripletLoss, CenterLoss, ContrastiveLoss, CrossBatchMemory,
                       SemiHardTripletLoss, TripletMarginLoss)
 from .pair_losses import batch_all_loss, contrastive_loss, semi_hard_loss
+from .protocols import reid_metrics, verification_metrics
 from .reference import Mined
 from .retrieval import Neighbors, knn, retrieval_metrics
 from .triplet_margin import triplet_margin_loss
@@ -41,7 +42,9 @@ __all__ = [
     "knn",
     "pairwise_distance",
     "reference",
+    "reid_metrics",
     "retrieval_metrics",
     "semi_hard_loss",
     "triplet_margin_loss",
+    "verification_metrics",
 ]
