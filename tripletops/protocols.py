@@ -48,56 +48,71 @@ class _Rows:
 
     def __init__(self, x: torch.Tensor, metric: str, centre: Optional[torch.Tensor]):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x64 = x.to(torch.float64)
+        self.src = x
+        self.tiny = None
+        self.unit = None
         if metric == "cosine":
             # x / max|x_k| first (the same for x and c·x), then unit length: rows of one
             # direction get the same float64 unit row, so they tie exactly.
+            x64 = x.to(torch.float64)
             m = x64.abs().amax(1, keepdim=True)
             p = x64 / torch.where(m > 0, m, torch.ones_like(m))
-            n = p.norm(dim=1, keepdim=True) * m
+            pn = p.norm(dim=1, keepdim=True)
             # A row of norm <= eps is x / eps, as F.normalize leaves it (not a unit row).
-            self.tiny = (n <= 1e-12)[:, 0]
-            self.exact = torch.where(n > 1e-12, p / p.norm(dim=1, keepdim=True).clamp_min(1e-300), x64 / 1e-12)
-            self.gemm = F.normalize(x.to(cdt), dim=1, eps=1e-12)
+            self.tiny = (pn * m <= 1e-12)[:, 0]
+            self.unit = torch.where(self.tiny[:, None], x64 / 1e-12, p / pn.clamp_min(1e-300))
+            self.gemm = self.unit.to(cdt)  # within u of the float64 rows, entry by entry
         else:
-            self.tiny = None
-            self.exact = x64
             self.gemm = x.to(cdt) - centre.to(cdt) if centre is not None else x.to(cdt)
         self.gemm = self.gemm.contiguous()
-        self.sq = (self.gemm * self.gemm).sum(1)
+        # Squares rounded once each, summed in float64: within ~u of the exact norm.
+        self.sq = self.gemm.square().sum(1, dtype=torch.float64).to(cdt)
         self.norm = self.sq.sqrt()
+
+    def exact(self, idx: torch.Tensor) -> torch.Tensor:
+        """float64 rows idx for exact keys: the input rows (unit rows for cosine)."""
+        return self.unit[idx] if self.unit is not None else self.src[idx].to(torch.float64)
 
 
 def _exact_keys(a: _Rows, ia: torch.Tensor, b: _Rows, ib: torch.Tensor) -> torch.Tensor:
     """Exact keys of the pairs (ia[t], ib[t]) in float64: |a − b|² from the difference
     (unit rows for cosine, where it is 2 − 2 cos without the cancellation); 2 − 2 a·b for
     a cosine pair with a row of norm <= eps, which is not a unit row."""
-    out = torch.empty(ia.numel(), dtype=torch.float64, device=a.exact.device)
-    step = max(1, _EXACT_CHUNK // a.exact.shape[1])
+    out = torch.empty(ia.numel(), dtype=torch.float64, device=a.src.device)
+    step = max(1, _EXACT_CHUNK // a.src.shape[1])
     for s in range(0, ia.numel(), step):
-        ra, rb = a.exact[ia[s:s + step]], b.exact[ib[s:s + step]]
+        ra, rb = a.exact(ia[s:s + step]), b.exact(ib[s:s + step])
         d = ra - rb
-        k = (d * d).sum(1)
+        k = torch.linalg.vecdot(d, d)
         if a.tiny is not None:
             tiny = a.tiny[ia[s:s + step]] | b.tiny[ib[s:s + step]]
-            k = torch.where(tiny, 2.0 - 2.0 * (ra * rb).sum(1), k)
+            k = torch.where(tiny, 2.0 - 2.0 * torch.linalg.vecdot(ra, rb), k)
         out[s:s + step] = k
     return out
 
 
+_K_CHUNK = 256  # the GEMM's depth per call: the rounding bound grows with it, not with D
+
+
 def _bound(q: _Rows, g_norm_max: float, metric: str) -> torch.Tensor:
-    """(Q,) a bound on |GEMM-form key − exact key| for each query row against any gallery
-    row of norm at most g_norm_max: (D + 8)·u·(|q| + max|g|)², docs/numerics.md, doubled
-    (the centre's and the unit rows' own rounding; a wider bound costs only more exact
-    comparisons, never a wrong one). TF32 is allowed for nothing here: the GEMMs run
-    under `_full_precision`."""
+    """(Q, 1) a width w such that a GEMM-form key and an exact key, or two GEMM-form keys,
+    compare surely when they differ by more than w in the tile dtype.
+
+    A dot product over k terms, summed in any order, is within (k + 2)·u·Σ|a_i b_i| of
+    the exact one; `_gemm_keys` runs its GEMM in calls of depth _K_CHUNK accumulated in
+    the output, so each key is within (_K_CHUNK + 8)·u·(|q| + max|g|)² (×1.02) of the
+    exact key of the rows it multiplies (docs/numerics.md has the GEMM form's bound). The
+    rows themselves are rounded once from the inputs (the centre, the unit rows): 8u·r²
+    more. Two keys compared: twice that, and the rounding of a ± w: 8u·r² more. A wider
+    bound costs only more exact comparisons, never a wrong one. TF32 is allowed for
+    nothing here: the GEMMs run under `_full_precision`."""
     u = torch.finfo(q.gemm.dtype).eps / 2
-    d = q.gemm.shape[1]
-    scale = 2.0 * (d + 8) * u * 1.02
-    if metric == "cosine":
-        scale *= 2.0  # fp32 unit rows differ from the float64 ones by ~D·u each
-        return torch.full_like(q.norm, scale * 4.0, dtype=torch.float64)
-    return scale * (q.norm.to(torch.float64) + g_norm_max) ** 2
+    d = min(q.gemm.shape[1], _K_CHUNK)
+    r2 = (q.norm.to(torch.float64) + g_norm_max) ** 2 if metric != "cosine" else torch.full_like(
+        q.norm, 4.0, dtype=torch.float64)
+    one = ((d + 8) * u * 1.02 + 8.0 * u) * r2
+    w = 2.0 * one + 8.0 * u * r2
+    return w.to(q.gemm.dtype)[:, None]
 
 
 class _full_precision:
@@ -112,11 +127,14 @@ class _full_precision:
 
 
 def _gemm_keys(q: _Rows, q0: int, q1: int, g: _Rows, g0: int, g1: int, metric: str) -> torch.Tensor:
-    """(q1 − q0, g1 − g0) GEMM-form keys, the same units as `_exact_keys`."""
-    dots = q.gemm[q0:q1] @ g.gemm[g0:g1].T
+    """(q1 − q0, g1 − g0) GEMM-form keys in the tile dtype, the units of `_exact_keys`."""
+    a, b = q.gemm[q0:q1], g.gemm[g0:g1]
+    dots = a[:, :_K_CHUNK] @ b[:, :_K_CHUNK].T
+    for c in range(_K_CHUNK, a.shape[1], _K_CHUNK):  # depth _K_CHUNK per call (see _bound)
+        dots.addmm_(a[:, c:c + _K_CHUNK], b[:, c:c + _K_CHUNK].T)
     if metric == "cosine":
-        return (2.0 - 2.0 * dots).to(torch.float64)
-    return (q.sq[q0:q1, None] + g.sq[None, g0:g1] - 2.0 * dots).to(torch.float64)
+        return dots.mul_(-2.0).add_(2.0)
+    return dots.mul_(-2.0).add_(q.sq[q0:q1, None]).add_(g.sq[None, g0:g1])
 
 
 def _to_distance(key: torch.Tensor, metric: str) -> torch.Tensor:
@@ -129,8 +147,9 @@ def _to_distance(key: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 def _centre(x: torch.Tensor, metric: str) -> Optional[torch.Tensor]:
-    return None if metric == "cosine" else x.to(torch.float64).mean(0).to(x.dtype if x.dtype == torch.float64
-                                                                            else torch.float32)
+    if metric == "cosine":
+        return None
+    return (x.sum(0, dtype=torch.float64) / x.shape[0]).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _int_ids(y: torch.Tensor, name: str, n: int, rows_name: str, x: torch.Tensor) -> None:
@@ -227,6 +246,56 @@ def _matches(qid, qcam, gid, gcam) -> Tuple[torch.Tensor, torch.Tensor, torch.Te
     return qi, gi, counts
 
 
+def _pair_gemm_keys(q: _Rows, ia: torch.Tensor, g: _Rows, ib: torch.Tensor, metric: str) -> torch.Tensor:
+    """GEMM-form keys of the pairs (ia[t], ib[t]) from row dot products, in the tile dtype."""
+    out = torch.empty(ia.numel(), dtype=q.gemm.dtype, device=q.gemm.device)
+    step = max(1, _EXACT_CHUNK // q.gemm.shape[1])
+    for s in range(0, ia.numel(), step):
+        a, b = ia[s:s + step], ib[s:s + step]
+        ra, rb = q.gemm[a], g.gemm[b]
+        dots = torch.linalg.vecdot(ra[:, :_K_CHUNK], rb[:, :_K_CHUNK])
+        for c in range(_K_CHUNK, ra.shape[1], _K_CHUNK):  # depth _K_CHUNK at a time (see _bound)
+            dots += torch.linalg.vecdot(ra[:, c:c + _K_CHUNK], rb[:, c:c + _K_CHUNK])
+        out[s:s + step] = 2.0 - 2.0 * dots if metric == "cosine" else q.sq[a] + g.sq[b] - 2.0 * dots
+    return out
+
+
+class _ExactMatchKeys:
+    """Exact keys of the queries' matches, padded with +inf (gallery index G), formed on
+    first use per query and kept: the rare pairs that the bound cannot place need them."""
+
+    def __init__(self, q, g, qi, gi, first, counts, n_max, G):
+        self.q, self.g, self.qi, self.gi, self.first = q, g, qi, gi, first
+        dev = qi.device
+        Q = counts.numel()
+        self.keys = torch.full((Q, n_max + 1), math.inf, dtype=torch.float64, device=dev)
+        self.index = torch.full((Q, n_max + 1), G, dtype=torch.int64, device=dev)
+        self.have = torch.zeros(Q, dtype=torch.bool, device=dev)
+
+    def rows(self, users: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        new = users[~self.have[users]]
+        if new.numel():
+            sel = torch.zeros_like(self.have)
+            sel[new] = True
+            pick = sel[self.qi].nonzero()[:, 0]
+            qp = self.qi[pick]
+            slot = pick - self.first[qp]
+            self.keys[qp, slot] = _exact_keys(self.q, qp, self.g, self.gi[pick])
+            self.index[qp, slot] = self.gi[pick]
+            self.have[new] = True
+        return self.keys[users], self.index[users]
+
+
+def _count_exactly(q, g, ui, uj, matches: _ExactMatchKeys, hist) -> None:
+    """hist[ui, p] += 1 with p the number of query ui's matches ranked before gallery row
+    uj on exact keys, ties to the smallest gallery index."""
+    e = _exact_keys(q, ui, g, uj)
+    users, inv = torch.unique(ui, return_inverse=True)
+    Ke, MI = matches.rows(users)
+    before = (Ke[inv] < e[:, None]) | ((Ke[inv] == e[:, None]) & (MI[inv] < uj[:, None]))
+    hist.index_put_((ui, before.sum(1)), torch.ones_like(ui), accumulate=True)
+
+
 def _reid(query, qid, qcam, gallery, gid, gcam, metric, max_rank, normalize):
     if normalize:
         query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
@@ -238,57 +307,56 @@ def _reid(query, qid, qcam, gallery, gid, gcam, metric, max_rank, normalize):
     bound = _bound(q, g_norm_max, metric)
 
     qi, gi, counts = _matches(qid, qcam, gid, gcam)
-    n_max = int(counts.max()) if Q > 0 else 0
+    n_max = int(counts.max())
     valid = counts > 0
     if not bool(valid.any()):
         raise ValueError("tripletops.reid_metrics: no query has a match in the gallery once its own camera's "
                          "images of its identity are left out; check query_ids/gallery_ids and the camera ids")
-    # Each query's matches, sorted by (exact key, gallery index), padded with +inf / G.
-    keys = _exact_keys(q, qi, g, gi)
-    order = torch.argsort(gi, stable=True)  # by gallery index, then stably by key, then by query
-    order = order[torch.argsort(keys[order], stable=True)]
-    order = order[torch.argsort(qi[order], stable=True)]
-    qi_s, gi_s, keys_s = qi[order], gi[order], keys[order]
-    first = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(qi_s.numel(), device=dev) - first[qi_s]
-    K = torch.full((Q, n_max + 1), math.inf, dtype=torch.float64, device=dev)  # one +inf column past the last
-    MI = torch.full((Q, n_max + 1), G, dtype=torch.int64, device=dev)
-    K[qi_s, slot] = keys_s
-    MI[qi_s, slot] = gi_s
-    last_key = torch.where(valid, K.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0],
-                           torch.full_like(K[:, 0], -math.inf))
+    first = torch.cumsum(counts, 0) - counts  # each query's first pair in (qi, gi)
 
-    # before[i, t]: kept non-match rows ranked before query i's t-th match, as a histogram
-    # over p = the number of i's matches ranked before the row, summed afterwards.
+    # A rank depends on the non-matches only through p(row) = the number of the query's
+    # matches ranked before the row: the t-th match's rank is t + #{rows: p(row) < t}
+    # (which match is which does not matter). p is counted from the GEMM-form keys where
+    # no match key lies within the bound w of the row's, and from exact keys otherwise.
     hist = torch.zeros(Q, n_max + 2, dtype=torch.int64, device=dev)
-    dump = n_max + 1  # the column for rows that rank after every match, or do not count
+    dump = n_max + 1  # the column for rows that do not count
+    # Every query's matches: GEMM-form keys (row dot products: any summation order is
+    # within the bound), sorted per query and padded with +inf; slot = place in (qi, gi).
+    slot = torch.arange(qi.numel(), device=dev) - first[qi]
+    Ka = torch.full((Q, n_max + 1), math.inf, dtype=q.gemm.dtype, device=dev)
+    Ka[qi, slot] = _pair_gemm_keys(q, qi, g, gi, metric)
+    Ka = torch.sort(Ka, dim=1).values
+    last = Ka.gather(1, (counts - 1).clamp(min=0)[:, None])
+    last = torch.where(valid[:, None], last, torch.full_like(last, -math.inf))
+    exact_matches = _ExactMatchKeys(q, g, qi, gi, first, counts, n_max, G)
+    step = max(1, _TILE_ELEMS // (n_max + 1))  # counted rows compared at a time
     q_step = max(1, min(Q, 1024))
     g_step = max(1, _TILE_ELEMS // q_step)
     for q0 in range(0, Q, q_step):
         q1 = min(Q, q0 + q_step)
-        Kt, lastt, bt = K[q0:q1].contiguous(), last_key[q0:q1, None], bound[q0:q1, None]
+        Kt, w = Ka[q0:q1].contiguous(), bound[q0:q1]
+        reach = last[q0:q1] + w  # a row whose key is above this is surely past every match
         for g0 in range(0, G, g_step):
             g1 = min(G, g0 + g_step)
             a = _gemm_keys(q, q0, q1, g, g0, g1, metric)
-            lo, hi = a - bt, a + bt
-            # Rows of the query's identity (its matches and its own camera's shots) are
-            # not among the others; rows surely past the last match change no rank.
-            count = (qid[q0:q1, None] != gid[None, g0:g1]) & (lo <= lastt)
-            if not bool(count.any()):
+            # Rows of the query's identity (its matches, its own camera's shots) are not
+            # among the others; rows surely past the last match change no rank: few rows
+            # are left, compared one by one with their query's match keys.
+            count = (a <= reach) & (qid[q0:q1, None] != gid[None, g0:g1])
+            ci, cj = count.nonzero(as_tuple=True)
+            if ci.numel() == 0:
                 continue
-            p_lo = torch.searchsorted(Kt, lo, right=False)  # matches surely before the row
-            p_hi = torch.searchsorted(Kt, hi, right=True)   # matches that may be before it
-            sure = count & (p_lo == p_hi)
-            hist.scatter_add_(1, torch.where(sure, p_lo, dump), sure.long())
-            unsure = count & (p_lo != p_hi)
-            if bool(unsure.any()):
-                ui, uj = unsure.nonzero(as_tuple=True)
-                ui, uj = ui + q0, uj + g0
-                e = _exact_keys(q, ui, g, uj)
-                # Ties go to the smallest gallery index: a match at an equal key is before
-                # the row when its own index is smaller.
-                before = (K[ui] < e[:, None]) | ((K[ui] == e[:, None]) & (MI[ui] < uj[:, None]))
-                hist.index_put_((ui, before.sum(1)), torch.ones_like(ui), accumulate=True)
+            ak, wk = a[ci, cj], w[ci, 0]
+            for s in range(0, ci.numel(), step):
+                rows_k = Kt[ci[s:s + step]]
+                p_lo = (rows_k < (ak[s:s + step] - wk[s:s + step])[:, None]).sum(1)  # surely before
+                p_hi = (rows_k <= (ak[s:s + step] + wk[s:s + step])[:, None]).sum(1)  # maybe before
+                sure = p_lo == p_hi
+                hist.index_put_((ci[s:s + step][sure] + q0, p_lo[sure]), torch.ones_like(p_lo[sure]),
+                                accumulate=True)
+                if not bool(sure.all()):
+                    ui, uj = ci[s:s + step][~sure] + q0, cj[s:s + step][~sure] + g0
+                    _count_exactly(q, g, ui, uj, exact_matches, hist)
 
     before = torch.cumsum(hist[:, :n_max], 1)  # non-matches before the t-th match
     t = torch.arange(1, n_max + 1, device=dev, dtype=torch.int64)
@@ -429,7 +497,7 @@ def _verification(x, labels, far, metric, normalize):
     held = 0
     for i0 in range(0, N, i_step):
         i1 = min(N, i0 + i_step)
-        bt = bound[i0:i1, None]
+        bt = bound[i0:i1]
         for j0 in range(i0, N, j_step):  # tiles on and above the diagonal
             j1 = min(N, j0 + j_step)
             a = _gemm_keys(r, i0, i1, r, j0, j1, metric)
