@@ -31,6 +31,10 @@ install: $(ENV_DEP)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@if $(PYTHON) tools/build_is_current.py; then echo "tripletops: the built extension is current"; else \
 	  $(PIP) install "setuptools>=77" wheel ninja numpy && $(PIP) install --no-build-isolation -e ".[test]"; fi
+	@# fast-reid's and torchreid's eval_market1501, the reference of tests/test_protocols.py: their
+	@# rank.py files only, so without their dependencies (fastreid pins torch 1.13).
+	@$(PYTHON) -c "import importlib.metadata as m; m.version('fastreid'); m.version('torchreid')" 2>/dev/null || \
+	  $(PIP) install --no-deps "fastreid==1.4.0" "torchreid==0.2.5"
 
 # The full suite, against the compiled kernels only (TRIPLETOPS_STRICT=1: no silent fallback).
 test: install
