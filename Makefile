@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-integrations bench-retrieval cuda-check torch-range cuda-emu package-check gpu-check clean
+.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-integrations bench-protocols bench-retrieval cuda-check torch-range cuda-emu package-check gpu-check clean
 
 # The project environment: `python3 -m venv` (on Debian/Ubuntu without the venv module:
 # apt-get install python3-venv), then a pip that reads current wheels.
@@ -79,6 +79,10 @@ bench-run:
 # GEMM and the eager recipe, side by side -> benchmarks/results/overhead_cpu.md and docs/performance.md.
 bench-overhead: install
 	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_overhead.py --readme docs/performance.md
+
+# reid_metrics and verification_metrics against one GEMM and fast-reid's eval_market1501.
+bench-protocols: install
+	TRIPLETOPS_STRICT=1 $(PYTHON) benchmarks/bench_protocols.py --readme docs/protocols.md
 
 # The drop-ins (tripletops.integrations) against sentence-transformers' and PML's own classes.
 bench-integrations: install

@@ -458,7 +458,7 @@ def _verification(x, labels, far, metric, normalize):
     # (k_max + 1)-th smallest upper bound (key + bound) seen so far, and a pair whose lower
     # bound exceeds tau cannot be (k_max + 1 pairs are surely at most tau).
     n_pairs = N * (N - 1) // 2
-    gen_i, gen_j = [], []
+    gen_i, gen_j, gen_lo, gen_hi = [], [], [], []
     cand_i, cand_j, cand_lo, cand_hi = [], [], [], []
     n_gen = 0
     tau = math.inf
@@ -507,6 +507,8 @@ def _verification(x, labels, far, metric, normalize):
             if gi.numel():
                 gen_i.append(gi + i0)
                 gen_j.append(gj + j0)
+                gen_lo.append((a - bt)[gi, gj])
+                gen_hi.append((a + bt)[gi, gj])
                 n_gen += gi.numel()
             imp = upper & ~gen & ((a - bt) <= tau)
             ii, ij = imp.nonzero(as_tuple=True)
@@ -521,16 +523,34 @@ def _verification(x, labels, far, metric, normalize):
                 keep = clo <= tau
                 cand_i, cand_j, cand_lo, cand_hi = [ci[keep]], [cj[keep]], [clo[keep]], [chi[keep]]
                 held = int(keep.sum())
-    ci = torch.cat(cand_i) if cand_i else torch.zeros(0, dtype=torch.int64, device=dev)
-    cj = torch.cat(cand_j) if cand_j else torch.zeros(0, dtype=torch.int64, device=dev)
-    # Exact distances of the candidates; every impostor among the cap smallest is here.
-    ek = torch.sort(_exact_keys(r, ci, r, cj)).values
-    thr_keys = ek[torch.tensor(ks, device=dev)]
-    gi = torch.cat(gen_i) if gen_i else torch.zeros(0, dtype=torch.int64, device=dev)
-    gj = torch.cat(gen_j) if gen_j else torch.zeros(0, dtype=torch.int64, device=dev)
-    gk = _exact_keys(r, gi, r, gj)
-    gk_sorted = torch.sort(gk).values
-    accepted = torch.searchsorted(gk_sorted, thr_keys, right=False)  # genuine keys strictly below
-    tar = accepted.to(torch.float64) / n_gen
+    def cat(parts, dtype):
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=dev)
+
+    ci, cj = cat(cand_i, torch.int64), cat(cand_j, torch.int64)
+    clo, chi = cat(cand_lo, r.gemm.dtype), cat(cand_hi, r.gemm.dtype)
+    gi, gj = cat(gen_i, torch.int64), cat(gen_j, torch.int64)
+    glo, ghi = cat(gen_lo, r.gemm.dtype), cat(gen_hi, r.gemm.dtype)
+    # Every impostor among the cap smallest is a candidate. For each k, with lo_(k+1) and
+    # hi_(k+1) the (k+1)-th smallest lower and upper bounds, the exact (k+1)-th smallest
+    # key T lies in [lo_(k+1), hi_(k+1)]: the candidates with hi < lo_(k+1) are surely below
+    # it (c of them), those with lo > hi_(k+1) surely above, and T is the (k + 1 − c)-th
+    # smallest exact key of the rest (the band), which alone is measured.
+    lo_sorted, hi_sorted = torch.sort(clo).values, torch.sort(chi).values
+    thr = []
+    for k in ks:
+        t_lo, t_hi = lo_sorted[k], hi_sorted[k]
+        below = int((chi < t_lo).sum())
+        band = ((chi >= t_lo) & (clo <= t_hi)).nonzero()[:, 0]
+        ek = torch.sort(_exact_keys(r, ci[band], r, cj[band])).values
+        thr.append(ek[k - below])
+    thr_keys = torch.stack(thr)
+    # Genuine pairs strictly below each threshold: surely (hi < T), or on exact keys.
+    accepted = []
+    for t in thr_keys:
+        tt = float(t)
+        sure = int((ghi.double() < tt).sum())
+        band = ((ghi.double() >= tt) & (glo.double() < tt)).nonzero()[:, 0]
+        accepted.append(sure + int((_exact_keys(r, gi[band], r, gj[band]) < t).sum()))
+    tar = torch.tensor(accepted, dtype=torch.float64) / n_gen
     return {"far": far, "tar": tar.cpu(), "thresholds": _to_distance(thr_keys, metric).cpu(),
             "num_genuine": int(n_gen), "num_impostor": int(M)}
