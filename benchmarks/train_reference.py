@@ -224,17 +224,25 @@ class EmbeddingNet(nn.Module):
 
 @torch.no_grad()
 def retrieval_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str,
-                      table: Optional[torch.Tensor] = None) -> dict:
+                      table: Optional[torch.Tensor] = None, cams: Optional[torch.Tensor] = None) -> dict:
     """Recall@1, Recall@5 and mAP@R (Musgrave et al. 2020) over the held-out rows, each row a
     query against all the others, by tripletops.retrieval_metrics (one exact knn search).
-    With a multi-label `table`, a neighbour is relevant when it shares a label with the query."""
+    With a multi-label `table`, a neighbour is relevant when it shares a label with the query.
+    With camera ids `cams` (class-id labels), also the re-ID protocol's CMC@1, mAP and mINP
+    (tripletops.reid_metrics, the rows against themselves: a row's own identity on its own
+    camera, itself included, is left out). The digits data has no cameras."""
     model.eval()
     emb = torch.cat([model(images[i:i + 1024].to(device)) for i in range(0, len(images), 1024)]).double()
     model.train()
     labels = labels.to(device)
     y = labels if table is None else table.to(device)[labels].bool()
     m = tripletops.retrieval_metrics(emb, y, k=(1, 5))
-    return {"recall@1": m["recall_at_k"][1], "recall@5": m["recall_at_k"][5], "map@r": m["mean_average_precision_at_r"]}
+    out = {"recall@1": m["recall_at_k"][1], "recall@5": m["recall_at_k"][5], "map@r": m["mean_average_precision_at_r"]}
+    if cams is not None and table is None:
+        c = cams.to(device)
+        r = tripletops.reid_metrics(emb, labels, c, emb, labels, c, max_rank=5)
+        out.update({"cmc@1": float(r["cmc"][0]), "reid_map": r["mAP"], "reid_minp": r["mINP"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- one run
