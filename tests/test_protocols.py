@@ -39,13 +39,13 @@ def _load_rank(dist: str, rel: str):
 
 def reid_data(seed, Q=60, G=500, D=16, ids=30, cams=4, noise=1.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    gid = torch.randint(0, ids, (G,), generator=g)
-    gcam = torch.randint(0, cams, (G,), generator=g)
-    qid = torch.randint(0, ids + 5, (Q,), generator=g)  # some identities absent from the gallery
-    qcam = torch.randint(0, cams, (Q,), generator=g)
-    centres = 2.0 * torch.randn(ids + 5, D, generator=g)
-    q = centres[qid] + noise * torch.randn(Q, D, generator=g)
-    ga = centres[gid] + noise * torch.randn(G, D, generator=g)
+    gid = torch.randint(0, ids, (G,), generator=g)  # host tensor
+    gcam = torch.randint(0, cams, (G,), generator=g)  # host tensor
+    qid = torch.randint(0, ids + 5, (Q,), generator=g)  # host tensor; some identities are absent from the gallery
+    qcam = torch.randint(0, cams, (Q,), generator=g)  # host tensor
+    centres = 2.0 * torch.randn(ids + 5, D, generator=g)  # host tensor
+    q = centres[qid] + noise * torch.randn(Q, D, generator=g)  # host tensor
+    ga = centres[gid] + noise * torch.randn(G, D, generator=g)  # host tensor
     return [t.to(device) for t in (q, qid, qcam, ga, gid, gcam)]
 
 
@@ -111,15 +111,15 @@ def test_reid_ties_go_to_the_smallest_gallery_index(device, metric):
     defined; the float64 reference ranks them by gallery index."""
     g = torch.Generator().manual_seed(3)
     G, Q, D = 400, 50, 6
-    ga = torch.randint(-2, 3, (G, D), generator=g).float()
+    ga = torch.randint(-2, 3, (G, D), generator=g).float()  # host tensor
     ga[200:300] = ga[:100]  # duplicates
-    gid = torch.randint(0, 20, (G,), generator=g)
-    gcam = torch.randint(0, 3, (G,), generator=g)
-    q = torch.cat([ga[:25], torch.randint(-2, 3, (Q - 25, D), generator=g).float()])
+    gid = torch.randint(0, 20, (G,), generator=g)  # host tensor
+    gcam = torch.randint(0, 3, (G,), generator=g)  # host tensor
+    q = torch.cat([ga[:25], torch.randint(-2, 3, (Q - 25, D), generator=g).float()])  # host tensor
     q[q.abs().sum(1) == 0] = 1.0  # no zero row under cosine
     ga[ga.abs().sum(1) == 0] = 1.0
-    qid = torch.randint(0, 20, (Q,), generator=g)
-    qcam = torch.randint(0, 3, (Q,), generator=g)
+    qid = torch.randint(0, 20, (Q,), generator=g)  # host tensor
+    qcam = torch.randint(0, 3, (Q,), generator=g)  # host tensor
     out = tripletops.reid_metrics(*(t.to(device) for t in (q, qid, qcam, ga, gid, gcam)), metric=metric,
                                   max_rank=30)
     dist = exact_keys64(q, ga, metric).numpy()
@@ -235,8 +235,8 @@ def pairs_of(x, labels, metric):
 def test_verification_equals_sklearn_roc(device, metric, n, classes):
     g = torch.Generator().manual_seed(n + len(metric))
     d = 16
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = torch.randn(classes, d, generator=g)[y] + 0.7 * torch.randn(n, d, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)  # host tensor
+    x = torch.randn(classes, d, generator=g)[y] + 0.7 * torch.randn(n, d, generator=g)  # host tensor
     far = (1e-5, 1e-4, 1e-3, 1e-2, 0.1)
     out = tripletops.verification_metrics(x.to(device), y.to(device), far=far, metric=metric)
     dist, gen = pairs_of(x, y, metric)
