@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-integrations bench-protocols bench-retrieval cuda-check torch-range cuda-emu package-check gpu-check clean
+.PHONY: install test test-fast demo demo-results bench bench-run bench-overhead bench-integrations bench-protocols bench-retrieval cuda-check cuda-perf torch-range cuda-emu package-check gpu-check clean
 
 # The project environment: `python3 -m venv` (on Debian/Ubuntu without the venv module:
 # apt-get install python3-venv), then a pip that reads current wheels.
@@ -95,6 +95,11 @@ bench-retrieval: install
 
 # Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 against the installed torch
 # headers and print ptxas' register/spill report. No GPU needed; .ci/run runs it when nvcc exists.
+# The CUDA kernels' cost models, executable (no GPU): registers and occupancy from the
+# compiled sm_90 code, and each target row's kernels with their modelled H200 times.
+cuda-perf: $(ENV_DEP)
+	$(PYTHON) tools/cuda_perf.py
+
 cuda-check: install
 	$(PYTHON) tools/cuda_check.py
 

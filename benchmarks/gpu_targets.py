@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -264,7 +265,49 @@ def profile_rows(table, names: List[str], out) -> None:
         print(f"## {name}: {sum(len(v) for v in kernels.values())} kernels/copies, {total:.3f} ms GPU", file=out)
         for kname, ts in sorted(kernels.items(), key=lambda kv: -sum(kv[1])):
             print(f"  {sum(ts):8.3f} ms  x{len(ts):<4} {kname[:110]}", file=out)
+        model_beside(name, kernels, total, out)
         out.flush()
+
+
+def _kernel_key(name: str) -> str:
+    """A profiled kernel's name as tools/cuda_perf.py's models name it: tripletops' kernels
+    by their base name, every GEMM kernel (cuBLAS, CUTLASS) as "GEMM", the rest "other"."""
+    m = re.search(r"(\w+_kernel)\b", name)
+    if m and "tripletops" in name:
+        return m.group(1)
+    low = name.lower()
+    if "gemm" in low or "xmma" in low or "cutlass" in low:
+        return "GEMM"
+    return "other"
+
+
+def model_beside(name: str, kernels: Dict[str, List[float]], total_ms: float, out) -> None:
+    """Each measured kernel time beside tools/cuda_perf.py's model of it, with the ratio:
+    the first GPU minute shows where the model is wrong."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import cuda_perf
+
+    row = next((r for r in cuda_perf.target_rows() if name.startswith(r.name + " (")), None)
+    if row is None:
+        return
+    res = cuda_perf.resources(compile_if_stale=False)
+    modelled: Dict[str, float] = {}
+    for launch in row.launches:
+        key = launch.kernel if not launch.library else ("GEMM" if "GEMM" in launch.kernel or "addmm" in
+                                                        launch.kernel else "other")
+        modelled[key] = modelled.get(key, 0.0) + launch.seconds(res) * 1e3
+    measured: Dict[str, float] = {}
+    for kname, ts in kernels.items():
+        k = _kernel_key(kname)
+        measured[k] = measured.get(k, 0.0) + sum(ts)
+    model_total = sum(modelled.values())
+    print(f"  model (tools/cuda_perf.py) against measured, ms: total {model_total:.3f} modelled, "
+          f"{total_ms:.3f} measured ({total_ms / model_total:.2f}x the model)", file=out)
+    for k in sorted(set(modelled) | set(measured), key=lambda k: -measured.get(k, 0.0)):
+        mo, me = modelled.get(k), measured.get(k)
+        ratio = f"{me / mo:.2f}x" if mo and me else "-"
+        print(f"    {k:<28} model {mo if mo is not None else float('nan'):8.3f}  measured "
+              f"{me if me is not None else float('nan'):8.3f}  measured/model {ratio}", file=out)
 
 
 def main() -> int:

@@ -103,6 +103,8 @@ def main() -> int:
         return 0
     print(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
     failed = []
+    # The whole ptxas report is kept for tools/cuda_perf.py (make cuda-perf reads it).
+    saved = []
     with tempfile.TemporaryDirectory() as tmp:
         macros = os.path.join(tmp, "c10", "cuda", "impl")
         os.makedirs(macros)
@@ -129,6 +131,11 @@ def main() -> int:
                 failed.append(rel)
             else:
                 print("\n".join(report))
+                saved += report
+    if not failed:
+        os.makedirs(os.path.join(ROOT, "build", "cuda-check"), exist_ok=True)
+        with open(os.path.join(ROOT, "build", "cuda-check", "report.txt"), "w") as f:
+            f.write("\n".join(saved) + "\n")
     if failed:
         print(f"cuda-check: {len(failed)} of {len(sources)} failed: {failed}")
         return 1

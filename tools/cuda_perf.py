@@ -1,0 +1,398 @@
+"""The CUDA kernels' cost models, executable: `make cuda-perf` (no GPU needed).
+
+1. Every `__global__` kernel of csrc/cuda with its registers, shared memory and spills in
+   the compiled sm_90 code (ptxas, through tools/cuda_check.py; the report of the last
+   `make cuda-check` is reused when it is newer than the sources), its block size at the
+   launch sites, and the blocks per SM (occupancy) that allows on an H100/H200.
+2. For each benchmark target row of the H200 (benchmarks/gpu_targets.py), every kernel the
+   call launches at that size: launches, grid, bytes, FLOPs, and a modelled time at the
+   H200's numbers; the row's model is the sum, and it is set beside the row's goal.
+
+The model of one launch:  launch overhead + max(bytes / (bandwidth · efficiency),
+flops / peak, instructions / issue rate), with efficiency the fraction of the GPU the
+grid fills (blocks over SMs × blocks per SM) times min(1, occupancy / 50 %): a memory
+stream needs about half the warps resident to hide latency. Kernels whose time the
+review of the compiled code (../shared/gpu/sass-review-2026-12-07.md) found bound by
+something else (serial steps, barriers) say so in their note and use that count.
+
+`--json PATH` writes {row: {kernel: modelled µs}}; `make gpu-check` prints each measured
+kernel time beside it (benchmarks/gpu_targets.py). These are models: not one figure here
+was measured on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT = os.path.join(ROOT, "build", "cuda-check", "report.txt")
+SNAPSHOT = os.path.join(ROOT, "tools", "cuda_resources_sm90.json")
+
+# The H200 (the guide's numbers; the H100's differ in bandwidth: 3.35 TB/s).
+H200 = {
+    "sms": 132,
+    "bandwidth": 4.3e12,        # bytes/s, measured copy bandwidth
+    "fp32_simt": 60e12,         # FLOP/s without tensor cores
+    "fp32_gemm": 50e12,         # cuBLAS SGEMM (no TF32), the kernels' comments' figure
+    "fp64_gemm": 50e12,         # DGEMM on FP64 tensor cores (67 TFLOP/s peak)
+    "bf16_gemm": 790e12,        # measured bf16 GEMM
+    "issue": 132 * 4 * 1.98e9,  # warp instructions per second: 4 schedulers per SM at 1.98 GHz
+    "clock": 1.98e9,
+    "launch_s": 3e-6,           # a launch, back to back on one stream
+    "sync_s": 15e-6,            # a host read of a device value (launch latency + copy)
+    "regs_per_sm": 65536,
+    "threads_per_sm": 2048,
+    "blocks_per_sm": 32,
+    "smem_per_sm": 228 * 1024,
+}
+
+# Threads per block of every kernel, from its launch sites (constants of the .cuh files:
+# kRowsPerBlock * kWarp = 256, kFamilyThreads = 128, kElementThreads = 256, ...). A
+# kernel added to csrc/cuda without an entry here fails `make cuda-perf`.
+THREADS = {
+    # batch_hard_kernels.cuh
+    "prepare_rows_kernel": 1024, "batch_hard_small_kernel": 256, "row_norms_kernel": 256, "mine_tile_kernel": 256,
+    "merge_slots_kernel": 256, "settle_parts_kernel": 256, "finish_anchors_kernel": 256, "count_kernel": 256,
+    "self_grad_kernel": 256, "anchor_grad_kernel": 256, "ref_grad_kernel": 256,
+    # knn_kernels.cuh
+    "knn_exact_keys_kernel": 256, "knn_refine_keys_kernel": 256, "knn_tile_select_kernel": 256,
+    # loss_family_*.cuh (triplet_family_fused_kernel: sorted_row_threads(B), up to 1024)
+    "family_unit_rows_kernel": 128, "family_distance_kernel": 256, "triplet_family_fused_kernel": 1024,
+    "contrastive_fused_kernel": 128, "contrastive_terms_kernel": 256, "family_embedding_grad_kernel": 128,
+    "split_by_label_kernel": 256, "row_prefix_sum_kernel": 32, "batch_all_stats_kernel": 128,
+    "batch_all_grad_kernel": 128, "semi_hard_stats_kernel": 128, "semi_hard_grad_kernel": 128,
+    "contrastive_stats_kernel": 128, "contrastive_pairs_kernel": 256, "family_total_kernel": 128,
+    # pairwise_distance_kernels.cuh (kThreads = 256, kRowsPerBlock = 8 warps, pair_weights: 32 x 8)
+    "gram_to_distance_kernel": 256, "row_hash_kernel": 256, "identical_rows_kernel": 256,
+    "settle_identical_kernel": 256, "pair_weights_kernel": 256, "close_pairs_kernel": 256,
+    "normalize_backward_kernel": 256,
+    # triplet_margin_loss_kernels.cuh
+    "triplet_forward_kernel": 256, "triplet_count_kernel": 256, "triplet_backward_kernel": 256,
+}
+
+
+# ----------------------------------------------------------------------------- part 1
+@dataclass
+class Resources:
+    regs: int = 0
+    smem: int = 0          # static shared memory, bytes
+    spill: int = 0         # spill stores + loads, bytes
+    stack: int = 0
+    variants: int = 0      # template instantiations seen
+
+
+def kernels_in_sources() -> List[str]:
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*")):
+        text = open(path).read()
+        for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)", text):
+            names.add(m.group(1))
+    return sorted(names)
+
+
+def _demangled(mangled: str):
+    """(base name, whether it is a float64 instantiation)."""
+    try:
+        name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        name = mangled
+    m = re.search(r"(\w+)(<[^(]*>)?\(", name)
+    if not m:
+        return name, False
+    return m.group(1), "double" in (m.group(2) or "")
+
+
+def parse_ptxas(text: str, arch: str = "sm_90") -> Dict[str, Resources]:
+    """Per kernel (base name) from ptxas -v: the largest over its non-float64 template
+    instantiations (the fp32/bf16 rows the targets use), or over all where every one is
+    float64."""
+    out: Dict[str, Resources] = {}
+    wide: Dict[str, Resources] = {}
+    current: Optional[Resources] = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        if m:
+            current = None
+            if m.group(2) == arch:
+                base, double = _demangled(m.group(1))
+                current = (wide if double else out).setdefault(base, Resources())
+                current.variants += 1
+            continue
+        if current is None:
+            continue
+        r = current
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            r.stack = max(r.stack, int(m.group(1)))
+            r.spill = max(r.spill, int(m.group(2)) + int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            r.regs = max(r.regs, int(m.group(1)))
+            s = re.search(r"(\d+) bytes smem", line)
+            if s:
+                r.smem = max(r.smem, int(s.group(1)))
+    for k, v in wide.items():
+        out.setdefault(k, v)
+    return out
+
+
+def resources(compile_if_stale: bool) -> Dict[str, Resources]:
+    sources = glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True)
+    newest = max(os.path.getmtime(s) for s in sources)
+    if os.path.exists(REPORT) and os.path.getmtime(REPORT) >= newest:
+        found = parse_ptxas(open(REPORT).read())
+        if found:
+            return found
+    if compile_if_stale and _nvcc():
+        print("cuda-perf: compiling for sm_90 (tools/cuda_check.py) ...", flush=True)
+        os.makedirs(os.path.dirname(REPORT), exist_ok=True)
+        env = dict(os.environ, TRIPLETOPS_CUDA_ARCHS="90")
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_check.py")], capture_output=True,
+                             text=True, env=env)
+        open(REPORT, "w").write(res.stdout + res.stderr)
+        found = parse_ptxas(res.stdout + res.stderr)
+        if found:
+            return found
+    print(f"cuda-perf: no current ptxas report; using the committed snapshot {os.path.relpath(SNAPSHOT, ROOT)}")
+    snap = json.load(open(SNAPSHOT))
+    return {k: Resources(**v) for k, v in snap.items()}
+
+
+def _nvcc() -> bool:
+    import shutil
+
+    return bool(shutil.which("nvcc")) or os.path.exists(os.path.join(os.getenv("CUDA_HOME", "/usr/local/cuda"),
+                                                                      "bin", "nvcc"))
+
+
+def blocks_per_sm(r: Resources, threads: int, gpu=H200) -> Dict[str, int]:
+    warps = math.ceil(threads / 32)
+    regs_per_warp = math.ceil(max(r.regs, 1) * 32 / 256) * 256
+    by_regs = (gpu["regs_per_sm"] // regs_per_warp) // warps
+    by_threads = gpu["threads_per_sm"] // threads
+    by_smem = gpu["smem_per_sm"] // (r.smem + 1024) if r.smem else gpu["blocks_per_sm"]
+    return {"regs": by_regs, "threads": by_threads, "smem": by_smem,
+            "blocks": max(0, min(by_regs, by_threads, by_smem, gpu["blocks_per_sm"]))}
+
+
+# ----------------------------------------------------------------------------- part 2
+@dataclass
+class Launch:
+    kernel: str
+    launches: int
+    blocks: int            # per launch
+    bytes: float = 0.0     # per launch, DRAM (or L2 where it fits and says so)
+    flops: float = 0.0     # per launch
+    peak: str = "fp32_simt"
+    instr: float = 0.0     # warp instructions per launch, where issue-bound
+    fixed_s: float = 0.0   # per launch: a serial term the review counted (barriers, round trips)
+    note: str = ""
+    library: bool = False  # cuBLAS / ATen kernels: no entry in part 1
+
+    def seconds(self, res: Dict[str, Resources], gpu=H200) -> float:
+        eff = 1.0
+        if not self.library and self.kernel in res:
+            bps = blocks_per_sm(res[self.kernel], THREADS[self.kernel], gpu)["blocks"]
+            occupancy = bps * THREADS[self.kernel] / gpu["threads_per_sm"]
+            eff = min(1.0, self.blocks / (gpu["sms"] * max(bps, 1))) * min(1.0, occupancy / 0.5)
+        elif self.library:
+            eff = min(1.0, self.blocks / gpu["sms"])
+        t = max(self.bytes / (gpu["bandwidth"] * eff) if self.bytes else 0.0,
+                self.flops / (gpu[self.peak] * (eff if not self.library else 1.0)) if self.flops else 0.0,
+                self.instr / (gpu["issue"] * eff) if self.instr else 0.0)
+        return self.launches * (gpu["launch_s"] + t + self.fixed_s)
+
+
+@dataclass
+class Row:
+    name: str                 # the row of benchmarks/gpu_targets.py, up to its " (goal ..." part
+    goal: str
+    launches: List[Launch]
+    floor: str = ""           # what the goal compares with
+    floor_s: float = 0.0
+    syncs: int = 0            # host reads per call
+    notes: List[str] = field(default_factory=list)
+
+
+def blocks(n: float, per: float) -> int:
+    return max(1, math.ceil(n / per))
+
+
+def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[Launch]:
+    """Self-mining above kSmallMaxB (1024), forward + backward (csrc/cuda/batch_hard_cuda.cu)."""
+    es = 2 if dtype == "bf16" else 4
+    tile = min(B, 4096)
+    n_t = math.ceil(B / tile)
+    tiles = n_t * (n_t + 1) // 2
+    slots = max(math.ceil(tile / 2048), math.ceil(tile / 256))  # kRowChunk, kColumnChunk
+    state_bytes = slots * B * (9 * 4 + 6 * 8)                   # kStateKeys fp32 keys, kStateIdx int64
+    diag, off = n_t, tiles - n_t
+    row_blocks = blocks(tile, 8) * math.ceil(tile / 2048)
+    col_blocks = blocks(tile, 256) * math.ceil(tile / 256)
+    parts = max(1, min(256, B, (B * D) >> 18))
+    out = [
+        Launch("prepare_rows_kernel", 1, blocks(D, 32), bytes=3 * B * D * es,
+               note=f"{blocks(D, 32)} blocks: a few SMs stream B·D twice (issue 35: small grid)"),
+        Launch("row_norms_kernel", 1, blocks(B, 8), bytes=B * D * 4 + state_bytes, note="norms + state reset"),
+        Launch("cuBLAS GEMM (tile)", tiles, 132, flops=2 * tile * tile * D,
+               peak="bf16_gemm" if dtype == "bf16" else "fp32_gemm", library=True,
+               note=f"{tiles} tiles of {tile}²×{D}" + (" on tensor cores (mm.dtype_out)" if dtype == "bf16" else "")),
+        Launch("mine_tile_kernel", diag, row_blocks, bytes=tile * tile * 4, instr=tile * tile * 55 / 32,
+               note="diagonal tiles: rows only; ~55 instructions per key (SASS review)"),
+        Launch("mine_tile_kernel", off, row_blocks + col_blocks, bytes=2 * tile * tile * 4,
+               instr=2 * tile * tile * 55 / 32, note="off-diagonal: rows and columns"),
+        Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
+        Launch("settle_parts_kernel", 1, blocks(B, 8) * parts, bytes=rescans * B * D * es,
+               fixed_s=rescans * 0.6e-3, note=f"{rescans:g} rescanned anchors (0 on random data; "
+                                               "~0.6 ms each, serial exact keys: SASS review)"),
+        Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * es),
+        Launch("count_kernel", 1, 1, bytes=B * 16, fixed_s=B / 256 * 0.5e-6, note="one block reads 2B entries"),
+        Launch("anchor_grad_kernel", 1, min(4096, blocks(B, 8)), bytes=4 * B * D * 4),
+        Launch("at::sort (2B int64, cub radix)", 1, 132, bytes=2 * B * 8 * 2 * 8, library=True,
+               fixed_s=4 * 3e-6, note="~4 passes, ~4 launches"),
+        Launch("ref_grad_kernel", 1, min(4096, blocks(2 * B, 8)), bytes=3 * B * D * 4,
+               fixed_s=3 * 1e-6, note="the largest hub (~142 at B = 8192): ~3 dependent round trips"),
+    ]
+    return out
+
+
+def bank_rows(B: int, M: int, D: int) -> List[Launch]:
+    cols = min(M, (1 << 25) // B)
+    n = math.ceil(M / cols)
+    slots = math.ceil(cols / 2048)
+    state_bytes = slots * B * (9 * 4 + 6 * 8)
+    return [
+        Launch("prepare_rows_kernel", 1, blocks(D, 32), bytes=3 * B * D * 4),
+        Launch("row_norms_kernel", 1, blocks(B, 8), bytes=B * D * 4 + state_bytes),
+        Launch("at::sub_out (shift a bank tile)", n, 132, bytes=2 * cols * D * 4, library=True,
+               note="runs even when the shift is zero (issue 35)"),
+        Launch("row_norms_kernel", n, blocks(cols, 8), bytes=cols * D * 4, note="the tile's norms"),
+        Launch("cuBLAS GEMM (tile)", n, 132, flops=2 * B * cols * D, peak="fp32_gemm", library=True,
+               note=f"{n} tiles of {B}×{cols}×{D}"),
+        Launch("mine_tile_kernel", n, blocks(B, 8) * math.ceil(cols / 2048), bytes=B * cols * 4,
+               instr=B * cols * 55 / 32, note="25 % occupancy (84 registers; SASS review)"),
+        Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
+        Launch("settle_parts_kernel", 1, blocks(B, 8) * 256, bytes=0, note="0 rescans on random data"),
+        Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * 4),
+        Launch("count_kernel", 1, 1, bytes=B * 16, fixed_s=B / 256 * 0.5e-6),
+        Launch("anchor_grad_kernel", 1, blocks(B, 8), bytes=4 * B * D * 4),
+        Launch("at::zeros (bank gradient)", 1, 132, bytes=M * D * 4, library=True),
+        Launch("at::sort (2B int64, cub radix)", 1, 132, bytes=2 * B * 8 * 16, library=True, fixed_s=12e-6),
+        Launch("ref_grad_kernel", 1, blocks(2 * B, 8), bytes=3 * B * D * 4),
+    ]
+
+
+def batch_all_rows(B: int, D: int) -> List[Launch]:
+    """B = 8192: the shared-sort path (pairwise_distance in float64, then
+    triplet_family_fused_kernel with the rows sorted in shared memory), forward."""
+    stages = int(math.log2(B)) * (int(math.log2(B)) + 1) // 2
+    return [
+        Launch("at::to (rows to float64)", 1, 132, bytes=B * D * 12, library=True),
+        Launch("cuBLAS DGEMM (Gram)", 1, 132, flops=2 * B * B * D, peak="fp64_gemm", library=True),
+        Launch("gram_to_distance_kernel", 1, blocks(B * B, 256), bytes=2 * B * B * 8),
+        Launch("close_pairs_kernel", 1, blocks(B, 8), bytes=B * B * 8 / 8, note="rows of near pairs, rare"),
+        Launch("triplet_family_fused_kernel", 1, B, bytes=B * B * 8, fixed_s=stages * 2000 / H200["clock"] * B /
+               (132 * 2), note=f"a bitonic sort per anchor row: {stages} barrier stages of ~2k cycles "
+                               "(SASS review), 2 blocks per SM"),
+    ]
+
+
+def knn_rows(Q: int, G: int, D: int) -> List[Launch]:
+    cols = min(G, (1 << 26) // Q)
+    n = math.ceil(G / cols)
+    cand = Q * 10 * (1 + math.log(G / 256))
+    return [
+        Launch("ATen: norms, shift, bias (gallery)", 4, 132, bytes=3 * G * D * 4, library=True,
+               note="the gallery's mean, shift and norms: ~4 passes (issue 35: about 10 in all)"),
+        Launch("cuBLAS addmm (tile + bias)", n, 132, flops=2 * Q * cols * D, bytes=Q * cols * 4, peak="fp32_gemm",
+               library=True, note=f"{n} tiles of {Q}×{cols}"),
+        Launch("knn_tile_select_kernel", n, blocks(Q * max(1, 132 * 64 // Q), 8), bytes=Q * cols * 4),
+        Launch("knn_exact_keys_kernel", 1, blocks(cand, 8), bytes=cand * D * 8),
+        Launch("at::sort x3 (candidates)", 3, 132, bytes=cand * 16 * 4, library=True, fixed_s=12e-6),
+    ]
+
+
+def target_rows() -> List[Row]:
+    rows = []
+    gemm = lambda b, d, peak="fp32_gemm": 2 * b * b * d / H200[peak]  # noqa: E731
+    r = Row("batch_hard fp32 B=4096 D=512", "≥ 4× eager, ≥ 3× compile", batch_hard_rows(4096, 512, "fp32"),
+            "one x·xᵀ GEMM", gemm(4096, 512))
+    rows.append(r)
+    rows.append(Row("batch_hard fp32 B=8192 D=512", "≤ 1.0× one x·xᵀ GEMM", batch_hard_rows(8192, 512, "fp32"),
+                    "one x·xᵀ GEMM", gemm(8192, 512)))
+    rows.append(Row("batch_hard bf16 B=8192 D=512", "≤ 2.5× one bf16 GEMM, ≥ 10× eager",
+                    batch_hard_rows(8192, 512, "bf16"), "one bf16 x·xᵀ GEMM", gemm(8192, 512, "bf16_gemm")))
+    rows.append(Row("bank fp32 B=1024 M=2^20 D=128", "≤ 1.3× one B×M GEMM, ≥ 5× eager",
+                    bank_rows(1024, 1 << 20, 128), "one B×M GEMM", 2 * 1024 * (1 << 20) * 128 / H200["fp32_gemm"]))
+    rows.append(Row("batch_all fp32 B=8192 D=512 fwd", "≤ 5× one GEMM", batch_all_rows(8192, 512),
+                    "one x·xᵀ GEMM (fp32)", gemm(8192, 512)))
+    rows.append(Row("knn fp32 Q=1024 G=2^20 D=64 k=10 fwd", "~1.3× one GEMM (model in the code)", knn_rows(1024, 1 << 20, 64),
+                    "one Q×Gᵀ GEMM", 2 * 1024 * (1 << 20) * 64 / H200["fp32_gemm"], syncs=2))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="make cuda-perf")
+    ap.add_argument("--json", help="write {row: {kernel: modelled µs}} here")
+    ap.add_argument("--update-snapshot", action="store_true",
+                    help=f"rewrite {os.path.relpath(SNAPSHOT, ROOT)} from the current ptxas report")
+    ap.add_argument("--no-compile", action="store_true", help="never run nvcc (the report or the snapshot)")
+    args = ap.parse_args()
+
+    res = resources(compile_if_stale=not args.no_compile)
+    missing_threads = [k for k in kernels_in_sources() if k not in THREADS]
+    missing_res = [k for k in kernels_in_sources() if k not in res]
+    print("## Kernels (sm_90, ptxas)\n")
+    print("| kernel | threads | registers | smem B | spill B | blocks/SM (regs, threads, smem) | occupancy |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for k in kernels_in_sources():
+        if k not in res or k not in THREADS:
+            continue
+        r, t = res[k], THREADS[k]
+        b = blocks_per_sm(r, t)
+        occ = b["blocks"] * t / H200["threads_per_sm"]
+        flag = "  ← below 50 %" if occ < 0.5 else ""
+        print(f"| {k} | {t} | {r.regs} | {r.smem} | {r.spill} | {b['blocks']} ({b['regs']}, {b['threads']}, "
+              f"{b['smem']}) | {occ:.0%}{flag} |")
+    models: Dict[str, Dict[str, float]] = {}
+    print("\n## Target rows (H200 model: not measured)\n")
+    for row in target_rows():
+        total = sum(l.seconds(res) for l in row.launches) + row.syncs * H200["sync_s"]
+        print(f"### {row.name} — goal {row.goal}\n")
+        print("| kernel | launches | grid | MB per launch | GFLOP per launch | model µs | share | note |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        per: Dict[str, float] = {}
+        for l in row.launches:
+            s = l.seconds(res)
+            per[l.kernel] = per.get(l.kernel, 0.0) + s * 1e6
+            print(f"| {l.kernel} | {l.launches} | {l.blocks} | {l.bytes / 1e6:.1f} | {l.flops / 1e9:.2f} | "
+                  f"{s * 1e6:.1f} | {s / total:.0%} | {l.note} |")
+        if row.syncs:
+            print(f"| host reads | {row.syncs} | | | | {row.syncs * H200['sync_s'] * 1e6:.1f} | | |")
+            per["host reads"] = row.syncs * H200["sync_s"] * 1e6
+        print(f"\n**Model: {total * 1e3:.3f} ms**, {total / row.floor_s:.2f}× {row.floor} "
+              f"({row.floor_s * 1e3:.3f} ms modelled); the row's model is the sum of the lines above.\n")
+        models[row.name] = per
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        json.dump(models, open(args.json, "w"), indent=1)
+    if args.update_snapshot:
+        json.dump({k: vars(v) for k, v in sorted(res.items())}, open(SNAPSHOT, "w"), indent=1)
+        print(f"cuda-perf: wrote {os.path.relpath(SNAPSHOT, ROOT)}")
+    if missing_threads or missing_res:
+        print(f"cuda-perf: kernels without a block size in THREADS: {missing_threads}; without ptxas "
+              f"resources: {missing_res}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
