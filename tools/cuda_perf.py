@@ -8,10 +8,10 @@
    call launches at that size: launches, grid, bytes, FLOPs, and a modelled time at the
    H200's numbers; the row's model is the sum, and it is set beside the row's goal.
 
-The model of one launch:  launch overhead + max(bytes / (bandwidth · efficiency),
-flops / peak, instructions / issue rate), with efficiency the fraction of the GPU the
-grid fills (blocks over SMs × blocks per SM) times min(1, occupancy / 50 %): a memory
-stream needs about half the warps resident to hide latency. Kernels whose time the
+The model of one launch:  launch overhead + max(bytes / bandwidth, flops / peak,
+instructions / issue rate), each scaled by the SMs the grid occupies and the warps
+resident on them (Launch.seconds): a memory stream needs about half the warps resident
+to hide latency, an instruction stream about a quarter. Kernels whose time the
 review of the compiled code (../shared/gpu/sass-review-2026-12-07.md) found bound by
 something else (serial steps, barriers) say so in their note and use that count.
 
@@ -198,16 +198,23 @@ class Launch:
     library: bool = False  # cuBLAS / ATen kernels: no entry in part 1
 
     def seconds(self, res: Dict[str, Resources], gpu=H200) -> float:
-        eff = 1.0
+        """One launch: its grid occupies min(SMs, blocks) SMs with the blocks per SM that
+        the registers, threads and shared memory allow (or fewer, where the grid is
+        small). Bandwidth: min(the GPU's, active SMs × ~64 B per clock each), times
+        min(1, resident warps / 50 %); issue: 4 warp instructions per clock per active
+        SM, times min(1, resident warps / 25 %). Library kernels (cuBLAS, ATen) are
+        taken at the peak of their kind."""
+        bw, issue, peak = gpu["bandwidth"], gpu["issue"], gpu[self.peak]
         if not self.library and self.kernel in res:
-            bps = blocks_per_sm(res[self.kernel], THREADS[self.kernel], gpu)["blocks"]
-            occupancy = bps * THREADS[self.kernel] / gpu["threads_per_sm"]
-            eff = min(1.0, self.blocks / (gpu["sms"] * max(bps, 1))) * min(1.0, occupancy / 0.5)
-        elif self.library:
-            eff = min(1.0, self.blocks / gpu["sms"])
-        t = max(self.bytes / (gpu["bandwidth"] * eff) if self.bytes else 0.0,
-                self.flops / (gpu[self.peak] * (eff if not self.library else 1.0)) if self.flops else 0.0,
-                self.instr / (gpu["issue"] * eff) if self.instr else 0.0)
+            threads = THREADS[self.kernel]
+            bps = max(1, blocks_per_sm(res[self.kernel], threads, gpu)["blocks"])
+            active = min(gpu["sms"], self.blocks)
+            resident = min(bps, math.ceil(self.blocks / gpu["sms"])) * threads / gpu["threads_per_sm"]
+            bw = min(bw, active * 64 * gpu["clock"]) * min(1.0, resident / 0.5)
+            issue = active * 4 * gpu["clock"] * min(1.0, resident / 0.25)
+            peak = peak * active / gpu["sms"]
+        t = max(self.bytes / bw if self.bytes else 0.0, self.flops / peak if self.flops else 0.0,
+                self.instr / issue if self.instr else 0.0)
         return self.launches * (gpu["launch_s"] + t + self.fixed_s)
 
 
@@ -300,8 +307,8 @@ def batch_all_rows(B: int, D: int) -> List[Launch]:
         Launch("gram_to_distance_kernel", 1, blocks(B * B, 256), bytes=2 * B * B * 8),
         Launch("close_pairs_kernel", 1, blocks(B, 8), bytes=B * B * 8 / 8, note="rows of near pairs, rare"),
         Launch("triplet_family_fused_kernel", 1, B, bytes=B * B * 8, fixed_s=stages * 2000 / H200["clock"] * B /
-               (132 * 2), note=f"a bitonic sort per anchor row: {stages} barrier stages of ~2k cycles "
-                               "(SASS review), 2 blocks per SM"),
+               132, note=f"a bitonic sort per anchor row: {stages} barrier stages of ~2k cycles "
+                          "(SASS review), 1 block per SM (1024 threads, the row in shared memory)"),
     ]
 
 

@@ -101,7 +101,8 @@ def _bound(q: _Rows, g_norm_max: float, metric: str) -> torch.Tensor:
     A dot product over k terms, summed in any order, is within (k + 2)·u·Σ|a_i b_i| of
     the exact one; `_gemm_keys` runs its GEMM in calls of depth _K_CHUNK accumulated in
     the output, so each key is within (_K_CHUNK + 8)·u·(|q| + max|g|)² (×1.02) of the
-    exact key of the rows it multiplies (docs/numerics.md has the GEMM form's bound). The
+    exact key of the rows it multiplies (docs/numerics.md has the GEMM form's bound), plus
+    one rounding of the running key per call (u·r² each). The
     rows themselves are rounded once from the inputs (the centre, the unit rows): 8u·r²
     more. Two keys compared: twice that, and the rounding of a ± w: 8u·r² more. A wider
     bound costs only more exact comparisons, never a wrong one. TF32 is allowed for
@@ -110,7 +111,8 @@ def _bound(q: _Rows, g_norm_max: float, metric: str) -> torch.Tensor:
     d = min(q.gemm.shape[1], _K_CHUNK)
     r2 = (q.norm.to(torch.float64) + g_norm_max) ** 2 if metric != "cosine" else torch.full_like(
         q.norm, 4.0, dtype=torch.float64)
-    one = ((d + 8) * u * 1.02 + 8.0 * u) * r2
+    chunks = math.ceil(q.gemm.shape[1] / _K_CHUNK)  # each call adds onto the running key: one rounding
+    one = ((d + 8) * u * 1.02 + (8.0 + chunks) * u) * r2
     w = 2.0 * one + 8.0 * u * r2
     return w.to(q.gemm.dtype)[:, None]
 
@@ -127,14 +129,17 @@ class _full_precision:
 
 
 def _gemm_keys(q: _Rows, q0: int, q1: int, g: _Rows, g0: int, g1: int, metric: str) -> torch.Tensor:
-    """(q1 − q0, g1 − g0) GEMM-form keys in the tile dtype, the units of `_exact_keys`."""
+    """(q1 − q0, g1 − g0) GEMM-form keys in the tile dtype, the units of `_exact_keys`:
+    the norms (2 for cosine) first, then −2 q·g added by GEMM calls of depth _K_CHUNK
+    (see _bound), so the tile is written once by the norms and then only by the GEMMs."""
     a, b = q.gemm[q0:q1], g.gemm[g0:g1]
-    dots = a[:, :_K_CHUNK] @ b[:, :_K_CHUNK].T
-    for c in range(_K_CHUNK, a.shape[1], _K_CHUNK):  # depth _K_CHUNK per call (see _bound)
-        dots.addmm_(a[:, c:c + _K_CHUNK], b[:, c:c + _K_CHUNK].T)
     if metric == "cosine":
-        return dots.mul_(-2.0).add_(2.0)
-    return dots.mul_(-2.0).add_(q.sq[q0:q1, None]).add_(g.sq[None, g0:g1])
+        out = torch.full((q1 - q0, g1 - g0), 2.0, dtype=a.dtype, device=a.device)
+    else:
+        out = q.sq[q0:q1, None] + g.sq[None, g0:g1]
+    for c in range(0, a.shape[1], _K_CHUNK):
+        out.addmm_(a[:, c:c + _K_CHUNK], b[:, c:c + _K_CHUNK].T, alpha=-2.0)
+    return out
 
 
 def _to_distance(key: torch.Tensor, metric: str) -> torch.Tensor:
@@ -342,8 +347,9 @@ def _reid(query, qid, qcam, gallery, gid, gcam, metric, max_rank, normalize):
             # Rows of the query's identity (its matches, its own camera's shots) are not
             # among the others; rows surely past the last match change no rank: few rows
             # are left, compared one by one with their query's match keys.
-            count = (a <= reach) & (qid[q0:q1, None] != gid[None, g0:g1])
-            ci, cj = count.nonzero(as_tuple=True)
+            ci, cj = (a <= reach).nonzero(as_tuple=True)
+            keep = qid[ci + q0] != gid[cj + g0]
+            ci, cj = ci[keep], cj[keep]
             if ci.numel() == 0:
                 continue
             ak, wk = a[ci, cj], w[ci, 0]

@@ -557,8 +557,11 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int6
 // Traffic: the tile once (4 R C bytes) plus norms and labels, mostly from L1/L2; at ~2
 // TB/s a 1024 x 32768 tile takes ~70 us, a 4096 x 4096 one ~35 us (the GEMM that made it:
 // ~70 us / ~140 us in fp32, 1024 x 32768 x 128 / 4096^2 x 512).
+// fp32: three blocks per SM (__launch_bounds__: at most 80 registers, one 8-byte spill;
+// 84 allowed only two, 25 % occupancy, for a kernel that streams the tile and issues ~55
+// instructions per key). fp64 keeps two: at 80 registers it spilled ~700 bytes.
 template <typename T>
-__global__ void mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp, sizeof(T) == 4 ? 3 : 2) mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
                                  const T* __restrict__ sq_rows, const T* __restrict__ sq_cols,
                                  Labels row_labels, Labels col_labels, bool self, bool columns,
                                  unsigned row_blocks, int64_t row_splits, unsigned column_blocks,
