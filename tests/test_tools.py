@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -188,3 +190,30 @@ def test_gpu_check_reports_every_stage_and_keeps_to_its_total(tmp_path):
     assert "| profile | SKIPPED |" in summary and "| training | SKIPPED |" in summary
     assert "- commit " in summary and "torch " in summary
     assert res.stdout.strip().splitlines()[-1].startswith("| training | SKIPPED")
+
+
+def test_cuda_perf_models_every_kernel_and_every_target_row():
+    """make cuda-perf (without nvcc: the committed snapshot of ptxas' resources): every
+    __global__ kernel has a block size and resources, and every target row's model is the
+    sum of its kernels' lines."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import cuda_perf
+
+    snapshot = json.load(open(cuda_perf.SNAPSHOT))
+    kernels = cuda_perf.kernels_in_sources()
+    assert len(kernels) >= 30
+    assert not [k for k in kernels if k not in cuda_perf.THREADS], "a kernel without a block size in THREADS"
+    assert not [k for k in kernels if k not in snapshot], "tools/cuda_resources_sm90.json misses a kernel: " \
+        "python tools/cuda_perf.py --update-snapshot"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_perf.py"), "--no-compile"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for k in kernels:
+        assert f"| {k} |" in res.stdout
+    sections = res.stdout.split("\n### ")[1:]
+    assert len(sections) == len(cuda_perf.target_rows())
+    for sec in sections:
+        lines = [ln for ln in sec.splitlines() if ln.startswith("| ") and not ln.startswith(("| kernel", "| ---"))]
+        summed = sum(float(ln.split("|")[6]) for ln in lines)
+        model = float(re.search(r"\*\*Model: ([0-9.]+) ms\*\*", sec).group(1))
+        assert abs(summed / 1e3 - model) <= 0.002 + 1e-3 * model, sec.splitlines()[0]

@@ -93,7 +93,7 @@ def kernels_in_sources() -> List[str]:
     names = set()
     for path in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*")):
         text = open(path).read()
-        for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)", text):
+        for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)", text):
             names.add(m.group(1))
     return sorted(names)
 

@@ -11,7 +11,10 @@ that fails or runs out of time does not stop the next:
   sanitizers  compute-sanitizer memcheck, racecheck, synccheck, initcheck, in parallel,
               over tools/gpu_sanitize_driver.py (every op on each CUDA path)
   benchmarks  benchmarks/gpu_targets.py: the issues' target rows with their peers
-  profile     the same script's torch.profiler per-kernel tables (kernel, time, launches)
+  profile     the same script's torch.profiler per-kernel tables (kernel, time, launches),
+              each kernel beside its model (tools/cuda_perf.py) with the ratio
+  ncu         Nsight Compute on mine_tile_kernel (bank, B = 8192) and ref_grad_kernel
+              (B = 8192): DRAM %, warps active, issue active, occupancy limiter
   training    benchmarks/train_reference.py on CUDA, short: identical trajectories, speedup
 
 Progress lines carry the elapsed seconds; the last lines are the summary (also
@@ -192,6 +195,28 @@ class Check:
         tables = [line for line in out.splitlines() if line.startswith("## ")]
         return code == 0, f"{len(tables)} kernel tables in kernel-profile.txt"
 
+    # ---- (e') ncu on the kernels the review named (issue 35): DRAM %, warps active, issue
+    # active, the occupancy limiter. The second call of each case is profiled (the first
+    # warms up); sections SpeedOfLight, Occupancy, SchedulerStats, LaunchStats.
+    def ncu(self, limit: float) -> Tuple[bool, str]:
+        tool = shutil.which("ncu")
+        if tool is None:
+            return False, "ncu not found"
+        sections = [a for s in ("SpeedOfLight", "Occupancy", "SchedulerStats", "LaunchStats") for a in ("--section", s)]
+        done = []
+        for case, kernel, skip in (("bank", "mine_tile_kernel", 32), ("b8192", "ref_grad_kernel", 1),
+                                   ("b8192", "mine_tile_kernel", 3)):
+            if self.left(limit) < 8:
+                break
+            out_file = os.path.join(self.out, f"ncu-{case}-{kernel}.txt")
+            code, out = run([tool, "--clock-control", "none", "-k", f"regex:{kernel}", "--launch-skip", str(skip),
+                             "--launch-count", "1", *sections, PY, "tools/ncu_driver.py", case],
+                            self.log(f"5b-ncu-{case}-{kernel}"), self.left(limit))
+            with open(out_file, "w") as f:
+                f.write(out[-60000:])
+            done.append(f"{case}/{kernel}: {'ok' if code == 0 else f'exit {code}'}")
+        return bool(done) and all(d.endswith("ok") for d in done), "; ".join(done) + " (ncu-*.txt)"
+
     # ---- (f) training
     def training(self, limit: float) -> Tuple[bool, str]:
         out_dir = os.path.join(self.out, "train_digits_cuda")
@@ -249,14 +274,15 @@ def main() -> int:
     ap.add_argument("--wheels", default=os.path.join(ROOT, ".whl"))
     # The performance picture first (issue 35): a run cut short still has the target rows
     # (with rescans and the largest hub) and the per-kernel profile.
-    ap.add_argument("--stages", default="build,benchmarks,profile,tests,sanitizers,training")
+    ap.add_argument("--stages", default="build,benchmarks,profile,ncu,tests,sanitizers,training")
     args = ap.parse_args()
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out)
     jobs = os.cpu_count() or 2
     check = Check(args.out, args.total, args.wheels, jobs)
-    limits = {"build": 150, "tests": 150, "sanitizers": 100, "benchmarks": 130, "profile": 45, "training": 60}
+    limits = {"build": 150, "tests": 150, "sanitizers": 100, "benchmarks": 130, "profile": 45, "ncu": 45,
+              "training": 60}
     say(f"gpu-check: stages {args.stages}, {args.total:.0f} s in all, results in {args.out}", check.progress)
     for name in args.stages.split(","):
         check.stage(name, getattr(check, name), limits[name])

@@ -31,7 +31,7 @@ def kernels_in_sources() -> set[str]:
         for f in files:
             if f.endswith((".cu", ".cuh", ".h")):
                 text = open(os.path.join(folder, f)).read()
-                names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", text))
+                names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(", text))
     return names
 
 
