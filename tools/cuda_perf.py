@@ -285,7 +285,8 @@ def bank_rows(B: int, M: int, D: int) -> List[Launch]:
         Launch("cuBLAS GEMM (tile)", n, 132, flops=2 * B * cols * D, peak="fp32_gemm", library=True,
                note=f"{n} tiles of {B}×{cols}×{D}"),
         Launch("mine_tile_kernel", n, blocks(B, 8) * math.ceil(cols / 2048), bytes=B * cols * 4,
-               instr=B * cols * 55 / 32, note="25 % occupancy (84 registers; SASS review)"),
+               instr=B * cols * 55 / 32, note="issue-bound: ~55 instructions per key (SASS review); 3 blocks per SM since the "
+                    "80-register bound (was 2: 84 registers)"),
         Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
         Launch("settle_parts_kernel", 1, blocks(B, 8) * 256, bytes=0, note="0 rescans on random data"),
         Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * 4),

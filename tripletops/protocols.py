@@ -265,40 +265,40 @@ def _pair_gemm_keys(q: _Rows, ia: torch.Tensor, g: _Rows, ib: torch.Tensor, metr
     return out
 
 
-class _ExactMatchKeys:
-    """Exact keys of the queries' matches, padded with +inf (gallery index G), formed on
-    first use per query and kept: the rare pairs that the bound cannot place need them."""
+class _BandKeys:
+    """Exact keys of the matches, by query and by place in the query's GEMM-form order
+    (the columns of `Ka`), formed on first use and kept: only the matches whose GEMM-form
+    key lies within the bound of an undecided row's need them."""
 
-    def __init__(self, q, g, qi, gi, first, counts, n_max, G):
-        self.q, self.g, self.qi, self.gi, self.first = q, g, qi, gi, first
-        dev = qi.device
-        Q = counts.numel()
-        self.keys = torch.full((Q, n_max + 1), math.inf, dtype=torch.float64, device=dev)
-        self.index = torch.full((Q, n_max + 1), G, dtype=torch.int64, device=dev)
-        self.have = torch.zeros(Q, dtype=torch.bool, device=dev)
+    def __init__(self, q, g, index, G):
+        self.q, self.g, self.index = q, g, index  # index: (Q, n_max + 1) gallery rows, G as padding
+        self.keys = torch.full(index.shape, math.nan, dtype=torch.float64, device=index.device)
 
-    def rows(self, users: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        new = users[~self.have[users]]
-        if new.numel():
-            sel = torch.zeros_like(self.have)
-            sel[new] = True
-            pick = sel[self.qi].nonzero()[:, 0]
-            qp = self.qi[pick]
-            slot = pick - self.first[qp]
-            self.keys[qp, slot] = _exact_keys(self.q, qp, self.g, self.gi[pick])
-            self.index[qp, slot] = self.gi[pick]
-            self.have[new] = True
-        return self.keys[users], self.index[users]
+    def get(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        k = self.keys[rows, slots]
+        new = torch.isnan(k)
+        if bool(new.any()):
+            r, c = rows[new], slots[new]
+            self.keys[r, c] = _exact_keys(self.q, r, self.g, self.index[r, c])
+            k = self.keys[rows, slots]
+        return k
 
 
-def _count_exactly(q, g, ui, uj, matches: _ExactMatchKeys, hist) -> None:
+def _count_exactly(q, g, ui, uj, p_lo, p_hi, band: _BandKeys, hist) -> None:
     """hist[ui, p] += 1 with p the number of query ui's matches ranked before gallery row
-    uj on exact keys, ties to the smallest gallery index."""
+    uj on exact keys, ties to the smallest gallery index: the p_lo matches surely before
+    it, and of the matches in places [p_lo, p_hi) of the GEMM-form order, those whose
+    exact key is smaller (or equal with a smaller gallery index)."""
     e = _exact_keys(q, ui, g, uj)
-    users, inv = torch.unique(ui, return_inverse=True)
-    Ke, MI = matches.rows(users)
-    before = (Ke[inv] < e[:, None]) | ((Ke[inv] == e[:, None]) & (MI[inv] < uj[:, None]))
-    hist.index_put_((ui, before.sum(1)), torch.ones_like(ui), accumulate=True)
+    width = p_hi - p_lo
+    which = torch.repeat_interleave(torch.arange(ui.numel(), device=ui.device), width)
+    slots = torch.arange(which.numel(), device=ui.device) - torch.repeat_interleave(
+        torch.cumsum(width, 0) - width, width) + p_lo[which]
+    rows = ui[which]
+    km, im = band.get(rows, slots), band.index[rows, slots]
+    ahead = (km < e[which]) | ((km == e[which]) & (im < uj[which]))
+    p = p_lo + torch.zeros_like(p_lo).index_add_(0, which, ahead.long())
+    hist.index_put_((ui, p), torch.ones_like(ui), accumulate=True)
 
 
 def _reid(query, qid, qcam, gallery, gid, gcam, metric, max_rank, normalize):
@@ -330,10 +330,12 @@ def _reid(query, qid, qcam, gallery, gid, gcam, metric, max_rank, normalize):
     slot = torch.arange(qi.numel(), device=dev) - first[qi]
     Ka = torch.full((Q, n_max + 1), math.inf, dtype=q.gemm.dtype, device=dev)
     Ka[qi, slot] = _pair_gemm_keys(q, qi, g, gi, metric)
-    Ka = torch.sort(Ka, dim=1).values
+    Ka, order = torch.sort(Ka, dim=1)
+    MI = torch.full((Q, n_max + 1), G, dtype=torch.int64, device=dev)
+    MI[qi, slot] = gi
+    band = _BandKeys(q, g, MI.gather(1, order), G)  # the matches' gallery rows in Ka's order
     last = Ka.gather(1, (counts - 1).clamp(min=0)[:, None])
     last = torch.where(valid[:, None], last, torch.full_like(last, -math.inf))
-    exact_matches = _ExactMatchKeys(q, g, qi, gi, first, counts, n_max, G)
     step = max(1, _TILE_ELEMS // (n_max + 1))  # counted rows compared at a time
     q_step = max(1, min(Q, 1024))
     g_step = max(1, _TILE_ELEMS // q_step)
@@ -362,7 +364,7 @@ def _reid(query, qid, qcam, gallery, gid, gcam, metric, max_rank, normalize):
                                 accumulate=True)
                 if not bool(sure.all()):
                     ui, uj = ci[s:s + step][~sure] + q0, cj[s:s + step][~sure] + g0
-                    _count_exactly(q, g, ui, uj, exact_matches, hist)
+                    _count_exactly(q, g, ui, uj, p_lo[~sure], p_hi[~sure], band, hist)
 
     before = torch.cumsum(hist[:, :n_max], 1)  # non-matches before the t-th match
     t = torch.arange(1, n_max + 1, device=dev, dtype=torch.int64)
