@@ -215,6 +215,25 @@ def rows() -> Dict[str, Callable[[], Dict[str, Callable[[], object]]]]:
         knn(100_000, 100_000, 128)
     # few queries: each row's tile in segments (one warp each); GEMMs ~5.5 ms, keys 4 GB ~1 ms
     table["knn fp32 Q=1024 G=2^20 D=64 k=10 fwd (model ~7 ms, ~1.3x one GEMM)"] = knn(1024, 1 << 20, 64)
+
+    def reid():  # tripletops/protocols.py: GEMM tiles of depth 256, the epilogue in ATen ops
+        def build():
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from bench_protocols import reid_case
+            fns, _, _ = reid_case("cuda")
+            q_g = fns["one Q×Gᵀ GEMM"]
+            return {"tripletops": fns["reid_metrics"], "gemm q@g.T": q_g}
+        return build
+    # docs/protocols.md: the GEMM ~4 ms (TF32 off), ~210 launches, ~26 host reads: ~10 ms
+    table["reid_metrics Market-1501 Q=3368 G=15913 D=2048 (goal <= 1.5x one GEMM on CPU; model ~10 ms)"] = reid()
+
+    def verification():
+        def build():
+            from bench_protocols import verification_case
+            fns, _, _ = verification_case("cuda")
+            return {"tripletops": fns["verification_metrics"], "gemm x@x.T": fns["one N×Nᵀ GEMM"]}
+        return build
+    table["verification_metrics N=10^4 D=512 (no goal; a first measurement)"] = verification()
     return table
 
 
