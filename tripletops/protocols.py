@@ -5,17 +5,17 @@
   ``eval_market1501`` compute them from a full Q×G distance matrix.
 - `verification_metrics`: TAR at fixed FAR over all unordered pairs, as IJB-B/C report.
 
-Both stream tiles of the distance matrix (a GEMM per tile, at most ``_TILE_ELEMS``
-entries) and keep per query only what the metrics need: its true matches' exact
-distances (re-ID), or the impostor pairs that can still be among the smallest and the
-genuine pairs (verification). Distances in a tile come from the GEMM form
-``|q|² + |g|² − 2 q·g`` (unit rows for cosine), each within a proven rounding bound of
-the exact one (docs/numerics.md); every comparison that the bound cannot decide is made
-again on exact distances (the difference form accumulated in float64 from the input
-rows; for cosine on unit rows formed in float64), and ties go to the smallest gallery
-index, as for `knn`. The code is PyTorch operations, so it runs on CPU and CUDA alike;
-on CUDA it has run only on the emulator-free CPU path's tests (no GPU was lent), see
-docs/protocols.md.
+Both stream tiles of the distance matrix (at most ``_TILE_ELEMS`` entries, GEMM calls of
+depth ``_K_CHUNK``) and keep only what the metrics need: per query, its matches' keys and
+a histogram of how many matches each kept gallery row ranks after (re-ID); the impostor
+pairs that can still be among the smallest, and the genuine pairs (verification).
+Distances in a tile come from the GEMM form ``|q|² + |g|² − 2 q·g`` (unit rows for
+cosine), each within a proven rounding bound of the exact one (`_bound`); every
+comparison that the bound cannot decide is made again on exact distances (the
+difference form accumulated in float64 from the input rows; for cosine on unit rows
+formed in float64), and ties go to the smallest gallery index, as for `knn`. The code is
+PyTorch operations, so the same code runs on CPU and CUDA; on CUDA it has not run yet
+(no GPU has been lent since it was written): docs/protocols.md.
 """
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ class _Rows:
     ``gemm``: fp32 (fp64 for fp64 input) rows for the GEMM-form keys: unit rows for
     cosine, for (sq)euclidean the rows less a common centre (distances are translation
     invariant; a centre near the data keeps the norms, hence the rounding bound, small
-    for data far from the origin). ``sq``: their squared norms. ``exact``: float64 rows for
-    exact keys (canonical unit rows for cosine).
+    for data far from the origin). ``sq``, ``norm``: their squared norms and norms.
+    ``exact(idx)``: float64 rows for exact keys, formed on demand (cosine: the canonical
+    unit rows, ``unit``, formed once; ``tiny`` marks rows of norm <= eps).
     """
 
     def __init__(self, x: torch.Tensor, metric: str, centre: Optional[torch.Tensor]):
@@ -323,8 +324,7 @@ def _reid(query, qid, qcam, gallery, gid, gcam, metric, max_rank, normalize):
     # matches ranked before the row: the t-th match's rank is t + #{rows: p(row) < t}
     # (which match is which does not matter). p is counted from the GEMM-form keys where
     # no match key lies within the bound w of the row's, and from exact keys otherwise.
-    hist = torch.zeros(Q, n_max + 2, dtype=torch.int64, device=dev)
-    dump = n_max + 1  # the column for rows that do not count
+    hist = torch.zeros(Q, n_max + 1, dtype=torch.int64, device=dev)  # p in [0, n_max]
     # Every query's matches: GEMM-form keys (row dot products: any summation order is
     # within the bound), sorted per query and padded with +inf; slot = place in (qi, gi).
     slot = torch.arange(qi.numel(), device=dev) - first[qi]
