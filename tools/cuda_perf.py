@@ -145,7 +145,7 @@ def parse_ptxas(text: str, arch: str = "sm_90") -> Dict[str, Resources]:
 
 
 def resources(compile_if_stale: bool) -> Dict[str, Resources]:
-    sources = glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True)
+    sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.*")) + glob.glob(os.path.join(ROOT, "csrc", "*.h"))
     newest = max(os.path.getmtime(s) for s in sources)
     if os.path.exists(REPORT) and os.path.getmtime(REPORT) >= newest:
         found = parse_ptxas(open(REPORT).read())
