@@ -279,9 +279,9 @@ def bank_rows(B: int, M: int, D: int) -> List[Launch]:
     return [
         Launch("prepare_rows_kernel", 1, blocks(D, 32), bytes=3 * B * D * 4),
         Launch("row_norms_kernel", 1, blocks(B, 8), bytes=B * D * 4 + state_bytes),
-        Launch("at::sub_out (shift a bank tile)", n, 132, bytes=2 * cols * D * 4, library=True,
-               note="runs even when the shift is zero (issue 35)"),
-        Launch("row_norms_kernel", n, blocks(cols, 8), bytes=cols * D * 4, note="the tile's norms"),
+        Launch("row_norms_kernel", n, blocks(cols, 8), bytes=2 * cols * D * 4,
+               note="the tile shifted and its norms in one pass (was a separate at::sub_out: a read and a "
+                    "write more)"),
         Launch("cuBLAS GEMM (tile)", n, 132, flops=2 * B * cols * D, peak="fp32_gemm", library=True,
                note=f"{n} tiles of {B}×{cols}×{D}"),
         Launch("mine_tile_kernel", n, blocks(B, 8) * math.ceil(cols / 2048), bytes=B * cols * 4,

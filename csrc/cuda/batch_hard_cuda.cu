@@ -47,7 +47,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sort.h>
-#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -240,14 +239,16 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
     using T = at::opmath_type<scalar_t>;
     const unsigned row_threads = kRowsPerBlock * kWarp;
     const MiningState<T> state{state_key.data_ptr<T>(), state_idx.data_ptr<int64_t>(), slots * B};
-    // Squared norms of the GEMM operands (rows of Xc, or of a reference tile).
-    auto norms = [&](const at::Tensor& rows, int64_t n, T* out, bool reset) {
+    // Squared norms of the GEMM operands (rows of Xc, or of a reference tile); with
+    // `shifted`, the rows less `shift` are the operand, written there in the same pass.
+    auto norms = [&](const at::Tensor& rows, int64_t n, T* out, bool reset, T* shifted = nullptr) {
+      const T* by = shifted != nullptr ? shift.data_ptr<T>() : nullptr;
       if (rows.scalar_type() == ct)
         TRIPLETOPS_LAUNCH((row_norms_kernel<T, T>), blocks_of(n, kRowsPerBlock), row_threads, 0, stream,
-                          rows.data_ptr<T>(), n, D, out, reset, state, slots);
+                          rows.data_ptr<T>(), n, D, out, reset, state, slots, by, shifted);
       else
         TRIPLETOPS_LAUNCH((row_norms_kernel<scalar_t, T>), blocks_of(n, kRowsPerBlock), row_threads, 0, stream,
-                          rows.data_ptr<scalar_t>(), n, D, out, reset, state, slots);
+                          rows.data_ptr<scalar_t>(), n, D, out, reset, state, slots, nullptr, nullptr);
     };
     norms(Xc, B, sq_x.data_ptr<T>(), true);  // also resets every anchor's state
     // One GEMM tile and its mining; r0/c0 index the anchors / the reference set.
@@ -272,12 +273,13 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
       for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
         const int64_t cols = std::min(tile_cols, M - c0);
         at::Tensor ref_rows = R.narrow(0, c0, cols);
-        if (ref_buffer) {
+        if (ref_buffer) {  // the tile shifted and its norms, one pass
           at::Tensor buf = ref_tile.narrow(0, 0, cols);
-          at::sub_out(buf, ref_rows, shift);
+          norms(ref_rows, cols, sq_r.data_ptr<T>() + c0, false, buf.data_ptr<T>());
           ref_rows = buf;
+        } else {
+          norms(ref_rows, cols, sq_r.data_ptr<T>() + c0, false);
         }
-        norms(ref_rows, cols, sq_r.data_ptr<T>() + c0, false);
         for (int64_t r0 = 0; r0 < B; r0 += tile_rows) mine_tile(r0, std::min(tile_rows, B - r0), c0, cols, ref_rows);
       }
     }

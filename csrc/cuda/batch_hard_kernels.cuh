@@ -529,15 +529,24 @@ __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T*
 
 // Squared norms of N rows (one warp per row), in T, from the rows as given to the GEMM.
 // With `reset`, also resets these rows' mining state (as anchors) in all `slots` slots.
+// With `shift` (a reference tile of (sq)euclidean in fp32/fp64, scalar_t = T), the GEMM's
+// rows are x - shift, written to `shifted` in the same pass (the same rounding as a
+// separate subtraction; it saves a read and a write of the tile: ~0.3 ms on a 2^20 x 128
+// bank at ~4 TB/s, model).
 template <typename scalar_t, typename T>
 __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, T* sq, bool reset,
-                                 MiningState<T> state, int64_t slots) {
+                                 MiningState<T> state, int64_t slots, const T* __restrict__ shift,
+                                 T* __restrict__ shifted) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= N) return;
   T s = 0;
   for (int64_t k = lane; k < D; k += kWarp) {
-    const T v = T(x[i * D + k]);
+    T v = T(x[i * D + k]);
+    if (shift != nullptr) {  // uniform over the grid
+      v = v - shift[k];
+      shifted[i * D + k] = v;
+    }
     s += v * v;
   }
   s = warp_sum(s);
