@@ -547,7 +547,9 @@ def test_emulated_cuda_small_batches_take_four_kernels(name, reduction, metric, 
     x, y = make_batch(40, 7, 5)
     _run(fn, x, y, _kwargs(name, "mean" if reduction == "soft" else reduction, metric, soft=reduction == "soft"))
     rows = ["family_unit_rows_kernel"] if metric == "cosine" else []
-    stats = "contrastive_fused_kernel" if name == "contrastive" else "triplet_family_fused_kernel"
+    stats = ("contrastive_fused_kernel" if name == "contrastive" else
+             "batch_all_stream_kernel" if name == "batch_all" and reduction != "soft" else
+             "triplet_family_fused_kernel")
     want = [*rows, "family_distance_kernel", stats, stats, *rows, "family_embedding_grad_kernel"]
     if reduction == "none":
         want = [*rows, "family_distance_kernel", "contrastive_terms_kernel", *rows, "family_embedding_grad_kernel"]
@@ -560,8 +562,9 @@ def test_emulated_cuda_small_batches_take_four_kernels(name, reduction, metric, 
 @pytest.mark.parametrize("b,path", [(40, "fused"), (100, "shared sort"), (130, "general")])
 def test_emulated_cuda_paths_by_batch_size(name, b, path, tmp_path, monkeypatch):
     """Which kernels each path launches (bounds under the emulator: 64 and 128; on a GPU
-    1024 and 8192): the fused path; then the rows sorted in shared memory around
-    pairwise_distance's kernels, with no at::sort; then the general path."""
+    1024 and 8192): the fused path; then the rows sorted in shared memory (batch-all: only
+    its positives, the row streamed) around pairwise_distance's kernels, with no at::sort;
+    then the general path."""
     trace = tmp_path / "launches.txt"
     monkeypatch.setenv("TRIPLETOPS_EMU_LAUNCH_TRACE", str(trace))
     fn, ref_fn, _ = FAMILY[name]
@@ -569,8 +572,9 @@ def test_emulated_cuda_paths_by_batch_size(name, b, path, tmp_path, monkeypatch)
     kw = _kwargs(name, None if name == "semi_hard" else "mean", "euclidean")
     loss, grad = _run(fn, x, y, kw)
     names = trace.read_text().split()
-    fused_stats = names.count("triplet_family_fused_kernel")
-    assert fused_stats == (0 if path == "general" else 2), names
+    stats, other = ("batch_all_stream_kernel", "triplet_family_fused_kernel")[:: 1 if name == "batch_all" else -1]
+    assert names.count(stats) == (0 if path == "general" else 2), names
+    assert other not in names, names
     assert ("family_distance_kernel" in names) == (path == "fused"), names
     assert ("split_by_label_kernel" in names) == (path == "general"), names
     ref_loss, ref_grad = _run(ref_fn, x.double(), y, kw)

@@ -66,6 +66,7 @@ THREADS = {
     "knn_exact_keys_kernel": 256, "knn_refine_keys_kernel": 256, "knn_tile_select_kernel": 256,
     # loss_family_*.cuh (triplet_family_fused_kernel: sorted_row_threads(B), up to 1024)
     "family_unit_rows_kernel": 128, "family_distance_kernel": 256, "triplet_family_fused_kernel": 1024,
+    "batch_all_stream_kernel": 256,
     "contrastive_fused_kernel": 128, "contrastive_terms_kernel": 256, "family_embedding_grad_kernel": 128,
     "split_by_label_kernel": 256, "row_prefix_sum_kernel": 32, "batch_all_stats_kernel": 128,
     "batch_all_grad_kernel": 128, "semi_hard_stats_kernel": 128, "semi_hard_grad_kernel": 128,
@@ -233,6 +234,19 @@ def blocks(n: float, per: float) -> int:
     return max(1, math.ceil(n / per))
 
 
+def settle_launch(B: int, M: int, D: int, es: int, rescans: float) -> Launch:
+    """settle_parts_kernel: a fixed grid of 1056 blocks (kSettleBlocks) strides over the
+    (rescanned anchor, part) items; an anchor's M rows are split in min(1024, M / 64) parts,
+    8 warps each, and a warp forms its rows' exact keys one after the other (~1.2 µs each,
+    the SASS review's 0.6 ms for 512 of them). No rescans: one load per block."""
+    parts = max(1, min(1024, math.ceil(M / 64), max(B, 1 << 14) // max(1, math.ceil(rescans))))
+    per_warp = math.ceil(M / parts / 8)
+    rounds = math.ceil(rescans * parts / 1056)
+    return Launch("settle_parts_kernel", 1, 1056, bytes=rescans * M * D * es, fixed_s=rounds * per_warp * 1.2e-6,
+                  note=f"{rescans:g} rescanned anchors assumed (gpu-check prints the count); each over {parts} blocks, "
+                       f"{per_warp} exact keys per warp (was one warp per 2^18 elements: ~0.6 ms per anchor)")
+
+
 def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[Launch]:
     """Self-mining above kSmallMaxB (1024), forward + backward (csrc/cuda/batch_hard_cuda.cu)."""
     es = 2 if dtype == "bf16" else 4
@@ -244,7 +258,6 @@ def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[La
     diag, off = n_t, tiles - n_t
     row_blocks = blocks(tile, 8) * math.ceil(tile / 2048)
     col_blocks = blocks(tile, 256) * math.ceil(tile / 256)
-    parts = max(1, min(256, B, (B * D) >> 18))
     out = [
         Launch("prepare_rows_kernel", 1, blocks(D, 32), bytes=3 * B * D * es,
                note=f"{blocks(D, 32)} blocks: a few SMs stream B·D twice (issue 35: small grid)"),
@@ -252,14 +265,12 @@ def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[La
         Launch("cuBLAS GEMM (tile)", tiles, 132, flops=2 * tile * tile * D,
                peak="bf16_gemm" if dtype == "bf16" else "fp32_gemm", library=True,
                note=f"{tiles} tiles of {tile}²×{D}" + (" on tensor cores (mm.dtype_out)" if dtype == "bf16" else "")),
-        Launch("mine_tile_kernel", diag, row_blocks, bytes=tile * tile * 4, instr=tile * tile * 55 / 32,
-               note="diagonal tiles: rows only; ~55 instructions per key (SASS review)"),
+        Launch("mine_tile_kernel", diag, row_blocks, bytes=tile * tile * 4, instr=tile * tile * 44 / 32,
+               note="diagonal tiles: rows only; ~44 instructions per key (sm_90 SASS; was ~55)"),
         Launch("mine_tile_kernel", off, row_blocks + col_blocks, bytes=2 * tile * tile * 4,
-               instr=2 * tile * tile * 55 / 32, note="off-diagonal: rows and columns"),
+               instr=2 * tile * tile * 44 / 32, note="off-diagonal: rows and columns"),
         Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
-        Launch("settle_parts_kernel", 1, blocks(B, 8) * parts, bytes=rescans * B * D * es,
-               fixed_s=rescans * 0.6e-3, note=f"{rescans:g} rescanned anchors (0 on random data; "
-                                               "~0.6 ms each, serial exact keys: SASS review)"),
+        settle_launch(B, B, D, es, rescans),
         Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * es),
         Launch("count_kernel", 1, 1, bytes=B * 16, fixed_s=B / 256 * 0.5e-6, note="one block reads 2B entries"),
         Launch("anchor_grad_kernel", 1, min(4096, blocks(B, 8)), bytes=4 * B * D * 4),
@@ -285,10 +296,10 @@ def bank_rows(B: int, M: int, D: int) -> List[Launch]:
         Launch("cuBLAS GEMM (tile)", n, 132, flops=2 * B * cols * D, peak="fp32_gemm", library=True,
                note=f"{n} tiles of {B}×{cols}×{D}"),
         Launch("mine_tile_kernel", n, blocks(B, 8) * math.ceil(cols / 2048), bytes=B * cols * 4,
-               instr=B * cols * 55 / 32, note="issue-bound: ~55 instructions per key (SASS review); 3 blocks per SM since the "
-                    "80-register bound (was 2: 84 registers)"),
+               instr=B * cols * 44 / 32, note="issue-bound: ~44 instructions per key in the sm_90 SASS (was ~55: SASS review); "
+                    "3 blocks per SM (80 registers)"),
         Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
-        Launch("settle_parts_kernel", 1, blocks(B, 8) * 256, bytes=0, note="0 rescans on random data"),
+        settle_launch(B, M, D, 4, 0),
         Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * 4),
         Launch("count_kernel", 1, 1, bytes=B * 16, fixed_s=B / 256 * 0.5e-6),
         Launch("anchor_grad_kernel", 1, blocks(B, 8), bytes=4 * B * D * 4),
@@ -298,18 +309,25 @@ def bank_rows(B: int, M: int, D: int) -> List[Launch]:
     ]
 
 
-def batch_all_rows(B: int, D: int) -> List[Launch]:
+def batch_all_rows(B: int, D: int, positives: int = 7) -> List[Launch]:
     """B = 8192: the shared-sort path (pairwise_distance in float64, then
-    triplet_family_fused_kernel with the rows sorted in shared memory), forward."""
-    stages = int(math.log2(B)) * (int(math.log2(B)) + 1) // 2
+    batch_all_stream_kernel: each anchor's positives sorted, its row streamed), forward.
+    The benchmark's data: B / 8 classes, so 7 positives per anchor."""
+    p2 = 1 << max(0, math.ceil(math.log2(max(positives, 1))))
+    stages = int(math.log2(p2)) * (int(math.log2(p2)) + 1) // 2
+    rounds = math.ceil(B / 256)
+    # per block: the gather's rounds (2 barriers each), the positives' sort, 4 block sums and
+    # a scan, at ~150 cycles per barrier; 8 blocks per SM overlap them (B / 132 / 8 waves).
+    serial = (2 * rounds + stages + 12) * 150 / H200["clock"] * math.ceil(B / (132 * 8))
     return [
         Launch("at::to (rows to float64)", 1, 132, bytes=B * D * 12, library=True),
         Launch("cuBLAS DGEMM (Gram)", 1, 132, flops=2 * B * B * D, peak="fp64_gemm", library=True),
         Launch("gram_to_distance_kernel", 1, blocks(B * B, 256), bytes=2 * B * B * 8),
         Launch("close_pairs_kernel", 1, blocks(B, 8), bytes=B * B * 8 / 8, note="rows of near pairs, rare"),
-        Launch("triplet_family_fused_kernel", 1, B, bytes=B * B * 8, fixed_s=stages * 2000 / H200["clock"] * B /
-               132, note=f"a bitonic sort per anchor row: {stages} barrier stages of ~2k cycles "
-                          "(SASS review), 1 block per SM (1024 threads, the row in shared memory)"),
+        Launch("batch_all_stream_kernel", 1, B, bytes=2 * B * B * 8, fixed_s=serial,
+               note=f"two reads of each row (the second mostly from L2), a {p2}-entry sort of the positives "
+                    f"({stages} stages), B·log2(P) compares; was a {int(math.log2(B))}-level bitonic sort of "
+                    "the whole row (~5.8 ms: SASS review)"),
     ]
 
 
@@ -337,7 +355,7 @@ def target_rows() -> List[Row]:
     rows.append(Row("batch_hard fp32 B=8192 D=512", "≤ 1.0× one x·xᵀ GEMM", batch_hard_rows(8192, 512, "fp32"),
                     "one x·xᵀ GEMM", gemm(8192, 512)))
     rows.append(Row("batch_hard bf16 B=8192 D=512", "≤ 2.5× one bf16 GEMM, ≥ 10× eager",
-                    batch_hard_rows(8192, 512, "bf16"), "one bf16 x·xᵀ GEMM", gemm(8192, 512, "bf16_gemm")))
+                    batch_hard_rows(8192, 512, "bf16", rescans=1), "one bf16 x·xᵀ GEMM", gemm(8192, 512, "bf16_gemm")))
     rows.append(Row("bank fp32 B=1024 M=2^20 D=128", "≤ 1.3× one B×M GEMM, ≥ 5× eager",
                     bank_rows(1024, 1 << 20, 128), "one B×M GEMM", 2 * 1024 * (1 << 20) * 128 / H200["fp32_gemm"]))
     rows.append(Row("batch_all fp32 B=8192 D=512 fwd", "≤ 5× one GEMM", batch_all_rows(8192, 512),

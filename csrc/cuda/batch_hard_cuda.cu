@@ -65,8 +65,14 @@ constexpr int64_t kTileElems = int64_t(1) << 25;
 constexpr int64_t kSelfTileRows = 4096;  // square tiles of self-mining above kSmallMaxB
 constexpr int64_t kSmallMaxB = 1024;     // self-mining up to this B: one B x B GEMM, one mining kernel
 constexpr int64_t kSelfScanMaxB = 1024;  // self-mining backward up to this B: one kernel, O(B^2) index scan
-constexpr int64_t kSettleParts = 256;    // warps per settled anchor (settle_parts_kernel), at most
-constexpr int kSettlePartShift = 18;     // ... and about 2^18 reference elements per warp
+// Rescans (settle_parts_kernel): a fixed grid of kSettleBlocks blocks strides over the
+// (listed anchor, part) items; an anchor's reference set is split in at most
+// kSettleMaxParts parts of at least kSettlePartRows rows (8 per warp), and the items'
+// results fit max(B, kSettleItems) slots (512 KiB).
+constexpr int64_t kSettleBlocks = 1056;  // 8 blocks per SM of an H100/H200
+constexpr int64_t kSettleMaxParts = 1024;
+constexpr int64_t kSettlePartRows = 64;
+constexpr int64_t kSettleItems = int64_t(1) << 14;
 // Splits of a Gram tile (mine_tile_kernel): each warp mines about kRowChunk columns of its
 // anchor row, each column thread about kColumnChunk rows, so that a tile fills the GPU
 // many times over (a bank tile of 1024 x 32768: 2048 blocks of 256 threads; a 4096^2
@@ -80,8 +86,10 @@ constexpr int64_t kTileElems = 12000;
 constexpr int64_t kSelfTileRows = 48;
 constexpr int64_t kSmallMaxB = 100;
 constexpr int64_t kSelfScanMaxB = 200;
-constexpr int64_t kSettleParts = 3;
-constexpr int kSettlePartShift = 10;
+constexpr int64_t kSettleBlocks = 2;  // blocks that take several items, anchors split in parts
+constexpr int64_t kSettleMaxParts = 3;
+constexpr int64_t kSettlePartRows = 8;
+constexpr int64_t kSettleItems = 4;
 constexpr int64_t kRowChunk = 128;    // bank tiles (250 columns) in 2 slots
 constexpr int64_t kColumnChunk = 20;  // 48-row tiles in 3 slots (column anchors)
 #endif
@@ -173,7 +181,8 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   // the origin their bound widens, and certification settles what it no longer clears.
   const bool shifted = metric != Metric::Cosine && !halves;
   at::Tensor Xc = halves ? X : at::empty({B, D}, opts), shift = at::empty({D}, opts);
-  at::Tensor counter = at::empty({1}, X.options().dtype(at::kInt));  // reduce_in_last_block's tickets
+  // [0]: reduce_in_last_block's tickets; [1]: anchors listed for a rescan (merge_slots_kernel).
+  at::Tensor counter = at::empty({2}, X.options().dtype(at::kInt));
   Mined m;
   m.pos_idx = at::empty({B}, X.options().dtype(at::kLong));
   m.neg_idx = at::empty({B}, X.options().dtype(at::kLong));
@@ -231,6 +240,12 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
   at::Tensor state_key = at::empty({kStateKeys, slots * B}, opts);
   at::Tensor state_idx = at::empty({kStateIdx, slots * B}, X.options().dtype(at::kLong));
   at::Tensor rescan = at::empty({B}, X.options().dtype(at::kByte));
+  at::Tensor rescan_list = at::empty({2, B}, X.options().dtype(at::kInt));  // list, list_pos
+  // settle_parts_kernel's results: (listed anchor, part) items, best positive and negative.
+  const int64_t settle_items = std::max(B, kSettleItems);
+  const int64_t settle_parts = std::max<int64_t>(1, std::min(kSettleMaxParts, splits_of(M, kSettlePartRows)));
+  at::Tensor part_key = at::empty({settle_items, 2}, X.options().dtype(at::kDouble));
+  at::Tensor part_idx = at::empty({settle_items, 2}, X.options().dtype(at::kLong));
   // A reference tile shifted in the compute dtype: reused, so the reference set is never
   // copied whole. Only for (sq)euclidean in fp32/fp64.
   const bool ref_buffer = !in.self && shifted;
@@ -283,23 +298,23 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
         for (int64_t r0 = 0; r0 < B; r0 += tile_rows) mine_tile(r0, std::min(tile_rows, B - r0), c0, cols, ref_rows);
       }
     }
+    unsigned* listed = counter_ptr() + 1;
+    int32_t* list = rescan_list.data_ptr<int32_t>();
     TRIPLETOPS_LAUNCH((merge_slots_kernel<T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream, state, slots, B,
-                      sq_x.data_ptr<T>(), D, metric, acc_u, gemm_u, rescan.data_ptr<uint8_t>(), stats_ptr);
-    // Rescanning of the anchors whose window the kept candidates do not cover (the
-    // others' warps exit). About 2^18 reference elements per warp (8192 per lane), at
-    // most kSettleParts warps per anchor: few empty warps to retire where M * D is small,
-    // a bank spread over SMs.
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({kSettleParts, M, (M * D) >> kSettlePartShift}));
-    at::Tensor part_key = at::empty({B, parts, 2}, X.options().dtype(at::kDouble));
-    at::Tensor part_idx = at::empty({B, parts, 2}, X.options().dtype(at::kLong));
-    TRIPLETOPS_LAUNCH((settle_parts_kernel<scalar_t, T>), dim3(blocks_of(B, kRowsPerBlock), unsigned(parts)),
-                      row_threads, 0, stream, X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), M, D, sq_x.data_ptr<T>(),
-                      labels_view(in.labels), labels_view(in.ref_labels), in.self, metric, acc_u, gemm_u, B,
-                      state, rescan.data_ptr<uint8_t>(), part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>());
+                      sq_x.data_ptr<T>(), D, metric, acc_u, gemm_u, rescan.data_ptr<uint8_t>(), listed, list,
+                      list + B, stats_ptr);
+    // Rescanning of the listed anchors (none on random data: the fixed grid exits after
+    // one load), each spread over up to kSettleMaxParts blocks. The grid does not depend
+    // on how many anchors are listed, so there is no host read.
+    TRIPLETOPS_LAUNCH((settle_parts_kernel<scalar_t, T>), unsigned(kSettleBlocks), row_threads, 0, stream,
+                      X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), M, D, sq_x.data_ptr<T>(),
+                      labels_view(in.labels), labels_view(in.ref_labels), in.self, metric, acc_u, gemm_u, state,
+                      listed, list, settle_parts, settle_items, part_key.data_ptr<double>(),
+                      part_idx.data_ptr<int64_t>());
     TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream,
                       X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, sq_x.data_ptr<T>(), metric, acc_u,
-                      gemm_u, margin, soft_margin, state, part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(),
-                      parts, m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(),
+                      gemm_u, margin, soft_margin, state, listed, list + B, settle_parts, settle_items,
+                      part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(), m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(),
                       m.neg_dist.data_ptr<T>(), anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(),
                       reduction, want_loss, counter_ptr(), want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
   });

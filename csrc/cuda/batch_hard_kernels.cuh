@@ -95,6 +95,10 @@ struct Kept {
     for (int s = 0; s < kKept; ++s) take(o.key[s], o.idx[s], farther);
     beyond = farther ? fmax(beyond, o.beyond) : fmin(beyond, o.beyond);
   }
+  // The key a candidate must beat to enter the list, for a candidate whose index is above
+  // every kept one (a lane's scan in ascending order: a tie goes to the kept, smaller
+  // index): the last kept key, or NaN (no key is then "no better") while a slot is empty.
+  __device__ __forceinline__ T entry_key() const { return idx[kKept - 1] >= 0 ? key[kKept - 1] : T(NAN); }
   // The runner-up's key: the best key among the other candidates (NaN keys left out).
   __device__ __forceinline__ T second() const { return idx[1] >= 0 && key[1] == key[1] ? key[1] : beyond; }
   // The list of lane ^ offset. Under the emulator (TRIPLETOPS_EMU), the same bits in one
@@ -124,6 +128,36 @@ struct Hardest {
     if (sq - sq == T(0)) sq_max = fmax(sq_max, sq);
     if (positive) pos.take(key, j, true);
     else neg.take(key, j, false);
+  }
+  // offer() for N candidates of a lane's scan, their indices ascending (within the N and
+  // from call to call), in two phases. First each candidate is tested against its kind's
+  // entry key as it was before the N: one no better (the common case) only updates
+  // `beyond`, branch-free. Then the others, if any, take the general path in order. The
+  // first phase's answers stay right after the second's insertions: those only make the
+  // last kept key better. The SASS review of 2026-12-07 counted ~55 instructions per key
+  // for the general test on every candidate.
+  template <int N>
+  __device__ __forceinline__ void offer_ascending(const T (&key)[N], const int64_t (&j)[N], const bool (&same)[N],
+                                                  const bool (&valid)[N], const T (&sq)[N]) {
+    const T entry_p = pos.entry_key(), entry_n = neg.entry_key();
+    unsigned rest = 0;
+#pragma unroll
+    for (int q = 0; q < N; ++q) {  // selects, not branches: fmax(x, 0) (sq_max >= 0) and
+      const T k = key[q];         // fmax / fmin with -inf / +inf leave a field as it is
+      const bool out_p = valid[q] && same[q] && k <= entry_p;   // false for a NaN key
+      const bool out_n = valid[q] && !same[q] && k >= entry_n;
+      sq_max = fmax(sq_max, valid[q] && sq[q] - sq[q] == T(0) ? sq[q] : T(0));
+      pos.beyond = fmax(pos.beyond, out_p ? k : T(-INFINITY));
+      neg.beyond = fmin(neg.beyond, out_n ? k : T(INFINITY));
+      rest |= unsigned(valid[q] && !out_p && !out_n) << q;
+    }
+    if (rest == 0) return;
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      if (!((rest >> q) & 1u)) continue;
+      if (same[q]) pos.take(key[q], j[q], true);
+      else neg.take(key[q], j[q], false);
+    }
   }
   __device__ __forceinline__ void merge(const Hardest& o) {
     sq_max = fmax(sq_max, o.sq_max);
@@ -217,30 +251,56 @@ struct MiningState {
 };
 
 // One warp scans anchor i's Gram row g[0, n) (candidates c0 .. c0 + n - 1), lanes strided,
-// four loads in flight per lane. Squared norms of candidate j: sq[j * sq_stride] (a norms
-// vector, or the Gram diagonal).
-template <typename T>
-__device__ __forceinline__ Hardest<T> scan_row(const T* g, int64_t n, int64_t c0, const T* sq, int64_t sq_stride,
-                                               Labels ref_labels, T sa, Labels labels, int64_t i, int64_t self_index,
-                                               Metric metric, int lane) {
+// four loads in flight per lane. Squared norms of candidate c0 + t: sq[t * sq_stride] (a
+// norms vector, or the Gram diagonal). The loop runs on 32-bit offsets (n <= 2^31 / stride:
+// a tile's row range, kRowChunk-ish, or B <= kSmallMaxB), with the anchor's class id
+// hoisted (kIds: class ids; else multi-hot bitsets) and offer_ascending (each lane's j
+// ascends): the SASS review of 2026-12-07 counted ~55 instructions per key, with the
+// anchor's label reloaded, 64-bit index arithmetic and the general candidate test.
+template <bool kIds, typename T>
+__device__ __forceinline__ Hardest<T> scan_row_labels(const T* g, int n, int64_t c0, const T* sq, int sq_stride,
+                                                      Labels ref_labels, T sa, Labels labels, int64_t i,
+                                                      int64_t self_index, Metric metric, int lane) {
   constexpr int kUnroll = 4;
+  const int self_t = self_index >= c0 && self_index < c0 + n ? int(self_index - c0) : -1;
+  const int64_t la = kIds ? labels.data[i] : 0;
+  const int64_t* lr = ref_labels.data + c0;
   Hardest<T> h = no_candidate<T>();
-  for (int64_t t0 = lane; t0 < n; t0 += kUnroll * kWarp) {
+  for (int t0 = lane; t0 < n; t0 += kUnroll * kWarp) {
+    // All kUnroll in range (every iteration but the last): loads without predicates.
+    const bool whole = t0 + (kUnroll - 1) * kWarp < n;
     T gv[kUnroll], sv[kUnroll];
+    int64_t lv[kUnroll];
 #pragma unroll
     for (int q = 0; q < kUnroll; ++q) {
-      const int64_t t = t0 + q * kWarp;
-      gv[q] = t < n ? g[t] : T(0);
-      sv[q] = t < n ? sq[(c0 + t) * sq_stride] : T(0);
+      const int t = t0 + q * kWarp;
+      const bool in = whole || t < n;
+      gv[q] = in ? g[t] : T(0);
+      sv[q] = in ? sq[t * sq_stride] : T(0);
+      lv[q] = kIds && in ? lr[t] : 0;
     }
+    T key[kUnroll];
+    int64_t j[kUnroll];
+    bool same[kUnroll], valid[kUnroll];
 #pragma unroll
     for (int q = 0; q < kUnroll; ++q) {
-      const int64_t t = t0 + q * kWarp, j = c0 + t;
-      if (t >= n || j == self_index) continue;  // an anchor is not its own positive
-      h.offer(mining_key(metric, gv[q], sa, sv[q]), j, labels.shares(i, ref_labels, j), sv[q]);
+      const int t = t0 + q * kWarp;
+      valid[q] = (whole || t < n) && t != self_t;  // an anchor is not its own positive
+      j[q] = c0 + t;
+      same[q] = kIds ? lv[q] == la : valid[q] && labels.shares(i, ref_labels, j[q]);
+      key[q] = mining_key(metric, gv[q], sa, sv[q]);
     }
+    h.offer_ascending(key, j, same, valid, sv);
   }
   return warp_merge(h);
+}
+template <typename T>
+__device__ __forceinline__ Hardest<T> scan_row(const T* g, int n, int64_t c0, const T* sq, int sq_stride,
+                                               Labels ref_labels, T sa, Labels labels, int64_t i, int64_t self_index,
+                                               Metric metric, int lane) {
+  return labels.words == 0
+             ? scan_row_labels<true>(g, n, c0, sq, sq_stride, ref_labels, sa, labels, i, self_index, metric, lane)
+             : scan_row_labels<false>(g, n, c0, sq, sq_stride, ref_labels, sa, labels, i, self_index, metric, lane);
 }
 
 // Certified mining (SPEC: no candidate misranked because a Gram key rounds; the CPU twin
@@ -454,9 +514,10 @@ constexpr int kCenterCols = 32, kCenterRowStripes = 32;
 // integer grids keep exact keys and exact ties), else left as it is; distances do not
 // change under any translation. Non-finite
 // entries are left out of the statistics (their rows stay non-finite, the others exact).
-// Also zeroes the ticket counter of reduce_in_last_block. A block per 32 columns, 32 row
+// Also zeroes counter[0], the tickets of reduce_in_last_block, and counter[1], the count of
+// anchors listed for a rescan (merge_slots_kernel). A block per 32 columns, 32 row
 // stripes, fixed summation order; no host decision. With `out` null (halves, multiplied
-// as they are), only the counter and the shift (zeros).
+// as they are), only the counters and the shift (zeros).
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kCenterCols * kCenterRowStripes) prepare_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t D, bool shift_columns,
                                     T* __restrict__ out, T* __restrict__ shift, unsigned* counter) {
@@ -465,7 +526,7 @@ __global__ void __launch_bounds__(kCenterCols * kCenterRowStripes) prepare_rows_
   __shared__ double sum_sq[kCenterRowStripes][kCenterCols];
   const int tx = threadIdx.x % kCenterCols, ty = threadIdx.x / kCenterCols;
   const int64_t c = int64_t(blockIdx.x) * kCenterCols + tx;
-  if (blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) counter[0] = 0, counter[1] = 0;
   if (shift_columns) {  // uniform over the grid
     double s = 0, s2 = 0;
     if (c < D) {
@@ -510,7 +571,7 @@ __global__ void batch_hard_small_kernel(const scalar_t* __restrict__ x, const T*
   const int lane = threadIdx.x % kWarp;
   if (i < B) {  // no early return: the reduction below needs every thread of the block
     const T sa = gram[i * (B + 1)];
-    Hardest<T> h = scan_row(gram + i * B, B, 0, gram, B + 1, labels, sa, labels, i, i, metric, lane);
+    Hardest<T> h = scan_row(gram + i * B, int(B), 0, gram, int(B + 1), labels, sa, labels, i, i, metric, lane);
     const Settle w = certify(h, sa, D, metric, acc_u, gemm_u);
     if (stats != nullptr && lane == 0 && (w.sp || w.sn)) atomicAdd(stats, 1ull);
     settle_from_row<scalar_t, T>(h, w, i, gram + i * B, gram, B + 1, sa, x, B, D, labels, metric, lane);
@@ -566,9 +627,13 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int6
 // Traffic: the tile once (4 R C bytes) plus norms and labels, mostly from L1/L2; at ~2
 // TB/s a 1024 x 32768 tile takes ~70 us, a 4096 x 4096 one ~35 us (the GEMM that made it:
 // ~70 us / ~140 us in fp32, 1024 x 32768 x 128 / 4096^2 x 512).
-// fp32: three blocks per SM (__launch_bounds__: at most 80 registers, one 8-byte spill;
-// 84 allowed only two, 25 % occupancy, for a kernel that streams the tile and issues ~55
-// instructions per key). fp64 keeps two: at 80 registers it spilled ~700 bytes.
+// fp32: three blocks per SM (__launch_bounds__: at most 80 registers; 84 allowed only
+// two, 25 % occupancy). fp64 keeps two: at 80 registers it spilled ~700 bytes. Issue:
+// the SASS review counted ~55 instructions per key; with the anchor's class id hoisted,
+// 32-bit offsets and offer_ascending's branch-free test, the common path of the row scan
+// (class ids, euclidean) reads ~44 in the sm_90 SASS of nvcc 13.0 (~175 per 4 keys: loads
+// and addresses ~42, keys ~30, the test ~93, the loop ~10); its 12 bytes of spill sit
+// outside the loops. Not measured: the model (make cuda-perf) takes 44.
 template <typename T>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp, sizeof(T) == 4 ? 3 : 2) mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
                                  const T* __restrict__ sq_rows, const T* __restrict__ sq_cols,
@@ -582,8 +647,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, sizeof(T) == 4 ? 3 : 2)
     const int lane = threadIdx.x % kWarp;
     if (u >= R) return;
     const int64_t i = r0 + u, t0 = C * s / row_splits, t1 = C * (s + 1) / row_splits;
-    const Hardest<T> h = scan_row(tile + u * ld + t0, t1 - t0, c0 + t0, sq_cols, 1, col_labels, sq_rows[i],
-                                  row_labels, i, self ? i : int64_t(-1), metric, lane);
+    const Hardest<T> h = scan_row(tile + u * ld + t0, int(t1 - t0), c0 + t0, sq_cols + c0 + t0, 1, col_labels,
+                                  sq_rows[i], row_labels, i, self ? i : int64_t(-1), metric, lane);
     if (lane != 0) return;
     Hardest<T> st = state.load(s * B + i);
     st.merge(h);
@@ -598,18 +663,26 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, sizeof(T) == 4 ? 3 : 2)
   const int64_t j = c0 + t;  // the column anchor; its candidates are the tile's rows
   const int64_t u0 = R * s / column_splits, u1 = R * (s + 1) / column_splits;
   const T sj = sq_cols[j];
+  const bool ids = col_labels.words == 0;
+  const int64_t lj = ids ? col_labels.data[j] : 0;
   Hardest<T> h = no_candidate<T>();
   constexpr int kUnroll = 4;
   for (int64_t u = u0; u < u1; u += kUnroll) {
     T gv[kUnroll];
 #pragma unroll
     for (int q = 0; q < kUnroll; ++q) gv[q] = u + q < u1 ? tile[(u + q) * ld + t] : T(0);
+    T key[kUnroll], sv[kUnroll];
+    int64_t rows[kUnroll];
+    bool same[kUnroll], valid[kUnroll];
 #pragma unroll
     for (int q = 0; q < kUnroll; ++q) {
-      if (u + q >= u1) break;
-      const int64_t i = r0 + u + q;
-      h.offer(mining_key(metric, gv[q], sj, sq_rows[i]), i, col_labels.shares(j, row_labels, i), sq_rows[i]);
+      valid[q] = u + q < u1;
+      rows[q] = r0 + u + q;  // ascending: offer_ascending
+      sv[q] = valid[q] ? sq_rows[rows[q]] : T(0);
+      same[q] = valid[q] && (ids ? row_labels.data[rows[q]] == lj : col_labels.shares(j, row_labels, rows[q]));
+      key[q] = mining_key(metric, gv[q], sj, sv[q]);
     }
+    h.offer_ascending(key, rows, same, valid, sv);
   }
   Hardest<T> st = state.load(s * B + j);
   st.merge(h);
@@ -618,13 +691,15 @@ __global__ void __launch_bounds__(kRowsPerBlock * kWarp, sizeof(T) == 4 ? 3 : 2)
 
 // After the last tile: every anchor's slots merged into slot 0 (a warp per anchor, lane q
 // taking slots q, q + 32, ...), and certification: `rescan` gets bit 0 / bit 1 when the
-// positive / negative window is not covered by the kept candidates (settle_parts_kernel
-// then rescans the reference set for that anchor). With `stats`, counts the anchors
-// that settle and those rescanned ([0] and [1]). ~B (slots * 100 + 1) bytes.
+// positive / negative window is not covered by the kept candidates. Such an anchor is
+// listed for settle_parts_kernel, which rescans the reference set for it: list[p] = i and
+// list_pos[i] = p, p a ticket from *listed (zeroed by prepare_rows_kernel). The order of
+// the list depends on the atomics, nothing computed from it does. With `stats`, counts
+// the anchors that settle and those rescanned ([0] and [1]). ~B (slots * 100 + 1) bytes.
 template <typename T>
 __global__ void merge_slots_kernel(MiningState<T> state, int64_t slots, int64_t B, const T* __restrict__ sq_x,
                                    int64_t D, Metric metric, double acc_u, double gemm_u, uint8_t* rescan,
-                                   unsigned long long* stats) {
+                                   unsigned* listed, int32_t* list, int32_t* list_pos, unsigned long long* stats) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= B) return;
@@ -635,44 +710,80 @@ __global__ void merge_slots_kernel(MiningState<T> state, int64_t slots, int64_t 
   state.store(i, h);
   const Settle w = certify(h, sq_x[i], D, metric, acc_u, gemm_u);
   rescan[i] = uint8_t((w.rp ? 1 : 0) | (w.rn ? 2 : 0));
+  if (w.rp || w.rn) {
+    const unsigned p = atomicAdd(listed, 1u);
+    list[p] = int32_t(i), list_pos[i] = int32_t(p);
+  }
   if (stats != nullptr) {
     if (w.sp || w.sn) atomicAdd(stats, 1ull);
     if (w.rp || w.rn) atomicAdd(stats + 1, 1ull);
   }
 }
 
-// Rescanning for the anchors whose window the kept candidates do not cover (rescan != 0;
-// every other warp exits at once): the warp for (anchor i, part s = blockIdx.y) ranks
-// part s of the reference set on exact keys (warp_exact_key, one candidate at a time)
-// and writes the part's best positive and negative; finish_anchors_kernel merges the
-// parts. Splitting M over gridDim.y parts spreads one anchor's rescan of a bank over many
-// SMs. On random data no anchor gets here (the benchmark's stats say how many did).
+// Parts per listed anchor in a rescan (settle_parts_kernel, finish_anchors_kernel): as
+// many as `max_parts` allows while the n listed anchors' parts fit the `items` result
+// slots (items >= B >= n: at least one part each). A function of n alone, so the result
+// does not depend on which anchor got which ticket.
+__device__ __forceinline__ int64_t settle_parts_of(int64_t n, int64_t max_parts, int64_t items) {
+  const int64_t fit = n > 0 ? items / n : items;
+  return fit < max_parts ? (fit > 1 ? fit : 1) : max_parts;
+}
+
+// Rescanning for the anchors listed by merge_slots_kernel (n = *listed; on random data
+// none, and the grid exits after one load). Work item (p, s): part s of the reference set
+// for the p-th listed anchor i, one block per item (the grid, a fixed number of blocks,
+// strides over the n * parts items). The block's warps split the part; each ranks its
+// candidates of the kinds that rescan on exact keys (warp_exact_key, one candidate at a
+// time, lanes over D), and the block merges its warps' choices into result slot item
+// (best positive, best negative). finish_anchors_kernel merges anchor i's parts. A rescan
+// of one anchor is thus spread over up to max_parts blocks (~1000 on a GPU): about one
+// read of the reference rows, mostly from L2, instead of one warp's serial chain of
+// M / 16 exact keys (~0.6 ms at M = 8192, ~5 ms on a 2^20 bank: SASS review, 2026-12-07).
 template <typename scalar_t, typename T>
 __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t M,
-                                    int64_t D, const T* __restrict__ sq_x, Labels labels,
-                                    Labels ref_labels, bool self, Metric metric, double acc_u, double gemm_u,
-                                    int64_t B, MiningState<T> state, const uint8_t* __restrict__ rescan,
-                                    double* part_key, int64_t* part_idx) {
-  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  const int64_t parts = gridDim.y, s = blockIdx.y;
-  const int lane = threadIdx.x % kWarp;
-  if (i >= B || rescan[i] == 0) return;  // uniform over the warp
-  const Settle w = certify(state.load(i), sq_x[i], D, metric, acc_u, gemm_u);
+                                    int64_t D, const T* __restrict__ sq_x, Labels labels, Labels ref_labels,
+                                    bool self, Metric metric, double acc_u, double gemm_u, MiningState<T> state,
+                                    const unsigned* __restrict__ listed, const int32_t* __restrict__ list,
+                                    int64_t max_parts, int64_t items, double* part_key, int64_t* part_idx) {
+  __shared__ double warp_key[kRowsPerBlock][2];
+  __shared__ int64_t warp_idx[kRowsPerBlock][2];
+  const int64_t n = int64_t(*listed);
+  const int64_t parts = settle_parts_of(n, max_parts, items);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const bool cosine = metric == Metric::Cosine;
-  const scalar_t* a = x + i * D;
-  const ExactNorm na = warp_exact_norm(a, D, cosine, lane);
-  Choice c;
-  const int64_t j0 = M * s / parts, j1 = M * (s + 1) / parts;
-  for (int64_t j = j0; j < j1; ++j) {
-    if (self && j == i) continue;
-    const bool same = labels.shares(i, ref_labels, j);
-    if (same ? !w.rp : !w.rn) continue;
-    c.offer(warp_exact_key(a, na, r + j * D, D, cosine, lane), j, same);
+  for (int64_t item = blockIdx.x; item < n * parts; item += gridDim.x) {  // uniform over the block
+    const int64_t i = list[item / parts], s = item % parts;
+    const Settle w = certify(state.load(i), sq_x[i], D, metric, acc_u, gemm_u);
+    const scalar_t* a = x + i * D;
+    const ExactNorm na = warp_exact_norm(a, D, cosine, lane);
+    const int64_t j0 = M * s / parts, n_part = M * (s + 1) / parts - j0;
+    const int64_t k0 = j0 + n_part * warp / kRowsPerBlock, k1 = j0 + n_part * (warp + 1) / kRowsPerBlock;
+    Choice c;
+    for (int64_t j = k0; j < k1; ++j) {
+      if (self && j == i) continue;
+      const bool same = labels.shares(i, ref_labels, j);
+      if (same ? !w.rp : !w.rn) continue;
+      c.offer(warp_exact_key(a, na, r + j * D, D, cosine, lane), j, same);
+    }
+    if (lane == 0) {
+      warp_key[warp][0] = c.pk, warp_idx[warp][0] = c.pi;
+      warp_key[warp][1] = c.nk, warp_idx[warp][1] = c.ni;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      Choice b;
+      if (lane < kRowsPerBlock) {
+        b.offer(warp_key[lane][0], warp_idx[lane][0], true);
+        b.offer(warp_key[lane][1], warp_idx[lane][1], false);
+      }
+      b = warp_merge(b);
+      if (lane == 0) {
+        part_key[item * 2] = b.pk, part_idx[item * 2] = b.pi;
+        part_key[item * 2 + 1] = b.nk, part_idx[item * 2 + 1] = b.ni;
+      }
+    }
+    __syncthreads();  // the shared choices are reused by the next item
   }
-  if (lane != 0) return;
-  const int64_t at = (i * parts + s) * 2;
-  part_key[at] = c.pk, part_idx[at] = c.pi;
-  part_key[at + 1] = c.nk, part_idx[at + 1] = c.ni;
 }
 
 // Last: settling (from the kept candidates, or merging settle_parts_kernel's parts for a
@@ -682,7 +793,8 @@ template <typename scalar_t, typename T>
 __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t B,
                                       int64_t D, const T* __restrict__ sq_x, Metric metric, double acc_u,
                                       double gemm_u, double margin, bool soft_margin, MiningState<T> state,
-                                      const double* part_key, const int64_t* part_idx, int64_t parts,
+                                      const unsigned* listed, const int32_t* list_pos, int64_t max_parts,
+                                      int64_t items, const double* part_key, const int64_t* part_idx,
                                       int64_t* pos_idx, int64_t* neg_idx, T* pos_dist, T* neg_dist,
                                       T* anchor_loss, uint8_t* anchor_valid, Reduction reduction, bool want_loss,
                                       unsigned* counter, scalar_t* loss_out) {
@@ -692,10 +804,11 @@ __global__ void finish_anchors_kernel(const scalar_t* __restrict__ x, const scal
     Hardest<T> h = state.load(i);
     const Settle w = certify(h, sq_x[i], D, metric, acc_u, gemm_u);
     settle_from_kept<scalar_t, T>(h, w, x + i * D, r, D, metric, lane);
-    if (w.rp || w.rn) {  // uniform over the warp
+    if (w.rp || w.rn) {  // uniform over the warp: merge settle_parts_kernel's parts
+      const int64_t parts = settle_parts_of(int64_t(*listed), max_parts, items), p = list_pos[i];
       Choice c;
       for (int64_t q = lane; q < parts; q += kWarp) {
-        const int64_t at = (i * parts + q) * 2;
+        const int64_t at = (p * parts + q) * 2;
         c.offer(part_key[at], part_idx[at], true);
         c.offer(part_key[at + 1], part_idx[at + 1], false);
       }

@@ -118,9 +118,12 @@ Batch batch_of(const at::Tensor& dist, const at::Tensor& labels) {
 bool fused(int64_t B) { return B <= kFusedMaxB; }
 
 enum class FamilyPath { Fused, SharedSort, General };
-FamilyPath triplet_family_path(int64_t B) {
+// `sorted_row`: the statistics sort the whole row in shared memory (semi-hard, and the
+// soft margin); batch-all's hinge streams it (batch_all_stream_kernel), with no such limit.
+FamilyPath triplet_family_path(int64_t B, bool sorted_row) {
   if (fused(B)) return FamilyPath::Fused;
-  if (B <= kSharedSortMaxB && sorted_row_bytes(B) + kFusedStaticShared <= max_dynamic_shared_bytes())
+  if (B <= kSharedSortMaxB &&
+      (!sorted_row || sorted_row_bytes(B) + kFusedStaticShared <= max_dynamic_shared_bytes()))
     return FamilyPath::SharedSort;
   return FamilyPath::General;
 }
@@ -204,6 +207,14 @@ FusedPass fused_triplet_pass(const at::Tensor& dist, const at::Tensor& embedding
   const int64_t B = dist.size(0);
   const at::Tensor packed = pack_labels(labels);
   FusedPass p = fused_pass(dist, backward, /*with_w=*/true);
+  if (!semi_hard && !soft) {  // batch-all's hinge: only the positives sorted, the row streamed
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "batch_all_stream", [&] {
+      TRIPLETOPS_LAUNCH((batch_all_stream_kernel<scalar_t>), row_blocks(B), kStreamThreads, 0, current_stream(),
+                        dist.data_ptr<double>(), labels_view(packed), B, margin, den, p.stats.data_ptr<double>(),
+                        p.ticket(), p.out<scalar_t>(result, backward));
+    });
+    return p;
+  }
   const size_t shared = sorted_row_bytes(B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "triplet_family_fused", [&] {
     allow_dynamic_shared(triplet_family_fused_kernel<scalar_t>, shared);
@@ -283,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> batch_all_loss_cuda(const at::Tensor& embeddi
   TORCH_CHECK_VALUE(reduction != Reduction::None,
                     "tripletops: batch_all_loss has no reduction 'none' (B^3 triplets); use mean, mean_nonzero or sum");
   const DeviceGuard guard(embeddings.device());
-  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+  if (triplet_family_path(embeddings.size(0), soft_margin) != FamilyPath::General)
     return fused_triplet_forward(embeddings, labels, /*semi_hard=*/false, margin, metric, soft_margin,
                                  denominator(reduction));
   at::Tensor dist = pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
@@ -301,7 +312,7 @@ at::Tensor batch_all_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   check_saved("batch_all_loss", grad, 1, dist, embeddings, at::kDouble, kDeviceType);
   const Reduction reduction = parse_reduction(reduction_name);
   const DeviceGuard guard(embeddings.device());
-  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+  if (triplet_family_path(embeddings.size(0), soft_margin) != FamilyPath::General)
     return fused_triplet_backward(grad, embeddings, labels, dist, /*semi_hard=*/false, margin, metric, soft_margin,
                                   denominator(reduction));
   const Batch b = batch_of(dist, labels);
@@ -334,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> semi_hard_loss_cuda(const at::Tensor& embeddi
   check_batch(embeddings, labels);
   check_margin(margin, "margin");
   const DeviceGuard guard(embeddings.device());
-  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+  if (triplet_family_path(embeddings.size(0), true) != FamilyPath::General)
     return fused_triplet_forward(embeddings, labels, /*semi_hard=*/true, margin, metric, /*soft=*/false,
                                  Denominator::Count);
   at::Tensor dist = pairwise_distance_cuda(embeddings.to(at::kDouble), c10::nullopt, metric);
@@ -349,7 +360,7 @@ at::Tensor semi_hard_loss_backward_cuda(const at::Tensor& grad, const at::Tensor
   check_batch(embeddings, labels);
   check_saved("semi_hard_loss", grad, 1, dist, embeddings, at::kDouble, kDeviceType);
   const DeviceGuard guard(embeddings.device());
-  if (triplet_family_path(embeddings.size(0)) != FamilyPath::General)
+  if (triplet_family_path(embeddings.size(0), true) != FamilyPath::General)
     return fused_triplet_backward(grad, embeddings, labels, dist, /*semi_hard=*/true, margin, metric,
                                   /*soft=*/false, Denominator::Count);
   const Batch b = batch_of(dist, labels);

@@ -362,6 +362,168 @@ __global__ void __launch_bounds__(1024)
   finish_in_last_block(counter, stats, B, den, out);
 }
 
+// ---- batch-all without a sorted row --------------------------------------------------
+
+// batch_all_stream_kernel's block (threads) and how many positives it sorts at once.
+// Under the emulator, 2 warps and chunks of 8 positives, so that the tests' batches (6 to
+// 20 positives per anchor) take several chunks.
+#ifdef TRIPLETOPS_EMU
+constexpr int kStreamThreads = 64;
+constexpr int kStreamChunk = 8;
+#else
+constexpr int kStreamThreads = 256;
+constexpr int kStreamChunk = 1024;
+#endif
+
+// Inclusive scan of v[q] + add over q in [0, n) (suffix: from n - 1 down to q instead),
+// into out, with the whole block in a fixed order: each thread sums a run of consecutive
+// entries, the runs' totals are scanned by warp shuffles and the warps' totals by every
+// thread in turn. n <= kStreamChunk; v and out may not alias.
+__device__ __forceinline__ void block_scan(const double* v, double add, int n, double* out, bool suffix) {
+  __shared__ double warp_total[kStreamThreads / kWarp];
+  const int threads = int(blockDim.x), lane = int(threadIdx.x) % kWarp, warp = int(threadIdx.x) / kWarp;
+  const int per = (n + threads - 1) / threads;
+  const int lo = int(threadIdx.x) * per < n ? int(threadIdx.x) * per : n, hi = lo + per < n ? lo + per : n;
+  auto at = [&](int q) { return suffix ? n - 1 - q : q; };
+  double run = 0;
+  for (int q = lo; q < hi; ++q) run += v[at(q)] + add;
+  double inclusive = run;
+  for (int o = 1; o < kWarp; o *= 2) {
+    const double u = __shfl_up_sync(kFullMask, inclusive, o);
+    if (lane >= o) inclusive += u;
+  }
+  double before = __shfl_up_sync(kFullMask, inclusive, 1);
+  if (lane == 0) before = 0;
+  __syncthreads();  // warp_total may still be read by a previous call
+  if (lane == kWarp - 1) warp_total[warp] = inclusive;
+  __syncthreads();
+  double base = 0;
+  for (int w = 0; w < warp; ++w) base += warp_total[w];
+  run = base + before;
+  for (int q = lo; q < hi; ++q) out[at(q)] = run += v[at(q)] + add;
+  __syncthreads();
+}
+
+// Anchor a's positives with column-order ranks [r0, r0 + kStreamChunk) into key / col
+// (by rank - r0), read in rounds of one column per thread (ballots rank them within a
+// round). Returns how many positives the row has; `bad` (per thread) counts the row's
+// non-finite distances, and `neg` its negatives. Block-uniform.
+__device__ __forceinline__ int64_t gather_positives(const double* d, Labels lab, int64_t a, int64_t B, int64_t r0,
+                                                    double* key, int* col, long long& bad, long long& neg) {
+  __shared__ int round_count[kStreamThreads / kWarp];
+  const int lane = int(threadIdx.x) % kWarp, warp = int(threadIdx.x) / kWarp, warps = int(blockDim.x) / kWarp;
+  int64_t base = 0;
+  for (int64_t j0 = 0; j0 < B; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    const bool in_row = j < B && j != a;
+    const bool positive = in_row && lab.shares(a, lab, j);
+    if (in_row) bad += !(d[j] - d[j] == 0.0), neg += !positive;
+    const unsigned ballot = __ballot_sync(kFullMask, positive);
+    __syncthreads();  // round_count may still be read by the previous round
+    if (lane == 0) round_count[warp] = __popc(ballot);
+    __syncthreads();
+    int64_t rank = base + __popc(ballot & ((1u << lane) - 1u));
+    for (int w = 0; w < warps; ++w) {
+      if (w < warp) rank += round_count[w];
+      base += round_count[w];
+    }
+    if (positive && rank >= r0 && rank < r0 + kStreamChunk) key[rank - r0] = d[j], col[rank - r0] = int(j);
+  }
+  __syncthreads();
+  return base;
+}
+
+// Batch-all with the hinge (no soft margin), one block per anchor: its statistics, and in
+// the backward its row of w = (d loss / d dist) / scale, as triplet_family_fused_kernel
+// and the general path compute them, without sorting the row. Only the anchor's
+// positives are sorted (by (distance, column), up to kStreamChunk at a time, in static
+// shared memory); the row is then streamed once per chunk, and each negative n finds by
+// binary search the first sorted positive p with d_n < d_p + m exactly (below_sum): the
+// positives from there on are its active triplets, so
+//   loss terms of n = suffix(d_p + m) - count * d_n,   nonzero += count,
+// and in the backward (not_above_sum, the subgradient's convention) w[n] = -count, while
+// a histogram of those first positives, scanned, gives each positive its count of
+// negatives. Counts are exact (integers), so w is bitwise that of the sorted-row kernels;
+// the loss terms are the same sums in another order (double). Every sum runs in a fixed
+// order. Work per anchor: two reads of its row, a sort of its positives, B log P compares.
+// Expected on the H200 (not measured): B = 8192 with 7 positives per anchor, 8 blocks
+// per SM: about two reads of the 512 MiB (B, B) matrix, ~0.25 ms, where the 8192-entry
+// bitonic sort of every row was modelled at ~5.8 ms.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kStreamThreads)
+    batch_all_stream_kernel(const double* __restrict__ dist, Labels lab, int64_t B, double margin, Denominator den,
+                            double* __restrict__ stats, unsigned* __restrict__ counter, FusedOut<scalar_t> out) {
+  __shared__ double key[kStreamChunk];
+  __shared__ int col[kStreamChunk];
+  __shared__ double scan[kStreamChunk + 1];  // forward: suffix sums of d_p + m; backward: the histogram's scan
+  __shared__ double hist[kStreamChunk + 1];
+  const int64_t a = blockIdx.x;
+  const double* d = dist + a * B;
+  const bool backward = out.grad != nullptr;
+  double* wa = backward ? out.w + a * B : nullptr;
+  long long bad = 0, neg_count = 0;
+  const int64_t pos = gather_positives(d, lab, a, B, 0, key, col, bad, neg_count);
+  const int64_t neg = block_sum(neg_count);
+  const bool nan = block_sum(bad) > 0, valid = pos > 0 && neg > 0;
+  double sum = 0, nonzero = 0;
+  if (!valid || nan) {  // block-uniform
+    if (backward)
+      for (int64_t j = threadIdx.x; j < B; j += blockDim.x) wa[j] = !valid || j == a ? 0.0 : NAN;
+  } else {
+    for (int64_t r0 = 0; r0 < pos; r0 += kStreamChunk) {  // block-uniform
+      if (r0 > 0) gather_positives(d, lab, a, B, r0, key, col, bad, neg_count);
+      const int n = int(pos - r0 < kStreamChunk ? pos - r0 : kStreamChunk), n2 = int(next_pow2(n));
+      for (int q = n + int(threadIdx.x); q < n2; q += blockDim.x) key[q] = double(INFINITY), col[q] = INT_MAX;
+      bitonic_sort(key, col, n2);
+      if (backward) {
+        for (int q = threadIdx.x; q <= n; q += blockDim.x) hist[q] = 0.0;
+      } else {
+        block_scan(key, margin, n, scan, /*suffix=*/true);
+        if (threadIdx.x == 0) scan[n] = 0.0;
+      }
+      __syncthreads();
+      for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {
+        if (j == a || lab.shares(a, lab, j)) continue;
+        const double dn = d[j];
+        int lo = 0, hi = n;  // the first positive with dn < d_p + m
+        while (lo < hi) {
+          const int mid = (lo + hi) / 2;
+          if (below_sum(dn, key[mid], margin)) hi = mid; else lo = mid + 1;
+        }
+        nonzero += double(n - lo);
+        if (!backward) {
+          if (lo < n) sum += scan[lo] - double(n - lo) * dn;
+          continue;
+        }
+        int lo2 = 0, hi2 = n;  // the first positive with dn <= d_p + m
+        while (lo2 < hi2) {
+          const int mid = (lo2 + hi2) / 2;
+          if (not_above_sum(dn, key[mid], margin)) hi2 = mid; else lo2 = mid + 1;
+        }
+        atomicAdd(hist + lo2, 1.0);  // integer addends: exact in any order
+        wa[j] = (r0 == 0 ? 0.0 : wa[j]) - double(n - lo2);
+      }
+      if (backward) {
+        __syncthreads();
+        block_scan(hist, 0.0, n, scan, /*suffix=*/false);
+        for (int q = threadIdx.x; q < n; q += blockDim.x) wa[col[q]] = scan[q];
+        __syncthreads();  // key, col and scan are refilled by the next chunk
+      }
+    }
+    if (backward && threadIdx.x == 0) wa[a] = 0.0;
+  }
+  sum = block_sum(sum);
+  nonzero = block_sum(nonzero);
+  if (threadIdx.x == 0) {
+    double* st = stats + a * kStats;
+    st[kSum] = sum;
+    st[kCount] = valid ? double(pos) * double(neg) : 0.0;
+    st[kNonzero] = nonzero;
+    st[kNan] = valid && nan ? 1.0 : 0.0;
+  }
+  finish_in_last_block(counter, stats, B, den, out);
+}
+
 // Whether row i's entries are finite, read from the distances' diagonal: a row with an
 // Inf or NaN has d(i, i) NaN (inf - inf), a finite row 0 (cosine: 0, or 1 for a row that
 // is not a unit row).
