@@ -40,6 +40,37 @@ def test_forward_backward_match_reference(device, dtype, metric, n, m, d, with_y
         assert_grad_close(y.grad, y64.grad, 1e-4 if dtype == torch.float32 else 1e-9, "grad y")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("with_y", [True, False])
+@pytest.mark.parametrize("layout", ["expanded", "transposed", "sliced"])
+def test_backward_takes_the_incoming_gradient_with_its_strides(device, metric, with_y, layout):
+    """d loss / d dist as autograd hands it is often not contiguous: dist.sum()'s is one
+    value expanded (stride 0), a transposed use gives a transposed view. The backward reads
+    it with its strides (the CUDA kernels no longer copy it) and must equal the reference
+    given the same values."""
+    n, m, d = 37, 21 if with_y else 37, 9
+    x = torch.randn(n, d, dtype=torch.float64).to(device=device, dtype=torch.float32).requires_grad_(True)
+    y = torch.randn(m, d, dtype=torch.float64).to(device=device, dtype=torch.float32).requires_grad_(True) \
+        if with_y else None
+    if layout == "expanded":
+        g = torch.full((1, 1), 0.75, dtype=torch.float32, device=device).expand(n, m)
+    elif layout == "transposed":
+        g = torch.randn(m, n, dtype=torch.float32, device=device).t()
+    else:
+        g = torch.randn(n, 2 * m, dtype=torch.float32, device=device)[:, ::2]
+    assert not g.is_contiguous()
+    inputs = (x, y) if with_y else (x,)
+    out = tripletops.pairwise_distance(x, y, metric=metric)
+    got = torch.autograd.grad(out, inputs, grad_outputs=g)
+    refs = tuple(t.detach().double().requires_grad_(True) for t in inputs)
+    ref = reference.pairwise_distance(*refs, metric=metric) if with_y else \
+        reference.pairwise_distance(refs[0], None, metric=metric)
+    want = torch.autograd.grad(ref, refs, grad_outputs=g.double())
+    for a, b, name in zip(got, want, ("grad x", "grad y")):
+        assert_grad_close(a, b, 1e-4, name)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_self_distance_diagonal_is_zero_with_zero_gradient(metric):
     x = (torch.randn(20, 8) * 0.01 + 50).requires_grad_(True)  # far from the origin: worst cancellation

@@ -61,7 +61,7 @@ THREADS = {
     # batch_hard_kernels.cuh
     "prepare_rows_kernel": 1024, "batch_hard_small_kernel": 256, "row_norms_kernel": 256, "mine_tile_kernel": 256,
     "merge_slots_kernel": 256, "settle_parts_kernel": 256, "finish_anchors_kernel": 256, "count_kernel": 256,
-    "self_grad_kernel": 256, "anchor_grad_kernel": 256, "ref_grad_kernel": 256,
+    "self_grad_kernel": 256, "anchor_grad_kernel": 256, "ref_grad_kernel": 256, "ref_merge_kernel": 256,
     # knn_kernels.cuh
     "knn_exact_keys_kernel": 256, "knn_refine_keys_kernel": 256, "knn_tile_select_kernel": 256,
     # loss_family_*.cuh (triplet_family_fused_kernel: sorted_row_threads(B), up to 1024)
@@ -247,6 +247,24 @@ def settle_launch(B: int, M: int, D: int, es: int, rescans: float) -> Launch:
                        f"{per_warp} exact keys per warp (was one warp per 2^18 elements: ~0.6 ms per anchor)")
 
 
+def ref_grad_launches(B: int, D: int, hub: int) -> List[Launch]:
+    """The reference rows' gradient: a warp per chunk of at most 8 terms (kHubChunk), each
+    term ~3 dependent round trips (~0.6 µs each: entry, coefficients, rows) after the
+    chunk's end is found (up to 8 loads); then ref_merge_kernel adds the chunks of the
+    longest group ("hub": the SASS review's ~142 anchors on one row at B = 8192, ~98 at
+    4096) one partial row after the other."""
+    chunk = min(hub, 8)
+    chunks = math.ceil(hub / 8)
+    return [
+        Launch("ref_grad_kernel", 1, min(4096, blocks(2 * B, 8)), bytes=3 * B * D * 4,
+               fixed_s=(3 * chunk + chunk) * 0.6e-6,
+               note=f"the largest hub ({hub} terms) in {chunks} chunks of ≤ 8: ~{4 * chunk} round trips "
+                    "(was one warp's chain of all its terms: ~3 round trips each)"),
+        Launch("ref_merge_kernel", 1, min(4096, blocks(2 * B, 8)), bytes=2 * B * 8 + (chunks + 1) * D * 4,
+               fixed_s=(chunks + 2) * 0.6e-6, note=f"{chunks} partial rows added in order"),
+    ]
+
+
 def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[Launch]:
     """Self-mining above kSmallMaxB (1024), forward + backward (csrc/cuda/batch_hard_cuda.cu)."""
     es = 2 if dtype == "bf16" else 4
@@ -276,8 +294,7 @@ def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[La
         Launch("anchor_grad_kernel", 1, min(4096, blocks(B, 8)), bytes=4 * B * D * 4),
         Launch("at::sort (2B int64, cub radix)", 1, 132, bytes=2 * B * 8 * 2 * 8, library=True,
                fixed_s=4 * 3e-6, note="~4 passes, ~4 launches"),
-        Launch("ref_grad_kernel", 1, min(4096, blocks(2 * B, 8)), bytes=3 * B * D * 4,
-               fixed_s=3 * 1e-6, note="the largest hub (~142 at B = 8192): ~3 dependent round trips"),
+        *ref_grad_launches(B, D, hub=142 if B >= 8192 else 98 if B >= 4096 else 32),
     ]
     return out
 
@@ -305,7 +322,7 @@ def bank_rows(B: int, M: int, D: int) -> List[Launch]:
         Launch("anchor_grad_kernel", 1, blocks(B, 8), bytes=4 * B * D * 4),
         Launch("at::zeros (bank gradient)", 1, 132, bytes=M * D * 4, library=True),
         Launch("at::sort (2B int64, cub radix)", 1, 132, bytes=2 * B * 8 * 16, library=True, fixed_s=12e-6),
-        Launch("ref_grad_kernel", 1, blocks(2 * B, 8), bytes=3 * B * D * 4),
+        *ref_grad_launches(B, D, hub=8),
     ]
 
 

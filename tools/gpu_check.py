@@ -13,8 +13,9 @@ that fails or runs out of time does not stop the next:
   benchmarks  benchmarks/gpu_targets.py: the issues' target rows with their peers
   profile     the same script's torch.profiler per-kernel tables (kernel, time, launches),
               each kernel beside its model (tools/cuda_perf.py) with the ratio
-  ncu         Nsight Compute on mine_tile_kernel (bank, B = 8192) and ref_grad_kernel
-              (B = 8192): DRAM %, warps active, issue active, occupancy limiter
+  ncu         Nsight Compute on mine_tile_kernel (bank, B = 8192), ref_grad_kernel and
+              batch_all_stream_kernel (B = 8192): DRAM %, warps active, issue active,
+              occupancy limiter
   training    benchmarks/train_reference.py on CUDA, short: identical trajectories, speedup
 
 Progress lines carry the elapsed seconds; the last lines are the summary (also
@@ -205,7 +206,7 @@ class Check:
         sections = [a for s in ("SpeedOfLight", "Occupancy", "SchedulerStats", "LaunchStats") for a in ("--section", s)]
         done = []
         for case, kernel, skip in (("bank", "mine_tile_kernel", 32), ("b8192", "ref_grad_kernel", 1),
-                                   ("b8192", "mine_tile_kernel", 3)):
+                                   ("b8192", "mine_tile_kernel", 3), ("ball8192", "batch_all_stream_kernel", 2)):
             if self.left(limit) < 8:
                 break
             out_file = os.path.join(self.out, f"ncu-{case}-{kernel}.txt")

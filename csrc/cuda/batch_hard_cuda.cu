@@ -32,7 +32,9 @@
 // Backward: O(B * D) arithmetic on the 2B selected pairs, one writer per gradient row and
 // a fixed order of additions (deterministic, no atomics). Self-mining up to B = 1024: one
 // kernel; beyond, and for a reference set, the denominator once (count_kernel), the
-// anchors' rows, then the pairs sorted by row (at::sort) and the reference rows.
+// anchors' rows, then the pairs sorted by row (at::sort) and the reference rows, a warp
+// per chunk of at most kHubChunk (8) terms, and a kernel that adds the chunks of the
+// rows picked by more anchors ("hubs") in order.
 // No host synchronisation anywhere (no .item(), no data-dependent shape): a training step
 // can be captured in a CUDA graph. Indexing is 64-bit.
 #include "device.h"
@@ -409,9 +411,15 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cuda(
     // scan above would cost O(B^2) index compares).
     const auto sorted = at::sort(at::cat({pos, neg}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
     const at::Tensor target = std::get<0>(sorted).contiguous(), entry = std::get<1>(sorted).contiguous();
+    // Chunks of at most kHubChunk terms, one warp each; the groups longer than that ("hub"
+    // rows) sum their chunks' partial rows from `parts` in a second kernel.
+    at::Tensor parts = at::empty({hub_slots(2 * B), D}, X.options().dtype(compute_dtype(X.scalar_type())));
+    T* rows_out = self ? grad_x.data_ptr<T>() : grad_r.data_ptr<T>();
     TRIPLETOPS_LAUNCH((ref_grad_kernel<scalar_t, T>), blocks_of(2 * B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
-                      stream, args, target.data_ptr<int64_t>(), entry.data_ptr<int64_t>(),
-                      self ? grad_x.data_ptr<T>() : grad_r.data_ptr<T>());
+                      stream, args, target.data_ptr<int64_t>(), entry.data_ptr<int64_t>(), rows_out,
+                      parts.data_ptr<T>());
+    TRIPLETOPS_LAUNCH((ref_merge_kernel<T>), blocks_of(2 * B, kRowsPerBlock, kMaxGridBlocks), threads, 0, stream,
+                      target.data_ptr<int64_t>(), 2 * B, D, parts.data_ptr<T>(), rows_out);
   });
   return {grad_x.to(X.scalar_type()),
           want_ref ? grad_r.to(R.scalar_type()) : at::empty({0}, X.options())};

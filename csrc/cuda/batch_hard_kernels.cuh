@@ -1029,45 +1029,57 @@ __global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
 
 // Reference rows' gradient: `target` is [pos_idx; neg_idx] sorted stably (-1 first) and
 // `entry` its permutation (entry e < B: anchor e's positive, else anchor e - B's
-// negative). One warp per group of equal targets adds the group's terms, in ascending
-// entry order, onto the row (zeroed for a reference set; the anchor's own term when
-// self-mining, after anchor_grad_kernel): one writer per row, deterministic.
-// The row is held in registers, kRefPerLane columns per lane (512 columns per pass), and
-// stored once per pass: the SASS review of 2026-12-07 found the old `out_row[k] += ...`
-// made every contribution wait on its own stores (the output may alias the inputs, so no
-// load of the next term could be issued before them: ~16 serial L2 round trips per term,
-// 0.4-0.9 ms at B = 4096-8192 where a "hub" row is the hardest negative of ~100-140
-// anchors). Now a term's loads are independent of the accumulation: about three dependent
-// round trips per term (entry, coefficients, rows). The additions are the same, in the
-// same order, in T (deterministic as before); for D > 512 each pass recomputes the terms'
-// coefficients (a cosine term's five dot products: D work per pass). Expected (not measured): the
-// backward's ref pass at B = 8192, D = 512 bounded by the largest group's chain, ~140
-// terms x ~3 round trips (~0.6 us each on an H200) ~ 0.25 ms for that one warp, the rest
-// in parallel; splitting a group over several warps (with a fixed-order sum of parts)
-// would cut that further and is not done. Registers (nvcc 13.0, sm_90): 122 for fp32
-// (86 before; allocated as 128: still 2 blocks of 256 threads per SM), 144 for fp64 (88
-// before: 1 block per SM instead of 2; fp64 is not a speed target).
+// negative). A group of equal targets j (the anchors that picked row j) is cut into
+// chunks at the positions that are multiples of kHubChunk: one warp per chunk adds its
+// terms in ascending entry order. A group within one chunk (nearly all) is added onto
+// the row (zeroed for a reference set; the anchor's own term when self-mining, after
+// anchor_grad_kernel) and stored; a longer one (a "hub" row, the hardest negative of
+// many anchors) writes each chunk's sum to its slot of `parts`, and ref_merge_kernel adds
+// the slots onto the row in chunk order. One writer per row and a fixed order of
+// additions: deterministic.
+// Why: the SASS review of 2026-12-07 found one warp serving a whole group, with every
+// term waiting on the previous one's stores; on randn data one row is the hardest
+// negative of ~98 anchors at B = 4096 and ~142 at 8192, ~16 serial L2 round trips each
+// (0.4-0.9 ms). The row is now held in registers, kRefPerLane columns per lane (512
+// columns per pass), stored once per pass, so a term costs about three dependent round
+// trips (entry, coefficients, rows), and a chain is at most kHubChunk terms: the largest
+// hub at B = 8192 is 18 chunks in parallel, then a merge of 18 partial rows, ~30 us in the
+// model where one warp's chain of 142 terms was ~0.25 ms (not measured). For D > 512
+// each pass recomputes the terms' coefficients (a cosine term's five dot products).
+// Registers (nvcc 13.0, sm_90): fp32 ~122, 2 blocks of 256 threads per SM.
 constexpr int kRefPerLane = 16;
+#ifdef TRIPLETOPS_EMU
+constexpr int64_t kHubChunk = 2;  // the tests' small batches split their groups too
+#else
+constexpr int64_t kHubChunk = 8;
+#endif
+
+// The slot in `parts` of the chunk that starts at s: two per kHubChunk positions (one
+// starting on the multiple, one starting at a group's head inside it).
+__host__ __device__ inline int64_t hub_slot(int64_t s) { return 2 * (s / kHubChunk) + (s % kHubChunk != 0); }
+inline int64_t hub_slots(int64_t E) { return 2 * (E / kHubChunk + 1); }
 
 template <typename scalar_t, typename T>
 __global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __restrict__ target,
-                                const int64_t* __restrict__ entry, T* out) {
+                                const int64_t* __restrict__ entry, T* out, T* __restrict__ parts) {
   const int64_t count = denominator(a);
   const int lane = threadIdx.x % kWarp;
   const int64_t E = 2 * a.B, rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
   for (int64_t s = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; s < E; s += rows_per_grid) {
     const int64_t j = target[s];
-    if (j < 0 || (s > 0 && target[s - 1] == j)) continue;  // not the head of a group (warp-uniform)
+    const bool head = s == 0 || target[s - 1] != j;
+    if (j < 0 || (!head && s % kHubChunk != 0)) continue;  // not a chunk's first position (warp-uniform)
     int64_t end = s + 1;
-    while (end < E && target[end] == j) ++end;
-    T* o = out + j * a.D;
+    while (end < E && end % kHubChunk != 0 && target[end] == j) ++end;
+    const bool whole = head && (end == E || target[end] != j);  // the group is this chunk
+    T* o = whole ? out + j * a.D : parts + hub_slot(s) * a.D;
     const scalar_t* rr = a.r + j * a.D;
     for (int64_t c0 = 0; c0 < a.D; c0 += int64_t(kWarp) * kRefPerLane) {
       T acc[kRefPerLane];
 #pragma unroll
       for (int q = 0; q < kRefPerLane; ++q) {
         const int64_t k = c0 + q * kWarp + lane;
-        acc[q] = k < a.D ? o[k] : T(0);
+        acc[q] = whole && k < a.D ? o[k] : T(0);
       }
       for (int64_t u = s; u < end; ++u) {
         const int64_t e = entry[u], i = e < a.B ? e : e - a.B;
@@ -1097,6 +1109,43 @@ __global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __re
       for (int q = 0; q < kRefPerLane; ++q) {
         const int64_t k = c0 + q * kWarp + lane;
         if (k < a.D) o[k] = acc[q];
+      }
+    }
+  }
+}
+
+// The groups that ref_grad_kernel split (longer than their first chunk): a warp per group
+// head adds its chunks' sums from `parts` onto the row, in chunk order.
+template <typename T>
+__global__ void ref_merge_kernel(const int64_t* __restrict__ target, int64_t E, int64_t D,
+                                 const T* __restrict__ parts, T* out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t rows_per_grid = int64_t(gridDim.x) * kRowsPerBlock;
+  for (int64_t s = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; s < E; s += rows_per_grid) {
+    const int64_t j = target[s];
+    if (j < 0 || (s > 0 && target[s - 1] == j)) continue;  // not a group's head (warp-uniform)
+    const int64_t next = (s / kHubChunk + 1) * kHubChunk;  // where the head's chunk ends at the latest
+    if (next >= E || target[next] != j) continue;          // one chunk: ref_grad_kernel stored it
+    T* o = out + j * D;
+    for (int64_t c0 = 0; c0 < D; c0 += int64_t(kWarp) * kRefPerLane) {
+      T acc[kRefPerLane];
+#pragma unroll
+      for (int q = 0; q < kRefPerLane; ++q) {
+        const int64_t k = c0 + q * kWarp + lane;
+        acc[q] = k < D ? o[k] + parts[hub_slot(s) * D + k] : T(0);
+      }
+      for (int64_t c = next; c < E && target[c] == j; c += kHubChunk) {
+        const T* p = parts + hub_slot(c) * D;
+#pragma unroll
+        for (int q = 0; q < kRefPerLane; ++q) {
+          const int64_t k = c0 + q * kWarp + lane;
+          if (k < D) acc[q] += p[k];
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kRefPerLane; ++q) {
+        const int64_t k = c0 + q * kWarp + lane;
+        if (k < D) o[k] = acc[q];
       }
     }
   }

@@ -3,7 +3,8 @@
 // way, where the general path (loss_family_kernels.cuh) makes ~50 with its ATen glue.
 //
 //   forward:  [cosine: family_unit_rows_kernel] family_distance_kernel, then
-//             triplet_family_fused_kernel / contrastive_fused_kernel (+ the counter's fill)
+//             triplet_family_fused_kernel (batch-all's hinge: batch_all_stream_kernel) /
+//             contrastive_fused_kernel (+ the counter's fill)
 //   backward: [cosine: family_unit_rows_kernel] the fused kernel again (the scale, and for
 //             batch-all / semi-hard each anchor's row of d loss / d dist, unscaled), then
 //             family_embedding_grad_kernel (the gradient to the rows, in their dtype)
@@ -254,7 +255,8 @@ __device__ __forceinline__ void finish_in_last_block(unsigned* counter, const do
   if (out.grad) out.scale[0] = scale; else out.loss[0] = scalar_t(loss);
 }
 
-// Batch-all (semi_hard false) or semi-hard, one block per anchor: its statistics, as
+// Semi-hard, or batch-all with the soft margin (semi_hard false; batch-all's hinge takes
+// batch_all_stream_kernel, below, which sorts no row), one block per anchor: its statistics, as
 // batch_all_stats_kernel / semi_hard_stats_kernel compute them from at::sort's rows, and
 // in the backward its row of w = (d loss / d dist) / scale, as batch_all_grad_kernel /
 // semi_hard_grad_kernel: every entry written (no fill), semi-hard's shared negatives

@@ -149,29 +149,43 @@ namespace {
 // The backward's inputs: d loss / d dist and the distances (N, M), in x's dtype, and for
 // (sq)euclidean the squared norms of the shifted rows, which decide the close pairs.
 struct BackwardInputs {
-  at::Tensor grad, dist, nx, ny;
+  at::Tensor grad, dist, nx, ny;  // grad: any strides (GradView)
   Metric metric;
   bool symmetric;
   template <typename T>
   const T* norms(const at::Tensor& t) const { return t.defined() ? t.data_ptr<T>() : nullptr; }
+  template <typename G>
+  GradView<G> grad_view() const { return {grad.data_ptr<G>(), grad.stride(0), grad.stride(1)}; }
+};
+
+// The GEMM form's weights W and, when asked, their sums along rows (W.sum(1), (N, 1)) and
+// columns (W.sum(0) as (M, 1)).
+struct Weights {
+  at::Tensor w, row_sum, col_sum;
 };
 
 // d loss / d dist -> the GEMM form's weights W, (N, M) in the compute dtype, close pairs
-// out; with `symmetric` (y is x) W + W^T (pair_weights_kernel).
-at::Tensor pair_weights(const BackwardInputs& in, const at::Tensor& like) {
+// out; with `symmetric` (y is x) W + W^T (pair_weights_kernel). With `rows` / `cols`, also
+// W's row / column sums, from the kernel's per-tile sums (a 32nd of W, summed by ATen).
+Weights pair_weights(const BackwardInputs& in, const at::Tensor& like, bool rows = false, bool cols = false) {
   const int64_t N = in.grad.size(0), M = in.grad.size(1);
-  at::Tensor w = at::empty({N, M}, like.options());
+  Weights out{at::empty({N, M}, like.options()), {}, {}};
   const dim3 grid(unsigned((M + kWeightTile - 1) / kWeightTile), unsigned((N + kWeightTile - 1) / kWeightTile));
   TORCH_CHECK(grid.y <= 65535u, "tripletops: distance matrix too large for one launch");
+  const at::Tensor row_part = rows ? at::empty({N, int64_t(grid.x)}, like.options()) : at::Tensor();
+  const at::Tensor col_part = cols ? at::empty({M, int64_t(grid.y)}, like.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.grad.scalar_type(), "pairwise_distance_weights", [&] {
     using G = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pairwise_distance_weights", [&] {
+    AT_DISPATCH_FLOATING_TYPES(out.w.scalar_type(), "pairwise_distance_weights", [&] {
       TRIPLETOPS_LAUNCH((pair_weights_kernel<G, scalar_t>), grid, dim3(kWeightTile, 8), 0, current_stream(),
-                        in.grad.data_ptr<G>(), in.dist.data_ptr<G>(), in.norms<scalar_t>(in.nx),
-                        in.norms<scalar_t>(in.ny), N, M, in.metric, in.symmetric, w.data_ptr<scalar_t>());
+                        in.grad_view<G>(), in.dist.data_ptr<G>(), in.norms<scalar_t>(in.nx),
+                        in.norms<scalar_t>(in.ny), N, M, in.metric, in.symmetric, out.w.data_ptr<scalar_t>(),
+                        rows ? row_part.data_ptr<scalar_t>() : nullptr, cols ? col_part.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return w;
+  if (rows) out.row_sum = row_part.sum(1, /*keepdim=*/true);
+  if (cols) out.col_sum = col_part.sum(1, /*keepdim=*/true);
+  return out;
 }
 
 // Adds the close pairs' terms to g (the gradient of x's rows, or with `columns` of y's) in
@@ -184,7 +198,7 @@ void add_close_pairs(const BackwardInputs& in, const at::Tensor& x, const at::Te
     using G = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pairwise_distance_close", [&] {
       TRIPLETOPS_LAUNCH((close_pairs_kernel<G, scalar_t>), unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                        kRowsPerBlock * 32, 0, current_stream(), in.grad.data_ptr<G>(), in.dist.data_ptr<G>(),
+                        kRowsPerBlock * 32, 0, current_stream(), in.grad_view<G>(), in.dist.data_ptr<G>(),
                         in.norms<scalar_t>(in.nx), in.norms<scalar_t>(in.ny), x.data_ptr<scalar_t>(),
                         y.data_ptr<scalar_t>(), N, M, D, in.metric, in.symmetric, columns, g.data_ptr<scalar_t>());
     });
@@ -219,7 +233,9 @@ void check_backward_input(const at::Tensor& t, const char* name, const at::Tenso
 
 // The gradients by the GEMM form, as on CPU, in few launches: one kernel for the weights
 // W (for y = x, W + W^T, so that one GEMM covers both sides), then
-//   (sq)euclidean: g_x = X_c * rowsum(W) - W Y_c (one addmm), on rows shifted by x's mean
+// (d loss / d dist read with its strides: an expanded gradient is not copied), then
+//   (sq)euclidean: g_x = X_c * rowsum(W) - W Y_c (one addmm; rowsum(W) from the weights
+//     kernel's per-tile sums, a 32nd of W, not two more passes over it), on rows shifted by x's mean
 //     (the sum is translation invariant; far from the origin it would cancel otherwise),
 //     and the close pairs, left out of W, added in difference form (one kernel per side);
 //   cosine: F.normalize's Jacobian applied to -W U, one kernel per side.
@@ -237,10 +253,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
   const bool self = !y.has_value(), cosine = metric == Metric::Cosine;
   const Rows X = prepare(x, metric, /*norms=*/cosine);
   const Rows Y = self ? X : prepare(*y, metric, /*norms=*/cosine);
-  BackwardInputs in{grad.to(x.scalar_type()).contiguous(), dist.to(x.scalar_type()).contiguous(), {}, {}, metric,
-                    self};
+  BackwardInputs in{grad.to(x.scalar_type()), dist.to(x.scalar_type()).contiguous(), {}, {}, metric, self};
   if (cosine) {
-    const at::Tensor W = pair_weights(in, X.rows);
+    const at::Tensor W = pair_weights(in, X.rows).w;
     const at::Tensor gx = normalize_backward(W.mm(Y.rows), X, x.scalar_type());
     if (self) return {gx, at::empty({0}, x.options())};
     return {gx, normalize_backward(W.t().mm(X.rows), Y, y->scalar_type())};
@@ -249,11 +264,11 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
   const at::Tensor Xc = X.rows - mu, Yc = self ? Xc : Y.rows - mu;
   in.nx = Xc.square().sum(1);
   in.ny = self ? in.nx : Yc.square().sum(1);
-  const at::Tensor W = pair_weights(in, X.rows);
-  at::Tensor gx = at::addmm(Xc * W.sum(1, /*keepdim=*/true), W, Yc, /*beta=*/1, /*alpha=*/-1);
+  const Weights W = pair_weights(in, X.rows, /*rows=*/true, /*cols=*/!self);
+  at::Tensor gx = at::addmm(Xc * W.row_sum, W.w, Yc, /*beta=*/1, /*alpha=*/-1);
   add_close_pairs(in, X.rows, Y.rows, /*columns=*/false, gx);
   if (self) return {gx.to(x.scalar_type()), at::empty({0}, x.options())};
-  at::Tensor gy = at::addmm(Yc * W.sum(0).unsqueeze(1), W.t(), Xc, /*beta=*/1, /*alpha=*/-1);
+  at::Tensor gy = at::addmm(Yc * W.col_sum, W.w.t(), Xc, /*beta=*/1, /*alpha=*/-1);
   add_close_pairs(in, X.rows, Y.rows, /*columns=*/true, gy);
   return {gx.to(x.scalar_type()), gy.to(y->scalar_type())};
 }

@@ -225,11 +225,19 @@ struct EntryWeight {
   T w;
   bool close;
 };
+// d loss / d dist as autograd hands it, with its strides: an expanded gradient (that of
+// dist.sum(), stride 0) is read in place, not copied into an (N, M) buffer first.
+template <typename G>
+struct GradView {
+  const G* data;
+  int64_t s0, s1;
+  __device__ __forceinline__ G operator()(int64_t i, int64_t j) const { return data[i * s0 + j * s1]; }
+};
 template <typename G, typename T>
-__device__ __forceinline__ EntryWeight<T> entry_weight(const G* grad, const G* dist, const T* nx, const T* ny,
+__device__ __forceinline__ EntryWeight<T> entry_weight(GradView<G> grad, const G* dist, const T* nx, const T* ny,
                                                           int64_t i, int64_t j, int64_t M, Metric metric) {
   const T d = T(dist[i * M + j]);
-  const T w = pair_weight(T(grad[i * M + j]), d, metric);
+  const T w = pair_weight(T(grad(i, j)), d, metric);
   const T d2 = metric == Metric::Euclidean ? d * d : d;
   return {w, nx != nullptr && w != T(0) && d2 < T(kCancellationRatio) * (nx[i] > ny[j] ? nx[i] : ny[j])};
 }
@@ -237,13 +245,17 @@ __device__ __forceinline__ EntryWeight<T> entry_weight(const G* grad, const G* d
 // d loss / d dist -> W, each entry's weight in the GEMM form of the gradient, in the
 // compute dtype T, 0 for a close pair. With `symmetric` (y is x) the entry (i, j) gets the
 // weights of (i, j) and (j, i) summed, so that one GEMM takes both sides of every pair; the
-// transposed tile goes through shared memory, so both reads are coalesced. Expected on
+// transposed tile goes through shared memory, so both reads are coalesced. With row_part /
+// col_part (nullable), each tile's sums of W along its rows / columns, in a fixed order:
+// row_part[i * gridDim.x + blockIdx.x], col_part[j * gridDim.y + blockIdx.y], a 32nd of W
+// that the launcher sums, where W.sum(1) and W.sum(0) read all of W twice more. Expected on
 // the H200 at 4096 x 4096 fp32: ~25 us (64 MiB read twice when symmetric, 64 MiB written).
 template <typename G, typename T>
-__global__ void pair_weights_kernel(const G* __restrict__ grad, const G* __restrict__ dist, const T* __restrict__ nx,
+__global__ void pair_weights_kernel(GradView<G> grad, const G* __restrict__ dist, const T* __restrict__ nx,
                                     const T* __restrict__ ny, int64_t N, int64_t M, Metric metric, bool symmetric,
-                                    T* __restrict__ w) {
+                                    T* __restrict__ w, T* __restrict__ row_part, T* __restrict__ col_part) {
   __shared__ T mirrored[kWeightTile][kWeightTile + 1];
+  __shared__ T tile[kWeightTile][kWeightTile + 1];
   const int64_t i0 = int64_t(blockIdx.y) * kWeightTile, j0 = int64_t(blockIdx.x) * kWeightTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
   auto far_weight = [&](int64_t i, int64_t j) {
@@ -259,10 +271,23 @@ __global__ void pair_weights_kernel(const G* __restrict__ grad, const G* __restr
   }
   for (int r = ty; r < kWeightTile; r += blockDim.y) {
     const int64_t i = i0 + r, j = j0 + tx;
-    if (i >= N || j >= M) continue;
-    T v = far_weight(i, j);
-    if (symmetric) v += mirrored[tx][r];
-    w[i * M + j] = v;
+    T v = T(0);
+    if (i < N && j < M) {
+      v = far_weight(i, j);
+      if (symmetric) v += mirrored[tx][r];
+      w[i * M + j] = v;
+    }
+    tile[r][tx] = v;
+  }
+  if (row_part == nullptr && col_part == nullptr) return;  // (uniform over the grid)
+  __syncthreads();
+  T sum = T(0);
+  if (ty == 0 && row_part != nullptr && i0 + tx < N) {
+    for (int c = 0; c < kWeightTile; ++c) sum += tile[tx][c];
+    row_part[(i0 + tx) * gridDim.x + blockIdx.x] = sum;
+  } else if (ty == 1 && col_part != nullptr && j0 + tx < M) {
+    for (int r = 0; r < kWeightTile; ++r) sum += tile[r][tx];
+    col_part[(j0 + tx) * gridDim.y + blockIdx.y] = sum;
   }
 }
 
@@ -273,7 +298,7 @@ __global__ void pair_weights_kernel(const G* __restrict__ grad, const G* __restr
 // at a time and walks the close ones (a ballot), lanes over D. Expected on the H200 at
 // 4096 x 4096: ~40 us (the weights read again; a close pair costs D more).
 template <typename G, typename T>
-__global__ void close_pairs_kernel(const G* __restrict__ grad, const G* __restrict__ dist, const T* __restrict__ nx,
+__global__ void close_pairs_kernel(GradView<G> grad, const G* __restrict__ dist, const T* __restrict__ nx,
                                    const T* __restrict__ ny, const T* __restrict__ x, const T* __restrict__ y,
                                    int64_t N, int64_t M, int64_t D, Metric metric, bool symmetric, bool columns,
                                    T* __restrict__ g) {
