@@ -205,6 +205,8 @@ def test_cuda_perf_models_every_kernel_and_every_target_row():
     assert not [k for k in kernels if k not in cuda_perf.THREADS], "a kernel without a block size in THREADS"
     assert not [k for k in kernels if k not in snapshot], "tools/cuda_resources_sm90.json misses a kernel: " \
         "python tools/cuda_perf.py --update-snapshot"
+    variants = [ln.kernel + ln.variant for row in cuda_perf.target_rows() for ln in row.launches if ln.variant]
+    assert not [v for v in variants if v not in snapshot], "a row's template instantiation has no resources"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_perf.py"), "--no-compile"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

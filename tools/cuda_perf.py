@@ -99,50 +99,64 @@ def kernels_in_sources() -> List[str]:
     return sorted(names)
 
 
-def _demangled(mangled: str):
-    """(base name, whether it is a float64 instantiation)."""
+def _demangled(mangled: str, with_args: bool = False):
+    """(base name, whether it is a float64 instantiation); with_args, the name with its
+    template arguments as c++filt writes them ("knn_tile_select_kernel<float, 1>")."""
     try:
         name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
     except OSError:
         name = mangled
     m = re.search(r"(\w+)(<[^(]*>)?\(", name)
     if not m:
-        return name, False
-    return m.group(1), "double" in (m.group(2) or "")
+        return (name, False, name) if with_args else (name, False)
+    double = "double" in (m.group(2) or "")
+    return (m.group(1), double, m.group(1) + (m.group(2) or "")) if with_args else (m.group(1), double)
 
 
 def parse_ptxas(text: str, arch: str = "sm_90") -> Dict[str, Resources]:
     """Per kernel (base name) from ptxas -v: the largest over its non-float64 template
     instantiations (the fp32/bf16 rows the targets use), or over all where every one is
-    float64."""
+    float64. Each instantiation also under its name with template arguments
+    ("knn_tile_select_kernel<float, 1>"), for a row that launches that one (Launch.variant)."""
     out: Dict[str, Resources] = {}
     wide: Dict[str, Resources] = {}
+    single: Dict[str, Resources] = {}
     current: Optional[Resources] = None
+    one: Optional[Resources] = None
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
         if m:
-            current = None
+            current = one = None
             if m.group(2) == arch:
-                base, double = _demangled(m.group(1))
+                base, double, full = _demangled(m.group(1), with_args=True)
                 current = (wide if double else out).setdefault(base, Resources())
                 current.variants += 1
+                if full != base:
+                    one = single.setdefault(full, Resources(variants=1))
             continue
         if current is None:
             continue
-        r = current
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            r.stack = max(r.stack, int(m.group(1)))
-            r.spill = max(r.spill, int(m.group(2)) + int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            r.regs = max(r.regs, int(m.group(1)))
-            s = re.search(r"(\d+) bytes smem", line)
-            if s:
-                r.smem = max(r.smem, int(s.group(1)))
+        for r in (current, one):
+            if r is not None:
+                _take(r, line)
     for k, v in wide.items():
         out.setdefault(k, v)
+    out.update(single)
     return out
+
+
+def _take(r: Resources, line: str) -> None:
+    """One line of ptxas -v into r (the largest of each figure seen)."""
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        r.stack = max(r.stack, int(m.group(1)))
+        r.spill = max(r.spill, int(m.group(2)) + int(m.group(3)))
+    m = re.search(r"Used (\d+) registers", line)
+    if m:
+        r.regs = max(r.regs, int(m.group(1)))
+        s = re.search(r"(\d+) bytes smem", line)
+        if s:
+            r.smem = max(r.smem, int(s.group(1)))
 
 
 def resources(compile_if_stale: bool) -> Dict[str, Resources]:
@@ -197,6 +211,7 @@ class Launch:
     fixed_s: float = 0.0   # per launch: a serial term the review counted (barriers, round trips)
     note: str = ""
     library: bool = False  # cuBLAS / ATen kernels: no entry in part 1
+    variant: str = ""      # the template arguments launched ("<float, 1>"), where they differ in resources
 
     def seconds(self, res: Dict[str, Resources], gpu=H200) -> float:
         """One launch: its grid occupies min(SMs, blocks) SMs with the blocks per SM that
@@ -208,7 +223,8 @@ class Launch:
         bw, issue, peak = gpu["bandwidth"], gpu["issue"], gpu[self.peak]
         if not self.library and self.kernel in res:
             threads = THREADS[self.kernel]
-            bps = max(1, blocks_per_sm(res[self.kernel], threads, gpu)["blocks"])
+            r = res.get(self.kernel + self.variant, res[self.kernel])
+            bps = max(1, blocks_per_sm(r, threads, gpu)["blocks"])
             active = min(gpu["sms"], self.blocks)
             resident = min(bps, math.ceil(self.blocks / gpu["sms"])) * threads / gpu["threads_per_sm"]
             bw = min(bw, active * 64 * gpu["clock"]) * min(1.0, resident / 0.5)
@@ -277,8 +293,9 @@ def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[La
     row_blocks = blocks(tile, 8) * math.ceil(tile / 2048)
     col_blocks = blocks(tile, 256) * math.ceil(tile / 256)
     out = [
-        Launch("prepare_rows_kernel", 1, blocks(D, 32), bytes=3 * B * D * es,
-               note=f"{blocks(D, 32)} blocks: a few SMs stream B·D twice (issue 35: small grid)"),
+        Launch("prepare_rows_kernel", 1, blocks(D, 32), bytes=(3 * B * D * es) if dtype != "bf16" else D * 4,
+               note=f"{blocks(D, 32)} blocks: a few SMs stream B·D twice (issue 35: small grid)" if dtype != "bf16"
+               else "halves are not shifted: the counters and a zero shift only"),
         Launch("row_norms_kernel", 1, blocks(B, 8), bytes=B * D * 4 + state_bytes, note="norms + state reset"),
         Launch("cuBLAS GEMM (tile)", tiles, 132, flops=2 * tile * tile * D,
                peak="bf16_gemm" if dtype == "bf16" else "fp32_gemm", library=True,
@@ -290,7 +307,8 @@ def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[La
         Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
         settle_launch(B, B, D, es, rescans),
         Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * es),
-        Launch("count_kernel", 1, 1, bytes=B * 16, fixed_s=B / 256 * 0.5e-6, note="one block reads 2B entries"),
+        Launch("count_kernel", 1, 32, bytes=B * 16, fixed_s=math.ceil(B / 8192) * 0.5e-6,
+               note="32 blocks (was 1: B / 256 dependent passes)"),
         Launch("anchor_grad_kernel", 1, min(4096, blocks(B, 8)), bytes=4 * B * D * 4),
         Launch("at::sort (2B int64, cub radix)", 1, 132, bytes=2 * B * 8 * 2 * 8, library=True,
                fixed_s=4 * 3e-6, note="~4 passes, ~4 launches"),
@@ -318,7 +336,7 @@ def bank_rows(B: int, M: int, D: int) -> List[Launch]:
         Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
         settle_launch(B, M, D, 4, 0),
         Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * 4),
-        Launch("count_kernel", 1, 1, bytes=B * 16, fixed_s=B / 256 * 0.5e-6),
+        Launch("count_kernel", 1, 32, bytes=B * 16, fixed_s=math.ceil(B / 8192) * 0.5e-6),
         Launch("anchor_grad_kernel", 1, blocks(B, 8), bytes=4 * B * D * 4),
         Launch("at::zeros (bank gradient)", 1, 132, bytes=M * D * 4, library=True),
         Launch("at::sort (2B int64, cub radix)", 1, 132, bytes=2 * B * 8 * 16, library=True, fixed_s=12e-6),
@@ -357,7 +375,9 @@ def knn_rows(Q: int, G: int, D: int) -> List[Launch]:
                note="the gallery's mean, shift and norms: ~4 passes (issue 35: about 10 in all)"),
         Launch("cuBLAS addmm (tile + bias)", n, 132, flops=2 * Q * cols * D, bytes=Q * cols * 4, peak="fp32_gemm",
                library=True, note=f"{n} tiles of {Q}×{cols}"),
-        Launch("knn_tile_select_kernel", n, blocks(Q * max(1, 132 * 64 // Q), 8), bytes=Q * cols * 4),
+        Launch("knn_tile_select_kernel", n, blocks(Q * max(1, 132 * 64 // Q), 8), bytes=Q * cols * 4,
+               variant="<float, 1>", note="k = 10: one key per lane (59 registers, 4 blocks per SM; the 128 "
+                                         "of the kernel table are k > 128's)"),
         Launch("knn_exact_keys_kernel", 1, blocks(cand, 8), bytes=cand * D * 8),
         Launch("at::sort x3 (candidates)", 3, 132, bytes=cand * 16 * 4, library=True, fixed_s=12e-6),
     ]

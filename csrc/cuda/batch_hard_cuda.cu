@@ -36,7 +36,8 @@
 // per chunk of at most kHubChunk (8) terms, and a kernel that adds the chunks of the
 // rows picked by more anchors ("hubs") in order.
 // No host synchronisation anywhere (no .item(), no data-dependent shape): a training step
-// can be captured in a CUDA graph. Indexing is 64-bit.
+// can be captured in a CUDA graph. Indexing is 64-bit (the row scan's offsets within one
+// tile row are 32-bit).
 #include "device.h"
 #include "batch_hard_kernels.cuh"
 
@@ -316,8 +317,8 @@ Mined mine(const at::Tensor& embeddings, const Inputs& in, const c10::optional<a
     TRIPLETOPS_LAUNCH((finish_anchors_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock), row_threads, 0, stream,
                       X.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), B, D, sq_x.data_ptr<T>(), metric, acc_u,
                       gemm_u, margin, soft_margin, state, listed, list + B, settle_parts, settle_items,
-                      part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(), m.pos_idx.data_ptr<int64_t>(), m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(),
-                      m.neg_dist.data_ptr<T>(), anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(),
+                      part_key.data_ptr<double>(), part_idx.data_ptr<int64_t>(), m.pos_idx.data_ptr<int64_t>(),
+                      m.neg_idx.data_ptr<int64_t>(), m.pos_dist.data_ptr<T>(), m.neg_dist.data_ptr<T>(), anchor_loss.data_ptr<T>(), anchor_valid.data_ptr<uint8_t>(),
                       reduction, want_loss, counter_ptr(), want_loss ? m.loss.data_ptr<scalar_t>() : nullptr);
   });
   return m;
@@ -400,8 +401,9 @@ std::tuple<at::Tensor, at::Tensor> batch_hard_loss_backward_cuda(
       return;
     }
     // The denominator once, for every block of the kernels below.
-    at::Tensor count = at::empty({1}, X.options().dtype(at::kLong));
-    TRIPLETOPS_LAUNCH((count_kernel<scalar_t, T>), 1u, threads, 0, stream, args, count.data_ptr<int64_t>());
+    at::Tensor count = at::empty({kCountBlocks}, X.options().dtype(at::kLong));
+    TRIPLETOPS_LAUNCH((count_kernel<scalar_t, T>), unsigned(kCountBlocks), threads, 0, stream, args,
+                      count.data_ptr<int64_t>());
     args.count = count.data_ptr<int64_t>();
     TRIPLETOPS_LAUNCH((anchor_grad_kernel<scalar_t, T>), blocks_of(B, kRowsPerBlock, kMaxGridBlocks), threads, 0,
                       stream, args, grad_x.data_ptr<T>());

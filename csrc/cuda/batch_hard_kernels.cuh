@@ -857,8 +857,12 @@ struct BackwardArgs {
   Metric metric;
   bool soft_margin;
   Reduction reduction;
-  const int64_t* count;  // the reduction's denominator from count_kernel, or null: each block counts
+  const int64_t* count;  // count_kernel's kCountBlocks partial denominators, or null: each block counts
 };
+
+// count_kernel's blocks: each counts a 32nd of the anchors; a consumer sums the 32 partial
+// counts with one warp (integers: any order gives the same sum).
+constexpr int kCountBlocks = kWarp;
 
 // The forward's per-anchor loss, recomputed from its distances in T (so the hinge and
 // mean_nonzero decisions match it bit for bit; NaN distances carry NaN rows).
@@ -868,15 +872,17 @@ __device__ __forceinline__ T forward_loss(const BackwardArgs<scalar_t, T>& a, in
   return valid ? triplet_term(a.pos_dist[i] - a.neg_dist[i], T(a.margin), a.soft_margin) : T(0);
 }
 
-// The reduction's denominator (valid anchors, or anchors with loss > 0), counted by the
-// whole block in a fixed order: every block gets the same integer.
+// The reduction's denominator (valid anchors, or anchors with loss > 0) among anchors
+// first, first + stride, ... (every anchor: 0 and blockDim.x), counted by the whole block:
+// every block gets the same integer.
 template <typename scalar_t, typename T>
-__device__ int64_t block_count(const BackwardArgs<scalar_t, T>& a) {
+__device__ int64_t block_count(const BackwardArgs<scalar_t, T>& a, int64_t first = 0, int64_t stride = 0) {
   __shared__ int64_t counts[kRowsPerBlock * kWarp];
   const int t = threadIdx.x;
   int64_t c = 0;
+  if (stride == 0) stride = blockDim.x;
   if (a.reduction == Reduction::Mean || a.reduction == Reduction::MeanNonzero) {
-    for (int64_t i = t; i < a.B; i += blockDim.x) {
+    for (int64_t i = first + t; i < a.B; i += stride) {
       bool valid;
       const T l = forward_loss(a, i, valid);
       c += a.reduction == Reduction::Mean ? int64_t(valid) : int64_t(l > T(0));
@@ -893,19 +899,24 @@ __device__ int64_t block_count(const BackwardArgs<scalar_t, T>& a) {
   return total;
 }
 
-// The denominator for every block: count_kernel's, else the block's own count (O(B) per
-// block: only where the grid is small, the one-kernel self-mining backward).
+// The denominator for every block: the sum of count_kernel's partial counts (one warp
+// each, no barrier), else the block's own count (O(B) per block: only where the grid is
+// small, the one-kernel self-mining backward).
 template <typename scalar_t, typename T>
 __device__ __forceinline__ int64_t denominator(const BackwardArgs<scalar_t, T>& a) {
-  return a.count != nullptr ? *a.count : block_count(a);  // uniform over the grid
+  if (a.count == nullptr) return block_count(a);  // uniform over the grid
+  const int lane = threadIdx.x % kWarp;
+  return warp_sum(lane < kCountBlocks ? a.count[lane] : int64_t(0));
 }
 
-// The denominator once, by one block, before the kernels of the sorted backward (each of
-// their blocks counting it again cost O(B^2 / 8) loads: 1 ms at B = 8192).
+// The denominator once, before the kernels of the sorted backward (each of their blocks
+// counting it again cost O(B^2 / 8) loads: 1 ms at B = 8192), by kCountBlocks blocks:
+// block b counts anchors b * 256 + t, + kCountBlocks * 256, ... into out[b]. One block,
+// as before, made B / 256 dependent passes (~23 us at B = 8192 in the model); now ~1.
 template <typename scalar_t, typename T>
 __global__ void count_kernel(BackwardArgs<scalar_t, T> a, int64_t* out) {
-  const int64_t c = block_count(a);
-  if (threadIdx.x == 0) *out = c;
+  const int64_t c = block_count(a, int64_t(blockIdx.x) * blockDim.x, int64_t(gridDim.x) * blockDim.x);
+  if (threadIdx.x == 0) out[blockIdx.x] = c;
 }
 
 // Anchor i's coefficients (whole warp: cosine needs the pairs' dot products).
@@ -1046,7 +1057,9 @@ __global__ void anchor_grad_kernel(BackwardArgs<scalar_t, T> a, T* out) {
 // hub at B = 8192 is 18 chunks in parallel, then a merge of 18 partial rows, ~30 us in the
 // model where one warp's chain of 142 terms was ~0.25 ms (not measured). For D > 512
 // each pass recomputes the terms' coefficients (a cosine term's five dot products).
-// Registers (nvcc 13.0, sm_90): fp32 ~122, 2 blocks of 256 threads per SM.
+// Registers (nvcc 13.0, sm_90): capped at 128 by __launch_bounds__ (2 blocks of 256
+// threads per SM, no spill); uncapped, ptxas took 137 once the denominator became a
+// warp's sum (1 block per SM).
 constexpr int kRefPerLane = 16;
 #ifdef TRIPLETOPS_EMU
 constexpr int64_t kHubChunk = 2;  // the tests' small batches split their groups too
@@ -1060,7 +1073,8 @@ __host__ __device__ inline int64_t hub_slot(int64_t s) { return 2 * (s / kHubChu
 inline int64_t hub_slots(int64_t E) { return 2 * (E / kHubChunk + 1); }
 
 template <typename scalar_t, typename T>
-__global__ void ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __restrict__ target,
+__global__ void __launch_bounds__(kRowsPerBlock * kWarp, 2)
+    ref_grad_kernel(BackwardArgs<scalar_t, T> a, const int64_t* __restrict__ target,
                                 const int64_t* __restrict__ entry, T* out, T* __restrict__ parts) {
   const int64_t count = denominator(a);
   const int lane = threadIdx.x % kWarp;
