@@ -300,10 +300,10 @@ def batch_hard_rows(B: int, D: int, dtype: str, rescans: float = 0.0) -> List[La
         Launch("cuBLAS GEMM (tile)", tiles, 132, flops=2 * tile * tile * D,
                peak="bf16_gemm" if dtype == "bf16" else "fp32_gemm", library=True,
                note=f"{tiles} tiles of {tile}²×{D}" + (" on tensor cores (mm.dtype_out)" if dtype == "bf16" else "")),
-        Launch("mine_tile_kernel", diag, row_blocks, bytes=tile * tile * 4, instr=tile * tile * 44 / 32,
-               note="diagonal tiles: rows only; ~44 instructions per key (sm_90 SASS; was ~55)"),
+        Launch("mine_tile_kernel", diag, row_blocks, bytes=tile * tile * 4, instr=tile * tile * 42 / 32,
+               note="diagonal tiles: rows only; ~42 instructions per key (sm_90 SASS; was ~55)"),
         Launch("mine_tile_kernel", off, row_blocks + col_blocks, bytes=2 * tile * tile * 4,
-               instr=2 * tile * tile * 44 / 32, note="off-diagonal: rows and columns"),
+               instr=2 * tile * tile * 42 / 32, note="off-diagonal: rows and columns"),
         Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
         settle_launch(B, B, D, es, rescans),
         Launch("finish_anchors_kernel", 1, blocks(B, 8), bytes=3 * B * D * es),
@@ -331,7 +331,7 @@ def bank_rows(B: int, M: int, D: int) -> List[Launch]:
         Launch("cuBLAS GEMM (tile)", n, 132, flops=2 * B * cols * D, peak="fp32_gemm", library=True,
                note=f"{n} tiles of {B}×{cols}×{D}"),
         Launch("mine_tile_kernel", n, blocks(B, 8) * math.ceil(cols / 2048), bytes=B * cols * 4,
-               instr=B * cols * 44 / 32, note="issue-bound: ~44 instructions per key in the sm_90 SASS (was ~55: SASS review); "
+               instr=B * cols * 42 / 32, note="issue-bound: ~42 instructions per key in the sm_90 SASS (was ~55: SASS review); "
                     "3 blocks per SM (80 registers)"),
         Launch("merge_slots_kernel", 1, blocks(B, 8), bytes=state_bytes),
         settle_launch(B, M, D, 4, 0),

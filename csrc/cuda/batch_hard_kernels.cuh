@@ -139,18 +139,23 @@ struct Hardest {
   template <int N>
   __device__ __forceinline__ void offer_ascending(const T (&key)[N], const int64_t (&j)[N], const bool (&same)[N],
                                                   const bool (&valid)[N], const T (&sq)[N]) {
-    const T entry_p = pos.entry_key(), entry_n = neg.entry_key();
+    // Both kinds in one order, "better is smaller": a positive's keys negated (exact), so
+    // one compare and one running minimum per candidate; selects, not branches (fmin with
+    // +inf and fmax(x, 0), sq_max >= 0, leave a field as it is).
+    const T entry_p = -pos.entry_key(), entry_n = neg.entry_key();  // NaN stays NaN
+    T low_p = -pos.beyond, low_n = neg.beyond;
     unsigned rest = 0;
 #pragma unroll
-    for (int q = 0; q < N; ++q) {  // selects, not branches: fmax(x, 0) (sq_max >= 0) and
-      const T k = key[q];         // fmax / fmin with -inf / +inf leave a field as it is
-      const bool out_p = valid[q] && same[q] && k <= entry_p;   // false for a NaN key
-      const bool out_n = valid[q] && !same[q] && k >= entry_n;
+    for (int q = 0; q < N; ++q) {
+      const T s = same[q] ? -key[q] : key[q];
+      const bool out = valid[q] && s >= (same[q] ? entry_p : entry_n);  // false for a NaN key
+      const T c = out ? s : T(INFINITY);
+      low_p = fmin(low_p, same[q] ? c : T(INFINITY));
+      low_n = fmin(low_n, same[q] ? T(INFINITY) : c);
       sq_max = fmax(sq_max, valid[q] && sq[q] - sq[q] == T(0) ? sq[q] : T(0));
-      pos.beyond = fmax(pos.beyond, out_p ? k : T(-INFINITY));
-      neg.beyond = fmin(neg.beyond, out_n ? k : T(INFINITY));
-      rest |= unsigned(valid[q] && !out_p && !out_n) << q;
+      rest |= unsigned(valid[q] && !out) << q;
     }
+    pos.beyond = -low_p, neg.beyond = low_n;
     if (rest == 0) return;
 #pragma unroll
     for (int q = 0; q < N; ++q) {
@@ -631,9 +636,9 @@ __global__ void row_norms_kernel(const scalar_t* __restrict__ x, int64_t N, int6
 // two, 25 % occupancy). fp64 keeps two: at 80 registers it spilled ~700 bytes. Issue:
 // the SASS review counted ~55 instructions per key; with the anchor's class id hoisted,
 // 32-bit offsets and offer_ascending's branch-free test, the common path of the row scan
-// (class ids, euclidean) reads ~44 in the sm_90 SASS of nvcc 13.0 (~175 per 4 keys: loads
-// and addresses ~42, keys ~30, the test ~93, the loop ~10); its 12 bytes of spill sit
-// outside the loops. Not measured: the model (make cuda-perf) takes 44.
+// (class ids, euclidean) reads ~42 in the sm_90 SASS of nvcc 13.0 (~166 per 4 keys: loads
+// and addresses ~42, keys ~30, the test ~84, the loop ~10); its 12 bytes of spill sit
+// outside the loops. Not measured: the model (make cuda-perf) takes 42.
 template <typename T>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarp, sizeof(T) == 4 ? 3 : 2) mine_tile_kernel(const T* __restrict__ tile, int64_t ld, int64_t r0, int64_t R, int64_t c0, int64_t C,
                                  const T* __restrict__ sq_rows, const T* __restrict__ sq_cols,
