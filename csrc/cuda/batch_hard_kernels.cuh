@@ -124,13 +124,8 @@ template <typename T>
 struct Hardest {
   Kept<T> pos, neg;
   T sq_max;
-  __device__ __forceinline__ void offer(T key, int64_t j, bool positive, T sq) {
-    if (sq - sq == T(0)) sq_max = fmax(sq_max, sq);
-    if (positive) pos.take(key, j, true);
-    else neg.take(key, j, false);
-  }
-  // offer() for N candidates of a lane's scan, their indices ascending (within the N and
-  // from call to call), in two phases. First each candidate is tested against its kind's
+  // Takes N candidates of a lane's scan (sq: their squared norms, for sq_max), their
+  // indices ascending (within the N and from call to call), in two phases. First each candidate is tested against its kind's
   // entry key as it was before the N: one no better (the common case) only updates
   // `beyond`, branch-free. Then the others, if any, take the general path in order. The
   // first phase's answers stay right after the second's insertions: those only make the
@@ -742,8 +737,9 @@ __device__ __forceinline__ int64_t settle_parts_of(int64_t n, int64_t max_parts,
 // time, lanes over D), and the block merges its warps' choices into result slot item
 // (best positive, best negative). finish_anchors_kernel merges anchor i's parts. A rescan
 // of one anchor is thus spread over up to max_parts blocks (~1000 on a GPU): about one
-// read of the reference rows, mostly from L2, instead of one warp's serial chain of
-// M / 16 exact keys (~0.6 ms at M = 8192, ~5 ms on a 2^20 bank: SASS review, 2026-12-07).
+// read of the reference rows, mostly from L2, instead of one warp's serial chain of exact
+// keys over 2^18 elements of them (512 keys at D = 512: ~0.6 ms at B = 8192; ~5 ms on a
+// 2^20 bank: SASS review, 2026-12-07).
 template <typename scalar_t, typename T>
 __global__ void settle_parts_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, int64_t M,
                                     int64_t D, const T* __restrict__ sq_x, Labels labels, Labels ref_labels,
